@@ -1,0 +1,546 @@
+//! cairnctl: drives a cairn daemon over its unix socket. Tables for people, `-o json` for
+//! scripts; errors say what was wrong and what to do, and the exit code says which kind of
+//! failure it was (see `cairn_ctl::exit`).
+
+use anyhow::Context as _;
+use cairn_ctl::exit;
+use cairn_ctl::proto::{self, control_client::ControlClient, push_chunk::Part, status_reply::Detail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use tonic::transport::Channel;
+
+const CHUNK: usize = 256 << 10;
+
+/// Drive a cairn daemon: push components, deploy apps, read status and logs, roll back.
+///
+/// Works with no network: it talks to cairnd over a unix socket on the same device.
+#[derive(Parser)]
+#[command(name = "cairnctl", version, about, long_about)]
+struct Cli {
+    /// The daemon's control socket [default: /run/cairn/cairnd.sock as root, else
+    /// $XDG_RUNTIME_DIR/cairn/cairnd.sock]
+    #[arg(long, global = true, value_name = "PATH", env = cairn_ctl::paths::SOCKET_ENV)]
+    socket: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Store a component (.wasm) on the device; prints its digest (sha256:<hex>).
+    Push {
+        /// The component file.
+        file: PathBuf,
+        /// A name for the component [default: the file name without .wasm].
+        #[arg(long)]
+        name: Option<String>,
+        /// A tag under that name.
+        #[arg(long, default_value = "latest")]
+        tag: String,
+    },
+    /// Deploy a new generation of an app, from a manifest or from flags.
+    ///
+    /// The new generation replaces the running one only once it is loaded and listening;
+    /// if anything fails the app keeps running as it was and the reason is printed.
+    Deploy(DeployArgs),
+    /// List apps: name, generation, status, listen address, component digest.
+    Ls,
+    /// List stored components and the apps that use them.
+    Components,
+    /// Show the daemon's status, or one app's detail (limits, generations, counters).
+    Status {
+        /// An app name; without it, the daemon.
+        app: Option<String>,
+    },
+    /// Print an app's recorded stdout/stderr and cairn's notes about it.
+    Logs {
+        app: String,
+        /// Keep printing new lines as they come.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines [default: all kept lines].
+        #[arg(long, value_name = "N")]
+        tail: Option<u64>,
+    },
+    /// Make an earlier generation current again (by default, the one before the current).
+    Rollback {
+        app: String,
+        /// The generation to return to.
+        #[arg(long, value_name = "GENERATION")]
+        to: Option<u64>,
+    },
+    /// Stop an app and forget its generations and logs (components stay stored).
+    Rm { app: String },
+}
+
+#[derive(Args)]
+struct DeployArgs {
+    /// The app's name (with flags; a manifest names its app itself).
+    name: Option<String>,
+    /// A TOML manifest; a `component` path in it is relative to the manifest and is uploaded.
+    #[arg(short = 'f', long = "file", value_name = "FILE", conflicts_with_all = ["name", "component", "listen"])]
+    file: Option<PathBuf>,
+    /// A component file to upload, or the digest (sha256:<hex>) of a pushed one.
+    #[arg(long, value_name = "FILE|DIGEST")]
+    component: Option<String>,
+    /// The address to serve HTTP on, such as 127.0.0.1:8080.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Linear memory per instance, such as 64MiB.
+    #[arg(long)]
+    memory: Option<String>,
+    /// CPU cores for the app, such as 0.5.
+    #[arg(long)]
+    cpu: Option<f64>,
+    /// Requests served at once; more get 503.
+    #[arg(long)]
+    instances: Option<u32>,
+    /// Deadline per request, such as 5s.
+    #[arg(long)]
+    timeout: Option<String>,
+    /// An environment variable for the app, K=V (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+}
+
+/// A failure with the exit code it deserves.
+struct Failure {
+    code: i32,
+    message: String,
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Failure {
+        Failure {
+            code: exit::from_code(status.code()),
+            message: status.message().to_string(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Failure {
+        Failure {
+            code: exit::INVALID,
+            message: format!("{error:#}"),
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime starts");
+    let code = match runtime.block_on(run(cli)) {
+        Ok(()) => exit::OK,
+        Err(failure) => {
+            eprintln!("cairnctl: {}", failure.message);
+            failure.code
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let socket = cli.socket.clone().unwrap_or_else(cairn_ctl::paths::default_socket);
+    let mut client = cairn_ctl::client::connect(&socket).await.map_err(|error| Failure {
+        code: match error {
+            cairn_ctl::client::ConnectError::Permission { .. } => exit::PERMISSION,
+            _ => exit::UNREACHABLE,
+        },
+        message: error.to_string(),
+    })?;
+    let json_output = cli.output == Output::Json;
+    match cli.command {
+        Command::Push { file, name, tag } => {
+            let reply = push(&mut client, &file, name, &tag).await?;
+            if json_output {
+                print_json(&json!({"digest": reply.digest, "size": reply.size, "name": reply.name, "tag": reply.tag, "already_present": reply.already_present}));
+            } else {
+                println!("{}", reply.digest);
+            }
+        }
+        Command::Deploy(args) => {
+            let manifest = build_manifest(&mut client, args).await?;
+            let reply = client.deploy(proto::DeployRequest { manifest }).await?.into_inner();
+            let app = reply.app.unwrap_or_default();
+            if json_output {
+                print_json(&json!({"app": app_json(&app), "unchanged": reply.unchanged}));
+            } else if reply.unchanged {
+                println!("{} is already at generation {} with this manifest; nothing changed", app.name, app.generation);
+            } else {
+                println!("{} generation {} is {} on http://{}", app.name, app.generation, app.status, app.listen);
+            }
+        }
+        Command::Ls => {
+            let apps = client.list_apps(proto::ListAppsRequest {}).await?.into_inner().apps;
+            if json_output {
+                print_json(&json!(apps.iter().map(app_json).collect::<Vec<_>>()));
+            } else {
+                let mut rows = vec![row(["NAME", "GEN", "STATUS", "LISTEN", "DIGEST", "OWNER"])];
+                for app in &apps {
+                    rows.push(vec![
+                        app.name.clone(),
+                        app.generation.to_string(),
+                        app.status.clone(),
+                        app.listen.clone(),
+                        short(&app.digest),
+                        app.owner.clone(),
+                    ]);
+                }
+                print_table(&rows);
+                for app in apps.iter().filter(|a| !a.error.is_empty()) {
+                    println!("\n{}: {}", app.name, app.error);
+                }
+            }
+        }
+        Command::Components => {
+            let components = client.list_components(proto::ListComponentsRequest {}).await?.into_inner().components;
+            if json_output {
+                print_json(&json!(components
+                    .iter()
+                    .map(|c| json!({"digest": c.digest, "size": c.size, "name": c.name, "tag": c.tag, "source": c.source, "created": c.created_unix, "used_by": c.used_by}))
+                    .collect::<Vec<_>>()));
+            } else {
+                let mut rows = vec![row(["DIGEST", "NAME:TAG", "SIZE", "CREATED", "USED BY"])];
+                for c in &components {
+                    let named = if c.name.is_empty() { "-".to_string() } else { format!("{}:{}", c.name, c.tag) };
+                    rows.push(vec![short(&c.digest), named, human_size(c.size), utc(c.created_unix), c.used_by.join(",")]);
+                }
+                print_table(&rows);
+            }
+        }
+        Command::Status { app } => {
+            let reply = client
+                .status(proto::StatusRequest { app: app.unwrap_or_default() })
+                .await?
+                .into_inner();
+            match reply.detail {
+                Some(Detail::Daemon(daemon)) => print_daemon(&daemon, json_output),
+                Some(Detail::App(detail)) => print_app(&detail, json_output),
+                None => return Err(Failure { code: exit::FAILURE, message: "the daemon sent an empty status".into() }),
+            }
+        }
+        Command::Logs { app, follow, tail } => {
+            let mut stream = client
+                .logs(proto::LogsRequest { app, follow, tail: tail.unwrap_or(0) })
+                .await?
+                .into_inner();
+            let stdout = std::io::stdout();
+            while let Some(line) = stream.message().await? {
+                let mut out = stdout.lock();
+                let written = if json_output {
+                    writeln!(out, "{}", json!({"id": line.id, "time_ms": line.unix_millis, "stream": line.stream, "generation": line.generation, "line": line.line}))
+                } else {
+                    writeln!(out, "{} [{}] {}", utc_millis(line.unix_millis), line.stream, line.line)
+                };
+                if written.and_then(|_| out.flush()).is_err() {
+                    break; // the reader went away (a closed pipe): stop quietly
+                }
+            }
+        }
+        Command::Rollback { app, to } => {
+            let reply = client
+                .rollback(proto::RollbackRequest { app, to_generation: to.unwrap_or(0) })
+                .await?
+                .into_inner();
+            let app = reply.app.unwrap_or_default();
+            if json_output {
+                print_json(&app_json(&app));
+            } else {
+                println!("{} is back at generation {} ({}) on http://{}", app.name, app.generation, short(&app.digest), app.listen);
+            }
+        }
+        Command::Rm { app } => {
+            client.remove(proto::RemoveRequest { app: app.clone() }).await?;
+            if json_output {
+                print_json(&json!({"removed": app}));
+            } else {
+                println!("removed {app}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Uploads `file` in chunks, showing progress on a terminal.
+async fn push(client: &mut ControlClient<Channel>, file: &Path, name: Option<String>, tag: &str) -> Result<proto::PushReply, Failure> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+    let name = name.unwrap_or_else(|| {
+        file.file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| "component".into())
+    });
+    let size = bytes.len() as u64;
+    let show_progress = std::io::stderr().is_terminal() && size > 4 * CHUNK as u64;
+    let meta = proto::PushChunk {
+        part: Some(Part::Meta(proto::PushMeta { name, tag: tag.to_string(), size, digest })),
+    };
+    let chunks: Vec<proto::PushChunk> = bytes
+        .chunks(CHUNK)
+        .map(|chunk| proto::PushChunk { part: Some(Part::Data(chunk.to_vec())) })
+        .collect();
+    let total = chunks.len();
+    let stream = tokio_stream::iter(std::iter::once(meta).chain(chunks.into_iter().enumerate().map(move |(index, chunk)| {
+        if show_progress {
+            eprint!("\rpushing {}: {:>3}%", human_size(size), (index + 1) * 100 / total);
+            if index + 1 == total {
+                eprintln!();
+            }
+        }
+        chunk
+    })));
+    Ok(client.push(stream).await?.into_inner())
+}
+
+/// Turns `deploy` arguments into the manifest the daemon parses, uploading a component file
+/// named by path first.
+async fn build_manifest(client: &mut ControlClient<Channel>, args: DeployArgs) -> Result<String, Failure> {
+    let invalid = |message: String| Failure { code: exit::INVALID, message };
+    let (mut table, base) = if let Some(file) = &args.file {
+        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read the manifest {}", file.display()))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| invalid(format!("{} is not valid TOML: {}", file.display(), e.message())))?;
+        (table, file.parent().map(Path::to_path_buf).unwrap_or_default())
+    } else {
+        let name = args.name.clone().ok_or_else(|| invalid("give the app a NAME, or a manifest with -f FILE".into()))?;
+        let component = args.component.clone().ok_or_else(|| invalid("give --component FILE|sha256:HEX".into()))?;
+        let listen = args.listen.clone().ok_or_else(|| invalid("give --listen ADDR, such as 127.0.0.1:8080".into()))?;
+        let mut table = toml::Table::new();
+        table.insert("name".into(), name.into());
+        table.insert("component".into(), component.into());
+        let mut http = toml::Table::new();
+        http.insert("listen".into(), listen.into());
+        table.insert("http".into(), http.into());
+        (table, PathBuf::from("."))
+    };
+    // Flags refine a manifest too.
+    let mut limits = table.get("limits").and_then(|v| v.as_table()).cloned().unwrap_or_default();
+    if let Some(memory) = args.memory {
+        limits.insert("memory".into(), memory.into());
+    }
+    if let Some(cpu) = args.cpu {
+        limits.insert("cpu".into(), cpu.into());
+    }
+    if let Some(instances) = args.instances {
+        limits.insert("instances".into(), i64::from(instances).into());
+    }
+    if let Some(timeout) = args.timeout {
+        limits.insert("timeout".into(), timeout.into());
+    }
+    if !limits.is_empty() {
+        table.insert("limits".into(), limits.into());
+    }
+    if !args.env.is_empty() {
+        let mut env = table.get("env").and_then(|v| v.as_table()).cloned().unwrap_or_default();
+        for pair in &args.env {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("--env {pair}: write it as KEY=VALUE")))?;
+            env.insert(key.into(), value.into());
+        }
+        table.insert("env".into(), env.into());
+    }
+    let component = table
+        .get("component")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| invalid("the manifest has no `component` (a file path or sha256:<hex>)".into()))?
+        .to_string();
+    if !component.starts_with("sha256:") {
+        let path = base.join(&component);
+        if !path.is_file() {
+            return Err(invalid(format!(
+                "component file {} does not exist (paths in a manifest are relative to the manifest)",
+                path.display()
+            )));
+        }
+        let name = table.get("name").and_then(|v| v.as_str()).map(str::to_string);
+        let reply = push(client, &path, name, "latest").await?;
+        table.insert("component".into(), reply.digest.into());
+    }
+    Ok(toml::to_string(&table).map_err(|e| invalid(e.to_string()))?)
+}
+
+fn app_json(app: &proto::AppSummary) -> serde_json::Value {
+    json!({
+        "name": app.name,
+        "generation": app.generation,
+        "status": app.status,
+        "listen": app.listen,
+        "digest": app.digest,
+        "owner": app.owner,
+        "error": app.error,
+    })
+}
+
+fn print_daemon(daemon: &proto::DaemonStatus, json_output: bool) {
+    if json_output {
+        print_json(&json!({
+            "version": daemon.version, "state_dir": daemon.state_dir, "socket": daemon.socket,
+            "apps": daemon.apps, "apps_running": daemon.apps_running, "components": daemon.components,
+            "uptime_seconds": daemon.uptime_seconds, "engine_fingerprint": daemon.engine_fingerprint,
+            "compiled": daemon.compiled, "cache_hits": daemon.cache_hits, "limits": daemon.limits,
+            "log_lines_dropped": daemon.log_lines_dropped,
+        }));
+        return;
+    }
+    let rows = vec![
+        row(["version", &daemon.version]),
+        row(["state", &daemon.state_dir]),
+        row(["socket", &daemon.socket]),
+        row(["apps", &format!("{} ({} running)", daemon.apps, daemon.apps_running)]),
+        row(["components", &daemon.components.to_string()]),
+        row(["uptime", &format!("{}s", daemon.uptime_seconds)]),
+        row(["engine", &daemon.engine_fingerprint]),
+        row(["code", &format!("{} compiled, {} loaded precompiled since start", daemon.compiled, daemon.cache_hits)]),
+        row(["limits", &daemon.limits]),
+        row(["log lines dropped", &daemon.log_lines_dropped.to_string()]),
+    ];
+    print_table(&rows);
+}
+
+fn print_app(detail: &proto::AppDetail, json_output: bool) {
+    let app = detail.summary.clone().unwrap_or_default();
+    if json_output {
+        let mut value = app_json(&app);
+        let object = value.as_object_mut().expect("app_json is an object");
+        object.insert("limits".into(), json!(detail.limits.iter().map(|l| json!({"name": l.name, "value": l.value, "enforcement": l.enforcement})).collect::<Vec<_>>()));
+        object.insert("generations".into(), json!(detail.generations.iter().map(|g| json!({"generation": g.generation, "digest": g.digest, "created": g.created_unix, "current": g.current})).collect::<Vec<_>>()));
+        object.insert("env".into(), json!(detail.env));
+        object.insert("allocator".into(), json!(detail.allocator));
+        object.insert("requests".into(), json!(detail.requests));
+        object.insert("in_flight".into(), json!(detail.in_flight));
+        object.insert("traps".into(), json!(detail.traps));
+        object.insert("timeouts".into(), json!(detail.timeouts));
+        object.insert("rejected".into(), json!(detail.rejected));
+        object.insert("started".into(), json!(detail.started_unix));
+        print_json(&value);
+        return;
+    }
+    let mut rows = vec![
+        row(["name", &app.name]),
+        row(["status", &app.status]),
+        row(["generation", &app.generation.to_string()]),
+        row(["owner", &app.owner]),
+        row(["listen", &format!("http://{}", app.listen)]),
+        row(["component", &app.digest]),
+        row(["allocator", &detail.allocator]),
+        row(["started", &utc(detail.started_unix)]),
+        row([
+            "requests",
+            &format!(
+                "{} served, {} in flight, {} trapped, {} timed out, {} rejected (503)",
+                detail.requests, detail.in_flight, detail.traps, detail.timeouts, detail.rejected
+            ),
+        ]),
+    ];
+    if !app.error.is_empty() {
+        rows.push(row(["error", &app.error]));
+    }
+    for limit in &detail.limits {
+        rows.push(row([&format!("limit {}", limit.name), &format!("{} ({})", limit.value, limit.enforcement)]));
+    }
+    for (key, value) in &detail.env {
+        rows.push(row([&format!("env {key}"), value]));
+    }
+    for generation in &detail.generations {
+        let marker = if generation.current { " (current)" } else { "" };
+        rows.push(row([
+            &format!("generation {}", generation.generation),
+            &format!("{} {}{marker}", short(&generation.digest), utc(generation.created_unix)),
+        ]));
+    }
+    print_table(&rows);
+}
+
+fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {
+    cells.iter().map(|c| c.to_string()).collect()
+}
+
+fn print_table(rows: &[Vec<String>]) {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}  ", width = widths[c]));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(value).expect("JSON values serialise"));
+}
+
+fn short(digest: &str) -> String {
+    digest.get(..19).unwrap_or(digest).to_string()
+}
+
+fn human_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1}GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1}MiB", b as f64 / (1u64 << 20) as f64),
+        b if b >= 1 << 10 => format!("{:.1}KiB", b as f64 / 1024.0),
+        b => format!("{b}B"),
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC, from the proleptic Gregorian calendar.
+fn utc(unix: i64) -> String {
+    let days = unix.div_euclid(86_400);
+    let seconds = unix.rem_euclid(86_400);
+    // Days to civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        seconds / 3600,
+        seconds % 3600 / 60,
+        seconds % 60
+    )
+}
+
+fn utc_millis(millis: i64) -> String {
+    format!("{}.{:03}", utc(millis.div_euclid(1000)), millis.rem_euclid(1000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_print_in_utc() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc(1_795_638_118), "2026-11-25 20:21:58");
+        assert_eq!(utc_millis(1_795_638_118_042), "2026-11-25 20:21:58.042");
+    }
+}

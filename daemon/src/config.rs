@@ -1,0 +1,94 @@
+//! Daemon configuration: an optional TOML file, overridden by command-line flags, with defaults
+//! that need no file at all (state in a per-user directory when not root).
+
+use crate::spec::{ByteSize, HumanDuration};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadAccess {
+    /// Only root, the daemon's user and the control group may use the socket at all.
+    Group,
+    /// Anyone may read (ls, status, components, logs); changes still need the group.
+    Any,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// The control socket's path.
+    pub socket: Option<PathBuf>,
+    /// Members of this group may change state; the socket belongs to it.
+    pub group: String,
+    pub read_access: ReadAccess,
+}
+
+impl Default for ControlConfig {
+    fn default() -> ControlConfig {
+        ControlConfig {
+            socket: None,
+            group: "cairn".to_string(),
+            read_access: ReadAccess::Group,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the database lives.
+    pub state_dir: PathBuf,
+    pub control: ControlConfig,
+    /// The largest component the device accepts.
+    pub max_component_size: ByteSize,
+    /// Log lines kept per app; older ones are pruned.
+    pub log_lines_per_app: u64,
+    /// How long shutdown waits for requests in flight.
+    pub drain_timeout: HumanDuration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            state_dir: cairn_ctl::paths::default_state_dir(),
+            control: ControlConfig::default(),
+            max_component_size: ByteSize(256 << 20),
+            log_lines_per_app: 10_000,
+            drain_timeout: HumanDuration(Duration::from_secs(10)),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read the config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("the config file {} is not valid: {}", path.display(), e.message()))
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.control.socket.clone().unwrap_or_else(cairn_ctl::paths::default_socket)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_file_overrides_defaults_and_rejects_unknown_keys() {
+        let config: Config = toml::from_str(
+            "state_dir = \"/tmp/x\"\nmax_component_size = \"64MiB\"\n[control]\ngroup = \"ops\"\nread_access = \"any\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.state_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(config.max_component_size, ByteSize(64 << 20));
+        assert_eq!(config.control.group, "ops");
+        assert_eq!(config.control.read_access, ReadAccess::Any);
+        assert_eq!(config.log_lines_per_app, 10_000);
+        let err = toml::from_str::<Config>("colour = 1\n").unwrap_err();
+        assert!(err.message().contains("unknown field `colour`"), "{err}");
+    }
+}

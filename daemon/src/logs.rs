@@ -1,0 +1,143 @@
+//! The log pipeline: guest stdout/stderr and cairn's own notes about an app go through a
+//! bounded channel to one writer task that batches them into the store, then to live followers
+//! (`cairnctl logs -f`). The request path never waits on it: when the channel is full a line is
+//! dropped and counted, and the count is shown in `cairnctl status`.
+
+use crate::store::{now_unix, LogRecord, NewLogLine, Store};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{broadcast, mpsc};
+
+const CHANNEL_LINES: usize = 8192;
+const BATCH_LINES: usize = 1024;
+/// Longest line kept; longer ones are cut (a line is a record, not a file transfer).
+const MAX_LINE: usize = 16 << 10;
+
+pub struct LogHub {
+    sender: mpsc::Sender<NewLogLine>,
+    live: broadcast::Sender<LogRecord>,
+    dropped: AtomicU64,
+}
+
+impl LogHub {
+    /// Starts the writer task; the store keeps the newest `keep_per_app` lines of each app.
+    pub fn start(store: Arc<Store>, keep_per_app: u64) -> Arc<LogHub> {
+        let (sender, receiver) = mpsc::channel(CHANNEL_LINES);
+        let (live, _) = broadcast::channel(1024);
+        let hub = Arc::new(LogHub {
+            sender,
+            live: live.clone(),
+            dropped: AtomicU64::new(0),
+        });
+        tokio::spawn(write_loop(store, receiver, live, keep_per_app, Arc::clone(&hub)));
+        hub
+    }
+
+    /// Records `text` (split into lines) for `app`. Never blocks.
+    pub fn emit(&self, app: &str, generation: u64, stream: &'static str, text: &[u8]) {
+        if text.is_empty() {
+            return;
+        }
+        let unix_millis = now_millis();
+        let text = String::from_utf8_lossy(text);
+        for line in text.trim_end_matches('\n').split('\n') {
+            let mut line = line.trim_end_matches('\r').to_string();
+            if line.len() > MAX_LINE {
+                let mut cut = MAX_LINE;
+                while !line.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                line.truncate(cut);
+                line.push_str(" [cut]");
+            }
+            let record = NewLogLine {
+                app: app.to_string(),
+                generation,
+                unix_millis,
+                stream,
+                line,
+            };
+            if self.sender.try_send(record).is_err() {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A note from cairn itself about an app (deploys, traps, timeouts).
+    pub fn note(&self, app: &str, generation: u64, text: &str) {
+        self.emit(app, generation, "cairn", text.as_bytes());
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<LogRecord> {
+        self.live.subscribe()
+    }
+
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(now_unix() * 1000)
+}
+
+async fn write_loop(
+    store: Arc<Store>,
+    mut receiver: mpsc::Receiver<NewLogLine>,
+    live: broadcast::Sender<LogRecord>,
+    keep_per_app: u64,
+    hub: Arc<LogHub>,
+) {
+    let mut written_since_prune: HashMap<String, u64> = HashMap::new();
+    while let Some(first) = receiver.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < BATCH_LINES {
+            match receiver.try_recv() {
+                Ok(line) => batch.push(line),
+                Err(_) => break,
+            }
+        }
+        let count = batch.len() as u64;
+        let result = store
+            .call(move |store| {
+                let ids = store.append_logs(&batch)?;
+                Ok((batch, ids))
+            })
+            .await;
+        match result {
+            Ok((batch, ids)) => {
+                for (line, id) in batch.into_iter().zip(ids) {
+                    *written_since_prune.entry(line.app.clone()).or_default() += 1;
+                    let _ = live.send(LogRecord {
+                        id,
+                        app: line.app,
+                        generation: line.generation,
+                        unix_millis: line.unix_millis,
+                        stream: line.stream.to_string(),
+                        line: line.line,
+                    });
+                }
+            }
+            Err(error) => {
+                hub.dropped.fetch_add(count, Ordering::Relaxed);
+                tracing::warn!(%error, lines = count, "log lines could not be stored and were dropped");
+            }
+        }
+        let due: Vec<String> = written_since_prune
+            .iter()
+            .filter(|(_, written)| **written >= (keep_per_app / 10).max(100))
+            .map(|(app, _)| app.clone())
+            .collect();
+        for app in due {
+            written_since_prune.remove(&app);
+            let pruned = store.call(move |store| store.prune_logs(&app, keep_per_app)).await;
+            if let Err(error) = pruned {
+                tracing::warn!(%error, "old log lines could not be pruned");
+            }
+        }
+    }
+}

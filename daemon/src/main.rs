@@ -1,0 +1,79 @@
+//! cairnd: the cairn daemon. It keeps WebAssembly components and all its state in one SQLite
+//! database, runs each app's `wasi:http` component in wasmtime behind its own listener, and is
+//! driven by `cairnctl` over a unix socket.
+//!
+//! Layout (each layer uses only those below it):
+//! - `supervisor`: wiring, systemd readiness and watchdog, signals, shutdown.
+//! - `control`: the gRPC control server and its authorisation.
+//! - `reconcile`: the only code that changes what runs (deploy, rollback, remove, start-up).
+//! - `http` (listeners, hyper), `logs` (output pipeline).
+//! - `runtime` (wasmtime), `store` (SQLite), `spec` (typed manifests), `digest`, `config`,
+//!   `systemd`.
+
+mod config;
+mod control;
+mod digest;
+mod http;
+mod logs;
+mod reconcile;
+mod runtime;
+mod spec;
+mod store;
+mod supervisor;
+mod systemd;
+
+use clap::Parser;
+use std::path::PathBuf;
+
+/// The cairn daemon: runs WebAssembly components from its SQLite store.
+///
+/// With no options it needs no config file: state goes to /var/lib/cairn as root (else
+/// $XDG_DATA_HOME/cairn) and the control socket to /run/cairn/cairnd.sock as root (else
+/// $XDG_RUNTIME_DIR/cairn/cairnd.sock). It runs in the foreground; under systemd it reports
+/// readiness and feeds the watchdog. SIGTERM drains requests in flight, then exits.
+#[derive(Parser)]
+#[command(name = "cairnd", version, about, long_about)]
+struct Args {
+    /// A TOML config file (see packaging/cairnd.toml for every key and its default).
+    #[arg(long, value_name = "FILE", env = "CAIRN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where the state database lives (overrides the config file).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The control socket's path (overrides the config file).
+    #[arg(long, value_name = "PATH", env = cairn_ctl::paths::SOCKET_ENV)]
+    socket: Option<PathBuf>,
+    /// Log filter, such as `info` or `cairnd=debug` (RUST_LOG works too).
+    #[arg(long, value_name = "FILTER", default_value = "info")]
+    log: String,
+}
+
+fn main() {
+    let args = Args::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| args.log.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let result = (|| -> anyhow::Result<()> {
+        let mut config = match &args.config {
+            Some(path) => config::Config::load(path)?,
+            None => config::Config::default(),
+        };
+        if let Some(dir) = args.state_dir {
+            config.state_dir = dir;
+        }
+        if let Some(socket) = args.socket {
+            config.control.socket = Some(socket);
+        }
+        let socket = config.socket();
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        runtime.block_on(supervisor::run(config, socket))
+    })();
+    if let Err(error) = result {
+        eprintln!("cairnd: {error:#}");
+        std::process::exit(1);
+    }
+}

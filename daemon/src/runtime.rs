@@ -1,0 +1,599 @@
+//! The runtime: everything that touches wasmtime. It compiles components to native code,
+//! builds one `Engine` per app with the pooling allocator sized from the app's limits, links
+//! WASI and `wasi:http` with every capability the app was not granted denied, and serves one
+//! HTTP request on a fresh instance made from a cached pre-instantiated component.
+//!
+//! Invariants: a request never compiles (code is compiled or loaded when an app is prepared);
+//! every request gets its own `Store`, so no state leaks between requests; each request is
+//! bounded by an epoch deadline and a memory cap, and a guest failure is reported, never fatal
+//! to the host. This module knows nothing of the store, the reconciler or the control API.
+
+use crate::spec::{AppName, Limits};
+use bytes::{Bytes, BytesMut};
+use hyper::body::Incoming;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::OwnedSemaphorePermit;
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, EngineWeak, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+/// How often the epoch advances; request deadlines are measured in these ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Output kept per stream per request; the rest is cut and the cut is marked.
+const OUTPUT_LIMIT: usize = 64 << 10;
+/// Core instances one component may create (real toolchains emit a handful to a few dozen).
+const MAX_CORE_INSTANCES_PER_COMPONENT: u32 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("the file is not WebAssembly (it does not start with the `\\0asm` magic bytes)")]
+    NotWasm,
+    #[error(
+        "this is a core WebAssembly module, not a component: build for wasm32-wasip2 \
+         (or wrap it with `wasm-tools component new`) so it exports wasi:http/incoming-handler"
+    )]
+    CoreModule,
+    #[error("the component is not valid: {0}")]
+    Invalid(String),
+    #[error(
+        "the component does not export wasi:http/incoming-handler@0.2.x, so it cannot serve HTTP \
+         (it exports: {exports}); build it for the wasi:http/proxy world"
+    )]
+    NotHttp { exports: String },
+    #[error("the component cannot be linked: {0}")]
+    Link(String),
+    #[error("the component could not be instantiated: {0}")]
+    Instantiate(String),
+    #[error("wasmtime could not be configured: {0}")]
+    Engine(String),
+}
+
+/// Checks the header of `bytes`: WebAssembly at all, and a component rather than a core module.
+/// Cheap enough for the upload path; full validation happens when the component is compiled.
+pub fn check_component_header(bytes: &[u8]) -> Result<(), RuntimeError> {
+    if bytes.len() < 8 || &bytes[0..4] != b"\0asm" {
+        return Err(RuntimeError::NotWasm);
+    }
+    // Bytes 4..8: version (u16) and layer (u16). Core modules are layer 0, components layer 1.
+    match u16::from_le_bytes([bytes[6], bytes[7]]) {
+        0 => Err(RuntimeError::CoreModule),
+        1 => Ok(()),
+        layer => Err(RuntimeError::Invalid(format!("unknown WebAssembly layer {layer}"))),
+    }
+}
+
+/// The outcome of one request, reported when its instance is gone.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Ok,
+    Trap(String),
+    Timeout,
+    /// The guest returned without ever setting a response.
+    NoResponse,
+}
+
+/// What one request left behind, for logs and counters.
+pub struct RequestReport {
+    pub outcome: Outcome,
+    pub stdout: Bytes,
+    pub stderr: Bytes,
+    pub method: String,
+    pub path: String,
+}
+
+pub type Reporter = Arc<dyn Fn(RequestReport) + Send + Sync>;
+
+/// Process-wide runtime state: the epoch ticker and the compile counters.
+pub struct Runtime {
+    engines: Arc<Mutex<Vec<EngineWeak>>>,
+    compile_engines: Mutex<HashMap<u64, Engine>>,
+    pub compiled: AtomicU64,
+    pub cache_hits: AtomicU64,
+}
+
+impl Runtime {
+    /// Starts the one epoch-ticker thread that drives every app's request deadlines.
+    pub fn new() -> Arc<Runtime> {
+        let engines: Arc<Mutex<Vec<EngineWeak>>> = Arc::default();
+        let ticked = Arc::clone(&engines);
+        std::thread::Builder::new()
+            .name("cairn-epoch".into())
+            .spawn(move || loop {
+                std::thread::sleep(EPOCH_TICK);
+                let mut engines = ticked.lock().unwrap_or_else(|p| p.into_inner());
+                engines.retain(|weak| match weak.upgrade() {
+                    Some(engine) => {
+                        engine.increment_epoch();
+                        true
+                    }
+                    None => false,
+                });
+            })
+            .expect("the epoch thread starts");
+        Arc::new(Runtime {
+            engines,
+            compile_engines: Mutex::default(),
+            compiled: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+        })
+    }
+
+    /// Settings that change the generated code. Engines that share them share precompiled code.
+    fn code_config(limits: &Limits) -> Config {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        // Reserve only what the app may use, not wasmtime's default multi-GiB slot per memory:
+        // cairn must start on 39-bit-address ARM boards with many apps. Bounds checks are then
+        // explicit in the code, which costs a little guest speed and no address space.
+        config.memory_reservation(memory_reservation(limits));
+        config.memory_guard_size(64 << 10);
+        config.memory_reservation_for_growth(0);
+        config
+    }
+
+    /// The engine used to compile (and inspect) code for apps with these limits.
+    fn compile_engine(&self, limits: &Limits) -> Result<Engine, RuntimeError> {
+        let key = memory_reservation(limits);
+        let mut engines = self.compile_engines.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(engine) = engines.get(&key) {
+            return Ok(engine.clone());
+        }
+        let engine = Engine::new(&Self::code_config(limits)).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        engines.insert(key, engine.clone());
+        Ok(engine)
+    }
+
+    /// Names the native code an app with these limits runs: equal fingerprints mean precompiled
+    /// code can be reused. It changes with the wasmtime version, the CPU's features and any
+    /// setting that changes code generation, so stale code is never loaded.
+    pub fn fingerprint(&self, limits: &Limits) -> Result<String, RuntimeError> {
+        let engine = self.compile_engine(limits)?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        Ok(format!("wasmtime-{:016x}", hasher.finish()))
+    }
+
+    /// Validates and compiles a component; returns native code to keep and later `load`.
+    pub fn compile(&self, wasm: &[u8], limits: &Limits) -> Result<Vec<u8>, RuntimeError> {
+        check_component_header(wasm)?;
+        let engine = self.compile_engine(limits)?;
+        let code = engine
+            .precompile_component(wasm)
+            .map_err(|e| RuntimeError::Invalid(format!("{e:#}")))?;
+        self.compiled.fetch_add(1, Ordering::Relaxed);
+        Ok(code)
+    }
+
+    /// Loads precompiled code into an engine of the app's own, links it and proves that one
+    /// instance can be made. Errors here mean the app cannot run and nothing was changed.
+    /// Call it on a blocking thread (`spawn_blocking`) inside the tokio runtime.
+    pub fn load(&self, app: &AppName, code: &[u8], limits: &Limits, env: Vec<(String, String)>, reporter: Reporter) -> Result<LoadedApp, RuntimeError> {
+        let compile_engine = self.compile_engine(limits)?;
+        // SAFETY: `code` was produced by `precompile_component` of an engine with the same code
+        // settings (the fingerprint says so), and the store checks its checksum before handing
+        // it out, so it is exactly what wasmtime wrote.
+        let inspected = unsafe { Component::deserialize(&compile_engine, code) }
+            .map_err(|e| RuntimeError::Invalid(format!("{e:#}")))?;
+        check_exports_http(&compile_engine, &inspected)?;
+        let resources = inspected.resources_required();
+        drop(inspected);
+
+        let settings = AppSettings {
+            name: app.clone(),
+            env,
+            memory: memory_reservation(limits) as usize,
+            timeout: limits.timeout.0,
+            reporter,
+        };
+        let pooled = pooling_config(limits, resources.as_ref());
+        let mut config = Self::code_config(limits);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooled));
+        let (pooled_attempt, fallback_reason) = match Engine::new(&config) {
+            Ok(engine) => match self.prepare(&engine, code, &settings) {
+                Ok(loaded) => (Some(loaded), None),
+                Err(RuntimeError::Instantiate(reason)) => (None, Some(reason)),
+                Err(other) => return Err(other),
+            },
+            Err(reason) => (None, Some(format!("{reason:#}"))),
+        };
+        let mut loaded = match pooled_attempt {
+            Some(loaded) => loaded,
+            None => {
+                let engine = Engine::new(&Self::code_config(limits)).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+                let mut loaded = self.prepare(&engine, code, &settings)?;
+                loaded.allocator = format!(
+                    "on-demand (the pooling allocator was refused: {})",
+                    fallback_reason.unwrap_or_default()
+                );
+                loaded
+            }
+        };
+        loaded.deadline_ticks = (limits.timeout.0.as_millis() / EPOCH_TICK.as_millis()) as u64 + 1;
+        self.engines.lock().unwrap_or_else(|p| p.into_inner()).push(loaded.engine.weak());
+        Ok(loaded)
+    }
+
+    /// Deserialises, links and instantiates once in `engine`.
+    fn prepare(&self, engine: &Engine, code: &[u8], settings: &AppSettings) -> Result<LoadedApp, RuntimeError> {
+        // SAFETY: as in `load`.
+        let component = unsafe { Component::deserialize(engine, code) }.map_err(|e| RuntimeError::Invalid(format!("{e:#}")))?;
+        let mut linker: Linker<Host> = Linker::new(engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+        let instance_pre = linker.instantiate_pre(&component).map_err(|e| {
+            RuntimeError::Link(format!(
+                "{e:#}; cairn provides wasi:cli, wasi:clocks, wasi:random, wasi:io, wasi:filesystem, \
+                 wasi:sockets and wasi:http at 0.2.x"
+            ))
+        })?;
+        let pre = ProxyPre::new(instance_pre).map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+        let loaded = LoadedApp {
+            engine: engine.clone(),
+            pre,
+            allocator: "pooling".to_string(),
+            deadline_ticks: u64::MAX,
+            settings: Arc::new(AppSettings {
+                name: settings.name.clone(),
+                env: settings.env.clone(),
+                memory: settings.memory,
+                timeout: settings.timeout,
+                reporter: Arc::clone(&settings.reporter),
+            }),
+        };
+        loaded.probe()?;
+        Ok(loaded)
+    }
+}
+
+/// One line for the log: the trap itself when there is one (the wasm backtrace of an app built
+/// without names is noise to an operator), else the error chain.
+fn describe_failure(error: &wasmtime::Error) -> String {
+    match error.downcast_ref::<Trap>() {
+        Some(trap) => format!("wasm trap: {trap}"),
+        None => format!("{error:#}").lines().next().unwrap_or_default().to_string(),
+    }
+}
+
+fn memory_reservation(limits: &Limits) -> u64 {
+    const PAGE: u64 = 64 << 10;
+    limits.memory.0.div_ceil(PAGE) * PAGE
+}
+
+/// A pool holding exactly what `instances` concurrent requests of this component need.
+fn pooling_config(limits: &Limits, resources: Option<&wasmtime::ResourcesRequired>) -> PoolingAllocationConfig {
+    // One slot more than the concurrency cap, for the probe made while the app is prepared.
+    let slots = limits.instances + 1;
+    let memories = resources.map(|r| r.num_memories).unwrap_or(4).max(1);
+    let tables = resources.map(|r| r.num_tables).unwrap_or(8).max(1);
+    let table_elements = resources
+        .and_then(|r| r.max_initial_table_size)
+        .map(|size| (size as usize).saturating_mul(2))
+        .unwrap_or(0)
+        .max(20_000);
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(slots)
+        .total_core_instances(slots * 16)
+        .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_COMPONENT)
+        .total_memories(slots * memories)
+        .max_memories_per_component(memories)
+        .max_memories_per_module(memories)
+        .total_tables(slots * tables)
+        .max_tables_per_component(tables)
+        .max_tables_per_module(tables)
+        .table_elements(table_elements)
+        .total_stacks(slots)
+        .max_memory_size(memory_reservation(limits) as usize);
+    pool
+}
+
+fn check_exports_http(engine: &Engine, component: &Component) -> Result<(), RuntimeError> {
+    let exports: Vec<String> = component
+        .component_type()
+        .exports(engine)
+        .map(|(name, _)| name.to_string())
+        .collect();
+    if exports.iter().any(|name| name.starts_with("wasi:http/incoming-handler@0.2")) {
+        Ok(())
+    } else {
+        Err(RuntimeError::NotHttp {
+            exports: if exports.is_empty() { "nothing".to_string() } else { exports.join(", ") },
+        })
+    }
+}
+
+struct AppSettings {
+    name: AppName,
+    env: Vec<(String, String)>,
+    memory: usize,
+    timeout: Duration,
+    reporter: Reporter,
+}
+
+/// An app ready to serve: its engine, its linked pre-instance and its per-request settings.
+pub struct LoadedApp {
+    engine: Engine,
+    pre: ProxyPre<Host>,
+    /// `pooling`, or `on-demand (why)`.
+    pub allocator: String,
+    deadline_ticks: u64,
+    settings: Arc<AppSettings>,
+}
+
+/// Why a request got no response from the guest.
+#[derive(Debug)]
+pub enum RequestFailure {
+    Guest(Outcome),
+    /// The guest answered with an error code instead of a response.
+    ErrorCode(String),
+    /// The request could not be handed to the guest (malformed request).
+    Host(String),
+}
+
+impl LoadedApp {
+    fn new_store(&self, stdout: &OutputCapture, stderr: &OutputCapture) -> Store<Host> {
+        let mut wasi = WasiCtx::builder();
+        wasi.envs(&self.settings.env)
+            .arg(self.settings.name.as_str())
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        let host = Host {
+            wasi: wasi.build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new().memory_size(self.settings.memory).build(),
+            hooks: DenyOutgoingHttp,
+        };
+        let mut store = Store::new(&self.engine, host);
+        store.limiter(|host| &mut host.limits);
+        store.set_epoch_deadline(self.deadline_ticks);
+        store.epoch_deadline_trap();
+        store
+    }
+
+    /// Makes one instance and drops it: proves linking and pool sizing work before serving.
+    fn probe(&self) -> Result<(), RuntimeError> {
+        let capture = OutputCapture::new();
+        let mut store = self.new_store(&capture, &capture);
+        let pre = self.pre.clone();
+        let handle = tokio::runtime::Handle::try_current().map_err(|e| RuntimeError::Engine(e.to_string()))?;
+        // `load` runs on a blocking thread (compiling is CPU work), so blocking here is fine.
+        handle
+            .block_on(pre.instantiate_async(&mut store))
+            .map(drop)
+            .map_err(|e| RuntimeError::Instantiate(format!("{e:#}")))
+    }
+
+    /// Serves one request on a fresh instance. `permit` is the request's concurrency slot; it is
+    /// held until the instance is gone, even if the response was sent earlier.
+    pub async fn handle(&self, request: hyper::Request<Incoming>, permit: OwnedSemaphorePermit) -> Result<hyper::Response<HyperOutgoingBody>, RequestFailure> {
+        let method = request.method().to_string();
+        let path = request.uri().path().to_string();
+        let stdout = OutputCapture::new();
+        let stderr = OutputCapture::new();
+        let mut store = self.new_store(&stdout, &stderr);
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let incoming = store
+            .data_mut()
+            .http()
+            .new_incoming_request(wasmtime_wasi_http::p2::bindings::http::types::Scheme::Http, request)
+            .map_err(|e| RequestFailure::Host(format!("{e:#}")))?;
+        let outparam = store
+            .data_mut()
+            .http()
+            .new_response_outparam(sender)
+            .map_err(|e| RequestFailure::Host(format!("{e:#}")))?;
+        let pre = self.pre.clone();
+        let settings = Arc::clone(&self.settings);
+        let task = tokio::spawn(async move {
+            let run = async {
+                let proxy = pre.instantiate_async(&mut store).await?;
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, incoming, outparam)
+                    .await
+            };
+            // The epoch deadline stops guest code; this stops a guest parked on host I/O.
+            let outcome = match tokio::time::timeout(settings.timeout + EPOCH_TICK * 2, run).await {
+                Ok(Ok(())) => Outcome::Ok,
+                Ok(Err(error)) if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => Outcome::Timeout,
+                Ok(Err(error)) => Outcome::Trap(describe_failure(&error)),
+                Err(_elapsed) => Outcome::Timeout,
+            };
+            drop(store);
+            drop(permit);
+            (settings.reporter)(RequestReport {
+                outcome: outcome.clone(),
+                stdout: stdout.take(),
+                stderr: stderr.take(),
+                method,
+                path,
+            });
+            outcome
+        });
+        match receiver.await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(code)) => Err(RequestFailure::ErrorCode(format!("{code:?}"))),
+            Err(_) => match task.await {
+                Ok(Outcome::Ok) => Err(RequestFailure::Guest(Outcome::NoResponse)),
+                Ok(outcome) => Err(RequestFailure::Guest(outcome)),
+                Err(join) => Err(RequestFailure::Guest(Outcome::Trap(join.to_string()))),
+            },
+        }
+    }
+}
+
+/// The `T` of every request's `Store`.
+pub struct Host {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    hooks: DenyOutgoingHttp,
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for Host {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// Outgoing HTTP is a capability no app has been granted yet: requests fail with
+/// `HTTP-request-denied`, which guests see as an ordinary error.
+struct DenyOutgoingHttp;
+
+impl WasiHttpHooks for DenyOutgoingHttp {
+    fn send_request(
+        &mut self,
+        _request: http::Request<wasmtime_wasi_http::WasiBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn std::future::Future<
+                Output = Result<
+                    (
+                        http::Response<wasmtime_wasi_http::WasiBody>,
+                        Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                    ),
+                    wasmtime_wasi_http::Error,
+                >,
+            > + Send,
+    > {
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}
+
+/// A guest's stdout or stderr for one request: kept in memory up to `OUTPUT_LIMIT`, then cut.
+#[derive(Clone)]
+struct OutputCapture {
+    buffer: Arc<Mutex<(BytesMut, bool)>>,
+}
+
+impl OutputCapture {
+    fn new() -> OutputCapture {
+        OutputCapture {
+            buffer: Arc::new(Mutex::new((BytesMut::new(), false))),
+        }
+    }
+
+    fn append(&self, bytes: &[u8]) {
+        let mut guard = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        let (buffer, cut) = &mut *guard;
+        let room = OUTPUT_LIMIT.saturating_sub(buffer.len());
+        if bytes.len() > room {
+            *cut = true;
+        }
+        buffer.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    fn take(&self) -> Bytes {
+        let mut guard = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        let (buffer, cut) = &mut *guard;
+        if *cut {
+            buffer.extend_from_slice(b"\n[cairn: output of this request cut at 64KiB]\n");
+        }
+        std::mem::take(buffer).freeze()
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for OutputCapture {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for OutputCapture {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::OutputStream> {
+        Box::new(self.clone())
+    }
+}
+
+impl wasmtime_wasi::p2::OutputStream for OutputCapture {
+    fn write(&mut self, bytes: Bytes) -> wasmtime_wasi::p2::StreamResult<()> {
+        self.append(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> wasmtime_wasi::p2::StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> wasmtime_wasi::p2::StreamResult<usize> {
+        // Always writable: output past the limit is dropped (and marked), never an error that
+        // would make a chatty guest fail.
+        Ok(OUTPUT_LIMIT)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl wasmtime_wasi::p2::Pollable for OutputCapture {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for OutputCapture {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.append(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_tell_modules_components_and_garbage_apart() {
+        assert!(matches!(check_component_header(b"hello world"), Err(RuntimeError::NotWasm)));
+        assert!(matches!(check_component_header(b"\0asm\x01\0\0\0"), Err(RuntimeError::CoreModule)));
+        assert!(check_component_header(b"\0asm\x0d\0\x01\0").is_ok());
+        assert!(matches!(check_component_header(b"\0asm"), Err(RuntimeError::NotWasm)));
+    }
+
+    #[test]
+    fn output_is_cut_at_the_limit_and_marked() {
+        let capture = OutputCapture::new();
+        capture.append(&vec![b'x'; OUTPUT_LIMIT - 1]);
+        capture.append(b"yz");
+        let taken = capture.take();
+        assert!(taken.starts_with(&vec![b'x'; OUTPUT_LIMIT - 1]));
+        assert!(String::from_utf8_lossy(&taken).contains("cut at 64KiB"));
+        assert!(capture.take().is_empty());
+    }
+}

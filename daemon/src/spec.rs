@@ -1,0 +1,416 @@
+//! The typed app manifest. A manifest (TOML) becomes an `AppSpec` here, at the edge, and
+//! nothing past this module sees raw TOML: names, sizes, durations and addresses are already
+//! checked and carry their own types. The same types serialise to the JSON the store keeps, and
+//! that JSON parses back to an equal `AppSpec`.
+
+use crate::digest::Digest;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Per-instance linear memory when the manifest does not say.
+pub const DEFAULT_MEMORY: ByteSize = ByteSize(64 << 20);
+/// Concurrent requests (instances) when the manifest does not say.
+pub const DEFAULT_INSTANCES: u32 = 32;
+/// Per-request deadline when the manifest does not say.
+pub const DEFAULT_TIMEOUT: HumanDuration = HumanDuration(Duration::from_secs(5));
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("the manifest is not valid: {0}")]
+    Toml(String),
+    #[error("the manifest is not valid: {0}")]
+    Invalid(String),
+}
+
+fn invalid(message: impl Into<String>) -> SpecError {
+    SpecError::Invalid(message.into())
+}
+
+/// An app's name: 1 to 63 of `a-z 0-9 -`, starting with a letter or digit. It names cgroups,
+/// log streams and fleet keys, so it is kept to what is safe in all of them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct AppName(String);
+
+impl AppName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for AppName {
+    type Err = SpecError;
+
+    fn from_str(name: &str) -> Result<AppName, SpecError> {
+        let valid_chars = name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if name.is_empty() || name.len() > 63 || !valid_chars || name.starts_with('-') {
+            return Err(invalid(format!(
+                "app name `{name}` is not allowed: use 1 to 63 characters of a-z, 0-9 and `-`, \
+                 not starting with `-`"
+            )));
+        }
+        Ok(AppName(name.to_string()))
+    }
+}
+
+impl<'de> Deserialize<'de> for AppName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<AppName, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for AppName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A number of bytes, written by people as `64MiB`, `512KiB`, `1GiB`, `10MB` or a bare count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<ByteSize, String> {
+        let trimmed = text.trim();
+        let split = trimmed
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(trimmed.len());
+        let (number, unit) = trimmed.split_at(split);
+        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "m" | "mib" => 1 << 20,
+            "g" | "gib" => 1 << 30,
+            "t" | "tib" => 1 << 40,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            "tb" => 1_000_000_000_000,
+            _ => {
+                return Err(format!(
+                    "`{text}` is not a size: write a number and a unit, such as 64MiB, 512KiB or 1GiB"
+                ))
+            }
+        };
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("`{text}` is not a size: write a number and a unit, such as 64MiB"))?;
+        let bytes = value * multiplier as f64;
+        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+            return Err(format!("`{text}` is out of range"));
+        }
+        Ok(ByteSize(bytes.round() as u64))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+        for (size, unit) in UNITS {
+            if self.0 >= size && self.0 % size == 0 {
+                return write!(f, "{}{unit}", self.0 / size);
+            }
+        }
+        write!(f, "{}B", self.0)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<ByteSize, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Count(bytes) => Ok(ByteSize(bytes)),
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A duration written by people as `5s`, `250ms`, `1.5s`, `2m` or `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<HumanDuration, String> {
+        let trimmed = text.trim();
+        let split = trimmed
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(trimmed.len());
+        let (number, unit) = trimmed.split_at(split);
+        let seconds_per_unit = match unit.trim() {
+            "ms" => 0.001,
+            "s" => 1.0,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            _ => {
+                return Err(format!(
+                    "`{text}` is not a duration: write a number and a unit (ms, s, m, h), such as 5s or 250ms"
+                ))
+            }
+        };
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("`{text}` is not a duration: write a number and a unit, such as 5s"))?;
+        Duration::try_from_secs_f64(value * seconds_per_unit)
+            .map(HumanDuration)
+            .map_err(|_| format!("`{text}` is out of range"))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let millis = self.0.as_millis();
+        if millis % 3_600_000 == 0 && millis > 0 {
+            write!(f, "{}h", millis / 3_600_000)
+        } else if millis % 60_000 == 0 && millis > 0 {
+            write!(f, "{}m", millis / 60_000)
+        } else if millis % 1000 == 0 {
+            write!(f, "{}s", millis / 1000)
+        } else {
+            write!(f, "{millis}ms")
+        }
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<HumanDuration, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The desired state of one app: what a manifest says, typed and checked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSpec {
+    pub name: AppName,
+    /// The component, by digest. cairnctl uploads a file named in a manifest and puts its digest
+    /// here; the daemon only ever deploys what its store holds.
+    pub component: Digest,
+    pub http: HttpSpec,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSpec {
+    /// Where the app's HTTP listener binds, such as `127.0.0.1:8080` or `0.0.0.0:80`.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Linear memory one instance may grow to (each request runs in its own instance).
+    pub memory: ByteSize,
+    /// Requests served at once; one more is answered 503 at once instead of queueing.
+    pub instances: u32,
+    /// Deadline for one request, enforced by epoch interruption.
+    pub timeout: HumanDuration,
+    /// CPU cores the app's pool may use. Recorded now; enforced once pools run in cgroups.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<f64>,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            memory: DEFAULT_MEMORY,
+            instances: DEFAULT_INSTANCES,
+            timeout: DEFAULT_TIMEOUT,
+            cpu: None,
+        }
+    }
+}
+
+impl AppSpec {
+    /// Parses a manifest as sent to the daemon: `component` must already be a digest.
+    pub fn from_manifest(text: &str) -> Result<AppSpec, SpecError> {
+        let spec: AppSpec = toml::from_str(text).map_err(|err| {
+            let message = err.message().to_string();
+            let location = err
+                .span()
+                .map(|span| {
+                    let line = text[..span.start.min(text.len())].lines().count().max(1);
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
+            SpecError::Toml(format!("{message}{location}"))
+        })?;
+        spec.check()?;
+        Ok(spec)
+    }
+
+    /// Parses the JSON form the store keeps.
+    pub fn from_stored_json(text: &str) -> Result<AppSpec, SpecError> {
+        serde_json::from_str(text).map_err(|err| SpecError::Invalid(err.to_string()))
+    }
+
+    pub fn to_stored_json(&self) -> String {
+        serde_json::to_string(self).expect("an AppSpec always serialises")
+    }
+
+    /// Checks what types alone cannot say.
+    fn check(&self) -> Result<(), SpecError> {
+        let limits = &self.limits;
+        if limits.memory.0 < 64 << 10 || limits.memory.0 > 4 << 30 {
+            return Err(invalid(format!(
+                "[limits] memory = \"{}\" is out of range: use between 64KiB and 4GiB",
+                limits.memory
+            )));
+        }
+        if limits.instances == 0 || limits.instances > 10_000 {
+            return Err(invalid(format!(
+                "[limits] instances = {} is out of range: use between 1 and 10000",
+                limits.instances
+            )));
+        }
+        if limits.timeout.0 < Duration::from_millis(1) || limits.timeout.0 > Duration::from_secs(3600) {
+            return Err(invalid(format!(
+                "[limits] timeout = \"{}\" is out of range: use between 1ms and 1h",
+                limits.timeout
+            )));
+        }
+        if let Some(cpu) = limits.cpu {
+            if !(cpu > 0.0 && cpu <= 1024.0) {
+                return Err(invalid(format!(
+                    "[limits] cpu = {cpu} is out of range: give cores as a number above 0, such as 0.5"
+                )));
+            }
+        }
+        if self.http.listen.port() == 0 {
+            return Err(invalid(format!(
+                "[http] listen = \"{}\" has port 0: give a fixed port, such as 127.0.0.1:8080",
+                self.http.listen
+            )));
+        }
+        for key in self.env.keys() {
+            if key.is_empty() || key.contains('=') || key.contains('\0') {
+                return Err(invalid(format!(
+                    "[env] key `{key}` is not a valid variable name"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIGEST: &str = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    fn manifest(extra: &str) -> String {
+        format!("name = \"hello\"\ncomponent = \"{DIGEST}\"\n[http]\nlisten = \"127.0.0.1:8080\"\n{extra}")
+    }
+
+    #[test]
+    fn parses_the_documented_manifest_with_defaults() {
+        let spec = AppSpec::from_manifest(&manifest("")).unwrap();
+        assert_eq!(spec.name.as_str(), "hello");
+        assert_eq!(spec.limits, Limits::default());
+        let spec = AppSpec::from_manifest(&manifest(
+            "[limits]\nmemory = \"32MiB\"\ninstances = 4\ntimeout = \"250ms\"\ncpu = 0.5\n[env]\nGREETING = \"hi\"\n",
+        ))
+        .unwrap();
+        assert_eq!(spec.limits.memory, ByteSize(32 << 20));
+        assert_eq!(spec.limits.instances, 4);
+        assert_eq!(spec.limits.timeout.0, Duration::from_millis(250));
+        assert_eq!(spec.limits.cpu, Some(0.5));
+        assert_eq!(spec.env["GREETING"], "hi");
+    }
+
+    #[test]
+    fn stored_json_round_trips() {
+        let spec = AppSpec::from_manifest(&manifest("[limits]\nmemory = \"1.5MiB\"\ntimeout = \"1500ms\"\n")).unwrap();
+        let back = AppSpec::from_stored_json(&spec.to_stored_json()).unwrap();
+        assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn bad_manifests_say_what_is_wrong() {
+        let cases = [
+            (manifest("colour = \"red\"\n"), "unknown field `colour`"),
+            (manifest("[limits]\nmemory = \"lots\"\n"), "`lots` is not a size"),
+            (manifest("[limits]\nmemory = \"8GiB\"\n"), "out of range"),
+            (manifest("[limits]\ninstances = 0\n"), "instances = 0"),
+            (manifest("[limits]\ntimeout = \"5 parsecs\"\n"), "not a duration"),
+            (manifest("[limits]\ncpu = -1.0\n"), "cpu = -1"),
+            (manifest("[limits]\nshoes = 2\n"), "unknown field `shoes`"),
+            ("name = \"Hello World\"\n".to_string(), "not allowed"),
+            (
+                format!("name = \"a\"\ncomponent = \"app.wasm\"\n[http]\nlisten = \"127.0.0.1:1\"\n"),
+                "not a component digest",
+            ),
+            (
+                format!("name = \"a\"\ncomponent = \"{DIGEST}\"\n[http]\nlisten = \"127.0.0.1:0\"\n"),
+                "port 0",
+            ),
+            (format!("name = \"a\"\ncomponent = \"{DIGEST}\"\n"), "missing field `http`"),
+            ("this is = not toml [".to_string(), "line 1"),
+        ];
+        for (text, expected) in cases {
+            let err = AppSpec::from_manifest(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "manifest:\n{text}\nerror: {err}\nexpected: {expected}");
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations_parse_and_print() {
+        for (text, bytes) in [("64MiB", 64 << 20), ("512 KiB", 512 << 10), ("1GiB", 1 << 30), ("10MB", 10_000_000), ("4096", 4096)] {
+            assert_eq!(text.parse::<ByteSize>().unwrap(), ByteSize(bytes), "{text}");
+        }
+        assert_eq!(ByteSize(64 << 20).to_string(), "64MiB");
+        assert_eq!(ByteSize(1000).to_string(), "1000B");
+        for (text, millis) in [("5s", 5000), ("250ms", 250), ("1.5s", 1500), ("2m", 120_000), ("1h", 3_600_000)] {
+            assert_eq!(text.parse::<HumanDuration>().unwrap().0, Duration::from_millis(millis), "{text}");
+        }
+        assert_eq!(HumanDuration(Duration::from_millis(1500)).to_string(), "1500ms");
+        assert_eq!(HumanDuration(Duration::from_secs(5)).to_string(), "5s");
+        assert!("5".parse::<HumanDuration>().is_err());
+        assert!("-5MiB".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn app_names_are_checked() {
+        for good in ["a", "hello", "hello-2", "0app"] {
+            assert!(good.parse::<AppName>().is_ok(), "{good}");
+        }
+        for bad in ["", "-a", "Hello", "a_b", "a/b", &"x".repeat(64)] {
+            assert!(bad.parse::<AppName>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Numbered schema migrations. `PRAGMA user_version` records how many have run; each runs in
+//! its own transaction, so a crash mid-migration leaves the previous version intact. Never edit
+//! a migration that has shipped: add the next one.
+
+use rusqlite::Connection;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: the foundation: blobs, component names, precompiled code, apps, generations, logs.
+    "CREATE TABLE blobs (
+         digest TEXT PRIMARY KEY,
+         size INTEGER NOT NULL,
+         data BLOB NOT NULL,
+         created_unix INTEGER NOT NULL
+     );
+     CREATE TABLE components (
+         name TEXT NOT NULL,
+         tag TEXT NOT NULL,
+         digest TEXT NOT NULL REFERENCES blobs (digest),
+         source TEXT NOT NULL,
+         created_unix INTEGER NOT NULL,
+         PRIMARY KEY (name, tag)
+     );
+     CREATE TABLE compiled (
+         digest TEXT NOT NULL,
+         fingerprint TEXT NOT NULL,
+         data BLOB NOT NULL,
+         checksum TEXT NOT NULL,
+         created_unix INTEGER NOT NULL,
+         PRIMARY KEY (digest, fingerprint)
+     );
+     CREATE TABLE generations (
+         app TEXT NOT NULL,
+         generation INTEGER NOT NULL,
+         spec TEXT NOT NULL,
+         digest TEXT NOT NULL REFERENCES blobs (digest),
+         created_unix INTEGER NOT NULL,
+         PRIMARY KEY (app, generation)
+     );
+     CREATE TABLE apps (
+         name TEXT PRIMARY KEY,
+         owner TEXT NOT NULL,
+         generation INTEGER NOT NULL,
+         updated_unix INTEGER NOT NULL
+     );
+     CREATE TABLE logs (
+         id INTEGER PRIMARY KEY AUTOINCREMENT,
+         app TEXT NOT NULL,
+         generation INTEGER NOT NULL,
+         unix_millis INTEGER NOT NULL,
+         stream TEXT NOT NULL,
+         line TEXT NOT NULL
+     );
+     CREATE INDEX logs_by_app ON logs (app, id);",
+];
+
+pub fn run(connection: &mut Connection) -> Result<(), String> {
+    run_sql(connection).map_err(|e| e.to_string())?
+}
+
+fn run_sql(connection: &mut Connection) -> rusqlite::Result<Result<(), String>> {
+    let applied: usize = connection.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize;
+    if applied > MIGRATIONS.len() {
+        return Ok(Err(format!(
+            "the database is at schema version {applied}, newer than this cairnd knows ({}); \
+             run a cairnd at least as new as the one that last wrote it",
+            MIGRATIONS.len()
+        )));
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let transaction = connection.transaction()?;
+        transaction.execute_batch(sql)?;
+        transaction.pragma_update(None, "user_version", (index + 1) as i64)?;
+        transaction.commit()?;
+    }
+    Ok(Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_once_and_refuse_a_newer_schema() {
+        let mut connection = Connection::open_in_memory().unwrap();
+        run(&mut connection).unwrap();
+        run(&mut connection).unwrap();
+        let version: i64 = connection.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version as usize, MIGRATIONS.len());
+        connection.pragma_update(None, "user_version", 999).unwrap();
+        let err = run(&mut connection).unwrap_err();
+        assert!(err.contains("newer than this cairnd knows"), "{err}");
+    }
+}

@@ -1,0 +1,615 @@
+//! The store: the one SQLite database that holds everything the device must remember
+//! (component bytes, precompiled code, apps and their generations, logs). All SQL lives here.
+//!
+//! Invariants: blobs are content-addressed and checked against their digest when written and
+//! when read; a generation is never changed once written; every state change is a transaction
+//! in WAL mode with `synchronous=FULL`, so a kill -9 at any instant leaves a database that opens
+//! with every acknowledged change present.
+//!
+//! The API is synchronous; async callers go through [`Store::call`], which runs the work on
+//! tokio's blocking pool so SQLite never blocks the runtime.
+
+mod migrations;
+
+use crate::digest::Digest;
+use crate::spec::{AppName, AppSpec};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the disk holding {path} is full: free some space, then retry")]
+    Full { path: PathBuf },
+    #[error("cannot open the state database {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("stored data for {what} is corrupt ({detail}); it was not used")]
+    Corrupt { what: String, detail: String },
+    #[error("state database error: {0}")]
+    Sqlite(String),
+}
+
+/// The owner of an app: who may change it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    Local,
+    Fleet,
+}
+
+impl Owner {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Owner::Local => "local",
+            Owner::Fleet => "fleet",
+        }
+    }
+
+    fn parse(text: &str) -> Owner {
+        if text == "fleet" {
+            Owner::Fleet
+        } else {
+            Owner::Local
+        }
+    }
+}
+
+/// An app's desired state: its current generation's spec.
+#[derive(Debug, Clone)]
+pub struct AppRecord {
+    pub name: AppName,
+    pub owner: Owner,
+    pub generation: u64,
+    pub spec: AppSpec,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationRecord {
+    pub generation: u64,
+    pub digest: Digest,
+    pub created_unix: i64,
+    pub spec: AppSpec,
+}
+
+#[derive(Debug, Clone)]
+pub struct ComponentRecord {
+    pub digest: Digest,
+    pub size: u64,
+    pub name: String,
+    pub tag: String,
+    pub source: String,
+    pub created_unix: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewLogLine {
+    pub app: String,
+    pub generation: u64,
+    pub unix_millis: i64,
+    pub stream: &'static str,
+    pub line: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogRecord {
+    pub id: u64,
+    pub app: String,
+    pub generation: u64,
+    pub unix_millis: i64,
+    pub stream: String,
+    pub line: String,
+}
+
+pub struct Store {
+    connection: Mutex<Connection>,
+    path: PathBuf,
+}
+
+pub fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let open_error = |message: String| StoreError::Open {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut connection = Connection::open(path).map_err(|e| open_error(e.to_string()))?;
+        connection
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = FULL;
+                 PRAGMA foreign_keys = ON;
+                 PRAGMA busy_timeout = 5000;",
+            )
+            .map_err(|e| open_error(e.to_string()))?;
+        migrations::run(&mut connection).map_err(|e| open_error(format!("schema migration failed: {e}")))?;
+        Ok(Store {
+            connection: Mutex::new(connection),
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `work` against the store on the blocking pool.
+    pub async fn call<R, F>(self: &Arc<Self>, work: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
+    {
+        let store = Arc::clone(self);
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .map_err(|e| StoreError::Sqlite(format!("store task failed: {e}")))?
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written (transactions roll
+        // back), so a poisoned lock is still safe to use.
+        self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn error(&self, err: rusqlite::Error) -> StoreError {
+        if let rusqlite::Error::SqliteFailure(code, _) = &err {
+            if code.code == rusqlite::ErrorCode::DiskFull {
+                return StoreError::Full {
+                    path: self.path.clone(),
+                };
+            }
+        }
+        StoreError::Sqlite(err.to_string())
+    }
+
+    // ---- blobs and components ----
+
+    /// Stores `bytes` under `digest` after checking they match. Returns false if already present.
+    pub fn put_blob(&self, digest: &Digest, bytes: &[u8]) -> Result<bool, StoreError> {
+        if !digest.verify(bytes) {
+            return Err(StoreError::Corrupt {
+                what: digest.to_string(),
+                detail: format!("the {} bytes given hash to {}", bytes.len(), Digest::of(bytes)),
+            });
+        }
+        let connection = self.lock();
+        let inserted = connection
+            .execute(
+                "INSERT OR IGNORE INTO blobs (digest, size, data, created_unix) VALUES (?1, ?2, ?3, ?4)",
+                params![digest.to_string(), bytes.len() as i64, bytes, now_unix()],
+            )
+            .map_err(|e| self.error(e))?;
+        Ok(inserted == 1)
+    }
+
+    pub fn has_blob(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let connection = self.lock();
+        connection
+            .query_row("SELECT 1 FROM blobs WHERE digest = ?1", [digest.to_string()], |_| Ok(()))
+            .optional()
+            .map(|found| found.is_some())
+            .map_err(|e| self.error(e))
+    }
+
+    /// The bytes stored under `digest`, checked against it.
+    pub fn get_blob(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        let bytes: Option<Vec<u8>> = {
+            let connection = self.lock();
+            connection
+                .query_row("SELECT data FROM blobs WHERE digest = ?1", [digest.to_string()], |row| row.get(0))
+                .optional()
+                .map_err(|e| self.error(e))?
+        };
+        match bytes {
+            Some(bytes) if !digest.verify(&bytes) => Err(StoreError::Corrupt {
+                what: format!("component {digest}"),
+                detail: format!("its {} stored bytes hash to {}", bytes.len(), Digest::of(&bytes)),
+            }),
+            other => Ok(other),
+        }
+    }
+
+    /// Names `digest` as `name:tag` (moving the tag if it named another digest).
+    pub fn tag_component(&self, name: &str, tag: &str, digest: &Digest, source: &str) -> Result<(), StoreError> {
+        let connection = self.lock();
+        connection
+            .execute(
+                "INSERT INTO components (name, tag, digest, source, created_unix) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (name, tag) DO UPDATE SET digest = excluded.digest, source = excluded.source,
+                 created_unix = excluded.created_unix",
+                params![name, tag, digest.to_string(), source, now_unix()],
+            )
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// Every stored blob with the names that point at it (one row per name, or one unnamed row).
+    pub fn components(&self) -> Result<Vec<ComponentRecord>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare(
+                "SELECT b.digest, b.size, COALESCE(c.name, ''), COALESCE(c.tag, ''), COALESCE(c.source, ''),
+                        COALESCE(c.created_unix, b.created_unix)
+                 FROM blobs b LEFT JOIN components c ON c.digest = b.digest
+                 ORDER BY b.created_unix, c.name, c.tag",
+            )
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, String>(4)?,
+                    row.get::<_, i64>(5)?,
+                ))
+            })
+            .map_err(|e| self.error(e))?;
+        let mut records = Vec::new();
+        for row in rows {
+            let (digest, size, name, tag, source, created_unix) = row.map_err(|e| self.error(e))?;
+            records.push(ComponentRecord {
+                digest: digest.parse().map_err(|e: crate::digest::DigestParseError| StoreError::Corrupt {
+                    what: "the components table".into(),
+                    detail: e.to_string(),
+                })?,
+                size: size as u64,
+                name,
+                tag,
+                source,
+                created_unix,
+            });
+        }
+        Ok(records)
+    }
+
+    // ---- precompiled code ----
+
+    /// Precompiled code for `digest` made by an engine with `fingerprint`, if present and intact.
+    /// A damaged entry is deleted and reported as absent, so the caller recompiles.
+    pub fn get_compiled(&self, digest: &Digest, fingerprint: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let connection = self.lock();
+        let row: Option<(Vec<u8>, String)> = connection
+            .query_row(
+                "SELECT data, checksum FROM compiled WHERE digest = ?1 AND fingerprint = ?2",
+                params![digest.to_string(), fingerprint],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.error(e))?;
+        match row {
+            Some((data, checksum)) if Digest::of(&data).to_string() == checksum => Ok(Some(data)),
+            Some(_) => {
+                connection
+                    .execute(
+                        "DELETE FROM compiled WHERE digest = ?1 AND fingerprint = ?2",
+                        params![digest.to_string(), fingerprint],
+                    )
+                    .map_err(|e| self.error(e))?;
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_compiled(&self, digest: &Digest, fingerprint: &str, data: &[u8]) -> Result<(), StoreError> {
+        let connection = self.lock();
+        connection
+            .execute(
+                "INSERT OR REPLACE INTO compiled (digest, fingerprint, data, checksum, created_unix)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![digest.to_string(), fingerprint, data, Digest::of(data).to_string(), now_unix()],
+            )
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// Drops precompiled code made by engines other than those whose fingerprints are given
+    /// (a wasmtime upgrade or a CPU change makes old code useless).
+    pub fn drop_compiled_except(&self, fingerprints: &[String]) -> Result<usize, StoreError> {
+        let connection = self.lock();
+        let placeholders = vec!["?"; fingerprints.len()].join(",");
+        let sql = if fingerprints.is_empty() {
+            "DELETE FROM compiled".to_string()
+        } else {
+            format!("DELETE FROM compiled WHERE fingerprint NOT IN ({placeholders})")
+        };
+        connection
+            .execute(&sql, rusqlite::params_from_iter(fingerprints))
+            .map_err(|e| self.error(e))
+    }
+
+    // ---- apps and generations ----
+
+    /// Records `spec` as the app's next generation and makes it current, in one transaction.
+    pub fn commit_generation(&self, spec: &AppSpec, owner: Owner) -> Result<u64, StoreError> {
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(|e| self.error(e))?;
+        let next: u64 = transaction
+            .query_row(
+                "SELECT COALESCE(MAX(generation), 0) + 1 FROM generations WHERE app = ?1",
+                [spec.name.as_str()],
+                |row| row.get::<_, i64>(0),
+            )
+            .map_err(|e| self.error(e))? as u64;
+        transaction
+            .execute(
+                "INSERT INTO generations (app, generation, spec, digest, created_unix) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![spec.name.as_str(), next as i64, spec.to_stored_json(), spec.component.to_string(), now_unix()],
+            )
+            .map_err(|e| self.error(e))?;
+        transaction
+            .execute(
+                "INSERT INTO apps (name, owner, generation, updated_unix) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (name) DO UPDATE SET generation = excluded.generation, updated_unix = excluded.updated_unix",
+                params![spec.name.as_str(), owner.as_str(), next as i64, now_unix()],
+            )
+            .map_err(|e| self.error(e))?;
+        transaction.commit().map_err(|e| self.error(e))?;
+        Ok(next)
+    }
+
+    /// Makes an existing generation current again.
+    pub fn set_current_generation(&self, app: &AppName, generation: u64) -> Result<(), StoreError> {
+        let connection = self.lock();
+        connection
+            .execute(
+                "UPDATE apps SET generation = ?2, updated_unix = ?3 WHERE name = ?1",
+                params![app.as_str(), generation as i64, now_unix()],
+            )
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    pub fn app(&self, name: &AppName) -> Result<Option<AppRecord>, StoreError> {
+        Ok(self.apps_where(Some(name))?.into_iter().next())
+    }
+
+    pub fn apps(&self) -> Result<Vec<AppRecord>, StoreError> {
+        self.apps_where(None)
+    }
+
+    fn apps_where(&self, name: Option<&AppName>) -> Result<Vec<AppRecord>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare(
+                "SELECT a.name, a.owner, a.generation, g.spec FROM apps a
+                 JOIN generations g ON g.app = a.name AND g.generation = a.generation
+                 WHERE ?1 IS NULL OR a.name = ?1 ORDER BY a.name",
+            )
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map([name.map(|n| n.as_str().to_string())], |row| {
+                Ok((
+                    row.get::<_, String>(1)?,
+                    row.get::<_, i64>(2)?,
+                    row.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(|e| self.error(e))?;
+        let mut records = Vec::new();
+        for row in rows {
+            let (owner, generation, spec) = row.map_err(|e| self.error(e))?;
+            let spec = AppSpec::from_stored_json(&spec).map_err(|e| StoreError::Corrupt {
+                what: "an app generation".into(),
+                detail: e.to_string(),
+            })?;
+            records.push(AppRecord {
+                name: spec.name.clone(),
+                owner: Owner::parse(&owner),
+                generation: generation as u64,
+                spec,
+            });
+        }
+        Ok(records)
+    }
+
+    /// Every generation of `app`, oldest first.
+    pub fn generations(&self, app: &AppName) -> Result<Vec<GenerationRecord>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare("SELECT generation, spec, created_unix FROM generations WHERE app = ?1 ORDER BY generation")
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map([app.as_str()], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?))
+            })
+            .map_err(|e| self.error(e))?;
+        let mut records = Vec::new();
+        for row in rows {
+            let (generation, spec, created_unix) = row.map_err(|e| self.error(e))?;
+            let spec = AppSpec::from_stored_json(&spec).map_err(|e| StoreError::Corrupt {
+                what: format!("generation {generation} of {app}"),
+                detail: e.to_string(),
+            })?;
+            records.push(GenerationRecord {
+                generation: generation as u64,
+                digest: spec.component.clone(),
+                created_unix,
+                spec,
+            });
+        }
+        Ok(records)
+    }
+
+    /// Forgets an app: its generations and its logs. Component blobs stay.
+    pub fn remove_app(&self, app: &AppName) -> Result<bool, StoreError> {
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(|e| self.error(e))?;
+        let removed = transaction
+            .execute("DELETE FROM apps WHERE name = ?1", [app.as_str()])
+            .map_err(|e| self.error(e))?;
+        for sql in ["DELETE FROM generations WHERE app = ?1", "DELETE FROM logs WHERE app = ?1"] {
+            transaction.execute(sql, [app.as_str()]).map_err(|e| self.error(e))?;
+        }
+        transaction.commit().map_err(|e| self.error(e))?;
+        Ok(removed == 1)
+    }
+
+    // ---- logs ----
+
+    /// Appends lines in one transaction and returns their ids, in order.
+    pub fn append_logs(&self, lines: &[NewLogLine]) -> Result<Vec<u64>, StoreError> {
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(|e| self.error(e))?;
+        let mut ids = Vec::with_capacity(lines.len());
+        {
+            let mut statement = transaction
+                .prepare_cached(
+                    "INSERT INTO logs (app, generation, unix_millis, stream, line) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(|e| self.error(e))?;
+            for line in lines {
+                statement
+                    .execute(params![line.app, line.generation as i64, line.unix_millis, line.stream, line.line])
+                    .map_err(|e| self.error(e))?;
+                ids.push(transaction.last_insert_rowid() as u64);
+            }
+        }
+        transaction.commit().map_err(|e| self.error(e))?;
+        Ok(ids)
+    }
+
+    /// The last `tail` lines of `app` (all kept lines when `tail` is 0), oldest first.
+    pub fn tail_logs(&self, app: &str, tail: u64) -> Result<Vec<LogRecord>, StoreError> {
+        let connection = self.lock();
+        let limit = if tail == 0 { -1 } else { tail as i64 };
+        let mut statement = connection
+            .prepare(
+                "SELECT id, app, generation, unix_millis, stream, line FROM
+                   (SELECT * FROM logs WHERE app = ?1 ORDER BY id DESC LIMIT ?2) ORDER BY id",
+            )
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map(params![app, limit], |row| {
+                Ok(LogRecord {
+                    id: row.get::<_, i64>(0)? as u64,
+                    app: row.get(1)?,
+                    generation: row.get::<_, i64>(2)? as u64,
+                    unix_millis: row.get(3)?,
+                    stream: row.get(4)?,
+                    line: row.get(5)?,
+                })
+            })
+            .map_err(|e| self.error(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.error(e))
+    }
+
+    /// Keeps the newest `keep` lines of `app`.
+    pub fn prune_logs(&self, app: &str, keep: u64) -> Result<usize, StoreError> {
+        let connection = self.lock();
+        connection
+            .execute(
+                "DELETE FROM logs WHERE app = ?1 AND id <= (SELECT id FROM logs WHERE app = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                params![app, keep as i64],
+            )
+            .map_err(|e| self.error(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, digest: &Digest, greeting: &str) -> AppSpec {
+        AppSpec::from_manifest(&format!(
+            "name = \"{name}\"\ncomponent = \"{digest}\"\n[http]\nlisten = \"127.0.0.1:8080\"\n[env]\nGREETING = \"{greeting}\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn blobs_are_verified_on_write_and_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cairn.db")).unwrap();
+        let digest = Digest::of(b"component bytes");
+        assert!(store.put_blob(&digest, b"component bytes").unwrap());
+        assert!(!store.put_blob(&digest, b"component bytes").unwrap());
+        assert!(matches!(store.put_blob(&digest, b"other bytes"), Err(StoreError::Corrupt { .. })));
+        assert_eq!(store.get_blob(&digest).unwrap().unwrap(), b"component bytes");
+
+        // Damage the row behind the store's back: a read must refuse it.
+        store
+            .lock()
+            .execute("UPDATE blobs SET data = x'00' WHERE digest = ?1", [digest.to_string()])
+            .unwrap();
+        let err = store.get_blob(&digest).unwrap_err();
+        assert!(err.to_string().contains("corrupt"), "{err}");
+    }
+
+    #[test]
+    fn generations_survive_reopen_and_roll_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cairn.db");
+        let digest = Digest::of(b"x");
+        {
+            let store = Store::open(&path).unwrap();
+            store.put_blob(&digest, b"x").unwrap();
+            assert_eq!(store.commit_generation(&spec("web", &digest, "one"), Owner::Local).unwrap(), 1);
+            assert_eq!(store.commit_generation(&spec("web", &digest, "two"), Owner::Local).unwrap(), 2);
+        }
+        let store = Store::open(&path).unwrap();
+        let name: AppName = "web".parse().unwrap();
+        let app = store.app(&name).unwrap().unwrap();
+        assert_eq!(app.generation, 2);
+        assert_eq!(app.spec.env["GREETING"], "two");
+        store.set_current_generation(&name, 1).unwrap();
+        assert_eq!(store.app(&name).unwrap().unwrap().spec.env["GREETING"], "one");
+        assert_eq!(store.generations(&name).unwrap().len(), 2);
+        // A new deploy after a rollback gets a new number, never reuses one.
+        assert_eq!(store.commit_generation(&spec("web", &digest, "three"), Owner::Local).unwrap(), 3);
+        assert!(store.remove_app(&name).unwrap());
+        assert!(store.app(&name).unwrap().is_none());
+        assert!(store.generations(&name).unwrap().is_empty());
+        assert!(store.has_blob(&digest).unwrap());
+    }
+
+    #[test]
+    fn compiled_code_is_keyed_by_fingerprint_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cairn.db")).unwrap();
+        let digest = Digest::of(b"x");
+        store.put_compiled(&digest, "engine-a", b"native").unwrap();
+        assert_eq!(store.get_compiled(&digest, "engine-a").unwrap().unwrap(), b"native");
+        assert!(store.get_compiled(&digest, "engine-b").unwrap().is_none());
+        store
+            .lock()
+            .execute("UPDATE compiled SET data = x'01'", [])
+            .unwrap();
+        assert!(store.get_compiled(&digest, "engine-a").unwrap().is_none());
+        store.put_compiled(&digest, "engine-a", b"native").unwrap();
+        store.put_compiled(&digest, "engine-old", b"native").unwrap();
+        assert_eq!(store.drop_compiled_except(&["engine-a".to_string()]).unwrap(), 1);
+        assert!(store.get_compiled(&digest, "engine-a").unwrap().is_some());
+    }
+
+    #[test]
+    fn logs_tail_and_prune() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cairn.db")).unwrap();
+        let lines: Vec<NewLogLine> = (0..10)
+            .map(|i| NewLogLine {
+                app: "web".into(),
+                generation: 1,
+                unix_millis: i,
+                stream: "stdout",
+                line: format!("line {i}"),
+            })
+            .collect();
+        let ids = store.append_logs(&lines).unwrap();
+        assert_eq!(ids.len(), 10);
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        let tail = store.tail_logs("web", 3).unwrap();
+        assert_eq!(tail.iter().map(|l| l.line.as_str()).collect::<Vec<_>>(), ["line 7", "line 8", "line 9"]);
+        assert_eq!(store.tail_logs("web", 0).unwrap().len(), 10);
+        assert_eq!(store.prune_logs("web", 4).unwrap(), 6);
+        assert_eq!(store.tail_logs("web", 0).unwrap().first().unwrap().line, "line 6");
+    }
+}

@@ -1,0 +1,125 @@
+//! The supervisor: wires the store, runtime, log pipeline, reconciler and control server, tells
+//! systemd when it is ready, runs the main loop (watchdog, retries) and shuts down cleanly on
+//! SIGTERM or SIGINT, draining requests in flight.
+
+use crate::config::Config;
+use crate::control::{self, ControlService};
+use crate::logs::LogHub;
+use crate::reconcile::Reconciler;
+use crate::runtime::Runtime;
+use crate::store::Store;
+use crate::systemd;
+use anyhow::Context as _;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+/// How often failed apps are retried when no watchdog asks for more.
+const LOOP_PERIOD: Duration = Duration::from_secs(10);
+
+/// Resource limits beyond wasmtime's own are not enforced by this version; status says so.
+const LIMITS_NOTE: &str = "cpu, total memory and pids are not enforced yet: apps run inside cairnd without per-app cgroups";
+
+pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("cannot create the state directory {}", config.state_dir.display()))?;
+    std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o750))
+        .with_context(|| format!("cannot set permissions on {}", config.state_dir.display()))?;
+    let db = config.state_dir.join("cairn.db");
+    let store = Arc::new(Store::open(&db)?);
+    let runtime = Runtime::new();
+    let logs = LogHub::start(Arc::clone(&store), config.log_lines_per_app);
+    let reconciler = Reconciler::new(Arc::clone(&store), Arc::clone(&runtime), Arc::clone(&logs), config.drain_timeout.0);
+
+    reconciler.start_all().await?;
+    drop_unused_compiled_code(&store, &runtime).await;
+
+    let incoming = control::bind_socket(&socket, &config)?;
+    let service = ControlService::new(
+        Arc::clone(&store),
+        Arc::clone(&reconciler),
+        Arc::clone(&runtime),
+        Arc::clone(&logs),
+        &config,
+        socket.clone(),
+        LIMITS_NOTE.to_string(),
+    );
+    let stop_control = CancellationToken::new();
+    let control_server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service.into_server())
+            .serve_with_incoming_shutdown(incoming, stop_control.clone().cancelled_owned()),
+    );
+
+    let summary = status_line(&reconciler).await;
+    tracing::info!(socket = %socket.display(), state = %db.display(), "{summary}");
+    systemd::ready(&summary);
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let period = systemd::watchdog_interval().map(|w| w.min(LOOP_PERIOD)).unwrap_or(LOOP_PERIOD);
+    let watchdog = systemd::watchdog_interval().is_some();
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = tick.tick() => {
+                // The watchdog is fed from here, after the reconciler answered: a wedged
+                // reconciler stops the pings and systemd restarts the daemon.
+                reconciler.retry_failed().await;
+                if watchdog {
+                    systemd::watchdog();
+                }
+                systemd::status(&status_line(&reconciler).await);
+            }
+        }
+    }
+
+    tracing::info!("stopping: draining requests in flight");
+    systemd::stopping();
+    stop_control.cancel();
+    reconciler.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), control_server).await;
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn status_line(reconciler: &Reconciler) -> String {
+    let apps = reconciler.list().await;
+    let running = apps.iter().filter(|a| a.status == "running").count();
+    let failed = apps.len() - running;
+    if failed == 0 {
+        format!("serving {running} app(s)")
+    } else {
+        format!("serving {running} app(s), {failed} failed (see `cairnctl ls`)")
+    }
+}
+
+/// Precompiled code for specs no app uses, or from another wasmtime or CPU, is dead weight.
+async fn drop_unused_compiled_code(store: &Arc<Store>, runtime: &Arc<Runtime>) {
+    let runtime = Arc::clone(runtime);
+    let result = store
+        .call(move |store| {
+            let mut fingerprints: Vec<String> = Vec::new();
+            for app in store.apps()? {
+                if let Ok(fingerprint) = runtime.fingerprint(&app.spec.limits) {
+                    fingerprints.push(fingerprint);
+                }
+            }
+            if fingerprints.is_empty() {
+                return Ok(0);
+            }
+            store.drop_compiled_except(&fingerprints)
+        })
+        .await;
+    match result {
+        Ok(0) => {}
+        Ok(dropped) => tracing::info!(dropped, "dropped precompiled code no engine here can use"),
+        Err(error) => tracing::warn!(%error, "could not prune precompiled code"),
+    }
+}
