@@ -21,7 +21,9 @@ pub async fn connect(path: &Path) -> Result<ControlClient<Channel>, ConnectError
     let probe = tokio::net::UnixStream::connect(path).await;
     if let Err(error) = probe {
         return Err(match error.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => ConnectError::Missing { path: path.into() },
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                ConnectError::Missing { path: path.into() }
+            }
             std::io::ErrorKind::PermissionDenied => ConnectError::Permission { path: path.into() },
             _ => ConnectError::Other {
                 path: path.into(),
@@ -34,7 +36,11 @@ pub async fn connect(path: &Path) -> Result<ControlClient<Channel>, ConnectError
     let channel = Endpoint::from_static("http://cairnd.local")
         .connect_with_connector(tower::service_fn(move |_| {
             let socket = socket.clone();
-            async move { tokio::net::UnixStream::connect(socket).await.map(TokioIo::new) }
+            async move {
+                tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map(TokioIo::new)
+            }
         }))
         .await
         .map_err(|error| ConnectError::Other {

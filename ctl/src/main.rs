@@ -4,7 +4,9 @@
 
 use anyhow::Context as _;
 use cairn_ctl::exit;
-use cairn_ctl::proto::{self, control_client::ControlClient, push_chunk::Part, status_reply::Detail};
+use cairn_ctl::proto::{
+    self, control_client::ControlClient, push_chunk::Part, status_reply::Detail,
+};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
@@ -156,38 +158,58 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let socket = cli.socket.clone().unwrap_or_else(cairn_ctl::paths::default_socket);
-    let mut client = cairn_ctl::client::connect(&socket).await.map_err(|error| Failure {
-        code: match error {
-            cairn_ctl::client::ConnectError::Permission { .. } => exit::PERMISSION,
-            _ => exit::UNREACHABLE,
-        },
-        message: error.to_string(),
-    })?;
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(cairn_ctl::paths::default_socket);
+    let mut client = cairn_ctl::client::connect(&socket)
+        .await
+        .map_err(|error| Failure {
+            code: match error {
+                cairn_ctl::client::ConnectError::Permission { .. } => exit::PERMISSION,
+                _ => exit::UNREACHABLE,
+            },
+            message: error.to_string(),
+        })?;
     let json_output = cli.output == Output::Json;
     match cli.command {
         Command::Push { file, name, tag } => {
             let reply = push(&mut client, &file, name, &tag).await?;
             if json_output {
-                print_json(&json!({"digest": reply.digest, "size": reply.size, "name": reply.name, "tag": reply.tag, "already_present": reply.already_present}));
+                print_json(
+                    &json!({"digest": reply.digest, "size": reply.size, "name": reply.name, "tag": reply.tag, "already_present": reply.already_present}),
+                );
             } else {
                 println!("{}", reply.digest);
             }
         }
         Command::Deploy(args) => {
             let manifest = build_manifest(&mut client, args).await?;
-            let reply = client.deploy(proto::DeployRequest { manifest }).await?.into_inner();
+            let reply = client
+                .deploy(proto::DeployRequest { manifest })
+                .await?
+                .into_inner();
             let app = reply.app.unwrap_or_default();
             if json_output {
                 print_json(&json!({"app": app_json(&app), "unchanged": reply.unchanged}));
             } else if reply.unchanged {
-                println!("{} is already at generation {} with this manifest; nothing changed", app.name, app.generation);
+                println!(
+                    "{} is already at generation {} with this manifest; nothing changed",
+                    app.name, app.generation
+                );
             } else {
-                println!("{} generation {} is {} on http://{}", app.name, app.generation, app.status, app.listen);
+                println!(
+                    "{} generation {} is {} on http://{}",
+                    app.name, app.generation, app.status, app.listen
+                );
             }
         }
         Command::Ls => {
-            let apps = client.list_apps(proto::ListAppsRequest {}).await?.into_inner().apps;
+            let apps = client
+                .list_apps(proto::ListAppsRequest {})
+                .await?
+                .into_inner()
+                .apps;
             if json_output {
                 print_json(&json!(apps.iter().map(app_json).collect::<Vec<_>>()));
             } else {
@@ -209,7 +231,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Components => {
-            let components = client.list_components(proto::ListComponentsRequest {}).await?.into_inner().components;
+            let components = client
+                .list_components(proto::ListComponentsRequest {})
+                .await?
+                .into_inner()
+                .components;
             if json_output {
                 print_json(&json!(components
                     .iter()
@@ -218,35 +244,66 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             } else {
                 let mut rows = vec![row(["DIGEST", "NAME:TAG", "SIZE", "CREATED", "USED BY"])];
                 for c in &components {
-                    let named = if c.name.is_empty() { "-".to_string() } else { format!("{}:{}", c.name, c.tag) };
-                    rows.push(vec![short(&c.digest), named, human_size(c.size), utc(c.created_unix), c.used_by.join(",")]);
+                    let named = if c.name.is_empty() {
+                        "-".to_string()
+                    } else {
+                        format!("{}:{}", c.name, c.tag)
+                    };
+                    rows.push(vec![
+                        short(&c.digest),
+                        named,
+                        human_size(c.size),
+                        utc(c.created_unix),
+                        c.used_by.join(","),
+                    ]);
                 }
                 print_table(&rows);
             }
         }
         Command::Status { app } => {
             let reply = client
-                .status(proto::StatusRequest { app: app.unwrap_or_default() })
+                .status(proto::StatusRequest {
+                    app: app.unwrap_or_default(),
+                })
                 .await?
                 .into_inner();
             match reply.detail {
                 Some(Detail::Daemon(daemon)) => print_daemon(&daemon, json_output),
                 Some(Detail::App(detail)) => print_app(&detail, json_output),
-                None => return Err(Failure { code: exit::FAILURE, message: "the daemon sent an empty status".into() }),
+                None => {
+                    return Err(Failure {
+                        code: exit::FAILURE,
+                        message: "the daemon sent an empty status".into(),
+                    })
+                }
             }
         }
         Command::Logs { app, follow, tail } => {
             let mut stream = client
-                .logs(proto::LogsRequest { app, follow, tail: tail.unwrap_or(0) })
+                .logs(proto::LogsRequest {
+                    app,
+                    follow,
+                    tail: tail.unwrap_or(0),
+                })
                 .await?
                 .into_inner();
             let stdout = std::io::stdout();
             while let Some(line) = stream.message().await? {
                 let mut out = stdout.lock();
                 let written = if json_output {
-                    writeln!(out, "{}", json!({"id": line.id, "time_ms": line.unix_millis, "stream": line.stream, "generation": line.generation, "line": line.line}))
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({"id": line.id, "time_ms": line.unix_millis, "stream": line.stream, "generation": line.generation, "line": line.line})
+                    )
                 } else {
-                    writeln!(out, "{} [{}] {}", utc_millis(line.unix_millis), line.stream, line.line)
+                    writeln!(
+                        out,
+                        "{} [{}] {}",
+                        utc_millis(line.unix_millis),
+                        line.stream,
+                        line.line
+                    )
                 };
                 if written.and_then(|_| out.flush()).is_err() {
                     break; // the reader went away (a closed pipe): stop quietly
@@ -255,18 +312,29 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Rollback { app, to } => {
             let reply = client
-                .rollback(proto::RollbackRequest { app, to_generation: to.unwrap_or(0) })
+                .rollback(proto::RollbackRequest {
+                    app,
+                    to_generation: to.unwrap_or(0),
+                })
                 .await?
                 .into_inner();
             let app = reply.app.unwrap_or_default();
             if json_output {
                 print_json(&app_json(&app));
             } else {
-                println!("{} is back at generation {} ({}) on http://{}", app.name, app.generation, short(&app.digest), app.listen);
+                println!(
+                    "{} is back at generation {} ({}) on http://{}",
+                    app.name,
+                    app.generation,
+                    short(&app.digest),
+                    app.listen
+                );
             }
         }
         Command::Rm { app } => {
-            client.remove(proto::RemoveRequest { app: app.clone() }).await?;
+            client
+                .remove(proto::RemoveRequest { app: app.clone() })
+                .await?;
             if json_output {
                 print_json(&json!({"removed": app}));
             } else {
@@ -278,7 +346,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 /// Uploads `file` in chunks, showing progress on a terminal.
-async fn push(client: &mut ControlClient<Channel>, file: &Path, name: Option<String>, tag: &str) -> Result<proto::PushReply, Failure> {
+async fn push(
+    client: &mut ControlClient<Channel>,
+    file: &Path,
+    name: Option<String>,
+    tag: &str,
+) -> Result<proto::PushReply, Failure> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
     let name = name.unwrap_or_else(|| {
@@ -289,37 +362,75 @@ async fn push(client: &mut ControlClient<Channel>, file: &Path, name: Option<Str
     let size = bytes.len() as u64;
     let show_progress = std::io::stderr().is_terminal() && size > 4 * CHUNK as u64;
     let meta = proto::PushChunk {
-        part: Some(Part::Meta(proto::PushMeta { name, tag: tag.to_string(), size, digest })),
+        part: Some(Part::Meta(proto::PushMeta {
+            name,
+            tag: tag.to_string(),
+            size,
+            digest,
+        })),
     };
     let chunks: Vec<proto::PushChunk> = bytes
         .chunks(CHUNK)
-        .map(|chunk| proto::PushChunk { part: Some(Part::Data(chunk.to_vec())) })
+        .map(|chunk| proto::PushChunk {
+            part: Some(Part::Data(chunk.to_vec())),
+        })
         .collect();
     let total = chunks.len();
-    let stream = tokio_stream::iter(std::iter::once(meta).chain(chunks.into_iter().enumerate().map(move |(index, chunk)| {
-        if show_progress {
-            eprint!("\rpushing {}: {:>3}%", human_size(size), (index + 1) * 100 / total);
-            if index + 1 == total {
-                eprintln!();
+    let stream = tokio_stream::iter(std::iter::once(meta).chain(
+        chunks.into_iter().enumerate().map(move |(index, chunk)| {
+            if show_progress {
+                eprint!(
+                    "\rpushing {}: {:>3}%",
+                    human_size(size),
+                    (index + 1) * 100 / total
+                );
+                if index + 1 == total {
+                    eprintln!();
+                }
             }
-        }
-        chunk
-    })));
+            chunk
+        }),
+    ));
     Ok(client.push(stream).await?.into_inner())
 }
 
 /// Turns `deploy` arguments into the manifest the daemon parses, uploading a component file
 /// named by path first.
-async fn build_manifest(client: &mut ControlClient<Channel>, args: DeployArgs) -> Result<String, Failure> {
-    let invalid = |message: String| Failure { code: exit::INVALID, message };
+async fn build_manifest(
+    client: &mut ControlClient<Channel>,
+    args: DeployArgs,
+) -> Result<String, Failure> {
+    let invalid = |message: String| Failure {
+        code: exit::INVALID,
+        message,
+    };
     let (mut table, base) = if let Some(file) = &args.file {
-        let text = std::fs::read_to_string(file).with_context(|| format!("cannot read the manifest {}", file.display()))?;
-        let table: toml::Table = toml::from_str(&text).map_err(|e| invalid(format!("{} is not valid TOML: {}", file.display(), e.message())))?;
-        (table, file.parent().map(Path::to_path_buf).unwrap_or_default())
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the manifest {}", file.display()))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| {
+            invalid(format!(
+                "{} is not valid TOML: {}",
+                file.display(),
+                e.message()
+            ))
+        })?;
+        (
+            table,
+            file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        )
     } else {
-        let name = args.name.clone().ok_or_else(|| invalid("give the app a NAME, or a manifest with -f FILE".into()))?;
-        let component = args.component.clone().ok_or_else(|| invalid("give --component FILE|sha256:HEX".into()))?;
-        let listen = args.listen.clone().ok_or_else(|| invalid("give --listen ADDR, such as 127.0.0.1:8080".into()))?;
+        let name = args
+            .name
+            .clone()
+            .ok_or_else(|| invalid("give the app a NAME, or a manifest with -f FILE".into()))?;
+        let component = args
+            .component
+            .clone()
+            .ok_or_else(|| invalid("give --component FILE|sha256:HEX".into()))?;
+        let listen = args
+            .listen
+            .clone()
+            .ok_or_else(|| invalid("give --listen ADDR, such as 127.0.0.1:8080".into()))?;
         let mut table = toml::Table::new();
         table.insert("name".into(), name.into());
         table.insert("component".into(), component.into());
@@ -329,7 +440,11 @@ async fn build_manifest(client: &mut ControlClient<Channel>, args: DeployArgs) -
         (table, PathBuf::from("."))
     };
     // Flags refine a manifest too.
-    let mut limits = table.get("limits").and_then(|v| v.as_table()).cloned().unwrap_or_default();
+    let mut limits = table
+        .get("limits")
+        .and_then(|v| v.as_table())
+        .cloned()
+        .unwrap_or_default();
     if let Some(memory) = args.memory {
         limits.insert("memory".into(), memory.into());
     }
@@ -346,7 +461,11 @@ async fn build_manifest(client: &mut ControlClient<Channel>, args: DeployArgs) -
         table.insert("limits".into(), limits.into());
     }
     if !args.env.is_empty() {
-        let mut env = table.get("env").and_then(|v| v.as_table()).cloned().unwrap_or_default();
+        let mut env = table
+            .get("env")
+            .and_then(|v| v.as_table())
+            .cloned()
+            .unwrap_or_default();
         for pair in &args.env {
             let (key, value) = pair
                 .split_once('=')
@@ -358,7 +477,9 @@ async fn build_manifest(client: &mut ControlClient<Channel>, args: DeployArgs) -
     let component = table
         .get("component")
         .and_then(|v| v.as_str())
-        .ok_or_else(|| invalid("the manifest has no `component` (a file path or sha256:<hex>)".into()))?
+        .ok_or_else(|| {
+            invalid("the manifest has no `component` (a file path or sha256:<hex>)".into())
+        })?
         .to_string();
     if !component.starts_with("sha256:") {
         let path = base.join(&component);
@@ -368,11 +489,11 @@ async fn build_manifest(client: &mut ControlClient<Channel>, args: DeployArgs) -
                 path.display()
             )));
         }
-        let name = table.get("name").and_then(|v| v.as_str()).map(str::to_string);
-        let reply = push(client, &path, name, "latest").await?;
+        // Untagged: if the deploy fails, the daemon drops the upload again.
+        let reply = push(client, &path, Some(String::new()), "").await?;
         table.insert("component".into(), reply.digest.into());
     }
-    Ok(toml::to_string(&table).map_err(|e| invalid(e.to_string()))?)
+    toml::to_string(&table).map_err(|e| invalid(e.to_string()))
 }
 
 fn app_json(app: &proto::AppSummary) -> serde_json::Value {
@@ -402,11 +523,20 @@ fn print_daemon(daemon: &proto::DaemonStatus, json_output: bool) {
         row(["version", &daemon.version]),
         row(["state", &daemon.state_dir]),
         row(["socket", &daemon.socket]),
-        row(["apps", &format!("{} ({} running)", daemon.apps, daemon.apps_running)]),
+        row([
+            "apps",
+            &format!("{} ({} running)", daemon.apps, daemon.apps_running),
+        ]),
         row(["components", &daemon.components.to_string()]),
         row(["uptime", &format!("{}s", daemon.uptime_seconds)]),
         row(["engine", &daemon.engine_fingerprint]),
-        row(["code", &format!("{} compiled, {} loaded precompiled since start", daemon.compiled, daemon.cache_hits)]),
+        row([
+            "code",
+            &format!(
+                "{} compiled, {} loaded precompiled since start",
+                daemon.compiled, daemon.cache_hits
+            ),
+        ]),
         row(["limits", &daemon.limits]),
         row(["log lines dropped", &daemon.log_lines_dropped.to_string()]),
     ];
@@ -418,7 +548,14 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
     if json_output {
         let mut value = app_json(&app);
         let object = value.as_object_mut().expect("app_json is an object");
-        object.insert("limits".into(), json!(detail.limits.iter().map(|l| json!({"name": l.name, "value": l.value, "enforcement": l.enforcement})).collect::<Vec<_>>()));
+        object.insert(
+            "limits".into(),
+            json!(detail
+                .limits
+                .iter()
+                .map(|l| json!({"name": l.name, "value": l.value, "enforcement": l.enforcement}))
+                .collect::<Vec<_>>()),
+        );
         object.insert("generations".into(), json!(detail.generations.iter().map(|g| json!({"generation": g.generation, "digest": g.digest, "created": g.created_unix, "current": g.current})).collect::<Vec<_>>()));
         object.insert("env".into(), json!(detail.env));
         object.insert("allocator".into(), json!(detail.allocator));
@@ -452,7 +589,10 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
         rows.push(row(["error", &app.error]));
     }
     for limit in &detail.limits {
-        rows.push(row([&format!("limit {}", limit.name), &format!("{} ({})", limit.value, limit.enforcement)]));
+        rows.push(row([
+            &format!("limit {}", limit.name),
+            &format!("{} ({})", limit.value, limit.enforcement),
+        ]));
     }
     for (key, value) in &detail.env {
         rows.push(row([&format!("env {key}"), value]));
@@ -461,7 +601,11 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
         let marker = if generation.current { " (current)" } else { "" };
         rows.push(row([
             &format!("generation {}", generation.generation),
-            &format!("{} {}{marker}", short(&generation.digest), utc(generation.created_unix)),
+            &format!(
+                "{} {}{marker}",
+                short(&generation.digest),
+                utc(generation.created_unix)
+            ),
         ]));
     }
     print_table(&rows);
@@ -474,7 +618,13 @@ fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {
 fn print_table(rows: &[Vec<String>]) {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     for r in rows {
         let mut line = String::new();
@@ -490,7 +640,10 @@ fn print_table(rows: &[Vec<String>]) {
 }
 
 fn print_json(value: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(value).expect("JSON values serialise"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values serialise")
+    );
 }
 
 fn short(digest: &str) -> String {
@@ -514,11 +667,16 @@ fn utc(unix: i64) -> String {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     format!(
         "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
@@ -529,7 +687,11 @@ fn utc(unix: i64) -> String {
 }
 
 fn utc_millis(millis: i64) -> String {
-    format!("{}.{:03}", utc(millis.div_euclid(1000)), millis.rem_euclid(1000))
+    format!(
+        "{}.{:03}",
+        utc(millis.div_euclid(1000)),
+        millis.rem_euclid(1000)
+    )
 }
 
 #[cfg(test)]

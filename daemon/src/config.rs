@@ -65,11 +65,20 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read the config file {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("the config file {} is not valid: {}", path.display(), e.message()))
+        toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "the config file {} is not valid: {}",
+                path.display(),
+                e.message()
+            )
+        })
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.control.socket.clone().unwrap_or_else(cairn_ctl::paths::default_socket)
+        self.control
+            .socket
+            .clone()
+            .unwrap_or_else(cairn_ctl::paths::default_socket)
     }
 }
 

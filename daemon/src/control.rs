@@ -34,10 +34,12 @@ use tonic::{Request, Response, Status, Streaming};
 pub fn status_of(error: &ReconcileError) -> Status {
     let message = error.to_string();
     match error {
-        ReconcileError::Spec(_) | ReconcileError::Component { .. } => Status::invalid_argument(message),
-        ReconcileError::UnknownApp(_) | ReconcileError::UnknownComponent(_) | ReconcileError::UnknownGeneration { .. } => {
-            Status::not_found(message)
+        ReconcileError::Spec(_) | ReconcileError::Component { .. } => {
+            Status::invalid_argument(message)
         }
+        ReconcileError::UnknownApp(_)
+        | ReconcileError::UnknownComponent(_)
+        | ReconcileError::UnknownGeneration { .. } => Status::not_found(message),
         ReconcileError::NoPreviousGeneration(_)
         | ReconcileError::AddressTaken { .. }
         | ReconcileError::AddressUnavailable { .. }
@@ -92,12 +94,21 @@ impl Access {
             .unwrap_or(false)
     }
 
-    fn check<T>(&self, request: &Request<T>, action: &str, changes_state: bool) -> Result<(), Status> {
+    fn check<T>(
+        &self,
+        request: &Request<T>,
+        action: &str,
+        changes_state: bool,
+    ) -> Result<(), Status> {
         let credentials = request
             .extensions()
             .get::<UdsConnectInfo>()
             .and_then(|info| info.peer_cred)
-            .ok_or_else(|| Status::permission_denied("the caller's credentials could not be read from the socket"))?;
+            .ok_or_else(|| {
+                Status::permission_denied(
+                    "the caller's credentials could not be read from the socket",
+                )
+            })?;
         let uid = Uid::from_raw(credentials.uid());
         let gid = Gid::from_raw(credentials.gid());
         if uid.is_root() || uid == self.daemon_uid || self.in_group(uid, gid) {
@@ -107,7 +118,9 @@ impl Access {
             return Ok(());
         }
         let group_hint = match &self.group {
-            Some((name, _)) => format!("members of group `{name}` (add the user with `usermod -aG {name} USER`)"),
+            Some((name, _)) => {
+                format!("members of group `{name}` (add the user with `usermod -aG {name} USER`)")
+            }
             None => "members of the control group (none is configured on this device)".to_string(),
         };
         Err(Status::permission_denied(format!(
@@ -172,19 +185,29 @@ fn summary(view: &AppView) -> proto::AppSummary {
 }
 
 fn app_name(text: &str) -> Result<AppName, Status> {
-    text.parse().map_err(|e: SpecError| Status::invalid_argument(e.to_string()))
+    text.parse()
+        .map_err(|e: SpecError| Status::invalid_argument(e.to_string()))
 }
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<proto::LogLine, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Control for ControlService {
-    async fn push(&self, request: Request<Streaming<proto::PushChunk>>) -> Result<Response<proto::PushReply>, Status> {
+    async fn push(
+        &self,
+        request: Request<Streaming<proto::PushChunk>>,
+    ) -> Result<Response<proto::PushReply>, Status> {
         self.access.check(&request, "push components", true)?;
         let mut stream = request.into_inner();
         let meta = match stream.message().await? {
-            Some(proto::PushChunk { part: Some(Part::Meta(meta)) }) => meta,
-            _ => return Err(Status::invalid_argument("a push must start with its metadata message")),
+            Some(proto::PushChunk {
+                part: Some(Part::Meta(meta)),
+            }) => meta,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a push must start with its metadata message",
+                ))
+            }
         };
         if meta.size > self.max_component_size {
             return Err(Status::resource_exhausted(format!(
@@ -195,15 +218,25 @@ impl Control for ControlService {
         let declared: Option<Digest> = if meta.digest.is_empty() {
             None
         } else {
-            Some(meta.digest.parse().map_err(|e: crate::digest::DigestParseError| Status::invalid_argument(e.to_string()))?)
+            Some(
+                meta.digest
+                    .parse()
+                    .map_err(|e: crate::digest::DigestParseError| {
+                        Status::invalid_argument(e.to_string())
+                    })?,
+            )
         };
         let mut bytes = Vec::with_capacity(meta.size as usize);
         let mut hasher = Sha256::new();
         while let Some(chunk) = stream.message().await? {
             let Some(Part::Data(data)) = chunk.part else {
-                return Err(Status::invalid_argument("only data may follow the push metadata"));
+                return Err(Status::invalid_argument(
+                    "only data may follow the push metadata",
+                ));
             };
-            if bytes.len() as u64 + data.len() as u64 > meta.size.max(1).min(self.max_component_size) {
+            if bytes.len() as u64 + data.len() as u64
+                > meta.size.max(1).min(self.max_component_size)
+            {
                 return Err(Status::invalid_argument(format!(
                     "the upload is longer than the {} bytes it announced",
                     meta.size
@@ -228,16 +261,25 @@ impl Control for ControlService {
                 )));
             }
         }
-        runtime::check_component_header(&bytes).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let name = if meta.name.is_empty() { "component".to_string() } else { meta.name };
-        let tag = if meta.tag.is_empty() { "latest".to_string() } else { meta.tag };
+        runtime::check_component_header(&bytes)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // An unnamed push (what `deploy FILE` makes) is not tagged: it is kept only while a
+        // generation uses it.
+        let name = meta.name;
+        let tag = if meta.tag.is_empty() {
+            "latest".to_string()
+        } else {
+            meta.tag
+        };
         let size = bytes.len() as u64;
         let (stored_digest, stored_name, stored_tag) = (digest.clone(), name.clone(), tag.clone());
         let inserted = self
             .store
             .call(move |store| {
                 let inserted = store.put_blob(&stored_digest, &bytes)?;
-                store.tag_component(&stored_name, &stored_tag, &stored_digest, "local")?;
+                if !stored_name.is_empty() {
+                    store.tag_component(&stored_name, &stored_tag, &stored_digest, "local")?;
+                }
                 Ok(inserted)
             })
             .await
@@ -251,51 +293,98 @@ impl Control for ControlService {
         }))
     }
 
-    async fn deploy(&self, request: Request<proto::DeployRequest>) -> Result<Response<proto::DeployReply>, Status> {
+    async fn deploy(
+        &self,
+        request: Request<proto::DeployRequest>,
+    ) -> Result<Response<proto::DeployReply>, Status> {
         self.access.check(&request, "deploy apps", true)?;
-        let spec = AppSpec::from_manifest(&request.get_ref().manifest).map_err(|e| status_of(&e.into()))?;
-        let (view, unchanged) = self.reconciler.deploy(spec, Owner::Local).await.map_err(|e| status_of(&e))?;
+        let spec = AppSpec::from_manifest(&request.get_ref().manifest)
+            .map_err(|e| status_of(&e.into()))?;
+        let digest = spec.component.clone();
+        let (view, unchanged) = match self.reconciler.deploy(spec, Owner::Local).await {
+            Ok(deployed) => deployed,
+            Err(error) => {
+                // A failed deploy leaves no trace: an upload made only for it goes again.
+                let dropped = self
+                    .store
+                    .call(move |store| store.drop_blob_if_unused(&digest))
+                    .await;
+                if let Err(drop_error) = dropped {
+                    tracing::warn!(%drop_error, "an unused upload could not be dropped");
+                }
+                return Err(status_of(&error));
+            }
+        };
         Ok(Response::new(proto::DeployReply {
             app: Some(summary(&view)),
             unchanged,
         }))
     }
 
-    async fn rollback(&self, request: Request<proto::RollbackRequest>) -> Result<Response<proto::DeployReply>, Status> {
+    async fn rollback(
+        &self,
+        request: Request<proto::RollbackRequest>,
+    ) -> Result<Response<proto::DeployReply>, Status> {
         self.access.check(&request, "roll back apps", true)?;
         let name = app_name(&request.get_ref().app)?;
         let to = Some(request.get_ref().to_generation).filter(|g| *g != 0);
-        let view = self.reconciler.rollback(&name, to).await.map_err(|e| status_of(&e))?;
+        let view = self
+            .reconciler
+            .rollback(&name, to)
+            .await
+            .map_err(|e| status_of(&e))?;
         Ok(Response::new(proto::DeployReply {
             app: Some(summary(&view)),
             unchanged: false,
         }))
     }
 
-    async fn remove(&self, request: Request<proto::RemoveRequest>) -> Result<Response<proto::RemoveReply>, Status> {
+    async fn remove(
+        &self,
+        request: Request<proto::RemoveRequest>,
+    ) -> Result<Response<proto::RemoveReply>, Status> {
         self.access.check(&request, "remove apps", true)?;
         let name = app_name(&request.get_ref().app)?;
-        self.reconciler.remove(&name).await.map_err(|e| status_of(&e))?;
+        self.reconciler
+            .remove(&name)
+            .await
+            .map_err(|e| status_of(&e))?;
         Ok(Response::new(proto::RemoveReply {}))
     }
 
-    async fn list_apps(&self, request: Request<proto::ListAppsRequest>) -> Result<Response<proto::ListAppsReply>, Status> {
+    async fn list_apps(
+        &self,
+        request: Request<proto::ListAppsRequest>,
+    ) -> Result<Response<proto::ListAppsReply>, Status> {
         self.access.check(&request, "list apps", false)?;
         let apps = self.reconciler.list().await.iter().map(summary).collect();
         Ok(Response::new(proto::ListAppsReply { apps }))
     }
 
-    async fn list_components(&self, request: Request<proto::ListComponentsRequest>) -> Result<Response<proto::ListComponentsReply>, Status> {
+    async fn list_components(
+        &self,
+        request: Request<proto::ListComponentsRequest>,
+    ) -> Result<Response<proto::ListComponentsReply>, Status> {
         self.access.check(&request, "list components", false)?;
-        let records = self.store.call(|store| store.components()).await.map_err(store_status)?;
+        let records = self
+            .store
+            .call(|store| store.components())
+            .await
+            .map_err(store_status)?;
         let mut used_by: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for app in self.reconciler.list().await {
-            used_by.entry(app.digest.to_string()).or_default().push(app.name);
+            used_by
+                .entry(app.digest.to_string())
+                .or_default()
+                .push(app.name);
         }
         let components = records
             .into_iter()
             .map(|record| proto::ComponentInfo {
-                used_by: used_by.get(&record.digest.to_string()).cloned().unwrap_or_default(),
+                used_by: used_by
+                    .get(&record.digest.to_string())
+                    .cloned()
+                    .unwrap_or_default(),
                 digest: record.digest.to_string(),
                 size: record.size,
                 name: record.name,
@@ -307,13 +396,21 @@ impl Control for ControlService {
         Ok(Response::new(proto::ListComponentsReply { components }))
     }
 
-    async fn status(&self, request: Request<proto::StatusRequest>) -> Result<Response<proto::StatusReply>, Status> {
+    async fn status(
+        &self,
+        request: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusReply>, Status> {
         self.access.check(&request, "read status", false)?;
         let app = request.get_ref().app.clone();
         if app.is_empty() {
             let apps = self.reconciler.list().await;
-            let components = self.store.call(|store| store.components()).await.map_err(store_status)?;
-            let distinct: std::collections::BTreeSet<String> = components.iter().map(|c| c.digest.to_string()).collect();
+            let components = self
+                .store
+                .call(|store| store.components())
+                .await
+                .map_err(store_status)?;
+            let distinct: std::collections::BTreeSet<String> =
+                components.iter().map(|c| c.digest.to_string()).collect();
             let fingerprint = self
                 .runtime
                 .fingerprint(&Default::default())
@@ -336,7 +433,11 @@ impl Control for ControlService {
             }));
         }
         let name = app_name(&app)?;
-        let detail = self.reconciler.detail(&name).await.map_err(|e| status_of(&e))?;
+        let detail = self
+            .reconciler
+            .detail(&name)
+            .await
+            .map_err(|e| status_of(&e))?;
         let generations_of = name.clone();
         let generations = self
             .store
@@ -396,11 +497,17 @@ impl Control for ControlService {
 
     type LogsStream = LogStream;
 
-    async fn logs(&self, request: Request<proto::LogsRequest>) -> Result<Response<LogStream>, Status> {
+    async fn logs(
+        &self,
+        request: Request<proto::LogsRequest>,
+    ) -> Result<Response<LogStream>, Status> {
         self.access.check(&request, "read logs", false)?;
         let proto::LogsRequest { app, follow, tail } = request.into_inner();
         let name = app_name(&app)?;
-        self.reconciler.detail(&name).await.map_err(|e| status_of(&e))?;
+        self.reconciler
+            .detail(&name)
+            .await
+            .map_err(|e| status_of(&e))?;
         // Subscribe before reading the tail so no line falls between the two.
         let mut live = self.logs.subscribe();
         let tail_of = app.clone();
@@ -436,7 +543,9 @@ impl Control for ControlService {
                             id: 0,
                             unix_millis: 0,
                             stream: "cairn".into(),
-                            line: format!("[{missed} lines were skipped because this reader fell behind]"),
+                            line: format!(
+                                "[{missed} lines were skipped because this reader fell behind]"
+                            ),
                             generation: 0,
                         };
                         if sender.send(Ok(note)).await.is_err() {
@@ -475,8 +584,13 @@ pub fn bind_socket(path: &Path, config: &Config) -> anyhow::Result<UnixListenerS
     };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     if let Ok(Some(group)) = Group::from_name(&config.control.group) {
-        nix::unistd::chown(path, None, Some(group.gid))
-            .map_err(|e| anyhow::anyhow!("cannot give {} to group {}: {e}", path.display(), group.name))?;
+        nix::unistd::chown(path, None, Some(group.gid)).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot give {} to group {}: {e}",
+                path.display(),
+                group.name
+            )
+        })?;
     }
     Ok(UnixListenerStream::new(listener))
 }
@@ -492,7 +606,10 @@ mod tests {
         let digest = Digest::of(b"x");
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let table: Vec<(ReconcileError, Code)> = vec![
-            (ReconcileError::Spec(SpecError::Invalid("x".into())), Code::InvalidArgument),
+            (
+                ReconcileError::Spec(SpecError::Invalid("x".into())),
+                Code::InvalidArgument,
+            ),
             (
                 ReconcileError::Component {
                     digest: digest.clone(),
@@ -510,8 +627,17 @@ mod tests {
                 },
                 Code::NotFound,
             ),
-            (ReconcileError::NoPreviousGeneration("a".into()), Code::FailedPrecondition),
-            (ReconcileError::AddressTaken { addr, app: "b".into() }, Code::FailedPrecondition),
+            (
+                ReconcileError::NoPreviousGeneration("a".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                ReconcileError::AddressTaken {
+                    addr,
+                    app: "b".into(),
+                },
+                Code::FailedPrecondition,
+            ),
             (
                 ReconcileError::AddressUnavailable {
                     addr,
@@ -526,7 +652,10 @@ mod tests {
                 },
                 Code::FailedPrecondition,
             ),
-            (ReconcileError::Store(StoreError::Full { path: "/x".into() }), Code::ResourceExhausted),
+            (
+                ReconcileError::Store(StoreError::Full { path: "/x".into() }),
+                Code::ResourceExhausted,
+            ),
             (
                 ReconcileError::Store(StoreError::Corrupt {
                     what: "x".into(),
@@ -534,7 +663,10 @@ mod tests {
                 }),
                 Code::DataLoss,
             ),
-            (ReconcileError::Store(StoreError::Sqlite("x".into())), Code::Internal),
+            (
+                ReconcileError::Store(StoreError::Sqlite("x".into())),
+                Code::Internal,
+            ),
             (ReconcileError::Internal("x".into()), Code::Internal),
         ];
         for (error, code) in table {

@@ -31,16 +31,14 @@ pub struct AppStats {
 /// What a listener serves right now: one generation of the app and its concurrency slots.
 pub struct Serving {
     pub app: LoadedApp,
-    pub generation: u64,
     pub instances: u32,
     slots: Arc<Semaphore>,
 }
 
 impl Serving {
-    pub fn new(app: LoadedApp, generation: u64, instances: u32) -> Serving {
+    pub fn new(app: LoadedApp, instances: u32) -> Serving {
         Serving {
             app,
-            generation,
             instances,
             slots: Arc::new(Semaphore::new(instances as usize)),
         }
@@ -67,11 +65,19 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 impl HttpServer {
     pub fn start(listener: TcpListener, serving: Serving, stats: Arc<AppStats>) -> HttpServer {
-        let addr = listener.local_addr().expect("a bound listener has an address");
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
         let current = Arc::new(RwLock::new(Arc::new(serving)));
         let stop = CancellationToken::new();
         let connections = TaskTracker::new();
-        tokio::spawn(accept_loop(listener, Arc::clone(&current), stats, stop.clone(), connections.clone()));
+        tokio::spawn(accept_loop(
+            listener,
+            Arc::clone(&current),
+            stats,
+            stop.clone(),
+            connections.clone(),
+        ));
         HttpServer {
             addr,
             current,
@@ -144,7 +150,11 @@ async fn accept_loop(
     }
 }
 
-async fn handle(serving: Arc<Serving>, stats: Arc<AppStats>, request: hyper::Request<Incoming>) -> hyper::Response<HyperOutgoingBody> {
+async fn handle(
+    serving: Arc<Serving>,
+    stats: Arc<AppStats>,
+    request: hyper::Request<Incoming>,
+) -> hyper::Response<HyperOutgoingBody> {
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let Ok(permit) = Arc::clone(&serving.slots).try_acquire_owned() else {
         stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -155,9 +165,16 @@ async fn handle(serving: Arc<Serving>, stats: Arc<AppStats>, request: hyper::Req
     };
     match serving.app.handle(request, permit).await {
         Ok(response) => response,
-        Err(RequestFailure::Guest(Outcome::Timeout)) => plain(500, "the app did not finish within its [limits] timeout\n"),
-        Err(RequestFailure::Guest(_)) => plain(500, "the app failed while handling this request; see `cairnctl logs`\n"),
-        Err(RequestFailure::ErrorCode(code)) => plain(500, &format!("the app answered with an error: {code}\n")),
+        Err(RequestFailure::Guest(Outcome::Timeout)) => {
+            plain(500, "the app did not finish within its [limits] timeout\n")
+        }
+        Err(RequestFailure::Guest(_)) => plain(
+            500,
+            "the app failed while handling this request; see `cairnctl logs`\n",
+        ),
+        Err(RequestFailure::ErrorCode(code)) => {
+            plain(500, &format!("the app answered with an error: {code}\n"))
+        }
         Err(RequestFailure::Host(reason)) => plain(400, &format!("bad request: {reason}\n")),
     }
 }
@@ -167,15 +184,17 @@ fn plain(status: u16, text: &str) -> hyper::Response<HyperOutgoingBody> {
         .map_err(|never| match never {})
         .boxed_unsync();
     let mut response = hyper::Response::new(body);
-    *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     if status == 503 {
-        response
-            .headers_mut()
-            .insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+        response.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            hyper::header::HeaderValue::from_static("1"),
+        );
     }
     response
 }

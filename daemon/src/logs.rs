@@ -30,7 +30,13 @@ impl LogHub {
             live: live.clone(),
             dropped: AtomicU64::new(0),
         });
-        tokio::spawn(write_loop(store, receiver, live, keep_per_app, Arc::clone(&hub)));
+        tokio::spawn(write_loop(
+            store,
+            receiver,
+            live,
+            keep_per_app,
+            Arc::clone(&hub),
+        ));
         hub
     }
 
@@ -134,7 +140,9 @@ async fn write_loop(
             .collect();
         for app in due {
             written_since_prune.remove(&app);
-            let pruned = store.call(move |store| store.prune_logs(&app, keep_per_app)).await;
+            let pruned = store
+                .call(move |store| store.prune_logs(&app, keep_per_app))
+                .await;
             if let Err(error) = pruned {
                 tracing::warn!(%error, "old log lines could not be pruned");
             }

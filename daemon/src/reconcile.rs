@@ -30,7 +30,11 @@ pub enum ReconcileError {
     #[error("no component {0} in the store; push it first with `cairnctl push FILE`")]
     UnknownComponent(Digest),
     #[error("app `{app}` has no generation {generation}; it has {available}")]
-    UnknownGeneration { app: String, generation: u64, available: String },
+    UnknownGeneration {
+        app: String,
+        generation: u64,
+        available: String,
+    },
     #[error("app `{0}` has no generation before the current one to roll back to")]
     NoPreviousGeneration(String),
     #[error("address {addr} is already used by app `{app}`; choose another [http] listen address or remove that app")]
@@ -38,7 +42,10 @@ pub enum ReconcileError {
     #[error("cannot listen on {addr}: {reason}; choose another [http] listen address")]
     AddressUnavailable { addr: SocketAddr, reason: String },
     #[error("component {digest}: {source}")]
-    Component { digest: Digest, source: RuntimeError },
+    Component {
+        digest: Digest,
+        source: RuntimeError,
+    },
     #[error("app `{app}` is owned by the {owner}; change it there")]
     OwnedElsewhere { app: String, owner: &'static str },
     #[error(transparent)]
@@ -73,8 +80,13 @@ pub struct AppDetailView {
 }
 
 enum State {
-    Running { server: HttpServer, allocator: String },
-    Failed { reason: String },
+    Running {
+        server: HttpServer,
+        allocator: String,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 struct Running {
@@ -101,7 +113,12 @@ struct Prepared {
 }
 
 impl Reconciler {
-    pub fn new(store: Arc<Store>, runtime: Arc<Runtime>, logs: Arc<LogHub>, drain: Duration) -> Arc<Reconciler> {
+    pub fn new(
+        store: Arc<Store>,
+        runtime: Arc<Runtime>,
+        logs: Arc<LogHub>,
+        drain: Duration,
+    ) -> Arc<Reconciler> {
         Arc::new(Reconciler {
             store,
             runtime,
@@ -118,12 +135,19 @@ impl Reconciler {
         let mut apps = self.apps.lock().await;
         for record in records {
             let stats = Arc::new(AppStats::default());
-            let state = match self.start(&record.spec, record.generation, Arc::clone(&stats)).await {
+            let state = match self
+                .start(&record.spec, record.generation, Arc::clone(&stats))
+                .await
+            {
                 Ok(state) => state,
                 Err(error) => {
                     let reason = error.to_string();
                     tracing::error!(app = %record.name, %reason, "app could not start");
-                    self.logs.note(record.name.as_str(), record.generation, &format!("could not start: {reason}"));
+                    self.logs.note(
+                        record.name.as_str(),
+                        record.generation,
+                        &format!("could not start: {reason}"),
+                    );
                     State::Failed { reason }
                 }
             };
@@ -147,32 +171,66 @@ impl Reconciler {
         let mut apps = self.apps.lock().await;
         for (name, running) in apps.iter_mut() {
             if let State::Failed { .. } = running.state {
-                match self.start(&running.spec, running.generation, Arc::clone(&running.stats)).await {
+                match self
+                    .start(
+                        &running.spec,
+                        running.generation,
+                        Arc::clone(&running.stats),
+                    )
+                    .await
+                {
                     Ok(state) => {
-                        self.logs.note(name.as_str(), running.generation, "started after an earlier failure");
+                        self.logs.note(
+                            name.as_str(),
+                            running.generation,
+                            "started after an earlier failure",
+                        );
                         running.state = state;
                         running.started_unix = now_unix();
                     }
-                    Err(error) => running.state = State::Failed { reason: error.to_string() },
+                    Err(error) => {
+                        running.state = State::Failed {
+                            reason: error.to_string(),
+                        }
+                    }
                 }
             }
         }
     }
 
-    async fn start(&self, spec: &AppSpec, generation: u64, stats: Arc<AppStats>) -> Result<State, ReconcileError> {
+    async fn start(
+        &self,
+        spec: &AppSpec,
+        generation: u64,
+        stats: Arc<AppStats>,
+    ) -> Result<State, ReconcileError> {
         let prepared = self.prepare(spec, generation, stats.clone()).await?;
         let listener = bind(spec.http.listen)?;
         let allocator = prepared.loaded.allocator.clone();
-        let server = HttpServer::start(listener, Serving::new(prepared.loaded, generation, spec.limits.instances), prepared.stats);
+        let server = HttpServer::start(
+            listener,
+            Serving::new(prepared.loaded, spec.limits.instances),
+            prepared.stats,
+        );
         Ok(State::Running { server, allocator })
     }
 
     /// Loads (or compiles and caches) the component and links it, off the async threads.
-    async fn prepare(&self, spec: &AppSpec, generation: u64, stats: Arc<AppStats>) -> Result<Prepared, ReconcileError> {
+    async fn prepare(
+        &self,
+        spec: &AppSpec,
+        generation: u64,
+        stats: Arc<AppStats>,
+    ) -> Result<Prepared, ReconcileError> {
         let store = Arc::clone(&self.store);
         let runtime = Arc::clone(&self.runtime);
         let spec = spec.clone();
-        let reporter = reporter(Arc::clone(&self.logs), spec.name.to_string(), generation, Arc::clone(&stats));
+        let reporter = reporter(
+            Arc::clone(&self.logs),
+            spec.name.to_string(),
+            generation,
+            Arc::clone(&stats),
+        );
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let _entered = handle.enter();
@@ -208,13 +266,21 @@ impl Reconciler {
 
     /// Deploys `spec` as the app's next generation. Returns the app as it now runs and whether
     /// the spec equalled the current generation (then nothing changed).
-    pub async fn deploy(&self, spec: AppSpec, owner: Owner) -> Result<(AppView, bool), ReconcileError> {
+    pub async fn deploy(
+        &self,
+        spec: AppSpec,
+        owner: Owner,
+    ) -> Result<(AppView, bool), ReconcileError> {
         let mut apps = self.apps.lock().await;
         if let Some(running) = apps.get(&spec.name) {
             if running.owner != owner {
                 return Err(ReconcileError::OwnedElsewhere {
                     app: spec.name.to_string(),
-                    owner: if running.owner == Owner::Fleet { "fleet" } else { "local operator" },
+                    owner: if running.owner == Owner::Fleet {
+                        "fleet"
+                    } else {
+                        "local operator"
+                    },
                 });
             }
             if running.spec == spec && matches!(running.state, State::Running { .. }) {
@@ -223,27 +289,45 @@ impl Reconciler {
         }
         check_address_free(&apps, &spec)?;
         let digest = spec.component.clone();
-        if !self.store.call(move |store| store.has_blob(&digest)).await? {
+        if !self
+            .store
+            .call(move |store| store.has_blob(&digest))
+            .await?
+        {
             return Err(ReconcileError::UnknownComponent(spec.component.clone()));
         }
         self.activate(&mut apps, spec, owner, None).await
     }
 
     /// Makes generation `to` (or the one before the current) current again.
-    pub async fn rollback(&self, name: &AppName, to: Option<u64>) -> Result<AppView, ReconcileError> {
+    pub async fn rollback(
+        &self,
+        name: &AppName,
+        to: Option<u64>,
+    ) -> Result<AppView, ReconcileError> {
         let mut apps = self.apps.lock().await;
-        let running = apps.get(name).ok_or_else(|| ReconcileError::UnknownApp(name.to_string()))?;
+        let running = apps
+            .get(name)
+            .ok_or_else(|| ReconcileError::UnknownApp(name.to_string()))?;
         let (owner, current) = (running.owner, running.generation);
         let app = name.clone();
-        let generations = self.store.call(move |store| store.generations(&app)).await?;
+        let generations = self
+            .store
+            .call(move |store| store.generations(&app))
+            .await?;
         let target = match to {
-            Some(wanted) => generations.iter().find(|g| g.generation == wanted).ok_or_else(|| {
-                ReconcileError::UnknownGeneration {
+            Some(wanted) => generations
+                .iter()
+                .find(|g| g.generation == wanted)
+                .ok_or_else(|| ReconcileError::UnknownGeneration {
                     app: name.to_string(),
                     generation: wanted,
-                    available: generations.iter().map(|g| g.generation.to_string()).collect::<Vec<_>>().join(", "),
-                }
-            })?,
+                    available: generations
+                        .iter()
+                        .map(|g| g.generation.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?,
             None => generations
                 .iter()
                 .rev()
@@ -252,7 +336,9 @@ impl Reconciler {
         };
         let spec = target.spec.clone();
         check_address_free(&apps, &spec)?;
-        let (view, _) = self.activate(&mut apps, spec, owner, Some(target.generation)).await?;
+        let (view, _) = self
+            .activate(&mut apps, spec, owner, Some(target.generation))
+            .await?;
         Ok(view)
     }
 
@@ -266,32 +352,54 @@ impl Reconciler {
         existing: Option<u64>,
     ) -> Result<(AppView, bool), ReconcileError> {
         let name = spec.name.clone();
-        let stats = apps.get(&name).map(|r| Arc::clone(&r.stats)).unwrap_or_default();
+        let stats = apps
+            .get(&name)
+            .map(|r| Arc::clone(&r.stats))
+            .unwrap_or_default();
         // The generation number is only known once written; prepare with the number it will get.
         let next_generation = match existing {
             Some(generation) => generation,
             None => {
                 let app = name.clone();
                 self.store
-                    .call(move |store| Ok(store.generations(&app)?.last().map(|g| g.generation).unwrap_or(0) + 1))
+                    .call(move |store| {
+                        Ok(store
+                            .generations(&app)?
+                            .last()
+                            .map(|g| g.generation)
+                            .unwrap_or(0)
+                            + 1)
+                    })
                     .await?
             }
         };
-        let prepared = self.prepare(&spec, next_generation, Arc::clone(&stats)).await?;
+        let prepared = self
+            .prepare(&spec, next_generation, Arc::clone(&stats))
+            .await?;
         let reuse_listener = matches!(
             apps.get(&name),
             Some(Running { state: State::Running { server, .. }, .. }) if server.addr == spec.http.listen
         );
-        let listener = if reuse_listener { None } else { Some(bind(spec.http.listen)?) };
+        let listener = if reuse_listener {
+            None
+        } else {
+            Some(bind(spec.http.listen)?)
+        };
 
         let stored_spec = spec.clone();
         let generation = match existing {
             Some(generation) => {
                 let app = name.clone();
-                self.store.call(move |store| store.set_current_generation(&app, generation)).await?;
+                self.store
+                    .call(move |store| store.set_current_generation(&app, generation))
+                    .await?;
                 generation
             }
-            None => self.store.call(move |store| store.commit_generation(&stored_spec, owner)).await?,
+            None => {
+                self.store
+                    .call(move |store| store.commit_generation(&stored_spec, owner))
+                    .await?
+            }
         };
         if generation != next_generation {
             return Err(ReconcileError::Internal(format!(
@@ -300,24 +408,46 @@ impl Reconciler {
         }
 
         let allocator = prepared.loaded.allocator.clone();
-        let serving = Serving::new(prepared.loaded, generation, spec.limits.instances);
+        let serving = Serving::new(prepared.loaded, spec.limits.instances);
         let previous = apps.remove(&name);
         let state = match (listener, previous) {
-            (None, Some(Running { state: State::Running { server, .. }, .. })) => {
+            (
+                None,
+                Some(Running {
+                    state: State::Running { server, .. },
+                    ..
+                }),
+            ) => {
                 server.swap(serving);
                 State::Running { server, allocator }
             }
             (Some(listener), previous) => {
                 let server = HttpServer::start(listener, serving, Arc::clone(&stats));
-                if let Some(Running { state: State::Running { server: old, .. }, .. }) = previous {
+                if let Some(Running {
+                    state: State::Running { server: old, .. },
+                    ..
+                }) = previous
+                {
                     tokio::spawn(old.shutdown(self.drain));
                 }
                 State::Running { server, allocator }
             }
-            (None, _) => return Err(ReconcileError::Internal("listener vanished during deploy".into())),
+            (None, _) => {
+                return Err(ReconcileError::Internal(
+                    "listener vanished during deploy".into(),
+                ))
+            }
         };
-        let verb = if existing.is_some() { "rolled back to" } else { "deployed" };
-        self.logs.note(name.as_str(), generation, &format!("{verb} generation {generation} ({})", spec.component));
+        let verb = if existing.is_some() {
+            "rolled back to"
+        } else {
+            "deployed"
+        };
+        self.logs.note(
+            name.as_str(),
+            generation,
+            &format!("{verb} generation {generation} ({})", spec.component),
+        );
         let running = Running {
             owner,
             generation,
@@ -334,7 +464,9 @@ impl Reconciler {
     /// Stops the app and forgets it.
     pub async fn remove(&self, name: &AppName) -> Result<(), ReconcileError> {
         let mut apps = self.apps.lock().await;
-        let running = apps.remove(name).ok_or_else(|| ReconcileError::UnknownApp(name.to_string()))?;
+        let running = apps
+            .remove(name)
+            .ok_or_else(|| ReconcileError::UnknownApp(name.to_string()))?;
         let app = name.clone();
         if let Err(error) = self.store.call(move |store| store.remove_app(&app)).await {
             apps.insert(name.clone(), running);
@@ -348,14 +480,20 @@ impl Reconciler {
 
     pub async fn list(&self) -> Vec<AppView> {
         let apps = self.apps.lock().await;
-        apps.iter().map(|(name, running)| view(name, running)).collect()
+        apps.iter()
+            .map(|(name, running)| view(name, running))
+            .collect()
     }
 
     pub async fn detail(&self, name: &AppName) -> Result<AppDetailView, ReconcileError> {
         let apps = self.apps.lock().await;
-        let running = apps.get(name).ok_or_else(|| ReconcileError::UnknownApp(name.to_string()))?;
+        let running = apps
+            .get(name)
+            .ok_or_else(|| ReconcileError::UnknownApp(name.to_string()))?;
         let (allocator, in_flight) = match &running.state {
-            State::Running { server, allocator } => (allocator.clone(), server.serving().in_flight()),
+            State::Running { server, allocator } => {
+                (allocator.clone(), server.serving().in_flight())
+            }
             State::Failed { .. } => (String::new(), 0),
         };
         Ok(AppDetailView {
@@ -391,14 +529,21 @@ fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ReconcileError> {
         addr,
         reason: match error.kind() {
             std::io::ErrorKind::AddrInUse => "the address is in use by another program".to_string(),
-            std::io::ErrorKind::AddrNotAvailable => "no interface on this device has that address".to_string(),
-            std::io::ErrorKind::PermissionDenied => "ports below 1024 need root or CAP_NET_BIND_SERVICE".to_string(),
+            std::io::ErrorKind::AddrNotAvailable => {
+                "no interface on this device has that address".to_string()
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "ports below 1024 need root or CAP_NET_BIND_SERVICE".to_string()
+            }
             _ => error.to_string(),
         },
     })
 }
 
-fn check_address_free(apps: &BTreeMap<AppName, Running>, spec: &AppSpec) -> Result<(), ReconcileError> {
+fn check_address_free(
+    apps: &BTreeMap<AppName, Running>,
+    spec: &AppSpec,
+) -> Result<(), ReconcileError> {
     let wanted = spec.http.listen;
     for (name, running) in apps {
         if *name == spec.name {
@@ -406,7 +551,9 @@ fn check_address_free(apps: &BTreeMap<AppName, Running>, spec: &AppSpec) -> Resu
         }
         let theirs = running.spec.http.listen;
         let overlaps = theirs.port() == wanted.port()
-            && (theirs.ip() == wanted.ip() || theirs.ip().is_unspecified() || wanted.ip().is_unspecified());
+            && (theirs.ip() == wanted.ip()
+                || theirs.ip().is_unspecified()
+                || wanted.ip().is_unspecified());
         if overlaps {
             return Err(ReconcileError::AddressTaken {
                 addr: wanted,
@@ -434,7 +581,12 @@ fn view(name: &AppName, running: &Running) -> AppView {
 }
 
 /// Turns what a request left behind into log lines and counters.
-fn reporter(logs: Arc<LogHub>, app: String, generation: u64, stats: Arc<AppStats>) -> crate::runtime::Reporter {
+fn reporter(
+    logs: Arc<LogHub>,
+    app: String,
+    generation: u64,
+    stats: Arc<AppStats>,
+) -> crate::runtime::Reporter {
     Arc::new(move |report: RequestReport| {
         logs.emit(&app, generation, "stdout", &report.stdout);
         logs.emit(&app, generation, "stderr", &report.stderr);
@@ -442,14 +594,29 @@ fn reporter(logs: Arc<LogHub>, app: String, generation: u64, stats: Arc<AppStats
             Outcome::Ok => {}
             Outcome::Trap(message) => {
                 stats.traps.fetch_add(1, Ordering::Relaxed);
-                logs.note(&app, generation, &format!("{} {} trapped: {message}", report.method, report.path));
+                logs.note(
+                    &app,
+                    generation,
+                    &format!("{} {} trapped: {message}", report.method, report.path),
+                );
             }
             Outcome::Timeout => {
                 stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                logs.note(&app, generation, &format!("{} {} stopped at its timeout", report.method, report.path));
+                logs.note(
+                    &app,
+                    generation,
+                    &format!("{} {} stopped at its timeout", report.method, report.path),
+                );
             }
             Outcome::NoResponse => {
-                logs.note(&app, generation, &format!("{} {} returned without a response", report.method, report.path));
+                logs.note(
+                    &app,
+                    generation,
+                    &format!(
+                        "{} {} returned without a response",
+                        report.method, report.path
+                    ),
+                );
             }
         }
     })

@@ -20,7 +20,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, Engine, EngineWeak, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{
+    Config, Engine, EngineWeak, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
+    StoreLimits, StoreLimitsBuilder, Trap,
+};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -67,7 +70,9 @@ pub fn check_component_header(bytes: &[u8]) -> Result<(), RuntimeError> {
     match u16::from_le_bytes([bytes[6], bytes[7]]) {
         0 => Err(RuntimeError::CoreModule),
         1 => Ok(()),
-        layer => Err(RuntimeError::Invalid(format!("unknown WebAssembly layer {layer}"))),
+        layer => Err(RuntimeError::Invalid(format!(
+            "unknown WebAssembly layer {layer}"
+        ))),
     }
 }
 
@@ -144,11 +149,15 @@ impl Runtime {
     /// The engine used to compile (and inspect) code for apps with these limits.
     fn compile_engine(&self, limits: &Limits) -> Result<Engine, RuntimeError> {
         let key = memory_reservation(limits);
-        let mut engines = self.compile_engines.lock().unwrap_or_else(|p| p.into_inner());
+        let mut engines = self
+            .compile_engines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(engine) = engines.get(&key) {
             return Ok(engine.clone());
         }
-        let engine = Engine::new(&Self::code_config(limits)).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let engine = Engine::new(&Self::code_config(limits))
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
         engines.insert(key, engine.clone());
         Ok(engine)
     }
@@ -177,7 +186,14 @@ impl Runtime {
     /// Loads precompiled code into an engine of the app's own, links it and proves that one
     /// instance can be made. Errors here mean the app cannot run and nothing was changed.
     /// Call it on a blocking thread (`spawn_blocking`) inside the tokio runtime.
-    pub fn load(&self, app: &AppName, code: &[u8], limits: &Limits, env: Vec<(String, String)>, reporter: Reporter) -> Result<LoadedApp, RuntimeError> {
+    pub fn load(
+        &self,
+        app: &AppName,
+        code: &[u8],
+        limits: &Limits,
+        env: Vec<(String, String)>,
+        reporter: Reporter,
+    ) -> Result<LoadedApp, RuntimeError> {
         let compile_engine = self.compile_engine(limits)?;
         // SAFETY: `code` was produced by `precompile_component` of an engine with the same code
         // settings (the fingerprint says so), and the store checks its checksum before handing
@@ -209,7 +225,8 @@ impl Runtime {
         let mut loaded = match pooled_attempt {
             Some(loaded) => loaded,
             None => {
-                let engine = Engine::new(&Self::code_config(limits)).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+                let engine = Engine::new(&Self::code_config(limits))
+                    .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
                 let mut loaded = self.prepare(&engine, code, &settings)?;
                 loaded.allocator = format!(
                     "on-demand (the pooling allocator was refused: {})",
@@ -219,17 +236,28 @@ impl Runtime {
             }
         };
         loaded.deadline_ticks = (limits.timeout.0.as_millis() / EPOCH_TICK.as_millis()) as u64 + 1;
-        self.engines.lock().unwrap_or_else(|p| p.into_inner()).push(loaded.engine.weak());
+        self.engines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(loaded.engine.weak());
         Ok(loaded)
     }
 
     /// Deserialises, links and instantiates once in `engine`.
-    fn prepare(&self, engine: &Engine, code: &[u8], settings: &AppSettings) -> Result<LoadedApp, RuntimeError> {
+    fn prepare(
+        &self,
+        engine: &Engine,
+        code: &[u8],
+        settings: &AppSettings,
+    ) -> Result<LoadedApp, RuntimeError> {
         // SAFETY: as in `load`.
-        let component = unsafe { Component::deserialize(engine, code) }.map_err(|e| RuntimeError::Invalid(format!("{e:#}")))?;
+        let component = unsafe { Component::deserialize(engine, code) }
+            .map_err(|e| RuntimeError::Invalid(format!("{e:#}")))?;
         let mut linker: Linker<Host> = Linker::new(engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+            .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
         let instance_pre = linker.instantiate_pre(&component).map_err(|e| {
             RuntimeError::Link(format!(
                 "{e:#}; cairn provides wasi:cli, wasi:clocks, wasi:random, wasi:io, wasi:filesystem, \
@@ -260,7 +288,11 @@ impl Runtime {
 fn describe_failure(error: &wasmtime::Error) -> String {
     match error.downcast_ref::<Trap>() {
         Some(trap) => format!("wasm trap: {trap}"),
-        None => format!("{error:#}").lines().next().unwrap_or_default().to_string(),
+        None => format!("{error:#}")
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
     }
 }
 
@@ -270,7 +302,10 @@ fn memory_reservation(limits: &Limits) -> u64 {
 }
 
 /// A pool holding exactly what `instances` concurrent requests of this component need.
-fn pooling_config(limits: &Limits, resources: Option<&wasmtime::ResourcesRequired>) -> PoolingAllocationConfig {
+fn pooling_config(
+    limits: &Limits,
+    resources: Option<&wasmtime::ResourcesRequired>,
+) -> PoolingAllocationConfig {
     // One slot more than the concurrency cap, for the probe made while the app is prepared.
     let slots = limits.instances + 1;
     let memories = resources.map(|r| r.num_memories).unwrap_or(4).max(1);
@@ -302,11 +337,18 @@ fn check_exports_http(engine: &Engine, component: &Component) -> Result<(), Runt
         .exports(engine)
         .map(|(name, _)| name.to_string())
         .collect();
-    if exports.iter().any(|name| name.starts_with("wasi:http/incoming-handler@0.2")) {
+    if exports
+        .iter()
+        .any(|name| name.starts_with("wasi:http/incoming-handler@0.2"))
+    {
         Ok(())
     } else {
         Err(RuntimeError::NotHttp {
-            exports: if exports.is_empty() { "nothing".to_string() } else { exports.join(", ") },
+            exports: if exports.is_empty() {
+                "nothing".to_string()
+            } else {
+                exports.join(", ")
+            },
         })
     }
 }
@@ -353,7 +395,9 @@ impl LoadedApp {
             wasi: wasi.build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new().memory_size(self.settings.memory).build(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(self.settings.memory)
+                .build(),
             hooks: DenyOutgoingHttp,
         };
         let mut store = Store::new(&self.engine, host);
@@ -368,7 +412,8 @@ impl LoadedApp {
         let capture = OutputCapture::new();
         let mut store = self.new_store(&capture, &capture);
         let pre = self.pre.clone();
-        let handle = tokio::runtime::Handle::try_current().map_err(|e| RuntimeError::Engine(e.to_string()))?;
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|e| RuntimeError::Engine(e.to_string()))?;
         // `load` runs on a blocking thread (compiling is CPU work), so blocking here is fine.
         handle
             .block_on(pre.instantiate_async(&mut store))
@@ -378,7 +423,11 @@ impl LoadedApp {
 
     /// Serves one request on a fresh instance. `permit` is the request's concurrency slot; it is
     /// held until the instance is gone, even if the response was sent earlier.
-    pub async fn handle(&self, request: hyper::Request<Incoming>, permit: OwnedSemaphorePermit) -> Result<hyper::Response<HyperOutgoingBody>, RequestFailure> {
+    pub async fn handle(
+        &self,
+        request: hyper::Request<Incoming>,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<hyper::Response<HyperOutgoingBody>, RequestFailure> {
         let method = request.method().to_string();
         let path = request.uri().path().to_string();
         let stdout = OutputCapture::new();
@@ -388,7 +437,10 @@ impl LoadedApp {
         let incoming = store
             .data_mut()
             .http()
-            .new_incoming_request(wasmtime_wasi_http::p2::bindings::http::types::Scheme::Http, request)
+            .new_incoming_request(
+                wasmtime_wasi_http::p2::bindings::http::types::Scheme::Http,
+                request,
+            )
             .map_err(|e| RequestFailure::Host(format!("{e:#}")))?;
         let outparam = store
             .data_mut()
@@ -408,7 +460,9 @@ impl LoadedApp {
             // The epoch deadline stops guest code; this stops a guest parked on host I/O.
             let outcome = match tokio::time::timeout(settings.timeout + EPOCH_TICK * 2, run).await {
                 Ok(Ok(())) => Outcome::Ok,
-                Ok(Err(error)) if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => Outcome::Timeout,
+                Ok(Err(error)) if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => {
+                    Outcome::Timeout
+                }
                 Ok(Err(error)) => Outcome::Trap(describe_failure(&error)),
                 Err(_elapsed) => Outcome::Timeout,
             };
@@ -478,7 +532,10 @@ impl WasiHttpHooks for DenyOutgoingHttp {
                 Output = Result<
                     (
                         http::Response<wasmtime_wasi_http::WasiBody>,
-                        Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+                        Box<
+                            dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>>
+                                + Send,
+                        >,
                     ),
                     wasmtime_wasi_http::Error,
                 >,
@@ -514,7 +571,7 @@ impl OutputCapture {
     fn take(&self) -> Bytes {
         let mut guard = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
         let (buffer, cut) = &mut *guard;
-        if *cut {
+        if std::mem::take(cut) {
             buffer.extend_from_slice(b"\n[cairn: output of this request cut at 64KiB]\n");
         }
         std::mem::take(buffer).freeze()
@@ -560,7 +617,11 @@ impl wasmtime_wasi::p2::Pollable for OutputCapture {
 }
 
 impl tokio::io::AsyncWrite for OutputCapture {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.append(buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -580,10 +641,19 @@ mod tests {
 
     #[test]
     fn headers_tell_modules_components_and_garbage_apart() {
-        assert!(matches!(check_component_header(b"hello world"), Err(RuntimeError::NotWasm)));
-        assert!(matches!(check_component_header(b"\0asm\x01\0\0\0"), Err(RuntimeError::CoreModule)));
+        assert!(matches!(
+            check_component_header(b"hello world"),
+            Err(RuntimeError::NotWasm)
+        ));
+        assert!(matches!(
+            check_component_header(b"\0asm\x01\0\0\0"),
+            Err(RuntimeError::CoreModule)
+        ));
         assert!(check_component_header(b"\0asm\x0d\0\x01\0").is_ok());
-        assert!(matches!(check_component_header(b"\0asm"), Err(RuntimeError::NotWasm)));
+        assert!(matches!(
+            check_component_header(b"\0asm"),
+            Err(RuntimeError::NotWasm)
+        ));
     }
 
     #[test]

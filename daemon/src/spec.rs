@@ -98,13 +98,13 @@ impl FromStr for ByteSize {
             "tb" => 1_000_000_000_000,
             _ => {
                 return Err(format!(
-                    "`{text}` is not a size: write a number and a unit, such as 64MiB, 512KiB or 1GiB"
-                ))
+                "`{text}` is not a size: write a number and a unit, such as 64MiB, 512KiB or 1GiB"
+            ))
             }
         };
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("`{text}` is not a size: write a number and a unit, such as 64MiB"))?;
+        let value: f64 = number.parse().map_err(|_| {
+            format!("`{text}` is not a size: write a number and a unit, such as 64MiB")
+        })?;
         let bytes = value * multiplier as f64;
         if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
             return Err(format!("`{text}` is out of range"));
@@ -115,7 +115,12 @@ impl FromStr for ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(u64, &str); 4] = [(1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+        const UNITS: [(u64, &str); 4] = [
+            (1 << 40, "TiB"),
+            (1 << 30, "GiB"),
+            (1 << 20, "MiB"),
+            (1 << 10, "KiB"),
+        ];
         for (size, unit) in UNITS {
             if self.0 >= size && self.0 % size == 0 {
                 return write!(f, "{}{unit}", self.0 / size);
@@ -170,9 +175,9 @@ impl FromStr for HumanDuration {
                 ))
             }
         };
-        let value: f64 = number
-            .parse()
-            .map_err(|_| format!("`{text}` is not a duration: write a number and a unit, such as 5s"))?;
+        let value: f64 = number.parse().map_err(|_| {
+            format!("`{text}` is not a duration: write a number and a unit, such as 5s")
+        })?;
         Duration::try_from_secs_f64(value * seconds_per_unit)
             .map(HumanDuration)
             .map_err(|_| format!("`{text}` is out of range"))
@@ -297,7 +302,9 @@ impl AppSpec {
                 limits.instances
             )));
         }
-        if limits.timeout.0 < Duration::from_millis(1) || limits.timeout.0 > Duration::from_secs(3600) {
+        if limits.timeout.0 < Duration::from_millis(1)
+            || limits.timeout.0 > Duration::from_secs(3600)
+        {
             return Err(invalid(format!(
                 "[limits] timeout = \"{}\" is out of range: use between 1ms and 1h",
                 limits.timeout
@@ -355,7 +362,10 @@ mod tests {
 
     #[test]
     fn stored_json_round_trips() {
-        let spec = AppSpec::from_manifest(&manifest("[limits]\nmemory = \"1.5MiB\"\ntimeout = \"1500ms\"\n")).unwrap();
+        let spec = AppSpec::from_manifest(&manifest(
+            "[limits]\nmemory = \"1.5MiB\"\ntimeout = \"1500ms\"\n",
+        ))
+        .unwrap();
         let back = AppSpec::from_stored_json(&spec.to_stored_json()).unwrap();
         assert_eq!(back, spec);
     }
@@ -364,41 +374,75 @@ mod tests {
     fn bad_manifests_say_what_is_wrong() {
         let cases = [
             (manifest("colour = \"red\"\n"), "unknown field `colour`"),
-            (manifest("[limits]\nmemory = \"lots\"\n"), "`lots` is not a size"),
+            (
+                manifest("[limits]\nmemory = \"lots\"\n"),
+                "`lots` is not a size",
+            ),
             (manifest("[limits]\nmemory = \"8GiB\"\n"), "out of range"),
             (manifest("[limits]\ninstances = 0\n"), "instances = 0"),
-            (manifest("[limits]\ntimeout = \"5 parsecs\"\n"), "not a duration"),
+            (
+                manifest("[limits]\ntimeout = \"5 parsecs\"\n"),
+                "not a duration",
+            ),
             (manifest("[limits]\ncpu = -1.0\n"), "cpu = -1"),
             (manifest("[limits]\nshoes = 2\n"), "unknown field `shoes`"),
             ("name = \"Hello World\"\n".to_string(), "not allowed"),
             (
-                format!("name = \"a\"\ncomponent = \"app.wasm\"\n[http]\nlisten = \"127.0.0.1:1\"\n"),
+                "name = \"a\"\ncomponent = \"app.wasm\"\n[http]\nlisten = \"127.0.0.1:1\"\n"
+                    .to_string(),
                 "not a component digest",
             ),
             (
-                format!("name = \"a\"\ncomponent = \"{DIGEST}\"\n[http]\nlisten = \"127.0.0.1:0\"\n"),
+                format!(
+                    "name = \"a\"\ncomponent = \"{DIGEST}\"\n[http]\nlisten = \"127.0.0.1:0\"\n"
+                ),
                 "port 0",
             ),
-            (format!("name = \"a\"\ncomponent = \"{DIGEST}\"\n"), "missing field `http`"),
+            (
+                format!("name = \"a\"\ncomponent = \"{DIGEST}\"\n"),
+                "missing field `http`",
+            ),
             ("this is = not toml [".to_string(), "line 1"),
         ];
         for (text, expected) in cases {
             let err = AppSpec::from_manifest(&text).unwrap_err().to_string();
-            assert!(err.contains(expected), "manifest:\n{text}\nerror: {err}\nexpected: {expected}");
+            assert!(
+                err.contains(expected),
+                "manifest:\n{text}\nerror: {err}\nexpected: {expected}"
+            );
         }
     }
 
     #[test]
     fn sizes_and_durations_parse_and_print() {
-        for (text, bytes) in [("64MiB", 64 << 20), ("512 KiB", 512 << 10), ("1GiB", 1 << 30), ("10MB", 10_000_000), ("4096", 4096)] {
+        for (text, bytes) in [
+            ("64MiB", 64 << 20),
+            ("512 KiB", 512 << 10),
+            ("1GiB", 1 << 30),
+            ("10MB", 10_000_000),
+            ("4096", 4096),
+        ] {
             assert_eq!(text.parse::<ByteSize>().unwrap(), ByteSize(bytes), "{text}");
         }
         assert_eq!(ByteSize(64 << 20).to_string(), "64MiB");
         assert_eq!(ByteSize(1000).to_string(), "1000B");
-        for (text, millis) in [("5s", 5000), ("250ms", 250), ("1.5s", 1500), ("2m", 120_000), ("1h", 3_600_000)] {
-            assert_eq!(text.parse::<HumanDuration>().unwrap().0, Duration::from_millis(millis), "{text}");
+        for (text, millis) in [
+            ("5s", 5000),
+            ("250ms", 250),
+            ("1.5s", 1500),
+            ("2m", 120_000),
+            ("1h", 3_600_000),
+        ] {
+            assert_eq!(
+                text.parse::<HumanDuration>().unwrap().0,
+                Duration::from_millis(millis),
+                "{text}"
+            );
         }
-        assert_eq!(HumanDuration(Duration::from_millis(1500)).to_string(), "1500ms");
+        assert_eq!(
+            HumanDuration(Duration::from_millis(1500)).to_string(),
+            "1500ms"
+        );
         assert_eq!(HumanDuration(Duration::from_secs(5)).to_string(), "5s");
         assert!("5".parse::<HumanDuration>().is_err());
         assert!("-5MiB".parse::<ByteSize>().is_err());

@@ -24,15 +24,24 @@ const LOOP_PERIOD: Duration = Duration::from_secs(10);
 const LIMITS_NOTE: &str = "cpu, total memory and pids are not enforced yet: apps run inside cairnd without per-app cgroups";
 
 pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("cannot create the state directory {}", config.state_dir.display()))?;
+    std::fs::create_dir_all(&config.state_dir).with_context(|| {
+        format!(
+            "cannot create the state directory {}",
+            config.state_dir.display()
+        )
+    })?;
     std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o750))
         .with_context(|| format!("cannot set permissions on {}", config.state_dir.display()))?;
     let db = config.state_dir.join("cairn.db");
     let store = Arc::new(Store::open(&db)?);
     let runtime = Runtime::new();
     let logs = LogHub::start(Arc::clone(&store), config.log_lines_per_app);
-    let reconciler = Reconciler::new(Arc::clone(&store), Arc::clone(&runtime), Arc::clone(&logs), config.drain_timeout.0);
+    let reconciler = Reconciler::new(
+        Arc::clone(&store),
+        Arc::clone(&runtime),
+        Arc::clone(&logs),
+        config.drain_timeout.0,
+    );
 
     reconciler.start_all().await?;
     drop_unused_compiled_code(&store, &runtime).await;
@@ -60,7 +69,9 @@ pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let period = systemd::watchdog_interval().map(|w| w.min(LOOP_PERIOD)).unwrap_or(LOOP_PERIOD);
+    let period = systemd::watchdog_interval()
+        .map(|w| w.min(LOOP_PERIOD))
+        .unwrap_or(LOOP_PERIOD);
     let watchdog = systemd::watchdog_interval().is_some();
     let mut tick = tokio::time::interval(period);
     loop {

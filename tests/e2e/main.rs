@@ -1,1 +1,8 @@
+//! End-to-end tests: the real `cairnd` and `cairnctl` binaries, real unix sockets, real SQLite
+//! files in temp dirs, real components built from `tests/components`, real HTTP.
 
+mod access;
+mod bad_input;
+mod lifecycle;
+mod requests;
+mod service;

@@ -1,1 +1,459 @@
+//! Test support for the end-to-end suite: builds the real binaries and the test components
+//! (once per run), starts `cairnd` on a temp state dir and socket, waits for its sd-notify
+//! READY=1 on a real notify socket, runs the real `cairnctl`, and speaks HTTP/1.1 to apps.
+//! Every wait is on a condition with a deadline; nothing sleeps and hopes.
 
+use anyhow::{anyhow, bail, Context, Result};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// The real `cairnd` and `cairnctl`, built (or found up to date) once per test process.
+pub fn binaries() -> &'static (PathBuf, PathBuf) {
+    static BINARIES: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    BINARIES.get_or_init(|| {
+        let status = cargo()
+            .current_dir(workspace_root())
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "cairnd",
+                "-p",
+                "cairn-ctl",
+                "--bins",
+            ])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building cairnd and cairnctl failed");
+        let debug = target_dir().join("debug");
+        (debug.join("cairnd"), debug.join("cairnctl"))
+    })
+}
+
+/// Path of a test component from `tests/components`, built for wasm32-wasip2 once per run.
+pub fn component(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let target = target_dir().join("components");
+        let output = cargo()
+            .current_dir(workspace_root().join("tests/components"))
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--target-dir",
+            ])
+            .arg(&target)
+            .output()
+            .expect("cargo runs");
+        assert!(
+            output.status.success(),
+            "building the test components failed (is the wasm32-wasip2 target installed? \
+             `rustup target add wasm32-wasip2`):\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        target.join("wasm32-wasip2/release")
+    });
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(path.is_file(), "no component {}", path.display());
+    path
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut handed = HANDED_OUT.lock().unwrap();
+        if !handed.contains(&port) {
+            handed.push(port);
+            return port;
+        }
+    }
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Waits for `condition` to hold, up to `deadline`.
+pub fn wait_for(what: &str, deadline: Duration, mut condition: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if condition() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("timed out after {deadline:?} waiting for {what}")
+}
+
+/// What one `cairnctl` run gave.
+#[derive(Debug)]
+pub struct Ctl {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ctl {
+    fn from(output: Output) -> Ctl {
+        Ctl {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).to_string(),
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// A running `cairnd` on its own temp state dir and socket.
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    config: Option<PathBuf>,
+    notify: UnixDatagram,
+    notifications: Vec<String>,
+    _temp: Option<tempfile::TempDir>,
+    extra_env: Vec<(String, String)>,
+}
+
+impl Daemon {
+    /// Starts a daemon with default settings in a fresh temp dir.
+    pub fn start() -> Daemon {
+        Daemon::start_with(None, &[])
+    }
+
+    /// Starts a daemon with `config` (TOML) and extra environment.
+    pub fn start_with(config: Option<&str>, env: &[(&str, &str)]) -> Daemon {
+        let temp = tempfile::Builder::new()
+            .prefix("cairn-e2e")
+            .tempdir()
+            .unwrap();
+        let dir = temp.path().to_path_buf();
+        let config_path = config.map(|text| {
+            let path = dir.join("cairnd.toml");
+            std::fs::write(&path, text).unwrap();
+            path
+        });
+        let notify_path = dir.join("notify.sock");
+        let mut daemon = Daemon {
+            child: None,
+            socket: dir.join("cairnd.sock"),
+            state: dir.join("state"),
+            config: config_path,
+            notify: UnixDatagram::bind(&notify_path).unwrap(),
+            notifications: Vec::new(),
+            dir,
+            _temp: Some(temp),
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        daemon.spawn();
+        daemon.wait_ready().expect("cairnd becomes ready");
+        daemon
+    }
+
+    fn spawn(&mut self) {
+        let (cairnd, _) = binaries();
+        let mut command = Command::new(cairnd);
+        command
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--socket")
+            .arg(&self.socket)
+            .env("NOTIFY_SOCKET", self.dir.join("notify.sock"))
+            .env_remove("CAIRN_CONFIG")
+            .env_remove("CAIRN_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join("cairnd.log"))
+                    .unwrap(),
+            );
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+        }
+        for (key, value) in &self.extra_env {
+            command.env(key, value);
+        }
+        self.notifications.clear();
+        self.child = Some(command.spawn().expect("cairnd starts"));
+    }
+
+    /// Everything cairnd sent to its notify socket so far (READY=1, STATUS=…, WATCHDOG=1, …).
+    pub fn notifications(&mut self) -> &[String] {
+        self.notify.set_nonblocking(true).unwrap();
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = self.notify.recv(&mut buffer) {
+            let message = String::from_utf8_lossy(&buffer[..n]).to_string();
+            self.notifications
+                .extend(message.lines().map(str::to_string));
+        }
+        &self.notifications
+    }
+
+    /// Waits until cairnd sends `line` to its notify socket.
+    pub fn wait_notification(&mut self, line: &str, deadline: Duration) -> Result<()> {
+        let start = Instant::now();
+        while start.elapsed() < deadline {
+            if self.notifications().iter().any(|l| l == line) {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "cairnd exited ({status}) before sending {line}; its log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!(
+            "cairnd did not send {line} within {deadline:?}; its log:\n{}",
+            self.log()
+        )
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        self.wait_notification("READY=1", Duration::from_secs(60))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("cairnd.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("cairnd is running").id() as i32
+    }
+
+    /// Runs cairnctl against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> Ctl {
+        self.ctl_as(None, args)
+    }
+
+    /// Runs cairnctl as another user (needs root).
+    pub fn ctl_as(&self, uid: Option<u32>, args: &[&str]) -> Ctl {
+        let (_, cairnctl) = binaries();
+        let mut command = Command::new(cairnctl);
+        command
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .current_dir(&self.dir);
+        if let Some(uid) = uid {
+            // std drops the supplementary groups when root changes uid.
+            command.uid(uid).gid(uid);
+        }
+        Ctl::from(command.output().expect("cairnctl runs"))
+    }
+
+    /// Runs cairnctl and insists it succeeded.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let result = self.ctl(args);
+        assert_eq!(
+            result.code,
+            0,
+            "cairnctl {args:?} failed: {}\n{}",
+            result.stderr,
+            self.log()
+        );
+        result.stdout
+    }
+
+    /// SIGTERM, then waits for the exit (drain included).
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("cairnd is running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        wait_child(&mut child, Duration::from_secs(30)).expect("cairnd stops after SIGTERM")
+    }
+
+    /// kill -9: no chance to clean up.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("cairnd is running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Starts cairnd again on the same state dir and socket.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the daemon first");
+        self.spawn();
+        self.wait_ready().expect("cairnd becomes ready again");
+    }
+
+    /// Deploys the hello component as `name` on a fresh port; returns the address.
+    pub fn deploy_hello(&self, name: &str, extra: &[&str]) -> SocketAddr {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let hello = component("hello");
+        let listen = addr.to_string();
+        let mut args = vec![
+            "deploy",
+            name,
+            "--component",
+            hello.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ];
+        args.extend_from_slice(extra);
+        self.ctl_ok(&args);
+        addr
+    }
+
+    /// The app's status as JSON.
+    pub fn app_status(&self, app: &str) -> serde_json::Value {
+        let result = self.ctl(&["-o", "json", "status", app]);
+        assert_eq!(result.code, 0, "status {app}: {}", result.stderr);
+        result.json()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn wait_child(child: &mut Child, deadline: Duration) -> Result<std::process::ExitStatus> {
+    let start = Instant::now();
+    while start.elapsed() < deadline {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    Err(anyhow!(
+        "process {} did not exit within {deadline:?}",
+        child.id()
+    ))
+}
+
+/// An HTTP response: status and body.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+    pub headers: String,
+}
+
+/// One HTTP/1.1 request on a fresh connection, with a 30 s I/O deadline.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Result<Response> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Result<Response> {
+    http(addr, "GET", path, b"")
+}
+
+fn parse_response(raw: &[u8]) -> Result<Response> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("no header end in {:?}", String::from_utf8_lossy(raw)))?;
+    let headers = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status: u16 = headers
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {headers:?}"))?;
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body)?;
+    }
+    Ok(Response {
+        status,
+        body: String::from_utf8_lossy(&body).to_string(),
+        headers,
+    })
+}
+
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| anyhow!("truncated chunked body"))?;
+        let size_text = String::from_utf8_lossy(&data[..line_end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size + 2 {
+            bail!("truncated chunk");
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// Whether anything accepts connections on `addr`.
+pub fn is_listening(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+}

@@ -58,7 +58,8 @@ pub fn run(connection: &mut Connection) -> Result<(), String> {
 }
 
 fn run_sql(connection: &mut Connection) -> rusqlite::Result<Result<(), String>> {
-    let applied: usize = connection.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize;
+    let applied: usize =
+        connection.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize;
     if applied > MIGRATIONS.len() {
         return Ok(Err(format!(
             "the database is at schema version {applied}, newer than this cairnd knows ({}); \
@@ -84,7 +85,9 @@ mod tests {
         let mut connection = Connection::open_in_memory().unwrap();
         run(&mut connection).unwrap();
         run(&mut connection).unwrap();
-        let version: i64 = connection.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        let version: i64 = connection
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(version as usize, MIGRATIONS.len());
         connection.pragma_update(None, "user_version", 999).unwrap();
         let err = run(&mut connection).unwrap_err();

@@ -128,15 +128,12 @@ impl Store {
                  PRAGMA busy_timeout = 5000;",
             )
             .map_err(|e| open_error(e.to_string()))?;
-        migrations::run(&mut connection).map_err(|e| open_error(format!("schema migration failed: {e}")))?;
+        migrations::run(&mut connection)
+            .map_err(|e| open_error(format!("schema migration failed: {e}")))?;
         Ok(Store {
             connection: Mutex::new(connection),
             path: path.to_path_buf(),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Runs `work` against the store on the blocking pool.
@@ -154,7 +151,9 @@ impl Store {
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite half-written (transactions roll
         // back), so a poisoned lock is still safe to use.
-        self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn error(&self, err: rusqlite::Error) -> StoreError {
@@ -175,7 +174,11 @@ impl Store {
         if !digest.verify(bytes) {
             return Err(StoreError::Corrupt {
                 what: digest.to_string(),
-                detail: format!("the {} bytes given hash to {}", bytes.len(), Digest::of(bytes)),
+                detail: format!(
+                    "the {} bytes given hash to {}",
+                    bytes.len(),
+                    Digest::of(bytes)
+                ),
             });
         }
         let connection = self.lock();
@@ -191,7 +194,11 @@ impl Store {
     pub fn has_blob(&self, digest: &Digest) -> Result<bool, StoreError> {
         let connection = self.lock();
         connection
-            .query_row("SELECT 1 FROM blobs WHERE digest = ?1", [digest.to_string()], |_| Ok(()))
+            .query_row(
+                "SELECT 1 FROM blobs WHERE digest = ?1",
+                [digest.to_string()],
+                |_| Ok(()),
+            )
             .optional()
             .map(|found| found.is_some())
             .map_err(|e| self.error(e))
@@ -202,21 +209,59 @@ impl Store {
         let bytes: Option<Vec<u8>> = {
             let connection = self.lock();
             connection
-                .query_row("SELECT data FROM blobs WHERE digest = ?1", [digest.to_string()], |row| row.get(0))
+                .query_row(
+                    "SELECT data FROM blobs WHERE digest = ?1",
+                    [digest.to_string()],
+                    |row| row.get(0),
+                )
                 .optional()
                 .map_err(|e| self.error(e))?
         };
         match bytes {
             Some(bytes) if !digest.verify(&bytes) => Err(StoreError::Corrupt {
                 what: format!("component {digest}"),
-                detail: format!("its {} stored bytes hash to {}", bytes.len(), Digest::of(&bytes)),
+                detail: format!(
+                    "its {} stored bytes hash to {}",
+                    bytes.len(),
+                    Digest::of(&bytes)
+                ),
             }),
             other => Ok(other),
         }
     }
 
+    /// Deletes a blob (and its precompiled code) that no name and no generation refers to.
+    pub fn drop_blob_if_unused(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(|e| self.error(e))?;
+        let deleted = transaction
+            .execute(
+                "DELETE FROM blobs WHERE digest = ?1
+                   AND NOT EXISTS (SELECT 1 FROM components WHERE digest = ?1)
+                   AND NOT EXISTS (SELECT 1 FROM generations WHERE digest = ?1)",
+                [digest.to_string()],
+            )
+            .map_err(|e| self.error(e))?;
+        if deleted == 1 {
+            transaction
+                .execute(
+                    "DELETE FROM compiled WHERE digest = ?1",
+                    [digest.to_string()],
+                )
+                .map_err(|e| self.error(e))?;
+        }
+        transaction.commit().map_err(|e| self.error(e))?;
+        Ok(deleted == 1)
+    }
+
     /// Names `digest` as `name:tag` (moving the tag if it named another digest).
-    pub fn tag_component(&self, name: &str, tag: &str, digest: &Digest, source: &str) -> Result<(), StoreError> {
+    pub fn tag_component(
+        &self,
+        name: &str,
+        tag: &str,
+        digest: &Digest,
+        source: &str,
+    ) -> Result<(), StoreError> {
         let connection = self.lock();
         connection
             .execute(
@@ -256,10 +301,12 @@ impl Store {
         for row in rows {
             let (digest, size, name, tag, source, created_unix) = row.map_err(|e| self.error(e))?;
             records.push(ComponentRecord {
-                digest: digest.parse().map_err(|e: crate::digest::DigestParseError| StoreError::Corrupt {
-                    what: "the components table".into(),
-                    detail: e.to_string(),
-                })?,
+                digest: digest
+                    .parse()
+                    .map_err(|e: crate::digest::DigestParseError| StoreError::Corrupt {
+                        what: "the components table".into(),
+                        detail: e.to_string(),
+                    })?,
                 size: size as u64,
                 name,
                 tag,
@@ -274,7 +321,11 @@ impl Store {
 
     /// Precompiled code for `digest` made by an engine with `fingerprint`, if present and intact.
     /// A damaged entry is deleted and reported as absent, so the caller recompiles.
-    pub fn get_compiled(&self, digest: &Digest, fingerprint: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    pub fn get_compiled(
+        &self,
+        digest: &Digest,
+        fingerprint: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let connection = self.lock();
         let row: Option<(Vec<u8>, String)> = connection
             .query_row(
@@ -299,7 +350,12 @@ impl Store {
         }
     }
 
-    pub fn put_compiled(&self, digest: &Digest, fingerprint: &str, data: &[u8]) -> Result<(), StoreError> {
+    pub fn put_compiled(
+        &self,
+        digest: &Digest,
+        fingerprint: &str,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
         let connection = self.lock();
         connection
             .execute(
@@ -368,7 +424,8 @@ impl Store {
         Ok(())
     }
 
-    pub fn app(&self, name: &AppName) -> Result<Option<AppRecord>, StoreError> {
+    #[cfg(test)]
+    fn app(&self, name: &AppName) -> Result<Option<AppRecord>, StoreError> {
         Ok(self.apps_where(Some(name))?.into_iter().next())
     }
 
@@ -419,7 +476,11 @@ impl Store {
             .map_err(|e| self.error(e))?;
         let rows = statement
             .query_map([app.as_str()], |row| {
-                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get::<_, i64>(2)?))
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, i64>(2)?,
+                ))
             })
             .map_err(|e| self.error(e))?;
         let mut records = Vec::new();
@@ -446,8 +507,13 @@ impl Store {
         let removed = transaction
             .execute("DELETE FROM apps WHERE name = ?1", [app.as_str()])
             .map_err(|e| self.error(e))?;
-        for sql in ["DELETE FROM generations WHERE app = ?1", "DELETE FROM logs WHERE app = ?1"] {
-            transaction.execute(sql, [app.as_str()]).map_err(|e| self.error(e))?;
+        for sql in [
+            "DELETE FROM generations WHERE app = ?1",
+            "DELETE FROM logs WHERE app = ?1",
+        ] {
+            transaction
+                .execute(sql, [app.as_str()])
+                .map_err(|e| self.error(e))?;
         }
         transaction.commit().map_err(|e| self.error(e))?;
         Ok(removed == 1)
@@ -468,7 +534,13 @@ impl Store {
                 .map_err(|e| self.error(e))?;
             for line in lines {
                 statement
-                    .execute(params![line.app, line.generation as i64, line.unix_millis, line.stream, line.line])
+                    .execute(params![
+                        line.app,
+                        line.generation as i64,
+                        line.unix_millis,
+                        line.stream,
+                        line.line
+                    ])
                     .map_err(|e| self.error(e))?;
                 ids.push(transaction.last_insert_rowid() as u64);
             }
@@ -499,7 +571,8 @@ impl Store {
                 })
             })
             .map_err(|e| self.error(e))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.error(e))
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.error(e))
     }
 
     /// Keeps the newest `keep` lines of `app`.
@@ -532,13 +605,22 @@ mod tests {
         let digest = Digest::of(b"component bytes");
         assert!(store.put_blob(&digest, b"component bytes").unwrap());
         assert!(!store.put_blob(&digest, b"component bytes").unwrap());
-        assert!(matches!(store.put_blob(&digest, b"other bytes"), Err(StoreError::Corrupt { .. })));
-        assert_eq!(store.get_blob(&digest).unwrap().unwrap(), b"component bytes");
+        assert!(matches!(
+            store.put_blob(&digest, b"other bytes"),
+            Err(StoreError::Corrupt { .. })
+        ));
+        assert_eq!(
+            store.get_blob(&digest).unwrap().unwrap(),
+            b"component bytes"
+        );
 
         // Damage the row behind the store's back: a read must refuse it.
         store
             .lock()
-            .execute("UPDATE blobs SET data = x'00' WHERE digest = ?1", [digest.to_string()])
+            .execute(
+                "UPDATE blobs SET data = x'00' WHERE digest = ?1",
+                [digest.to_string()],
+            )
             .unwrap();
         let err = store.get_blob(&digest).unwrap_err();
         assert!(err.to_string().contains("corrupt"), "{err}");
@@ -552,8 +634,18 @@ mod tests {
         {
             let store = Store::open(&path).unwrap();
             store.put_blob(&digest, b"x").unwrap();
-            assert_eq!(store.commit_generation(&spec("web", &digest, "one"), Owner::Local).unwrap(), 1);
-            assert_eq!(store.commit_generation(&spec("web", &digest, "two"), Owner::Local).unwrap(), 2);
+            assert_eq!(
+                store
+                    .commit_generation(&spec("web", &digest, "one"), Owner::Local)
+                    .unwrap(),
+                1
+            );
+            assert_eq!(
+                store
+                    .commit_generation(&spec("web", &digest, "two"), Owner::Local)
+                    .unwrap(),
+                2
+            );
         }
         let store = Store::open(&path).unwrap();
         let name: AppName = "web".parse().unwrap();
@@ -561,10 +653,26 @@ mod tests {
         assert_eq!(app.generation, 2);
         assert_eq!(app.spec.env["GREETING"], "two");
         store.set_current_generation(&name, 1).unwrap();
-        assert_eq!(store.app(&name).unwrap().unwrap().spec.env["GREETING"], "one");
+        assert_eq!(
+            store.app(&name).unwrap().unwrap().spec.env["GREETING"],
+            "one"
+        );
         assert_eq!(store.generations(&name).unwrap().len(), 2);
         // A new deploy after a rollback gets a new number, never reuses one.
-        assert_eq!(store.commit_generation(&spec("web", &digest, "three"), Owner::Local).unwrap(), 3);
+        assert_eq!(
+            store
+                .commit_generation(&spec("web", &digest, "three"), Owner::Local)
+                .unwrap(),
+            3
+        );
+        // A blob in use, or named, is kept; one nothing refers to goes.
+        assert!(!store.drop_blob_if_unused(&digest).unwrap());
+        let loose = Digest::of(b"loose");
+        store.put_blob(&loose, b"loose").unwrap();
+        store.put_compiled(&loose, "engine", b"code").unwrap();
+        assert!(store.drop_blob_if_unused(&loose).unwrap());
+        assert!(!store.has_blob(&loose).unwrap());
+        assert!(store.get_compiled(&loose, "engine").unwrap().is_none());
         assert!(store.remove_app(&name).unwrap());
         assert!(store.app(&name).unwrap().is_none());
         assert!(store.generations(&name).unwrap().is_empty());
@@ -577,7 +685,10 @@ mod tests {
         let store = Store::open(&dir.path().join("cairn.db")).unwrap();
         let digest = Digest::of(b"x");
         store.put_compiled(&digest, "engine-a", b"native").unwrap();
-        assert_eq!(store.get_compiled(&digest, "engine-a").unwrap().unwrap(), b"native");
+        assert_eq!(
+            store.get_compiled(&digest, "engine-a").unwrap().unwrap(),
+            b"native"
+        );
         assert!(store.get_compiled(&digest, "engine-b").unwrap().is_none());
         store
             .lock()
@@ -585,8 +696,15 @@ mod tests {
             .unwrap();
         assert!(store.get_compiled(&digest, "engine-a").unwrap().is_none());
         store.put_compiled(&digest, "engine-a", b"native").unwrap();
-        store.put_compiled(&digest, "engine-old", b"native").unwrap();
-        assert_eq!(store.drop_compiled_except(&["engine-a".to_string()]).unwrap(), 1);
+        store
+            .put_compiled(&digest, "engine-old", b"native")
+            .unwrap();
+        assert_eq!(
+            store
+                .drop_compiled_except(&["engine-a".to_string()])
+                .unwrap(),
+            1
+        );
         assert!(store.get_compiled(&digest, "engine-a").unwrap().is_some());
     }
 
@@ -607,9 +725,15 @@ mod tests {
         assert_eq!(ids.len(), 10);
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
         let tail = store.tail_logs("web", 3).unwrap();
-        assert_eq!(tail.iter().map(|l| l.line.as_str()).collect::<Vec<_>>(), ["line 7", "line 8", "line 9"]);
+        assert_eq!(
+            tail.iter().map(|l| l.line.as_str()).collect::<Vec<_>>(),
+            ["line 7", "line 8", "line 9"]
+        );
         assert_eq!(store.tail_logs("web", 0).unwrap().len(), 10);
         assert_eq!(store.prune_logs("web", 4).unwrap(), 6);
-        assert_eq!(store.tail_logs("web", 0).unwrap().first().unwrap().line, "line 6");
+        assert_eq!(
+            store.tail_logs("web", 0).unwrap().first().unwrap().line,
+            "line 6"
+        );
     }
 }

@@ -1,0 +1,90 @@
+//! The control socket authorises every call from the peer's credentials.
+
+use cairn_tests::{is_root, Daemon};
+use std::os::unix::fs::PermissionsExt;
+
+const NOBODY: u32 = 65534;
+
+fn open_dir_to_all(daemon: &Daemon) {
+    // The temp dir is private by default; let the other user reach the socket inside it.
+    std::fs::set_permissions(&daemon.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn another_user_is_refused_by_default() {
+    if !is_root() {
+        eprintln!(
+            "SKIPPED another_user_is_refused_by_default: needs root to run cairnctl as another uid"
+        );
+        return;
+    }
+    let daemon = Daemon::start();
+    open_dir_to_all(&daemon);
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660, "the control socket must be 0660");
+    let result = daemon.ctl_as(Some(NOBODY), &["ls"]);
+    assert_eq!(result.code, 4, "{result:?}");
+    assert!(
+        result.stderr.contains("permission denied"),
+        "{}",
+        result.stderr
+    );
+    assert!(result.stderr.contains("usermod -aG"), "{}", result.stderr);
+}
+
+#[test]
+fn readers_may_read_but_not_change_state() {
+    if !is_root() {
+        eprintln!("SKIPPED readers_may_read_but_not_change_state: needs root to run cairnctl as another uid");
+        return;
+    }
+    let daemon = Daemon::start_with(
+        Some("[control]\nread_access = \"any\"\ngroup = \"cairn-e2e-none\"\n"),
+        &[],
+    );
+    open_dir_to_all(&daemon);
+    let addr = daemon.deploy_hello("guarded", &[]);
+
+    let read = daemon.ctl_as(Some(NOBODY), &["-o", "json", "ls"]);
+    assert_eq!(read.code, 0, "{read:?}");
+    assert_eq!(read.json()[0]["name"], "guarded");
+
+    for args in [vec!["rm", "guarded"], vec!["rollback", "guarded"]] {
+        let result = daemon.ctl_as(Some(NOBODY), &args);
+        assert_eq!(result.code, 4, "{args:?}: {result:?}");
+        assert!(
+            result.stderr.contains(&format!("uid {NOBODY} may not")),
+            "{}",
+            result.stderr
+        );
+    }
+    let listen = format!("127.0.0.1:{}", cairn_tests::free_port());
+    let digest = format!("sha256:{}", "0".repeat(64));
+    let deploy = daemon.ctl_as(
+        Some(NOBODY),
+        &[
+            "deploy",
+            "intruder",
+            "--component",
+            &digest,
+            "--listen",
+            &listen,
+        ],
+    );
+    assert_eq!(deploy.code, 4, "{deploy:?}");
+    // Root still may, and the refused calls changed nothing.
+    assert_eq!(cairn_tests::get(addr, "/").unwrap().status, 200);
+    assert_eq!(
+        daemon
+            .ctl(&["-o", "json", "ls"])
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}

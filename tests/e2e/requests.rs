@@ -1,0 +1,167 @@
+//! The request path under failure: traps, timeouts, memory exhaustion and overload are each
+//! answered, counted and logged, and the next request is served normally.
+
+use cairn_tests::{get, http, wait_for, Daemon};
+use std::time::Duration;
+
+#[test]
+fn a_trap_answers_500_and_the_next_request_is_served() {
+    let daemon = Daemon::start();
+    let addr = daemon.deploy_hello("trappy", &[]);
+    let trapped = get(addr, "/trap").unwrap();
+    assert_eq!(trapped.status, 500, "{trapped:?}");
+    let next = get(addr, "/").unwrap();
+    assert_eq!(
+        (next.status, next.body.as_str()),
+        (200, "hello from cairn\n")
+    );
+    assert_eq!(daemon.app_status("trappy")["traps"], 1);
+    wait_for("the trap to be logged", Duration::from_secs(10), || {
+        daemon
+            .ctl_ok(&["logs", "trappy"])
+            .contains("GET /trap trapped: wasm trap")
+    })
+    .unwrap();
+    assert!(daemon
+        .ctl_ok(&["logs", "trappy"])
+        .contains("panics on purpose"));
+}
+
+#[test]
+fn a_request_past_its_timeout_answers_500_and_the_next_is_served() {
+    let daemon = Daemon::start();
+    let addr = daemon.deploy_hello("slowpoke", &["--timeout", "300ms"]);
+    // Spinning guest code is stopped by the epoch deadline.
+    assert_eq!(get(addr, "/loop").unwrap().status, 500);
+    // A guest parked on the host (sleeping) is stopped too.
+    assert_eq!(get(addr, "/sleep?5000").unwrap().status, 500);
+    assert_eq!(get(addr, "/sleep?10").unwrap().status, 200);
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+    let status = daemon.app_status("slowpoke");
+    assert_eq!(status["timeouts"], 2, "{status}");
+    assert_eq!(status["traps"], 0, "{status}");
+    wait_for("the timeout to be logged", Duration::from_secs(10), || {
+        daemon
+            .ctl_ok(&["logs", "slowpoke"])
+            .contains("GET /loop stopped at its timeout")
+    })
+    .unwrap();
+}
+
+#[test]
+fn memory_is_capped_per_instance() {
+    let daemon = Daemon::start();
+    let addr = daemon.deploy_hello("hungry", &["--memory", "16MiB"]);
+    assert_eq!(get(addr, "/alloc?4").unwrap().status, 200);
+    // Unbounded allocation stops at the cap: the guest traps, the host answers 500.
+    assert_eq!(get(addr, "/alloc").unwrap().status, 500);
+    assert_eq!(get(addr, "/alloc?32").unwrap().status, 500);
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+    assert_eq!(daemon.app_status("hungry")["traps"], 2);
+}
+
+#[test]
+fn over_the_instance_limit_answers_503_at_once() {
+    let daemon = Daemon::start();
+    let addr = daemon.deploy_hello("narrow", &["--instances", "1", "--timeout", "10s"]);
+    let slow = std::thread::spawn(move || get(addr, "/sleep?1500").unwrap());
+    wait_for(
+        "the slow request to hold the only instance",
+        Duration::from_secs(10),
+        || daemon.app_status("narrow")["in_flight"] == 1,
+    )
+    .unwrap();
+    let rejected = get(addr, "/").unwrap();
+    assert_eq!(rejected.status, 503, "{rejected:?}");
+    assert!(
+        rejected
+            .headers
+            .to_ascii_lowercase()
+            .contains("retry-after: 1"),
+        "{}",
+        rejected.headers
+    );
+    assert_eq!(slow.join().unwrap().status, 200);
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+    assert_eq!(daemon.app_status("narrow")["rejected"], 1);
+}
+
+#[test]
+fn request_bodies_reach_the_guest() {
+    let daemon = Daemon::start();
+    let addr = daemon.deploy_hello("echo", &[]);
+    let body = vec![b'z'; 300_000];
+    let response = http(addr, "POST", "/echo", &body).unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body.len(), body.len());
+}
+
+#[test]
+fn sigterm_drains_requests_in_flight() {
+    let mut daemon = Daemon::start();
+    let addr = daemon.deploy_hello("drain", &["--timeout", "10s"]);
+    let slow = std::thread::spawn(move || get(addr, "/sleep?1000").unwrap());
+    wait_for(
+        "the request to be in flight",
+        Duration::from_secs(10),
+        || daemon.app_status("drain")["in_flight"] == 1,
+    )
+    .unwrap();
+    let status = daemon.stop();
+    assert!(status.success(), "{status}");
+    let response = slow.join().unwrap();
+    assert_eq!(
+        (response.status, response.body.as_str()),
+        (200, "slept 1000ms\n")
+    );
+}
+
+#[test]
+fn logs_follow_streams_new_lines() {
+    let daemon = Daemon::start();
+    let addr = daemon.deploy_hello("chatty", &[]);
+    let (_, cairnctl) = cairn_tests::binaries();
+    let mut follower = std::process::Command::new(cairnctl)
+        .args([
+            "--socket",
+            daemon.socket.to_str().unwrap(),
+            "logs",
+            "chatty",
+            "-f",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // The backlog arrives first, then lines written after the follower started.
+    let first = receiver.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(first.contains("deployed generation 1"), "{first}");
+    assert_eq!(get(addr, "/log").unwrap().status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|l: &String| l.contains("log line to stdout"))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        seen.push(
+            receiver
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no followed line; saw {seen:?}")),
+        );
+    }
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+}
