@@ -5,11 +5,6 @@ use std::os::unix::fs::PermissionsExt;
 
 const NOBODY: u32 = 65534;
 
-fn open_dir_to_all(daemon: &Daemon) {
-    // The temp dir is private by default; let the other user reach the socket inside it.
-    std::fs::set_permissions(&daemon.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
 #[test]
 fn another_user_is_refused_by_default() {
     if !is_root() {
@@ -19,7 +14,6 @@ fn another_user_is_refused_by_default() {
         return;
     }
     let daemon = Daemon::start();
-    open_dir_to_all(&daemon);
     let mode = std::fs::metadata(&daemon.socket)
         .unwrap()
         .permissions()
@@ -46,7 +40,6 @@ fn readers_may_read_but_not_change_state() {
         Some("[control]\nread_access = \"any\"\ngroup = \"cairn-e2e-none\"\n"),
         &[],
     );
-    open_dir_to_all(&daemon);
     let addr = daemon.deploy_hello("guarded", &[]);
 
     let read = daemon.ctl_as(Some(NOBODY), &["-o", "json", "ls"]);
