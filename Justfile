@@ -56,5 +56,7 @@ lint:
 
 # The whole test suite: lints, unit tests and the end-to-end tests over the real binaries.
 test: lint components
+    rm -f target/test-skips.log
     cargo build --workspace --bins
     cargo test --workspace
+    if [ -s target/test-skips.log ]; then echo "Tests that could not run here:"; cat target/test-skips.log; fi

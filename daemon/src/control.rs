@@ -261,8 +261,12 @@ impl Control for ControlService {
                 )));
             }
         }
-        runtime::check_component_header(&bytes)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Validation is CPU work on up to max_component_size bytes: keep it off the async threads.
+        let (checked, bytes) =
+            tokio::task::spawn_blocking(move || (runtime::check_component(&bytes), bytes))
+                .await
+                .map_err(|e| Status::internal(format!("validating the upload failed: {e}")))?;
+        checked.map_err(|e| Status::invalid_argument(e.to_string()))?;
         // An unnamed push (what `deploy FILE` makes) is not tagged: it is kept only while a
         // generation uses it.
         let name = meta.name;

@@ -60,8 +60,17 @@ pub enum RuntimeError {
     Engine(String),
 }
 
+/// Checks that `bytes` are a well-formed component: WebAssembly at all, a component rather than
+/// a core module, and valid. It does not compile; the engine's own checks come at deploy.
+pub fn check_component(bytes: &[u8]) -> Result<(), RuntimeError> {
+    check_component_header(bytes)?;
+    wasmparser::Validator::new_with_features(wasmparser::WasmFeatures::all())
+        .validate_all(bytes)
+        .map(drop)
+        .map_err(|error| RuntimeError::Invalid(error.to_string()))
+}
+
 /// Checks the header of `bytes`: WebAssembly at all, and a component rather than a core module.
-/// Cheap enough for the upload path; full validation happens when the component is compiled.
 pub fn check_component_header(bytes: &[u8]) -> Result<(), RuntimeError> {
     if bytes.len() < 8 || &bytes[0..4] != b"\0asm" {
         return Err(RuntimeError::NotWasm);
@@ -638,6 +647,14 @@ impl tokio::io::AsyncWrite for OutputCapture {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_truncated_component_is_invalid() {
+        // The smallest component: header only. Valid. Cut into it: invalid.
+        assert!(check_component(b"\0asm\x0d\0\x01\0").is_ok());
+        let err = check_component(b"\0asm\x0d\0\x01\0\x00\x05ab").unwrap_err();
+        assert!(matches!(err, RuntimeError::Invalid(_)), "{err}");
+    }
 
     #[test]
     fn headers_tell_modules_components_and_garbage_apart() {

@@ -8,8 +8,9 @@ const NOBODY: u32 = 65534;
 #[test]
 fn another_user_is_refused_by_default() {
     if !is_root() {
-        eprintln!(
-            "SKIPPED another_user_is_refused_by_default: needs root to run cairnctl as another uid"
+        cairn_tests::skip(
+            "another_user_is_refused_by_default",
+            "needs root to run cairnctl as another uid",
         );
         return;
     }
@@ -33,7 +34,10 @@ fn another_user_is_refused_by_default() {
 #[test]
 fn readers_may_read_but_not_change_state() {
     if !is_root() {
-        eprintln!("SKIPPED readers_may_read_but_not_change_state: needs root to run cairnctl as another uid");
+        cairn_tests::skip(
+            "readers_may_read_but_not_change_state",
+            "needs root to run cairnctl as another uid",
+        );
         return;
     }
     let daemon = Daemon::start_with(

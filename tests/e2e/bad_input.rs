@@ -45,6 +45,7 @@ fn bad_input_is_refused_and_changes_nothing() {
     let mut truncated = std::fs::read(component("hello")).unwrap();
     truncated.truncate(truncated.len() / 2);
     let truncated = write(&daemon, "truncated.wasm", &truncated);
+    expect(&["push", &truncated], 2, "the component is not valid");
     expect(
         &[
             "deploy",
@@ -228,4 +229,51 @@ fn cairnctl_says_when_no_daemon_is_running() {
     assert_eq!(output.status.code(), Some(6));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("cairnd is not running at"), "{stderr}");
+}
+
+#[test]
+fn a_full_disk_is_reported_and_loses_nothing() {
+    if !cairn_tests::is_root() {
+        cairn_tests::skip(
+            "a_full_disk_is_reported_and_loses_nothing",
+            "needs root to mount a small tmpfs",
+        );
+        return;
+    }
+    let mount_point = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "cairn-e2e-full"])
+        .arg(mount_point.path())
+        .status();
+    if !matches!(mounted, Ok(status) if status.success()) {
+        cairn_tests::skip(
+            "a_full_disk_is_reported_and_loses_nothing",
+            &format!("mounting a tmpfs failed ({mounted:?})"),
+        );
+        return;
+    }
+    let unmount = |path: &std::path::Path| {
+        let _ = std::process::Command::new("umount").arg(path).status();
+    };
+    let result = std::panic::catch_unwind(|| {
+        let daemon = Daemon::start_with_state_dir(&mount_point.path().join("state"));
+        let addr = daemon.deploy_hello("survivor", &[]);
+        let big = write(&daemon, "big.wasm", &cairn_tests::padded_component(3 << 20));
+        let result = daemon.ctl(&["push", &big]);
+        assert_eq!(result.code, 7, "{result:?}");
+        assert!(
+            result.stderr.contains("is full: free some space"),
+            "{}",
+            result.stderr
+        );
+        // Nothing was lost and the daemon still works.
+        assert_eq!(get(addr, "/").unwrap().status, 200);
+        let apps = daemon.ctl(&["-o", "json", "ls"]).json();
+        assert_eq!(apps[0]["name"], "survivor");
+        assert_eq!(apps[0]["status"], "running");
+    });
+    unmount(mount_point.path());
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
 }

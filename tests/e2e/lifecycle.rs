@@ -248,3 +248,46 @@ fn apps_come_back_after_sigterm_and_kill_9_without_recompiling() {
     daemon.ctl_ok(&["rollback", "keeper"]);
     assert_eq!(get(addr, "/").unwrap().body, "first from cairn\n");
 }
+
+#[test]
+fn stale_or_damaged_precompiled_code_is_recompiled() {
+    let mut daemon = Daemon::start();
+    let addr = daemon.deploy_hello("fresh", &[]);
+    daemon.stop();
+
+    // As if wasmtime or the CPU had changed: the cached code's fingerprint no longer matches.
+    let db = rusqlite::Connection::open(daemon.database()).unwrap();
+    assert_eq!(
+        db.execute(
+            "UPDATE compiled SET fingerprint = 'wasmtime-of-another-age'",
+            []
+        )
+        .unwrap(),
+        1
+    );
+    drop(db);
+    daemon.restart();
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+    assert_eq!(daemon.ctl(&["-o", "json", "status"]).json()["compiled"], 1);
+    daemon.stop();
+    let db = rusqlite::Connection::open(daemon.database()).unwrap();
+    let stale: i64 = db
+        .query_row(
+            "SELECT count(*) FROM compiled WHERE fingerprint = 'wasmtime-of-another-age'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(stale, 0, "code no engine can use is dropped");
+
+    // Damaged bytes are never handed to wasmtime: they fail their checksum and are rebuilt.
+    assert_eq!(
+        db.execute("UPDATE compiled SET data = zeroblob(length(data))", [])
+            .unwrap(),
+        1
+    );
+    drop(db);
+    daemon.restart();
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+    assert_eq!(daemon.ctl(&["-o", "json", "status"]).json()["compiled"], 1);
+}

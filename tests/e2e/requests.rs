@@ -165,3 +165,55 @@ fn logs_follow_streams_new_lines() {
     follower.kill().unwrap();
     follower.wait().unwrap();
 }
+
+#[test]
+fn filesystem_sockets_and_outgoing_http_are_linked_but_denied() {
+    let daemon = Daemon::start();
+    let addr = daemon.deploy_hello("sandboxed", &[]);
+    // Something the guest could reach if sockets were allowed.
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = target.local_addr().unwrap().port();
+    for path in [
+        "/fs".to_string(),
+        format!("/net?{port}"),
+        "/outgoing".to_string(),
+    ] {
+        let response = get(addr, &path).unwrap();
+        assert_eq!(response.status, 200, "{path}: {response:?}");
+        assert!(
+            response.body.starts_with("denied: "),
+            "{path}: {}",
+            response.body
+        );
+    }
+    assert!(get(addr, "/outgoing")
+        .unwrap()
+        .body
+        .contains("HttpRequestDenied"));
+    target.set_nonblocking(true).unwrap();
+    assert!(
+        target.accept().is_err(),
+        "the guest must not have connected"
+    );
+}
+
+#[test]
+fn a_short_address_space_falls_back_to_on_demand_allocation() {
+    // 16 GiB of address space, far less than a 39-bit ARM board's 512 GiB, is still enough
+    // for the default pool (32 instances of 64MiB) but not for 1000 instances of 1GiB.
+    let daemon = Daemon::start_with_address_space(16 << 30);
+    let small = daemon.deploy_hello("small", &[]);
+    assert_eq!(get(small, "/").unwrap().status, 200);
+    assert_eq!(daemon.app_status("small")["allocator"], "pooling");
+    let big = daemon.deploy_hello("big", &["--instances", "1000", "--memory", "1GiB"]);
+    assert_eq!(get(big, "/").unwrap().status, 200);
+    assert_eq!(get(big, "/alloc?8").unwrap().status, 200);
+    let allocator = daemon.app_status("big")["allocator"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        allocator.starts_with("on-demand (the pooling allocator was refused"),
+        "{allocator}"
+    );
+}

@@ -105,6 +105,17 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// Records that `test` could not run here and why. cargo hides a passing test's output, so the
+/// reason also goes to `target/test-skips.log`, which `just test` prints at the end.
+pub fn skip(test: &str, reason: &str) {
+    let line = format!("SKIPPED {test}: {reason}");
+    eprintln!("{line}");
+    let log = target_dir().join("test-skips.log");
+    if let Ok(mut file) = std::fs::File::options().create(true).append(true).open(log) {
+        let _ = writeln!(file, "{line}");
+    }
+}
+
 /// Waits for `condition` to hold, up to `deadline`.
 pub fn wait_for(what: &str, deadline: Duration, mut condition: impl FnMut() -> bool) -> Result<()> {
     let start = Instant::now();
@@ -151,6 +162,7 @@ pub struct Daemon {
     notifications: Vec<String>,
     _temp: Option<tempfile::TempDir>,
     extra_env: Vec<(String, String)>,
+    address_space: Option<u64>,
 }
 
 impl Daemon {
@@ -159,8 +171,43 @@ impl Daemon {
         Daemon::start_with(None, &[])
     }
 
+    /// Starts a daemon whose virtual address space is capped at `bytes` (RLIMIT_AS), as on a
+    /// board with a small virtual address range.
+    pub fn start_with_address_space(bytes: u64) -> Daemon {
+        Daemon::start_full(None, &[], Some(bytes))
+    }
+
+    /// Starts a daemon keeping its state in `state` (a dir the test prepared, e.g. a mount).
+    pub fn start_with_state_dir(state: &Path) -> Daemon {
+        let mut daemon = Daemon::unstarted(None, &[], None);
+        daemon.state = state.to_path_buf();
+        daemon.spawn();
+        daemon.wait_ready().expect("cairnd becomes ready");
+        daemon
+    }
+
+    /// The state database, for tests that damage it on purpose.
+    pub fn database(&self) -> PathBuf {
+        self.state.join("cairn.db")
+    }
+
     /// Starts a daemon with `config` (TOML) and extra environment.
     pub fn start_with(config: Option<&str>, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_full(config, env, None)
+    }
+
+    fn start_full(
+        config: Option<&str>,
+        env: &[(&str, &str)],
+        address_space: Option<u64>,
+    ) -> Daemon {
+        let mut daemon = Daemon::unstarted(config, env, address_space);
+        daemon.spawn();
+        daemon.wait_ready().expect("cairnd becomes ready");
+        daemon
+    }
+
+    fn unstarted(config: Option<&str>, env: &[(&str, &str)], address_space: Option<u64>) -> Daemon {
         let temp = tempfile::Builder::new()
             .prefix("cairn-e2e")
             .tempdir()
@@ -172,7 +219,7 @@ impl Daemon {
             path
         });
         let notify_path = dir.join("notify.sock");
-        let mut daemon = Daemon {
+        Daemon {
             child: None,
             socket: dir.join("cairnd.sock"),
             state: dir.join("state"),
@@ -185,10 +232,8 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        daemon.spawn();
-        daemon.wait_ready().expect("cairnd becomes ready");
-        daemon
+            address_space,
+        }
     }
 
     fn spawn(&mut self) {
@@ -215,6 +260,19 @@ impl Daemon {
         }
         for (key, value) in &self.extra_env {
             command.env(key, value);
+        }
+        if let Some(bytes) = self.address_space {
+            // SAFETY: setrlimit is async-signal-safe; it runs in the child before exec.
+            unsafe {
+                command.pre_exec(move || {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_AS,
+                        bytes,
+                        bytes,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+            }
         }
         self.notifications.clear();
         self.child = Some(command.spawn().expect("cairnd starts"));
@@ -456,4 +514,27 @@ fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
 /// Whether anything accepts connections on `addr`.
 pub fn is_listening(addr: SocketAddr) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+}
+
+/// A valid component of about `size` bytes: the component header and one custom section.
+pub fn padded_component(size: usize) -> Vec<u8> {
+    let name = b"pad";
+    let payload = size.saturating_sub(32);
+    let mut section = vec![name.len() as u8];
+    section.extend_from_slice(name);
+    section.resize(section.len() + payload, 0);
+    let mut bytes = b"\0asm\x0d\0\x01\0".to_vec();
+    bytes.push(0); // custom section id
+    let mut length = section.len();
+    loop {
+        let byte = (length & 0x7f) as u8;
+        length >>= 7;
+        if length == 0 {
+            bytes.push(byte);
+            break;
+        }
+        bytes.push(byte | 0x80);
+    }
+    bytes.extend_from_slice(&section);
+    bytes
 }

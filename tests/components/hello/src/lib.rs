@@ -14,6 +14,9 @@
 //! - `/alloc`         allocates until memory runs out
 //! - `/alloc?MB`      allocates MB mebibytes, touches them, then 200
 //! - `/echo`          answers with the request body
+//! - `/fs`            tries to read /etc/hostname (std, wasi:filesystem): "denied: …" expected
+//! - `/net?PORT`      tries a TCP connection to 127.0.0.1:PORT (std, wasi:sockets)
+//! - `/outgoing`      tries an outgoing HTTP request (wasi:http/outgoing-handler)
 
 use wasip2::http::types::{
     Fields, IncomingBody, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
@@ -75,9 +78,38 @@ impl wasip2::exports::http::incoming_handler::Guest for Hello {
                 }
             }
             "/echo" => (200, read_body(request)),
+            "/fs" => match std::fs::read_to_string("/etc/hostname") {
+                Ok(text) => (200, format!("read: {text}").into_bytes()),
+                Err(error) => (200, format!("denied: {error}\n").into_bytes()),
+            },
+            "/net" => match std::net::TcpStream::connect(("127.0.0.1", query.parse().unwrap_or(80))) {
+                Ok(_) => (200, b"connected\n".to_vec()),
+                Err(error) => (200, format!("denied: {error}\n").into_bytes()),
+            },
+            "/outgoing" => (200, outgoing().into_bytes()),
             _ => (404, format!("no route {path}\n").into_bytes()),
         };
         respond(response_out, status, &body);
+    }
+}
+
+fn outgoing() -> String {
+    use wasip2::http::outgoing_handler;
+    use wasip2::http::types::{OutgoingRequest, Scheme};
+    let request = OutgoingRequest::new(Fields::new());
+    request.set_scheme(Some(&Scheme::Http)).expect("scheme is valid");
+    request.set_authority(Some("127.0.0.1:9")).expect("authority is valid");
+    request.set_path_with_query(Some("/")).expect("path is valid");
+    match outgoing_handler::handle(request, None) {
+        Err(code) => format!("denied: {code:?}\n"),
+        Ok(future) => {
+            future.subscribe().block();
+            match future.get() {
+                Some(Ok(Ok(_))) => "sent\n".to_string(),
+                Some(Ok(Err(code))) => format!("denied: {code:?}\n"),
+                other => format!("denied: {other:?}\n"),
+            }
+        }
     }
 }
 
