@@ -565,6 +565,9 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
         object.insert("timeouts".into(), json!(detail.timeouts));
         object.insert("rejected".into(), json!(detail.rejected));
         object.insert("started".into(), json!(detail.started_unix));
+        object.insert("pid".into(), json!(detail.pid));
+        object.insert("restarts".into(), json!(detail.restarts));
+        object.insert("last_exit".into(), json!(detail.last_exit));
         print_json(&value);
         return;
     }
@@ -576,6 +579,19 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
         row(["listen", &format!("http://{}", app.listen)]),
         row(["component", &app.digest]),
         row(["allocator", &detail.allocator]),
+        row([
+            "pool",
+            &format!(
+                "pid {}, {} restart(s){}",
+                detail.pid,
+                detail.restarts,
+                if detail.last_exit.is_empty() {
+                    String::new()
+                } else {
+                    format!(", last exit: {}", detail.last_exit)
+                }
+            ),
+        ]),
         row(["started", &utc(detail.started_unix)]),
         row([
             "requests",

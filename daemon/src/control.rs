@@ -34,16 +34,17 @@ use tonic::{Request, Response, Status, Streaming};
 pub fn status_of(error: &ReconcileError) -> Status {
     let message = error.to_string();
     match error {
-        ReconcileError::Spec(_) | ReconcileError::Component { .. } => {
-            Status::invalid_argument(message)
-        }
+        ReconcileError::Spec(_)
+        | ReconcileError::Component { .. }
+        | ReconcileError::Load { .. } => Status::invalid_argument(message),
         ReconcileError::UnknownApp(_)
         | ReconcileError::UnknownComponent(_)
         | ReconcileError::UnknownGeneration { .. } => Status::not_found(message),
         ReconcileError::NoPreviousGeneration(_)
         | ReconcileError::AddressTaken { .. }
         | ReconcileError::AddressUnavailable { .. }
-        | ReconcileError::OwnedElsewhere { .. } => Status::failed_precondition(message),
+        | ReconcileError::OwnedElsewhere { .. }
+        | ReconcileError::Pool(_) => Status::failed_precondition(message),
         ReconcileError::Store(StoreError::Full { .. }) => Status::resource_exhausted(message),
         ReconcileError::Store(StoreError::Corrupt { .. }) => Status::data_loss(message),
         ReconcileError::Store(_) | ReconcileError::Internal(_) => Status::internal(message),
@@ -432,7 +433,8 @@ impl Control for ControlService {
                     compiled: self.runtime.compiled.load(Ordering::Relaxed),
                     cache_hits: self.runtime.cache_hits.load(Ordering::Relaxed),
                     limits: self.limits_note.clone(),
-                    log_lines_dropped: self.logs.dropped(),
+                    log_lines_dropped: self.logs.dropped()
+                        + self.reconciler.pool_log_lines_dropped().await,
                 })),
             }));
         }
@@ -495,6 +497,9 @@ impl Control for ControlService {
                 rejected: detail.rejected,
                 health: String::new(),
                 started_unix: detail.started_unix,
+                pid: detail.pid,
+                restarts: detail.restarts,
+                last_exit: detail.last_exit,
             })),
         }))
     }

@@ -1,17 +1,17 @@
-//! The HTTP front of one app: a bound listener, an accept loop and hyper serving HTTP/1.1.
-//! Each request takes a concurrency slot or is answered 503 at once (no unbounded queue), then
-//! runs on a fresh instance. A new generation is swapped in under the same listener without
-//! dropping connections; shutdown stops accepting and drains requests in flight.
+//! The HTTP front of one app, inside its pool process: an accept loop on the listener the
+//! supervisor passed down, and hyper serving HTTP/1.1. Each request takes a concurrency slot or
+//! is answered 503 at once (no unbounded queue), then runs on a fresh instance. Shutdown stops
+//! accepting (closing the listener at once) and drains requests in flight.
 
+use crate::pool::protocol::{Counter, Counters};
 use crate::runtime::{LoadedApp, Outcome, RequestFailure};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -19,80 +19,42 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
-/// Request counters of one app, kept across generations for the life of the daemon.
-#[derive(Default)]
-pub struct AppStats {
-    pub requests: AtomicU64,
-    pub traps: AtomicU64,
-    pub timeouts: AtomicU64,
-    pub rejected: AtomicU64,
-}
+/// How long a connection accepted just before a drain may take to send its first request.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 
-/// What a listener serves right now: one generation of the app and its concurrency slots.
+/// What the listener serves: one generation of the app, its concurrency slots, its counters.
 pub struct Serving {
     pub app: LoadedApp,
-    pub instances: u32,
     slots: Arc<Semaphore>,
+    counters: Arc<Counters>,
 }
 
 impl Serving {
-    pub fn new(app: LoadedApp, instances: u32) -> Serving {
+    pub fn new(app: LoadedApp, instances: u32, counters: Arc<Counters>) -> Serving {
         Serving {
             app,
-            instances,
             slots: Arc::new(Semaphore::new(instances as usize)),
+            counters,
         }
-    }
-
-    pub fn in_flight(&self) -> u64 {
-        (self.instances as usize).saturating_sub(self.slots.available_permits()) as u64
     }
 }
 
 pub struct HttpServer {
-    pub addr: SocketAddr,
-    current: Arc<RwLock<Arc<Serving>>>,
     stop: CancellationToken,
     connections: TaskTracker,
 }
 
-/// Binds `addr`, saying plainly when it is taken.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let listener = std::net::TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    TcpListener::from_std(listener)
-}
-
 impl HttpServer {
-    pub fn start(listener: TcpListener, serving: Serving, stats: Arc<AppStats>) -> HttpServer {
-        let addr = listener
-            .local_addr()
-            .expect("a bound listener has an address");
-        let current = Arc::new(RwLock::new(Arc::new(serving)));
+    pub fn start(listener: TcpListener, serving: Serving) -> HttpServer {
         let stop = CancellationToken::new();
         let connections = TaskTracker::new();
         tokio::spawn(accept_loop(
             listener,
-            Arc::clone(&current),
-            stats,
+            Arc::new(serving),
             stop.clone(),
             connections.clone(),
         ));
-        HttpServer {
-            addr,
-            current,
-            stop,
-            connections,
-        }
-    }
-
-    /// Serves `serving` from now on; requests already running finish on the old generation.
-    pub fn swap(&self, serving: Serving) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(serving);
-    }
-
-    pub fn serving(&self) -> Arc<Serving> {
-        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+        HttpServer { stop, connections }
     }
 
     /// Stops accepting, asks open connections to close after their current request, and waits
@@ -106,8 +68,7 @@ impl HttpServer {
 
 async fn accept_loop(
     listener: TcpListener,
-    current: Arc<RwLock<Arc<Serving>>>,
-    stats: Arc<AppStats>,
+    serving: Arc<Serving>,
     stop: CancellationToken,
     connections: TaskTracker,
 ) {
@@ -126,44 +87,57 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let current = Arc::clone(&current);
-        let stats = Arc::clone(&stats);
+        let serving = Arc::clone(&serving);
         let stop = stop.clone();
         connections.spawn(async move {
+            let requests = Arc::new(AtomicU64::new(0));
+            let counted = Arc::clone(&requests);
             let service = service_fn(move |request| {
-                let serving = Arc::clone(&current.read().unwrap_or_else(|p| p.into_inner()));
-                let stats = Arc::clone(&stats);
-                async move { Ok::<_, std::convert::Infallible>(handle(serving, stats, request).await) }
+                counted.fetch_add(1, Ordering::Relaxed);
+                let serving = Arc::clone(&serving);
+                async move { Ok::<_, std::convert::Infallible>(handle(serving, request).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             tokio::select! {
-                _ = connection.as_mut() => {}
-                _ = stop.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
+                _ = connection.as_mut() => return,
+                _ = stop.cancelled() => {}
             }
+            // A connection accepted just before the stop may not have sent its request yet,
+            // and hyper closes a connection with no request in progress at once: the client
+            // would see a reset. Give it a moment to send its first request.
+            let first_request = async {
+                while requests.load(Ordering::Relaxed) == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            };
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                _ = tokio::time::timeout(FIRST_REQUEST_GRACE, first_request) => {}
+            }
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
         });
     }
 }
 
 async fn handle(
     serving: Arc<Serving>,
-    stats: Arc<AppStats>,
     request: hyper::Request<Incoming>,
 ) -> hyper::Response<HyperOutgoingBody> {
-    stats.requests.fetch_add(1, Ordering::Relaxed);
+    let counters = &serving.counters;
+    counters.add(Counter::Requests, 1);
     let Ok(permit) = Arc::clone(&serving.slots).try_acquire_owned() else {
-        stats.rejected.fetch_add(1, Ordering::Relaxed);
+        counters.add(Counter::Rejected, 1);
         return plain(
             503,
             "the app is serving as many requests as its [limits] instances allow; retry shortly\n",
         );
     };
-    match serving.app.handle(request, permit).await {
+    let in_flight = InFlight::enter(Arc::clone(counters));
+    match serving.app.handle(request, permit, in_flight).await {
         Ok(response) => response,
         Err(RequestFailure::Guest(Outcome::Timeout)) => {
             plain(500, "the app did not finish within its [limits] timeout\n")
@@ -176,6 +150,23 @@ async fn handle(
             plain(500, &format!("the app answered with an error: {code}\n"))
         }
         Err(RequestFailure::Host(reason)) => plain(400, &format!("bad request: {reason}\n")),
+    }
+}
+
+/// Counts a request as in flight from the moment it holds a slot until its instance is gone
+/// (which may be after the response was sent).
+pub struct InFlight(Arc<Counters>);
+
+impl InFlight {
+    fn enter(counters: Arc<Counters>) -> InFlight {
+        counters.add(Counter::InFlight, 1);
+        InFlight(counters)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.sub(Counter::InFlight, 1);
     }
 }
 

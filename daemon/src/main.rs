@@ -6,7 +6,8 @@
 //! - `supervisor`: wiring, systemd readiness and watchdog, signals, shutdown.
 //! - `control`: the gRPC control server and its authorisation.
 //! - `reconcile`: the only code that changes what runs (deploy, rollback, remove, start-up).
-//! - `http` (listeners, hyper), `logs` (output pipeline).
+//! - `spawn` (starting pool processes), `logs` (output pipeline).
+//! - `pool`: the pool process (`cairnd pool`), with `http` (listener, hyper) and `runtime`.
 //! - `runtime` (wasmtime), `store` (SQLite), `spec` (typed manifests), `digest`, `config`,
 //!   `systemd`.
 
@@ -15,14 +16,16 @@ mod control;
 mod digest;
 mod http;
 mod logs;
+mod pool;
 mod reconcile;
 mod runtime;
+mod spawn;
 mod spec;
 mod store;
 mod supervisor;
 mod systemd;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 /// The cairn daemon: runs WebAssembly components from its SQLite store.
@@ -46,6 +49,19 @@ struct Args {
     /// Log filter, such as `info` or `cairnd=debug` (RUST_LOG works too).
     #[arg(long, value_name = "FILTER", default_value = "info")]
     log: String,
+    #[command(subcommand)]
+    mode: Option<Mode>,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Internal: the process cairnd starts for each app. Not for people to run.
+    #[command(hide = true)]
+    Pool {
+        /// The app's name, so `ps` says whose pool this is.
+        #[arg(long)]
+        app: String,
+    },
 }
 
 fn main() {
@@ -58,6 +74,10 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+
+    if let Some(Mode::Pool { app: _ }) = args.mode {
+        std::process::exit(pool::run());
+    }
 
     let result = (|| -> anyhow::Result<()> {
         let mut config = match &args.config {

@@ -1,25 +1,35 @@
 //! The reconciler: the only thing that changes what runs. Deploys, rollbacks and removals from
 //! the control API come here, as will fleet state; so does start-up, which brings every app in
-//! the store back at its current generation. Changes are serialised by one lock.
+//! the store back at its current generation, and so do pool exits. Changes are serialised by
+//! one lock.
 //!
-//! The policy: a new generation is prepared completely (component loaded or compiled, linked,
-//! one instance made, listener bound) before it is written to the store and swapped in. If any
-//! step fails, the store and the running app are left exactly as they were and the caller is
-//! told why. An app that cannot start from the store (at boot) is marked failed with its
-//! reason and retried by `retry_failed`; the others serve regardless.
+//! The policy: a new generation is prepared completely (code loaded from the cache or compiled
+//! and cached, a pool process started that linked it and made one instance, the address bound)
+//! before it is written to the store and told to serve. If any step fails, the store and the
+//! running app are left exactly as they were and the caller is told why. A pool that dies is
+//! restarted with exponential backoff on the listener the supervisor kept, so connections
+//! queue instead of being refused. An app that cannot start from the store (at boot) is marked
+//! failed with its reason and retried by `retry_failed`; the others serve regardless.
 
 use crate::digest::Digest;
-use crate::http::{self, AppStats, HttpServer, Serving};
 use crate::logs::LogHub;
-use crate::runtime::{LoadedApp, Outcome, RequestReport, Runtime, RuntimeError};
+use crate::pool::protocol::{Counter, Counters};
+use crate::runtime::{Runtime, RuntimeError};
+use crate::spawn::{self, Pool, PoolExit, SpawnError};
 use crate::spec::{AppName, AppSpec, SpecError};
 use crate::store::{now_unix, Owner, Store, StoreError};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Mutex};
+
+/// First restart delay after a pool dies; doubled for each further failure, up to the cap.
+const RESTART_BACKOFF: Duration = Duration::from_millis(100);
+const RESTART_BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// A pool that served this long is healthy again: its next failure starts the backoff over.
+const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -46,6 +56,10 @@ pub enum ReconcileError {
         digest: Digest,
         source: RuntimeError,
     },
+    #[error("component {digest}: {message}")]
+    Load { digest: Digest, message: String },
+    #[error("the app's pool could not start: {0}")]
+    Pool(String),
     #[error("app `{app}` is owned by the {owner}; change it there")]
     OwnedElsewhere { app: String, owner: &'static str },
     #[error(transparent)]
@@ -77,13 +91,21 @@ pub struct AppDetailView {
     pub timeouts: u64,
     pub rejected: u64,
     pub started_unix: i64,
+    pub pid: u32,
+    pub restarts: u64,
+    pub last_exit: String,
 }
 
 enum State {
     Running {
-        server: HttpServer,
-        allocator: String,
+        pool: Pool,
+        since: Instant,
     },
+    /// The pool died; a restart is scheduled.
+    Restarting {
+        reason: String,
+    },
+    /// The app could not be started at all.
     Failed {
         reason: String,
     },
@@ -94,8 +116,15 @@ struct Running {
     generation: u64,
     spec: AppSpec,
     state: State,
-    stats: Arc<AppStats>,
+    /// Bound by the supervisor and kept across pool restarts.
+    listener: Option<Arc<std::net::TcpListener>>,
+    counters: Arc<Counters>,
+    allocator: String,
     started_unix: i64,
+    restarts: u64,
+    /// Failures since the pool last stayed up for `HEALTHY_AFTER`.
+    consecutive_failures: u32,
+    last_exit: String,
 }
 
 pub struct Reconciler {
@@ -104,28 +133,47 @@ pub struct Reconciler {
     logs: Arc<LogHub>,
     apps: Mutex<BTreeMap<AppName, Running>>,
     drain: Duration,
-}
-
-/// A generation ready to swap in.
-struct Prepared {
-    loaded: LoadedApp,
-    stats: Arc<AppStats>,
+    exits: mpsc::Sender<PoolExit>,
+    /// Restarts that are due (sent after their backoff).
+    restarts: mpsc::Sender<(AppName, u64)>,
 }
 
 impl Reconciler {
-    pub fn new(
+    /// Creates the reconciler and starts the task that handles pool exits.
+    pub fn start(
         store: Arc<Store>,
         runtime: Arc<Runtime>,
         logs: Arc<LogHub>,
         drain: Duration,
     ) -> Arc<Reconciler> {
-        Arc::new(Reconciler {
+        let (exits, mut exit_events) = mpsc::channel(256);
+        let (restarts, mut due_restarts) = mpsc::channel(256);
+        let reconciler = Arc::new(Reconciler {
             store,
             runtime,
             logs,
             apps: Mutex::new(BTreeMap::new()),
             drain,
-        })
+            exits,
+            restarts,
+        });
+        let weak = Arc::downgrade(&reconciler);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(exit) = exit_events.recv() => {
+                        let Some(reconciler) = weak.upgrade() else { return };
+                        reconciler.pool_exited(exit).await;
+                    }
+                    Some((app, generation)) = due_restarts.recv() => {
+                        let Some(reconciler) = weak.upgrade() else { return };
+                        reconciler.restart(&app, generation).await;
+                    }
+                    else => return,
+                }
+            }
+        });
+        reconciler
     }
 
     /// Brings every app in the store up at its current generation. Apps that fail are marked
@@ -134,36 +182,72 @@ impl Reconciler {
         let records = self.store.call(|store| store.apps()).await?;
         let mut apps = self.apps.lock().await;
         for record in records {
-            let stats = Arc::new(AppStats::default());
-            let state = match self
-                .start(&record.spec, record.generation, Arc::clone(&stats))
-                .await
-            {
-                Ok(state) => state,
-                Err(error) => {
-                    let reason = error.to_string();
-                    tracing::error!(app = %record.name, %reason, "app could not start");
-                    self.logs.note(
-                        record.name.as_str(),
-                        record.generation,
-                        &format!("could not start: {reason}"),
-                    );
-                    State::Failed { reason }
-                }
-            };
-            apps.insert(
-                record.name.clone(),
-                Running {
-                    owner: record.owner,
-                    generation: record.generation,
-                    spec: record.spec,
-                    state,
-                    stats,
-                    started_unix: now_unix(),
+            let counters = Arc::new(new_counters(&record.name)?);
+            let mut running = Running {
+                owner: record.owner,
+                generation: record.generation,
+                spec: record.spec,
+                state: State::Failed {
+                    reason: "not started yet".into(),
                 },
-            );
+                listener: None,
+                counters,
+                allocator: String::new(),
+                started_unix: now_unix(),
+                restarts: 0,
+                consecutive_failures: 0,
+                last_exit: String::new(),
+            };
+            // A pool of the previous daemon may still be closing its copy of the listener.
+            self.bring_up(&mut running, Duration::from_secs(3)).await;
+            apps.insert(record.name, running);
         }
         Ok(())
+    }
+
+    /// Starts `running`'s pool on its (possibly new) listener; on failure marks it failed.
+    async fn bring_up(&self, running: &mut Running, bind_patience: Duration) {
+        let result = async {
+            if running.listener.is_none() {
+                running.listener = Some(Arc::new(
+                    bind_patiently(running.spec.http.listen, bind_patience).await?,
+                ));
+            }
+            let listener = Arc::clone(running.listener.as_ref().expect("bound above"));
+            let pool = self
+                .launch(
+                    &running.spec,
+                    running.generation,
+                    &listener,
+                    &running.counters,
+                )
+                .await?;
+            pool.serve().await.map_err(|e| {
+                ReconcileError::Pool(format!("the pool stopped listening to the supervisor: {e}"))
+            })?;
+            Ok::<Pool, ReconcileError>(pool)
+        }
+        .await;
+        match result {
+            Ok(pool) => {
+                running.allocator = pool.allocator.clone();
+                running.state = State::Running {
+                    pool,
+                    since: Instant::now(),
+                };
+                running.started_unix = now_unix();
+            }
+            Err(error) => {
+                let reason = error.to_string();
+                tracing::error!(app = %running.spec.name, %reason, "app could not start");
+                self.logs.note(
+                    running.spec.name.as_str(),
+                    running.generation,
+                    &format!("could not start: {reason}"),
+                );
+                running.state = State::Failed { reason };
+            }
+        }
     }
 
     /// Tries again to start apps that failed (a port that was busy at boot, say).
@@ -171,94 +255,100 @@ impl Reconciler {
         let mut apps = self.apps.lock().await;
         for (name, running) in apps.iter_mut() {
             if let State::Failed { .. } = running.state {
-                match self
-                    .start(
-                        &running.spec,
+                self.bring_up(running, Duration::ZERO).await;
+                if let State::Running { .. } = running.state {
+                    self.logs.note(
+                        name.as_str(),
                         running.generation,
-                        Arc::clone(&running.stats),
-                    )
-                    .await
-                {
-                    Ok(state) => {
-                        self.logs.note(
-                            name.as_str(),
-                            running.generation,
-                            "started after an earlier failure",
-                        );
-                        running.state = state;
-                        running.started_unix = now_unix();
-                    }
-                    Err(error) => {
-                        running.state = State::Failed {
-                            reason: error.to_string(),
-                        }
-                    }
+                        "started after an earlier failure",
+                    );
                 }
             }
         }
     }
 
-    async fn start(
+    /// Loads the app's code (precompiled from the store, or compiled now and cached) and starts
+    /// a pool with it. Cached code a pool cannot load is recompiled once.
+    async fn launch(
         &self,
         spec: &AppSpec,
         generation: u64,
-        stats: Arc<AppStats>,
-    ) -> Result<State, ReconcileError> {
-        let prepared = self.prepare(spec, generation, stats.clone()).await?;
-        let listener = bind(spec.http.listen)?;
-        let allocator = prepared.loaded.allocator.clone();
-        let server = HttpServer::start(
-            listener,
-            Serving::new(prepared.loaded, spec.limits.instances),
-            prepared.stats,
-        );
-        Ok(State::Running { server, allocator })
+        listener: &std::net::TcpListener,
+        counters: &Counters,
+    ) -> Result<Pool, ReconcileError> {
+        let (code, cached) = self.code(spec, false).await?;
+        match self
+            .launch_with(spec, generation, &code, listener, counters)
+            .await
+        {
+            Err(ReconcileError::Load { message, .. }) if cached => {
+                tracing::warn!(app = %spec.name, %message, "precompiled code was not usable; recompiling");
+                let (code, _) = self.code(spec, true).await?;
+                self.launch_with(spec, generation, &code, listener, counters)
+                    .await
+            }
+            other => other,
+        }
     }
 
-    /// Loads (or compiles and caches) the component and links it, off the async threads.
-    async fn prepare(
+    async fn launch_with(
         &self,
         spec: &AppSpec,
         generation: u64,
-        stats: Arc<AppStats>,
-    ) -> Result<Prepared, ReconcileError> {
+        code: &[u8],
+        listener: &std::net::TcpListener,
+        counters: &Counters,
+    ) -> Result<Pool, ReconcileError> {
+        spawn::launch(spawn::Launch {
+            spec,
+            generation,
+            code,
+            listener,
+            counters,
+            logs: Arc::clone(&self.logs),
+            exits: self.exits.clone(),
+        })
+        .await
+        .map_err(|error| match error {
+            SpawnError::Load(message) => ReconcileError::Load {
+                digest: spec.component.clone(),
+                message,
+            },
+            other => ReconcileError::Pool(other.to_string()),
+        })
+    }
+
+    /// The app's native code and whether it came from the cache. Compiling is CPU work, so it
+    /// runs on the blocking pool.
+    async fn code(
+        &self,
+        spec: &AppSpec,
+        force_compile: bool,
+    ) -> Result<(Vec<u8>, bool), ReconcileError> {
         let store = Arc::clone(&self.store);
         let runtime = Arc::clone(&self.runtime);
         let spec = spec.clone();
-        let reporter = reporter(
-            Arc::clone(&self.logs),
-            spec.name.to_string(),
-            generation,
-            Arc::clone(&stats),
-        );
-        let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let _entered = handle.enter();
             let digest = spec.component.clone();
             let component_error = |source| ReconcileError::Component {
                 digest: digest.clone(),
                 source,
             };
             let fingerprint = runtime.fingerprint(&spec.limits).map_err(component_error)?;
-            let env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            if let Some(code) = store.get_compiled(&digest, &fingerprint)? {
-                match runtime.load(&spec.name, &code, &spec.limits, env.clone(), Arc::clone(&reporter)) {
-                    Ok(loaded) => {
-                        runtime.cache_hits.fetch_add(1, Ordering::Relaxed);
-                        return Ok(Prepared { loaded, stats });
-                    }
-                    Err(error) => tracing::warn!(%digest, %error, "precompiled code was not usable; recompiling"),
+            if !force_compile {
+                if let Some(code) = store.get_compiled(&digest, &fingerprint)? {
+                    runtime.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok((code, true));
                 }
             }
             let wasm = store
                 .get_blob(&digest)?
                 .ok_or_else(|| ReconcileError::UnknownComponent(digest.clone()))?;
-            let code = runtime.compile(&wasm, &spec.limits).map_err(component_error)?;
-            let loaded = runtime
-                .load(&spec.name, &code, &spec.limits, env, reporter)
+            let code = runtime
+                .compile(&wasm, &spec.limits)
                 .map_err(component_error)?;
             store.put_compiled(&digest, &fingerprint, &code)?;
-            Ok(Prepared { loaded, stats })
+            Ok((code, false))
         })
         .await
         .map_err(|e| ReconcileError::Internal(format!("preparing the app failed: {e}")))?
@@ -342,8 +432,9 @@ impl Reconciler {
         Ok(view)
     }
 
-    /// Prepares `spec`, binds its address unless this app already listens there, records it in
-    /// the store (a new generation, or `existing` made current) and swaps it in.
+    /// Starts a pool for `spec` (binding its address unless this app already listens there),
+    /// records it in the store (a new generation, or `existing` made current), tells it to
+    /// serve and stops the previous pool.
     async fn activate(
         &self,
         apps: &mut BTreeMap<AppName, Running>,
@@ -352,11 +443,6 @@ impl Reconciler {
         existing: Option<u64>,
     ) -> Result<(AppView, bool), ReconcileError> {
         let name = spec.name.clone();
-        let stats = apps
-            .get(&name)
-            .map(|r| Arc::clone(&r.stats))
-            .unwrap_or_default();
-        // The generation number is only known once written; prepare with the number it will get.
         let next_generation = match existing {
             Some(generation) => generation,
             None => {
@@ -373,71 +459,57 @@ impl Reconciler {
                     .await?
             }
         };
-        let prepared = self
-            .prepare(&spec, next_generation, Arc::clone(&stats))
-            .await?;
-        let reuse_listener = matches!(
-            apps.get(&name),
-            Some(Running { state: State::Running { server, .. }, .. }) if server.addr == spec.http.listen
-        );
-        let listener = if reuse_listener {
-            None
-        } else {
-            Some(bind(spec.http.listen)?)
+        let reusable = apps
+            .get(&name)
+            .and_then(|r| r.listener.as_ref())
+            .filter(|l| l.local_addr().ok() == Some(spec.http.listen))
+            .cloned();
+        let listener = match reusable {
+            Some(listener) => listener,
+            None => Arc::new(bind_patiently(spec.http.listen, Duration::ZERO).await?),
         };
+        let counters = match apps.get(&name) {
+            Some(running) => Arc::clone(&running.counters),
+            None => Arc::new(new_counters(&name)?),
+        };
+        let pool = self
+            .launch(&spec, next_generation, &listener, &counters)
+            .await?;
 
         let stored_spec = spec.clone();
-        let generation = match existing {
+        let recorded = match existing {
             Some(generation) => {
                 let app = name.clone();
                 self.store
                     .call(move |store| store.set_current_generation(&app, generation))
-                    .await?;
-                generation
+                    .await
+                    .map(|_| generation)
             }
             None => {
                 self.store
                     .call(move |store| store.commit_generation(&stored_spec, owner))
-                    .await?
+                    .await
             }
         };
-        if generation != next_generation {
-            return Err(ReconcileError::Internal(format!(
-                "generation {generation} was written where {next_generation} was expected"
-            )));
+        let generation = match recorded {
+            Ok(generation) if generation == next_generation => generation,
+            Ok(other) => {
+                pool.stop(Duration::ZERO).await;
+                return Err(ReconcileError::Internal(format!(
+                    "generation {other} was written where {next_generation} was expected"
+                )));
+            }
+            Err(error) => {
+                pool.stop(Duration::ZERO).await;
+                return Err(error.into());
+            }
+        };
+        if let Err(error) = pool.serve().await {
+            // The new pool died between loading and serving; the store already says this
+            // generation, so leave it to the restart logic like any other pool death.
+            tracing::warn!(app = %name, %error, "new pool went away before serving");
         }
-
-        let allocator = prepared.loaded.allocator.clone();
-        let serving = Serving::new(prepared.loaded, spec.limits.instances);
         let previous = apps.remove(&name);
-        let state = match (listener, previous) {
-            (
-                None,
-                Some(Running {
-                    state: State::Running { server, .. },
-                    ..
-                }),
-            ) => {
-                server.swap(serving);
-                State::Running { server, allocator }
-            }
-            (Some(listener), previous) => {
-                let server = HttpServer::start(listener, serving, Arc::clone(&stats));
-                if let Some(Running {
-                    state: State::Running { server: old, .. },
-                    ..
-                }) = previous
-                {
-                    tokio::spawn(old.shutdown(self.drain));
-                }
-                State::Running { server, allocator }
-            }
-            (None, _) => {
-                return Err(ReconcileError::Internal(
-                    "listener vanished during deploy".into(),
-                ))
-            }
-        };
         let verb = if existing.is_some() {
             "rolled back to"
         } else {
@@ -452,13 +524,121 @@ impl Reconciler {
             owner,
             generation,
             spec,
-            state,
-            stats,
+            allocator: pool.allocator.clone(),
+            state: State::Running {
+                pool,
+                since: Instant::now(),
+            },
+            listener: Some(listener),
+            counters,
             started_unix: now_unix(),
+            restarts: previous.as_ref().map(|p| p.restarts).unwrap_or(0),
+            consecutive_failures: 0,
+            last_exit: previous
+                .as_ref()
+                .map(|p| p.last_exit.clone())
+                .unwrap_or_default(),
         };
+        if let Some(Running {
+            state: State::Running { pool: old, .. },
+            ..
+        }) = previous
+        {
+            let drain = self.drain;
+            tokio::spawn(async move { old.stop(drain).await });
+        }
         let app_view = view(&name, &running);
         apps.insert(name, running);
         Ok((app_view, false))
+    }
+
+    /// Handles a pool's exit: expected exits (after `stop`) are ignored; anything else is
+    /// recorded and the pool restarted after a backoff.
+    async fn pool_exited(&self, exit: PoolExit) {
+        let mut apps = self.apps.lock().await;
+        let Some(running) = apps.get_mut(&exit.app) else {
+            return;
+        };
+        let State::Running { pool, since } = &running.state else {
+            return;
+        };
+        if pool.pid != exit.pid {
+            return; // an old generation's pool finishing its drain
+        }
+        if since.elapsed() >= HEALTHY_AFTER {
+            running.consecutive_failures = 0;
+        }
+        running.consecutive_failures += 1;
+        running.restarts += 1;
+        running.last_exit = exit.reason.to_string();
+        running.counters.set(Counter::InFlight, 0);
+        let delay = backoff(running.consecutive_failures);
+        let reason = format!("the pool ended ({}); restarting in {delay:?}", exit.reason);
+        tracing::warn!(app = %exit.app, pid = exit.pid, %reason);
+        self.logs
+            .note(exit.app.as_str(), running.generation, &reason);
+        running.state = State::Restarting { reason };
+        self.schedule_restart(exit.app.clone(), running.generation, delay);
+    }
+
+    fn schedule_restart(&self, app: AppName, generation: u64, delay: Duration) {
+        let restarts = self.restarts.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = restarts.send((app, generation)).await;
+        });
+    }
+
+    /// Restarts a pool that died, if the app still wants that generation.
+    async fn restart(&self, app: &AppName, generation: u64) {
+        let mut apps = self.apps.lock().await;
+        let Some(running) = apps.get_mut(app) else {
+            return;
+        };
+        if running.generation != generation || !matches!(running.state, State::Restarting { .. }) {
+            return;
+        }
+        let listener = Arc::clone(
+            running
+                .listener
+                .as_ref()
+                .expect("a restarting app keeps its listener"),
+        );
+        let launched = self
+            .launch(&running.spec, generation, &listener, &running.counters)
+            .await;
+        let served = match launched {
+            Ok(pool) => match pool.serve().await {
+                Ok(()) => Ok(pool),
+                Err(error) => Err(ReconcileError::Pool(error.to_string())),
+            },
+            Err(error) => Err(error),
+        };
+        match served {
+            Ok(pool) => {
+                self.logs.note(
+                    app.as_str(),
+                    generation,
+                    &format!("pool restarted (pid {})", pool.pid),
+                );
+                running.allocator = pool.allocator.clone();
+                running.state = State::Running {
+                    pool,
+                    since: Instant::now(),
+                };
+                running.started_unix = now_unix();
+            }
+            Err(error) => {
+                running.consecutive_failures += 1;
+                running.restarts += 1;
+                running.last_exit = error.to_string();
+                let delay = backoff(running.consecutive_failures);
+                running.state = State::Restarting {
+                    reason: format!("{error}; retrying in {delay:?}"),
+                };
+                self.schedule_restart(app.clone(), generation, delay);
+            }
+        }
     }
 
     /// Stops the app and forgets it.
@@ -472,8 +652,8 @@ impl Reconciler {
             apps.insert(name.clone(), running);
             return Err(error.into());
         }
-        if let State::Running { server, .. } = running.state {
-            server.shutdown(self.drain).await;
+        if let State::Running { pool, .. } = running.state {
+            pool.stop(self.drain).await;
         }
         Ok(())
     }
@@ -490,54 +670,94 @@ impl Reconciler {
         let running = apps
             .get(name)
             .ok_or_else(|| ReconcileError::UnknownApp(name.to_string()))?;
-        let (allocator, in_flight) = match &running.state {
-            State::Running { server, allocator } => {
-                (allocator.clone(), server.serving().in_flight())
-            }
-            State::Failed { .. } => (String::new(), 0),
-        };
+        let counters = &running.counters;
         Ok(AppDetailView {
             view: view(name, running),
             spec: running.spec.clone(),
-            allocator,
-            requests: running.stats.requests.load(Ordering::Relaxed),
-            in_flight,
-            traps: running.stats.traps.load(Ordering::Relaxed),
-            timeouts: running.stats.timeouts.load(Ordering::Relaxed),
-            rejected: running.stats.rejected.load(Ordering::Relaxed),
+            allocator: running.allocator.clone(),
+            requests: counters.get(Counter::Requests),
+            in_flight: counters.get(Counter::InFlight),
+            traps: counters.get(Counter::Traps),
+            timeouts: counters.get(Counter::Timeouts),
+            rejected: counters.get(Counter::Rejected),
             started_unix: running.started_unix,
+            pid: match &running.state {
+                State::Running { pool, .. } => pool.pid,
+                _ => 0,
+            },
+            restarts: running.restarts,
+            last_exit: running.last_exit.clone(),
         })
+    }
+
+    /// Log lines the pools had to drop because their queue to the supervisor was full.
+    pub async fn pool_log_lines_dropped(&self) -> u64 {
+        let apps = self.apps.lock().await;
+        apps.values()
+            .map(|r| r.counters.get(Counter::LogLinesDropped))
+            .sum()
     }
 
     /// Stops every app, draining requests in flight.
     pub async fn shutdown(&self) {
         let mut apps = self.apps.lock().await;
-        let mut drains = Vec::new();
+        let mut stops = Vec::new();
         for (_, running) in std::mem::take(&mut *apps) {
-            if let State::Running { server, .. } = running.state {
-                drains.push(tokio::spawn(server.shutdown(self.drain)));
+            if let State::Running { pool, .. } = running.state {
+                let drain = self.drain;
+                stops.push(tokio::spawn(async move { pool.stop(drain).await }));
             }
         }
-        for drain in drains {
-            let _ = drain.await;
+        for stop in stops {
+            let _ = stop.await;
         }
     }
 }
 
-fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ReconcileError> {
-    http::bind(addr).map_err(|error| ReconcileError::AddressUnavailable {
-        addr,
-        reason: match error.kind() {
-            std::io::ErrorKind::AddrInUse => "the address is in use by another program".to_string(),
-            std::io::ErrorKind::AddrNotAvailable => {
-                "no interface on this device has that address".to_string()
+fn new_counters(app: &AppName) -> Result<Counters, ReconcileError> {
+    Counters::create(app.as_str())
+        .map_err(|e| ReconcileError::Internal(format!("cannot create the counters page: {e}")))
+}
+
+fn backoff(failures: u32) -> Duration {
+    RESTART_BACKOFF
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(RESTART_BACKOFF_CAP)
+}
+
+/// Binds `addr`, retrying for up to `patience` while it is in use.
+async fn bind_patiently(
+    addr: SocketAddr,
+    patience: Duration,
+) -> Result<std::net::TcpListener, ReconcileError> {
+    let start = Instant::now();
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Ok(listener) => return Ok(listener),
+            Err(error)
+                if error.kind() == std::io::ErrorKind::AddrInUse && start.elapsed() < patience =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            std::io::ErrorKind::PermissionDenied => {
-                "ports below 1024 need root or CAP_NET_BIND_SERVICE".to_string()
+            Err(error) => {
+                return Err(ReconcileError::AddressUnavailable {
+                    addr,
+                    reason: match error.kind() {
+                        std::io::ErrorKind::AddrInUse => {
+                            "the address is in use by another program".to_string()
+                        }
+                        std::io::ErrorKind::AddrNotAvailable => {
+                            "no interface on this device has that address".to_string()
+                        }
+                        std::io::ErrorKind::PermissionDenied => {
+                            "ports below 1024 need root or CAP_NET_BIND_SERVICE".to_string()
+                        }
+                        _ => error.to_string(),
+                    },
+                })
             }
-            _ => error.to_string(),
-        },
-    })
+        }
+    }
 }
 
 fn check_address_free(
@@ -567,6 +787,7 @@ fn check_address_free(
 fn view(name: &AppName, running: &Running) -> AppView {
     let (status, error) = match &running.state {
         State::Running { .. } => ("running", String::new()),
+        State::Restarting { reason } => ("restarting", reason.clone()),
         State::Failed { reason } => ("failed", reason.clone()),
     };
     AppView {
@@ -580,44 +801,23 @@ fn view(name: &AppName, running: &Running) -> AppView {
     }
 }
 
-/// Turns what a request left behind into log lines and counters.
-fn reporter(
-    logs: Arc<LogHub>,
-    app: String,
-    generation: u64,
-    stats: Arc<AppStats>,
-) -> crate::runtime::Reporter {
-    Arc::new(move |report: RequestReport| {
-        logs.emit(&app, generation, "stdout", &report.stdout);
-        logs.emit(&app, generation, "stderr", &report.stderr);
-        match &report.outcome {
-            Outcome::Ok => {}
-            Outcome::Trap(message) => {
-                stats.traps.fetch_add(1, Ordering::Relaxed);
-                logs.note(
-                    &app,
-                    generation,
-                    &format!("{} {} trapped: {message}", report.method, report.path),
-                );
-            }
-            Outcome::Timeout => {
-                stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                logs.note(
-                    &app,
-                    generation,
-                    &format!("{} {} stopped at its timeout", report.method, report.path),
-                );
-            }
-            Outcome::NoResponse => {
-                logs.note(
-                    &app,
-                    generation,
-                    &format!(
-                        "{} {} returned without a response",
-                        report.method, report.path
-                    ),
-                );
-            }
-        }
-    })
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spawn::ExitReason;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(4), Duration::from_millis(800));
+        assert_eq!(backoff(20), RESTART_BACKOFF_CAP);
+        assert_eq!(backoff(u32::MAX), RESTART_BACKOFF_CAP);
+    }
+
+    #[test]
+    fn exit_reasons_read_like_status() {
+        assert_eq!(ExitReason::Signal(9).to_string(), "signal 9");
+        assert_eq!(ExitReason::Code(3).to_string(), "exit 3");
+    }
 }

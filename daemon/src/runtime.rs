@@ -436,6 +436,7 @@ impl LoadedApp {
         &self,
         request: hyper::Request<Incoming>,
         permit: OwnedSemaphorePermit,
+        in_flight: crate::http::InFlight,
     ) -> Result<hyper::Response<HyperOutgoingBody>, RequestFailure> {
         let method = request.method().to_string();
         let path = request.uri().path().to_string();
@@ -477,6 +478,7 @@ impl LoadedApp {
             };
             drop(store);
             drop(permit);
+            drop(in_flight);
             (settings.reporter)(RequestReport {
                 outcome: outcome.clone(),
                 stdout: stdout.take(),

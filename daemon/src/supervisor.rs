@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 const LOOP_PERIOD: Duration = Duration::from_secs(10);
 
 /// Resource limits beyond wasmtime's own are not enforced by this version; status says so.
-const LIMITS_NOTE: &str = "cpu, total memory and pids are not enforced yet: apps run inside cairnd without per-app cgroups";
+const LIMITS_NOTE: &str =
+    "cpu, total memory and pids are not enforced yet: pools run without per-app cgroups";
 
 pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.state_dir).with_context(|| {
@@ -36,7 +37,7 @@ pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
     let store = Arc::new(Store::open(&db)?);
     let runtime = Runtime::new();
     let logs = LogHub::start(Arc::clone(&store), config.log_lines_per_app);
-    let reconciler = Reconciler::new(
+    let reconciler = Reconciler::start(
         Arc::clone(&store),
         Arc::clone(&runtime),
         Arc::clone(&logs),

@@ -4,5 +4,6 @@
 mod access;
 mod bad_input;
 mod lifecycle;
+mod pools;
 mod requests;
 mod service;

@@ -1,0 +1,218 @@
+//! The pool process (`cairnd pool`, started only by the supervisor): hosts one app's wasmtime
+//! engine, accepts on the listener the supervisor bound and passed down, and serves every
+//! request itself. It never touches the store, the control socket or the fleet: everything it
+//! needs arrives at spawn (fds 3–6, see `protocol`) and in the `Start` message, and everything
+//! it reports goes back over the control socket (logs) or the shared counters page.
+//!
+//! Lifecycle: Start → load (link, one probe instance) → `Loaded`/`Failed` → wait for `Serve` →
+//! accept until `Drain` (or the supervisor goes away) → drain → exit 0.
+
+pub mod protocol;
+
+use crate::http::{HttpServer, Serving};
+use crate::runtime::{Outcome, RequestReport, Runtime};
+use protocol::{Counter, Counters, FromPool, LogChunk, ToPool};
+use std::io::{Read, Seek};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Log chunks queued towards the supervisor before new ones are dropped (and counted).
+const LOG_QUEUE: usize = 4096;
+
+/// Runs the pool; returns the process exit code.
+pub fn run() -> i32 {
+    // SAFETY: the supervisor started this process with exactly these descriptors open at these
+    // numbers (see `spawn`), and nothing else in this process owns them.
+    let (listener, control, code, counters) = unsafe {
+        (
+            OwnedFd::from_raw_fd(protocol::LISTENER_FD),
+            OwnedFd::from_raw_fd(protocol::CONTROL_FD),
+            OwnedFd::from_raw_fd(protocol::CODE_FD),
+            OwnedFd::from_raw_fd(protocol::COUNTERS_FD),
+        )
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cairnd pool: cannot start tokio: {error}");
+            return 70;
+        }
+    };
+    match runtime.block_on(serve(listener, control, code, counters)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("cairnd pool: {error:#}");
+            71
+        }
+    }
+}
+
+async fn serve(
+    listener: OwnedFd,
+    control: OwnedFd,
+    code: OwnedFd,
+    counters: OwnedFd,
+) -> anyhow::Result<i32> {
+    let control = std::os::unix::net::UnixStream::from(control);
+    control.set_nonblocking(true)?;
+    let (mut reader, mut writer) = tokio::net::UnixStream::from_std(control)?.into_split();
+    let counters = Arc::new(Counters::map(counters)?);
+
+    let Some(ToPool::Start { spec, generation }) = protocol::receive(&mut reader).await? else {
+        anyhow::bail!("the supervisor did not send Start first");
+    };
+    let mut code_file = std::fs::File::from(code);
+    code_file.rewind()?;
+    let mut code = Vec::new();
+    code_file.read_to_end(&mut code)?;
+    drop(code_file);
+
+    // One writer task owns the socket's sending half; everything else queues to it.
+    let (outgoing, mut queue) = mpsc::channel::<FromPool>(64);
+    let (log_sender, mut log_queue) = mpsc::channel::<LogChunk>(LOG_QUEUE);
+    let writer_task = tokio::spawn(async move {
+        loop {
+            let message = tokio::select! {
+                biased;
+                message = queue.recv() => match message {
+                    Some(message) => message,
+                    None => break,
+                },
+                Some(first) = log_queue.recv() => {
+                    let mut lines = vec![first];
+                    while lines.len() < 256 {
+                        match log_queue.try_recv() {
+                            Ok(line) => lines.push(line),
+                            Err(_) => break,
+                        }
+                    }
+                    FromPool::Logs { lines }
+                }
+            };
+            if protocol::send(&mut writer, &message).await.is_err() {
+                break;
+            }
+        }
+        // Flush what is left of the logs before the socket closes.
+        let mut lines = Vec::new();
+        while let Ok(line) = log_queue.try_recv() {
+            lines.push(line);
+        }
+        if !lines.is_empty() {
+            let _ = protocol::send(&mut writer, &FromPool::Logs { lines }).await;
+        }
+    });
+
+    let reporter = reporter(log_sender, Arc::clone(&counters));
+    let runtime = Runtime::new();
+    let env: Vec<(String, String)> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let (name, limits) = (spec.name.clone(), spec.limits.clone());
+    let handle = tokio::runtime::Handle::current();
+    let loaded = tokio::task::spawn_blocking(move || {
+        let _entered = handle.enter();
+        runtime.load(&name, &code, &limits, env, reporter)
+    })
+    .await?;
+    let loaded = match loaded {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            let _ = outgoing
+                .send(FromPool::Failed {
+                    error: error.to_string(),
+                })
+                .await;
+            drop(outgoing);
+            let _ = writer_task.await;
+            return Ok(2);
+        }
+    };
+    outgoing
+        .send(FromPool::Loaded {
+            allocator: loaded.allocator.clone(),
+        })
+        .await?;
+
+    match protocol::receive(&mut reader).await? {
+        Some(ToPool::Serve) => {}
+        Some(ToPool::Drain { .. }) | None => {
+            drop(outgoing);
+            let _ = writer_task.await;
+            return Ok(0);
+        }
+        Some(other) => anyhow::bail!("unexpected {other:?} before Serve"),
+    }
+    let listener = std::net::TcpListener::from(listener);
+    listener.set_nonblocking(true)?;
+    let server = HttpServer::start(
+        tokio::net::TcpListener::from_std(listener)?,
+        Serving::new(loaded, spec.limits.instances, Arc::clone(&counters)),
+    );
+    tracing::debug!(app = %spec.name, generation, "pool serving");
+
+    let grace = loop {
+        match protocol::receive(&mut reader).await {
+            Ok(Some(ToPool::Drain { grace_ms })) => break Duration::from_millis(grace_ms),
+            Ok(Some(other)) => tracing::warn!(?other, "ignored while serving"),
+            // The supervisor is gone: stop soon rather than serve unsupervised.
+            Ok(None) | Err(_) => break Duration::from_secs(1),
+        }
+    };
+    server.shutdown(grace).await;
+    drop(outgoing);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+    Ok(0)
+}
+
+/// Turns what a request left behind into log chunks and counters.
+fn reporter(logs: mpsc::Sender<LogChunk>, counters: Arc<Counters>) -> crate::runtime::Reporter {
+    Arc::new(move |report: RequestReport| {
+        let send = |stream: &str, text: String| {
+            if logs
+                .try_send(LogChunk {
+                    stream: stream.to_string(),
+                    text,
+                })
+                .is_err()
+            {
+                counters.add(Counter::LogLinesDropped, 1);
+            }
+        };
+        if !report.stdout.is_empty() {
+            send(
+                "stdout",
+                String::from_utf8_lossy(&report.stdout).into_owned(),
+            );
+        }
+        if !report.stderr.is_empty() {
+            send(
+                "stderr",
+                String::from_utf8_lossy(&report.stderr).into_owned(),
+            );
+        }
+        let (method, path) = (&report.method, &report.path);
+        match &report.outcome {
+            Outcome::Ok => {}
+            Outcome::Trap(message) => {
+                counters.add(Counter::Traps, 1);
+                send("cairn", format!("{method} {path} trapped: {message}"));
+            }
+            Outcome::Timeout => {
+                counters.add(Counter::Timeouts, 1);
+                send("cairn", format!("{method} {path} stopped at its timeout"));
+            }
+            Outcome::NoResponse => send(
+                "cairn",
+                format!("{method} {path} returned without a response"),
+            ),
+        }
+    })
+}

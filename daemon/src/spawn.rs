@@ -1,0 +1,279 @@
+//! Starting pool processes. The supervisor re-executes its own binary as `cairnd pool` with the
+//! app's listener, a control socketpair, the precompiled code (a memfd) and the counters page at
+//! fixed descriptor numbers, tells it what to run, and waits until it has loaded. After that it
+//! forwards the pool's log output to the log pipeline and reports the pool's exit.
+//!
+//! Raw `dup2` is called between fork and exec (`pre_exec`) because that is the only place the
+//! child's descriptor table can be arranged; nothing else happens there.
+
+use crate::logs::LogHub;
+use crate::pool::protocol::{self, Counters, FromPool, ToPool};
+use crate::spec::{AppName, AppSpec};
+use std::fmt;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{mpsc, watch, Mutex};
+
+/// How long a pool may take to load its component before it is considered stuck.
+const LOAD_DEADLINE: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot start a pool process: {0}")]
+    Io(#[from] std::io::Error),
+    /// The pool could not load the component (link error, bad code, …).
+    #[error("{0}")]
+    Load(String),
+    #[error("the pool process ended while starting ({0})")]
+    Died(ExitReason),
+    #[error("the pool process did not finish loading within {0:?}")]
+    Stuck(Duration),
+}
+
+/// Why a pool process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    Code(i32),
+    Signal(i32),
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitReason::Code(code) => write!(f, "exit {code}"),
+            ExitReason::Signal(signal) => write!(f, "signal {signal}"),
+        }
+    }
+}
+
+impl ExitReason {
+    fn of(status: std::process::ExitStatus) -> ExitReason {
+        match (status.code(), status.signal()) {
+            (Some(code), _) => ExitReason::Code(code),
+            (None, Some(signal)) => ExitReason::Signal(signal),
+            (None, None) => ExitReason::Code(-1),
+        }
+    }
+}
+
+/// A pool's exit, as told to the reconciler.
+#[derive(Debug)]
+pub struct PoolExit {
+    pub app: AppName,
+    pub pid: u32,
+    pub reason: ExitReason,
+}
+
+/// Everything a pool is started with.
+pub struct Launch<'a> {
+    pub spec: &'a AppSpec,
+    pub generation: u64,
+    pub code: &'a [u8],
+    pub listener: &'a std::net::TcpListener,
+    pub counters: &'a Counters,
+    pub logs: Arc<LogHub>,
+    pub exits: mpsc::Sender<PoolExit>,
+}
+
+/// A running pool process, loaded and waiting for `serve` (or serving).
+pub struct Pool {
+    pub pid: u32,
+    pub allocator: String,
+    control: Mutex<OwnedWriteHalf>,
+    exited: watch::Receiver<Option<ExitReason>>,
+}
+
+impl Pool {
+    /// Tells the pool to start accepting.
+    pub async fn serve(&self) -> std::io::Result<()> {
+        protocol::send(&mut *self.control.lock().await, &ToPool::Serve).await
+    }
+
+    /// Asks the pool to stop accepting and finish what is in flight within `grace`; kills it if
+    /// it has not exited a little after that. Returns how it ended.
+    pub async fn stop(&self, grace: Duration) -> Option<ExitReason> {
+        let asked = {
+            let mut control = self.control.lock().await;
+            protocol::send(
+                &mut *control,
+                &ToPool::Drain {
+                    grace_ms: grace.as_millis() as u64,
+                },
+            )
+            .await
+        };
+        let deadline = if asked.is_ok() {
+            grace + Duration::from_secs(2)
+        } else {
+            Duration::ZERO
+        };
+        if !self.wait_exit(deadline).await {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            self.wait_exit(Duration::from_secs(5)).await;
+        }
+        self.exited.borrow().clone()
+    }
+
+    /// Whether the pool exited within `deadline`.
+    async fn wait_exit(&self, deadline: Duration) -> bool {
+        let mut exited = self.exited.clone();
+        let waited = tokio::time::timeout(deadline, exited.wait_for(Option::is_some)).await;
+        waited.is_ok()
+    }
+}
+
+/// Duplicates `fd` to a descriptor number above the ones the child needs, close-on-exec, so the
+/// `dup2`s in the child cannot clobber one another.
+fn high_copy(fd: RawFd) -> std::io::Result<OwnedFd> {
+    let copy = nix::fcntl::fcntl(
+        // SAFETY: `fd` is open for the duration of this call (it is borrowed from a live owner).
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(64),
+    )?;
+    // SAFETY: fcntl returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(copy) })
+}
+
+/// Starts a pool and waits until it has loaded the component.
+pub async fn launch(launch: Launch<'_>) -> Result<Pool, SpawnError> {
+    let app = launch.spec.name.clone();
+    let code = nix::sys::memfd::memfd_create(c"cairn-code", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+        .map_err(std::io::Error::from)?;
+    std::fs::File::from(code.try_clone()?).write_all(launch.code)?;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+
+    let sources = [
+        high_copy(launch.listener.as_raw_fd())?,
+        high_copy(theirs.as_raw_fd())?,
+        high_copy(code.as_raw_fd())?,
+        high_copy(launch.counters.raw_fd())?,
+    ];
+    let raw_sources: Vec<RawFd> = sources.iter().map(AsRawFd::as_raw_fd).collect();
+    let mut command = tokio::process::Command::new("/proc/self/exe");
+    command
+        .arg0("cairnd")
+        .args(["pool", "--app", app.as_str()])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(false);
+    // SAFETY: only async-signal-safe dup2 calls run between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            let targets = [
+                protocol::LISTENER_FD,
+                protocol::CONTROL_FD,
+                protocol::CODE_FD,
+                protocol::COUNTERS_FD,
+            ];
+            for (source, target) in raw_sources.iter().zip(targets) {
+                if nix::libc::dup2(*source, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
+    drop(sources);
+    drop(theirs);
+    let pid = child.id().unwrap_or_default();
+
+    let (exit_sender, exited) = watch::channel(None);
+    let exits = launch.exits.clone();
+    let waited_app = app.clone();
+    tokio::spawn(async move {
+        let reason = match child.wait().await {
+            Ok(status) => ExitReason::of(status),
+            Err(_) => ExitReason::Code(-1),
+        };
+        let _ = exit_sender.send(Some(reason.clone()));
+        let _ = exits
+            .send(PoolExit {
+                app: waited_app,
+                pid,
+                reason,
+            })
+            .await;
+    });
+
+    ours.set_nonblocking(true)?;
+    let (mut reader, mut writer) = tokio::net::UnixStream::from_std(ours)?.into_split();
+    protocol::send(
+        &mut writer,
+        &ToPool::Start {
+            spec: launch.spec.clone(),
+            generation: launch.generation,
+        },
+    )
+    .await?;
+
+    let first = tokio::time::timeout(LOAD_DEADLINE, async {
+        loop {
+            match protocol::receive::<_, FromPool>(&mut reader).await {
+                Ok(Some(FromPool::Logs { lines })) => {
+                    forward(&launch.logs, &app, launch.generation, lines)
+                }
+                other => return other,
+            }
+        }
+    })
+    .await;
+    let kill = || {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    };
+    let allocator = match first {
+        Ok(Ok(Some(FromPool::Loaded { allocator }))) => allocator,
+        Ok(Ok(Some(FromPool::Failed { error }))) => return Err(SpawnError::Load(error)),
+        Ok(Ok(Some(FromPool::Logs { .. }))) => unreachable!("log frames are forwarded above"),
+        Ok(Ok(None)) | Ok(Err(_)) => {
+            let mut exited = exited.clone();
+            let reason =
+                tokio::time::timeout(Duration::from_secs(5), exited.wait_for(Option::is_some))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok().and_then(|r| r.clone()))
+                    .unwrap_or(ExitReason::Code(-1));
+            return Err(SpawnError::Died(reason));
+        }
+        Err(_) => {
+            kill();
+            return Err(SpawnError::Stuck(LOAD_DEADLINE));
+        }
+    };
+
+    let logs = Arc::clone(&launch.logs);
+    let generation = launch.generation;
+    tokio::spawn(async move {
+        while let Ok(Some(FromPool::Logs { lines })) =
+            protocol::receive::<_, FromPool>(&mut reader).await
+        {
+            forward(&logs, &app, generation, lines);
+        }
+    });
+    Ok(Pool {
+        pid,
+        allocator,
+        control: Mutex::new(writer),
+        exited,
+    })
+}
+
+fn forward(logs: &LogHub, app: &AppName, generation: u64, lines: Vec<protocol::LogChunk>) {
+    for chunk in lines {
+        let stream = match chunk.stream.as_str() {
+            "stdout" => "stdout",
+            "stderr" => "stderr",
+            _ => "cairn",
+        };
+        logs.emit(app.as_str(), generation, stream, chunk.text.as_bytes());
+    }
+}

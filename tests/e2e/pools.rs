@@ -1,0 +1,127 @@
+//! Each app runs in its own pool process; the supervisor holds the listener, restarts dead
+//! pools, and swaps generations without dropping requests.
+
+use cairn_tests::{component, get, wait_for, Daemon};
+use std::time::Duration;
+
+fn cmdline(pid: u64) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            String::from_utf8_lossy(&raw)
+                .replace('\0', " ")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+fn pool_pid(daemon: &Daemon, app: &str) -> u64 {
+    daemon.app_status(app)["pid"].as_u64().unwrap()
+}
+
+#[test]
+fn apps_run_in_their_own_pool_process() {
+    let daemon = Daemon::start();
+    let addr = daemon.deploy_hello("apart", &[]);
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+    let pid = pool_pid(&daemon, "apart");
+    assert_ne!(pid, 0);
+    assert_ne!(
+        pid as i32,
+        daemon.pid(),
+        "the supervisor must not serve the app itself"
+    );
+    assert_eq!(cmdline(pid), "cairnd pool --app apart");
+    let parent = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let ppid: i32 = parent
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(ppid, daemon.pid());
+    // Removing the app ends its pool.
+    daemon.ctl_ok(&["rm", "apart"]);
+    wait_for("the pool to exit", Duration::from_secs(15), || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_killed_pool_is_restarted_and_the_next_request_served() {
+    let daemon = Daemon::start();
+    let addr = daemon.deploy_hello("phoenix", &["--env", "GREETING=again"]);
+    let first = pool_pid(&daemon, "phoenix");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The supervisor keeps the listener: the connection waits for the restarted pool.
+    let response = get(addr, "/").unwrap();
+    assert_eq!(
+        (response.status, response.body.as_str()),
+        (200, "again from cairn\n")
+    );
+    let status = daemon.app_status("phoenix");
+    assert_eq!(status["status"], "running", "{status}");
+    assert_eq!(status["restarts"], 1, "{status}");
+    assert_eq!(status["last_exit"], "signal 9", "{status}");
+    assert_ne!(status["pid"].as_u64().unwrap(), first);
+    assert!(daemon
+        .ctl_ok(&["logs", "phoenix"])
+        .contains("the pool ended (signal 9)"));
+}
+
+#[test]
+fn generations_swap_without_failing_a_request() {
+    let daemon = Daemon::start();
+    let addr = daemon.deploy_hello("steady-swap", &["--env", "GREETING=g0"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut statuses = Vec::new();
+            // Bounded: at most 5000 requests or until told to stop.
+            for _ in 0..5000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                statuses.push(get(addr, "/").map(|r| r.status).map_err(|e| e.to_string()));
+            }
+            statuses
+        })
+    };
+    let hello = component("hello");
+    let listen = addr.to_string();
+    for generation in 1..=3 {
+        let greeting = format!("GREETING=g{generation}");
+        daemon.ctl_ok(&[
+            "deploy",
+            "steady-swap",
+            "--component",
+            hello.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--env",
+            &greeting,
+        ]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses = load.join().unwrap();
+    assert!(statuses.len() > 10, "the load ran: {}", statuses.len());
+    let failed: Vec<_> = statuses.iter().filter(|s| **s != Ok(200)).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed during swaps: {:?}",
+        failed.len(),
+        statuses.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(get(addr, "/").unwrap().body, "g3 from cairn\n");
+}
