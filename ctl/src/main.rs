@@ -103,9 +103,15 @@ struct DeployArgs {
     /// Linear memory per instance, such as 64MiB.
     #[arg(long)]
     memory: Option<String>,
-    /// CPU cores for the app, such as 0.5.
+    /// CPU cores the app's pool may use, such as 0.5.
     #[arg(long)]
     cpu: Option<f64>,
+    /// Memory the app's whole pool may use, such as 256MiB.
+    #[arg(long)]
+    memory_total: Option<String>,
+    /// Processes and threads the app's pool may have.
+    #[arg(long)]
+    pids: Option<u32>,
     /// Requests served at once; more get 503.
     #[arg(long)]
     instances: Option<u32>,
@@ -451,6 +457,12 @@ async fn build_manifest(
     if let Some(cpu) = args.cpu {
         limits.insert("cpu".into(), cpu.into());
     }
+    if let Some(memory_total) = args.memory_total {
+        limits.insert("memory_total".into(), memory_total.into());
+    }
+    if let Some(pids) = args.pids {
+        limits.insert("pids".into(), i64::from(pids).into());
+    }
     if let Some(instances) = args.instances {
         limits.insert("instances".into(), i64::from(instances).into());
     }
@@ -568,6 +580,10 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
         object.insert("pid".into(), json!(detail.pid));
         object.insert("restarts".into(), json!(detail.restarts));
         object.insert("last_exit".into(), json!(detail.last_exit));
+        object.insert("cgroup".into(), json!(detail.cgroup));
+        object.insert("memory_bytes".into(), json!(detail.memory_bytes));
+        object.insert("cpu_usage_nanos".into(), json!(detail.cpu_usage_nanos));
+        object.insert("pids".into(), json!(detail.pids));
         print_json(&value);
         return;
     }
@@ -593,6 +609,16 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
             ),
         ]),
         row(["started", &utc(detail.started_unix)]),
+        row(["cgroup", &detail.cgroup]),
+        row([
+            "usage",
+            &format!(
+                "memory {}, cpu {:.2}s, {} pids",
+                human_size(detail.memory_bytes),
+                detail.cpu_usage_nanos as f64 / 1e9,
+                detail.pids
+            ),
+        ]),
         row([
             "requests",
             &format!(

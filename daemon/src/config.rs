@@ -47,6 +47,13 @@ pub struct Config {
     pub log_lines_per_app: u64,
     /// How long shutdown waits for requests in flight.
     pub drain_timeout: HumanDuration,
+    /// The cgroup (relative to the hierarchy root) under which each app gets its own.
+    pub cgroup_parent: String,
+    /// Memory all apps together may use (the parent cgroup's limit), so the device's own
+    /// services keep room. Default: no cap.
+    pub total_memory: Option<ByteSize>,
+    /// CPU cores all apps together may use. Default: no cap.
+    pub total_cpu: Option<f64>,
 }
 
 impl Default for Config {
@@ -57,6 +64,9 @@ impl Default for Config {
             max_component_size: ByteSize(256 << 20),
             log_lines_per_app: 10_000,
             drain_timeout: HumanDuration(Duration::from_secs(10)),
+            cgroup_parent: "cairn".to_string(),
+            total_memory: None,
+            total_cpu: None,
         }
     }
 }

@@ -44,7 +44,8 @@ pub fn status_of(error: &ReconcileError) -> Status {
         | ReconcileError::AddressTaken { .. }
         | ReconcileError::AddressUnavailable { .. }
         | ReconcileError::OwnedElsewhere { .. }
-        | ReconcileError::Pool(_) => Status::failed_precondition(message),
+        | ReconcileError::Pool(_)
+        | ReconcileError::Limits(_) => Status::failed_precondition(message),
         ReconcileError::Store(StoreError::Full { .. }) => Status::resource_exhausted(message),
         ReconcileError::Store(StoreError::Corrupt { .. }) => Status::data_loss(message),
         ReconcileError::Store(_) | ReconcileError::Internal(_) => Status::internal(message),
@@ -468,13 +469,32 @@ impl Control for ControlService {
                 enforcement: "per request, by epoch interruption".into(),
             },
         ];
-        if let Some(cpu) = limits.cpu {
-            limit_rows.push(proto::Limit {
-                name: "cpu".into(),
-                value: format!("{cpu} cores"),
-                enforcement: format!("not enforced: {}", self.limits_note),
-            });
-        }
+        let enforced = !detail.cgroup.starts_with("not enforced");
+        let by_cgroup = |what: &str| {
+            if enforced {
+                format!("for the whole pool, by its cgroup ({what})")
+            } else {
+                detail.cgroup.clone()
+            }
+        };
+        limit_rows.push(proto::Limit {
+            name: "memory_total".into(),
+            value: limits.pool_memory().to_string(),
+            enforcement: by_cgroup("memory limit"),
+        });
+        limit_rows.push(proto::Limit {
+            name: "cpu".into(),
+            value: match limits.cpu {
+                Some(cores) => format!("{cores} cores"),
+                None => "no cap".into(),
+            },
+            enforcement: by_cgroup("CFS quota"),
+        });
+        limit_rows.push(proto::Limit {
+            name: "pids".into(),
+            value: limits.pool_pids().to_string(),
+            enforcement: by_cgroup("pids limit"),
+        });
         Ok(Response::new(proto::StatusReply {
             detail: Some(Detail::App(proto::AppDetail {
                 summary: Some(summary(&detail.view)),
@@ -500,6 +520,10 @@ impl Control for ControlService {
                 pid: detail.pid,
                 restarts: detail.restarts,
                 last_exit: detail.last_exit,
+                cgroup: detail.cgroup.clone(),
+                memory_bytes: detail.usage.memory_bytes,
+                cpu_usage_nanos: detail.usage.cpu_nanos,
+                pids: detail.usage.pids,
             })),
         }))
     }
@@ -570,19 +594,26 @@ impl Control for ControlService {
     }
 }
 
+/// Refuses to go on when a live daemon already serves `path` (checked before anything else is
+/// set up, so a second daemon changes nothing).
+pub fn check_socket_free(path: &Path) -> anyhow::Result<()> {
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!(
+            "another cairnd is already serving {}; stop it first or give this one --socket",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Binds the control socket: refuses to steal one a live daemon holds, removes a stale one,
 /// and sets its mode and group.
 pub fn bind_socket(path: &Path, config: &Config) -> anyhow::Result<UnixListenerStream> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
+    check_socket_free(path)?;
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "another cairnd is already serving {}; stop it first or give this one --socket",
-                path.display()
-            );
-        }
         std::fs::remove_file(path)?;
     }
     let listener = UnixListener::bind(path)

@@ -41,6 +41,7 @@ impl Serving {
 
 pub struct HttpServer {
     stop: CancellationToken,
+    accepting: tokio::task::JoinHandle<()>,
     connections: TaskTracker,
 }
 
@@ -48,19 +49,26 @@ impl HttpServer {
     pub fn start(listener: TcpListener, serving: Serving) -> HttpServer {
         let stop = CancellationToken::new();
         let connections = TaskTracker::new();
-        tokio::spawn(accept_loop(
+        let accepting = tokio::spawn(accept_loop(
             listener,
             Arc::new(serving),
             stop.clone(),
             connections.clone(),
         ));
-        HttpServer { stop, connections }
+        HttpServer {
+            stop,
+            accepting,
+            connections,
+        }
     }
 
     /// Stops accepting, asks open connections to close after their current request, and waits
     /// up to `grace` for them.
     pub async fn shutdown(self, grace: Duration) {
         self.stop.cancel();
+        // The accept loop may have just accepted a connection it has not handed to the tracker
+        // yet; only once it has returned is an empty tracker really empty.
+        let _ = self.accepting.await;
         self.connections.close();
         let _ = tokio::time::timeout(grace, self.connections.wait()).await;
     }

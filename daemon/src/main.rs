@@ -15,6 +15,7 @@ mod config;
 mod control;
 mod digest;
 mod http;
+mod limits;
 mod logs;
 mod pool;
 mod reconcile;

@@ -12,10 +12,11 @@
 //! failed with its reason and retried by `retry_failed`; the others serve regardless.
 
 use crate::digest::Digest;
+use crate::limits::{AppCgroup, Cgroups, LimitsError, PoolLimits, Usage};
 use crate::logs::LogHub;
 use crate::pool::protocol::{Counter, Counters};
 use crate::runtime::{Runtime, RuntimeError};
-use crate::spawn::{self, Pool, PoolExit, SpawnError};
+use crate::spawn::{self, ExitReason, Pool, PoolExit, SpawnError};
 use crate::spec::{AppName, AppSpec, SpecError};
 use crate::store::{now_unix, Owner, Store, StoreError};
 use std::collections::BTreeMap;
@@ -60,6 +61,8 @@ pub enum ReconcileError {
     Load { digest: Digest, message: String },
     #[error("the app's pool could not start: {0}")]
     Pool(String),
+    #[error(transparent)]
+    Limits(#[from] LimitsError),
     #[error("app `{app}` is owned by the {owner}; change it there")]
     OwnedElsewhere { app: String, owner: &'static str },
     #[error(transparent)]
@@ -94,6 +97,9 @@ pub struct AppDetailView {
     pub pid: u32,
     pub restarts: u64,
     pub last_exit: String,
+    /// Where the app's limits live, or why there are none.
+    pub cgroup: String,
+    pub usage: Usage,
 }
 
 enum State {
@@ -125,6 +131,9 @@ struct Running {
     /// Failures since the pool last stayed up for `HEALTHY_AFTER`.
     consecutive_failures: u32,
     last_exit: String,
+    cgroup: Option<AppCgroup>,
+    /// OOM kills in the cgroup already accounted for, to tell an OOM kill from a plain kill.
+    oom_kills_seen: u64,
 }
 
 pub struct Reconciler {
@@ -134,6 +143,7 @@ pub struct Reconciler {
     apps: Mutex<BTreeMap<AppName, Running>>,
     drain: Duration,
     exits: mpsc::Sender<PoolExit>,
+    cgroups: Arc<Cgroups>,
     /// Restarts that are due (sent after their backoff).
     restarts: mpsc::Sender<(AppName, u64)>,
 }
@@ -144,6 +154,7 @@ impl Reconciler {
         store: Arc<Store>,
         runtime: Arc<Runtime>,
         logs: Arc<LogHub>,
+        cgroups: Arc<Cgroups>,
         drain: Duration,
     ) -> Arc<Reconciler> {
         let (exits, mut exit_events) = mpsc::channel(256);
@@ -155,6 +166,7 @@ impl Reconciler {
             apps: Mutex::new(BTreeMap::new()),
             drain,
             exits,
+            cgroups,
             restarts,
         });
         let weak = Arc::downgrade(&reconciler);
@@ -197,6 +209,8 @@ impl Reconciler {
                 restarts: 0,
                 consecutive_failures: 0,
                 last_exit: String::new(),
+                cgroup: None,
+                oom_kills_seen: 0,
             };
             // A pool of the previous daemon may still be closing its copy of the listener.
             self.bring_up(&mut running, Duration::from_secs(3)).await;
@@ -213,6 +227,14 @@ impl Reconciler {
                     bind_patiently(running.spec.http.listen, bind_patience).await?,
                 ));
             }
+            if running.cgroup.is_none() {
+                running.cgroup = self.app_cgroup(&running.spec)?;
+                running.oom_kills_seen = running
+                    .cgroup
+                    .as_ref()
+                    .map(|c| c.usage().oom_kills)
+                    .unwrap_or(0);
+            }
             let listener = Arc::clone(running.listener.as_ref().expect("bound above"));
             let pool = self
                 .launch(
@@ -220,6 +242,7 @@ impl Reconciler {
                     running.generation,
                     &listener,
                     &running.counters,
+                    running.cgroup.as_ref(),
                 )
                 .await?;
             pool.serve().await.map_err(|e| {
@@ -267,6 +290,15 @@ impl Reconciler {
         }
     }
 
+    /// The app's cgroup with the spec's limits written, or `None` where limits are not enforced.
+    fn app_cgroup(&self, spec: &AppSpec) -> Result<Option<AppCgroup>, ReconcileError> {
+        let Some(cgroup) = self.cgroups.for_app(spec.name.as_str())? else {
+            return Ok(None);
+        };
+        cgroup.apply(&pool_limits(spec))?;
+        Ok(Some(cgroup))
+    }
+
     /// Loads the app's code (precompiled from the store, or compiled now and cached) and starts
     /// a pool with it. Cached code a pool cannot load is recompiled once.
     async fn launch(
@@ -275,16 +307,17 @@ impl Reconciler {
         generation: u64,
         listener: &std::net::TcpListener,
         counters: &Counters,
+        cgroup: Option<&AppCgroup>,
     ) -> Result<Pool, ReconcileError> {
         let (code, cached) = self.code(spec, false).await?;
         match self
-            .launch_with(spec, generation, &code, listener, counters)
+            .launch_with(spec, generation, &code, listener, counters, cgroup)
             .await
         {
             Err(ReconcileError::Load { message, .. }) if cached => {
                 tracing::warn!(app = %spec.name, %message, "precompiled code was not usable; recompiling");
                 let (code, _) = self.code(spec, true).await?;
-                self.launch_with(spec, generation, &code, listener, counters)
+                self.launch_with(spec, generation, &code, listener, counters, cgroup)
                     .await
             }
             other => other,
@@ -298,6 +331,7 @@ impl Reconciler {
         code: &[u8],
         listener: &std::net::TcpListener,
         counters: &Counters,
+        cgroup: Option<&AppCgroup>,
     ) -> Result<Pool, ReconcileError> {
         spawn::launch(spawn::Launch {
             spec,
@@ -305,6 +339,7 @@ impl Reconciler {
             code,
             listener,
             counters,
+            cgroup,
             logs: Arc::clone(&self.logs),
             exits: self.exits.clone(),
         })
@@ -472,9 +507,33 @@ impl Reconciler {
             Some(running) => Arc::clone(&running.counters),
             None => Arc::new(new_counters(&name)?),
         };
-        let pool = self
-            .launch(&spec, next_generation, &listener, &counters)
-            .await?;
+        // An app new to this daemon gets its cgroup now (removed again if the deploy fails); an
+        // existing one keeps its cgroup, whose limits change once the generation is recorded.
+        let existing_cgroup = apps.get(&name).and_then(|r| r.cgroup.clone());
+        let (cgroup, fresh_cgroup) = match existing_cgroup {
+            Some(cgroup) => (Some(cgroup), false),
+            None => (self.app_cgroup(&spec)?, true),
+        };
+        let launched = self
+            .launch(
+                &spec,
+                next_generation,
+                &listener,
+                &counters,
+                cgroup.as_ref(),
+            )
+            .await;
+        let pool = match launched {
+            Ok(pool) => pool,
+            Err(error) => {
+                if fresh_cgroup && !apps.contains_key(&name) {
+                    if let Some(cgroup) = &cgroup {
+                        cgroup.remove();
+                    }
+                }
+                return Err(error);
+            }
+        };
 
         let stored_spec = spec.clone();
         let recorded = match existing {
@@ -504,6 +563,11 @@ impl Reconciler {
                 return Err(error.into());
             }
         };
+        if let Some(cgroup) = &cgroup {
+            if let Err(error) = cgroup.apply(&pool_limits(&spec)) {
+                tracing::warn!(app = %name, %error, "the new generation's limits could not be written");
+            }
+        }
         if let Err(error) = pool.serve().await {
             // The new pool died between loading and serving; the store already says this
             // generation, so leave it to the restart logic like any other pool death.
@@ -538,6 +602,11 @@ impl Reconciler {
                 .as_ref()
                 .map(|p| p.last_exit.clone())
                 .unwrap_or_default(),
+            oom_kills_seen: previous
+                .as_ref()
+                .map(|p| p.oom_kills_seen)
+                .unwrap_or_else(|| cgroup.as_ref().map(|c| c.usage().oom_kills).unwrap_or(0)),
+            cgroup,
         };
         if let Some(Running {
             state: State::Running { pool: old, .. },
@@ -570,10 +639,18 @@ impl Reconciler {
         }
         running.consecutive_failures += 1;
         running.restarts += 1;
-        running.last_exit = exit.reason.to_string();
+        let mut reason = exit.reason.clone();
+        if let Some(cgroup) = &running.cgroup {
+            let oom_kills = cgroup.usage().oom_kills;
+            if reason == ExitReason::Signal(9) && oom_kills > running.oom_kills_seen {
+                reason = ExitReason::Oom;
+            }
+            running.oom_kills_seen = oom_kills;
+        }
+        running.last_exit = reason.to_string();
         running.counters.set(Counter::InFlight, 0);
         let delay = backoff(running.consecutive_failures);
-        let reason = format!("the pool ended ({}); restarting in {delay:?}", exit.reason);
+        let reason = format!("the pool ended ({reason}); restarting in {delay:?}");
         tracing::warn!(app = %exit.app, pid = exit.pid, %reason);
         self.logs
             .note(exit.app.as_str(), running.generation, &reason);
@@ -605,7 +682,13 @@ impl Reconciler {
                 .expect("a restarting app keeps its listener"),
         );
         let launched = self
-            .launch(&running.spec, generation, &listener, &running.counters)
+            .launch(
+                &running.spec,
+                generation,
+                &listener,
+                &running.counters,
+                running.cgroup.as_ref(),
+            )
             .await;
         let served = match launched {
             Ok(pool) => match pool.serve().await {
@@ -655,6 +738,9 @@ impl Reconciler {
         if let State::Running { pool, .. } = running.state {
             pool.stop(self.drain).await;
         }
+        if let Some(cgroup) = running.cgroup {
+            cgroup.remove();
+        }
         Ok(())
     }
 
@@ -687,6 +773,15 @@ impl Reconciler {
             },
             restarts: running.restarts,
             last_exit: running.last_exit.clone(),
+            cgroup: match &running.cgroup {
+                Some(cgroup) => cgroup.describe(),
+                None => self.cgroups.describe(),
+            },
+            usage: running
+                .cgroup
+                .as_ref()
+                .map(AppCgroup::usage)
+                .unwrap_or_default(),
         })
     }
 
@@ -702,15 +797,28 @@ impl Reconciler {
     pub async fn shutdown(&self) {
         let mut apps = self.apps.lock().await;
         let mut stops = Vec::new();
+        let mut cgroups = Vec::new();
         for (_, running) in std::mem::take(&mut *apps) {
             if let State::Running { pool, .. } = running.state {
                 let drain = self.drain;
                 stops.push(tokio::spawn(async move { pool.stop(drain).await }));
             }
+            cgroups.extend(running.cgroup);
         }
         for stop in stops {
             let _ = stop.await;
         }
+        for cgroup in cgroups {
+            cgroup.remove();
+        }
+    }
+}
+
+fn pool_limits(spec: &AppSpec) -> PoolLimits {
+    PoolLimits {
+        memory: Some(spec.limits.pool_memory().0),
+        cpu: spec.limits.cpu,
+        pids: Some(spec.limits.pool_pids() as u64),
     }
 }
 

@@ -6,6 +6,7 @@
 //! Raw `dup2` is called between fork and exec (`pre_exec`) because that is the only place the
 //! child's descriptor table can be arranged; nothing else happens there.
 
+use crate::limits::AppCgroup;
 use crate::logs::LogHub;
 use crate::pool::protocol::{self, Counters, FromPool, ToPool};
 use crate::spec::{AppName, AppSpec};
@@ -39,6 +40,8 @@ pub enum SpawnError {
 pub enum ExitReason {
     Code(i32),
     Signal(i32),
+    /// Killed by the kernel's OOM killer in its cgroup.
+    Oom,
 }
 
 impl fmt::Display for ExitReason {
@@ -46,6 +49,7 @@ impl fmt::Display for ExitReason {
         match self {
             ExitReason::Code(code) => write!(f, "exit {code}"),
             ExitReason::Signal(signal) => write!(f, "signal {signal}"),
+            ExitReason::Oom => f.write_str("oom"),
         }
     }
 }
@@ -75,6 +79,8 @@ pub struct Launch<'a> {
     pub code: &'a [u8],
     pub listener: &'a std::net::TcpListener,
     pub counters: &'a Counters,
+    /// The cgroup the pool is moved into before it is told what to run.
+    pub cgroup: Option<&'a AppCgroup>,
     pub logs: Arc<LogHub>,
     pub exits: mpsc::Sender<PoolExit>,
 }
@@ -184,6 +190,20 @@ pub async fn launch(launch: Launch<'_>) -> Result<Pool, SpawnError> {
     drop(theirs);
     let pid = child.id().unwrap_or_default();
 
+    let kill = move || {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    };
+    // Into its cgroup before it is told what to run: nothing of the app runs unconfined.
+    if let Some(cgroup) = launch.cgroup {
+        if let Err(error) = cgroup.add(pid) {
+            kill();
+            let _ = child.wait().await;
+            return Err(SpawnError::Io(std::io::Error::other(error.to_string())));
+        }
+    }
     let (exit_sender, exited) = watch::channel(None);
     let exits = launch.exits.clone();
     let waited_app = app.clone();
@@ -224,12 +244,6 @@ pub async fn launch(launch: Launch<'_>) -> Result<Pool, SpawnError> {
         }
     })
     .await;
-    let kill = || {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    };
     let allocator = match first {
         Ok(Ok(Some(FromPool::Loaded { allocator }))) => allocator,
         Ok(Ok(Some(FromPool::Failed { error }))) => return Err(SpawnError::Load(error)),

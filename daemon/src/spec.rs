@@ -244,9 +244,37 @@ pub struct Limits {
     pub instances: u32,
     /// Deadline for one request, enforced by epoch interruption.
     pub timeout: HumanDuration,
-    /// CPU cores the app's pool may use. Recorded now; enforced once pools run in cgroups.
+    /// CPU cores the app's pool may use (cgroup CPU quota). Default: no cap.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu: Option<f64>,
+    /// Memory the whole pool process may use (cgroup memory limit). Default: `memory` times
+    /// `instances`, plus `POOL_BASELINE` for the runtime itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_total: Option<ByteSize>,
+    /// Processes and threads the pool may have (cgroup pids limit). Default: `DEFAULT_PIDS`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
+}
+
+/// Memory a pool needs besides its instances' linear memories (runtime, code, buffers).
+pub const POOL_BASELINE: ByteSize = ByteSize(64 << 20);
+/// Processes and threads of a pool when the manifest does not say.
+pub const DEFAULT_PIDS: u32 = 64;
+
+impl Limits {
+    /// The pool's memory limit: `memory_total`, or derived from the per-instance cap.
+    pub fn pool_memory(&self) -> ByteSize {
+        self.memory_total.unwrap_or(ByteSize(
+            self.memory
+                .0
+                .saturating_mul(self.instances as u64)
+                .saturating_add(POOL_BASELINE.0),
+        ))
+    }
+
+    pub fn pool_pids(&self) -> u32 {
+        self.pids.unwrap_or(DEFAULT_PIDS)
+    }
 }
 
 impl Default for Limits {
@@ -256,6 +284,8 @@ impl Default for Limits {
             instances: DEFAULT_INSTANCES,
             timeout: DEFAULT_TIMEOUT,
             cpu: None,
+            memory_total: None,
+            pids: None,
         }
     }
 }
@@ -317,6 +347,20 @@ impl AppSpec {
                 )));
             }
         }
+        if let Some(total) = limits.memory_total {
+            if total.0 < 8 << 20 {
+                return Err(invalid(format!(
+                    "[limits] memory_total = \"{total}\" is too small for a pool: use at least 8MiB"
+                )));
+            }
+        }
+        if let Some(pids) = limits.pids {
+            if pids < 8 {
+                return Err(invalid(format!(
+                    "[limits] pids = {pids} is too small: a pool needs at least 8 threads"
+                )));
+            }
+        }
         if self.http.listen.port() == 0 {
             return Err(invalid(format!(
                 "[http] listen = \"{}\" has port 0: give a fixed port, such as 127.0.0.1:8080",
@@ -358,6 +402,16 @@ mod tests {
         assert_eq!(spec.limits.timeout.0, Duration::from_millis(250));
         assert_eq!(spec.limits.cpu, Some(0.5));
         assert_eq!(spec.env["GREETING"], "hi");
+        assert_eq!(
+            spec.limits.pool_memory(),
+            ByteSize((32 << 20) * 4 + (64 << 20))
+        );
+        assert_eq!(spec.limits.pool_pids(), DEFAULT_PIDS);
+        let spec =
+            AppSpec::from_manifest(&manifest("[limits]\nmemory_total = \"96MiB\"\npids = 20\n"))
+                .unwrap();
+        assert_eq!(spec.limits.pool_memory(), ByteSize(96 << 20));
+        assert_eq!(spec.limits.pool_pids(), 20);
     }
 
     #[test]
@@ -386,6 +440,11 @@ mod tests {
             ),
             (manifest("[limits]\ncpu = -1.0\n"), "cpu = -1"),
             (manifest("[limits]\nshoes = 2\n"), "unknown field `shoes`"),
+            (
+                manifest("[limits]\nmemory_total = \"1MiB\"\n"),
+                "at least 8MiB",
+            ),
+            (manifest("[limits]\npids = 2\n"), "at least 8 threads"),
             ("name = \"Hello World\"\n".to_string(), "not allowed"),
             (
                 "name = \"a\"\ncomponent = \"app.wasm\"\n[http]\nlisten = \"127.0.0.1:1\"\n"

@@ -4,6 +4,7 @@
 
 use crate::config::Config;
 use crate::control::{self, ControlService};
+use crate::limits::{Cgroups, PoolLimits};
 use crate::logs::LogHub;
 use crate::reconcile::Reconciler;
 use crate::runtime::Runtime;
@@ -20,11 +21,8 @@ use tokio_util::sync::CancellationToken;
 /// How often failed apps are retried when no watchdog asks for more.
 const LOOP_PERIOD: Duration = Duration::from_secs(10);
 
-/// Resource limits beyond wasmtime's own are not enforced by this version; status says so.
-const LIMITS_NOTE: &str =
-    "cpu, total memory and pids are not enforced yet: pools run without per-app cgroups";
-
 pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
+    control::check_socket_free(&socket)?;
     std::fs::create_dir_all(&config.state_dir).with_context(|| {
         format!(
             "cannot create the state directory {}",
@@ -37,10 +35,20 @@ pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
     let store = Arc::new(Store::open(&db)?);
     let runtime = Runtime::new();
     let logs = LogHub::start(Arc::clone(&store), config.log_lines_per_app);
+    let cgroups = Arc::new(Cgroups::detect(
+        &config.cgroup_parent,
+        &PoolLimits {
+            memory: config.total_memory.map(|m| m.0),
+            cpu: config.total_cpu,
+            pids: None,
+        },
+    ));
+    tracing::info!("resource limits {}", cgroups.describe());
     let reconciler = Reconciler::start(
         Arc::clone(&store),
         Arc::clone(&runtime),
         Arc::clone(&logs),
+        Arc::clone(&cgroups),
         config.drain_timeout.0,
     );
 
@@ -55,7 +63,7 @@ pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
         Arc::clone(&logs),
         &config,
         socket.clone(),
-        LIMITS_NOTE.to_string(),
+        cgroups.describe(),
     );
     let stop_control = CancellationToken::new();
     let control_server = tokio::spawn(
@@ -95,6 +103,7 @@ pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
     systemd::stopping();
     stop_control.cancel();
     reconciler.shutdown().await;
+    cgroups.remove_parent();
     let _ = tokio::time::timeout(Duration::from_secs(5), control_server).await;
     let _ = std::fs::remove_file(&socket);
     tracing::info!("stopped");

@@ -4,6 +4,7 @@
 mod access;
 mod bad_input;
 mod lifecycle;
+mod limits;
 mod pools;
 mod requests;
 mod service;

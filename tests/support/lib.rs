@@ -158,6 +158,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub state: PathBuf,
     config: Option<PathBuf>,
+    /// This daemon's cgroup parent (relative to the hierarchy root).
+    pub cgroup_parent: String,
     notify: UnixDatagram,
     notifications: Vec<String>,
     _temp: Option<tempfile::TempDir>,
@@ -213,17 +215,30 @@ impl Daemon {
             .tempdir()
             .unwrap();
         let dir = temp.path().to_path_buf();
-        let config_path = config.map(|text| {
-            let path = dir.join("cairnd.toml");
-            std::fs::write(&path, text).unwrap();
-            path
-        });
+        // Each daemon gets a cgroup parent of its own, so parallel tests never share one.
+        static DAEMONS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let cgroup_parent = format!(
+            "cairn-e2e-{}-{}",
+            std::process::id(),
+            DAEMONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let path = dir.join("cairnd.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "cgroup_parent = \"{cgroup_parent}\"\n{}",
+                config.unwrap_or("")
+            ),
+        )
+        .unwrap();
+        let config_path = Some(path);
         let notify_path = dir.join("notify.sock");
         Daemon {
             child: None,
             socket: dir.join("cairnd.sock"),
             state: dir.join("state"),
             config: config_path,
+            cgroup_parent,
             notify: UnixDatagram::bind(&notify_path).unwrap(),
             notifications: Vec::new(),
             dir,
@@ -417,6 +432,49 @@ impl Drop for Daemon {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        remove_cgroups(&self.cgroup_parent);
+    }
+}
+
+/// The directories a cgroup (relative to the hierarchy root) has: one per v1 controller
+/// hierarchy cairn uses, or the one unified directory.
+pub fn cgroup_dirs(relative: &str) -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        return vec![root.join(relative)];
+    }
+    ["memory", "cpu", "cpuacct", "pids"]
+        .iter()
+        .map(|c| root.join(c).join(relative))
+        .collect()
+}
+
+/// Removes a test daemon's cgroup parent and its app cgroups, ending the pool processes
+/// (started by that daemon) still inside them.
+fn remove_cgroups(parent: &str) {
+    for dir in cgroup_dirs(parent) {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let children: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        for child in children.iter().chain(std::iter::once(&dir)) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::fs::remove_dir(child).is_err() && child.exists() && Instant::now() < deadline
+            {
+                let procs = std::fs::read_to_string(child.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }

@@ -1,0 +1,248 @@
+//! Resource limits around pools: one cgroup per app under a parent cairn owns, with memory,
+//! CPU and pids limits, through cgroups-rs. cgroup v2 (unified) and v1 (hybrid, as on many
+//! shipped edge kernels) are both handled; which one is decided once at start-up. All cgroupfs
+//! access lives here.
+//!
+//! Where limits cannot be enforced (not root and no delegated cgroup), `Cgroups::NotEnforced`
+//! carries the reason, pools run without them, and status says so instead of pretending.
+
+use cgroups_rs::cpu::CpuController;
+use cgroups_rs::cpuacct::CpuAcctController;
+use cgroups_rs::memory::MemController;
+use cgroups_rs::pid::PidController;
+use cgroups_rs::{hierarchies, Cgroup, CgroupPid, MaxValue};
+use std::path::PathBuf;
+
+/// The CFS period cpu quotas are expressed in.
+const CPU_PERIOD_US: u64 = 100_000;
+const CONTROLLERS: [&str; 4] = ["memory", "cpu", "cpuacct", "pids"];
+
+#[derive(Debug, thiserror::Error)]
+#[error("cgroup {path}: {message}")]
+pub struct LimitsError {
+    path: String,
+    message: String,
+}
+
+/// What one cgroup may use. `None` leaves that resource unlimited.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolLimits {
+    pub memory: Option<u64>,
+    pub cpu: Option<f64>,
+    pub pids: Option<u64>,
+}
+
+/// Current use, read from the cgroup.
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    pub memory_bytes: u64,
+    pub cpu_nanos: u64,
+    pub pids: u64,
+    pub oom_kills: u64,
+}
+
+/// How limits are enforced on this device, decided once at start-up.
+pub enum Cgroups {
+    Enforced { v2: bool, parent: String },
+    NotEnforced { why: String },
+}
+
+fn controllers() -> Option<Vec<String>> {
+    Some(CONTROLLERS.iter().map(|c| c.to_string()).collect())
+}
+
+impl Cgroups {
+    /// Creates (or adopts) the parent cgroup `parent` (relative to the hierarchy root) with the
+    /// caps for all apps together. Any failure means limits are not enforced, with the reason.
+    pub fn detect(parent: &str, total: &PoolLimits) -> Cgroups {
+        if !std::path::Path::new("/sys/fs/cgroup").exists() {
+            return Cgroups::NotEnforced {
+                why: "this kernel has no cgroup filesystem at /sys/fs/cgroup".into(),
+            };
+        }
+        let hierarchy = hierarchies::auto();
+        let v2 = hierarchy.v2();
+        let cgroup = match Cgroup::new_with_specified_controllers(hierarchy, parent, controllers())
+        {
+            Ok(cgroup) => cgroup,
+            Err(error) => {
+                let who = if nix::unistd::geteuid().is_root() {
+                    ""
+                } else {
+                    " (not root, and no cgroup was delegated: run as root or under systemd with Delegate=yes)"
+                };
+                return Cgroups::NotEnforced {
+                    why: format!("cannot create cgroup {parent}: {error}{who}"),
+                };
+            }
+        };
+        let manager = AppCgroup {
+            path: parent.to_string(),
+            v2,
+        };
+        if let Err(error) = manager.apply_to(&cgroup, total) {
+            return Cgroups::NotEnforced {
+                why: format!("cannot set limits on cgroup {parent}: {error}"),
+            };
+        }
+        Cgroups::Enforced {
+            v2,
+            parent: parent.to_string(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Cgroups::Enforced { v2: true, parent } => {
+                format!("enforced with cgroup v2 under /sys/fs/cgroup/{parent}")
+            }
+            Cgroups::Enforced { v2: false, parent } => {
+                format!("enforced with cgroup v1 under /sys/fs/cgroup/{{memory,cpu,cpuacct,pids}}/{parent}")
+            }
+            Cgroups::NotEnforced { why } => format!("not enforced: {why}"),
+        }
+    }
+
+    /// The app's cgroup (created if needed), or `None` when limits are not enforced.
+    pub fn for_app(&self, app: &str) -> Result<Option<AppCgroup>, LimitsError> {
+        let Cgroups::Enforced { v2, parent } = self else {
+            return Ok(None);
+        };
+        let path = format!("{parent}/{app}");
+        Cgroup::new_with_specified_controllers(hierarchies::auto(), &path, controllers()).map_err(
+            |e| LimitsError {
+                path: path.clone(),
+                message: e.to_string(),
+            },
+        )?;
+        Ok(Some(AppCgroup { path, v2: *v2 }))
+    }
+
+    /// Removes the parent cgroup if no app cgroup is left in it.
+    pub fn remove_parent(&self) {
+        if let Cgroups::Enforced { parent, .. } = self {
+            let _ = Cgroup::load_with_specified_controllers(
+                hierarchies::auto(),
+                parent,
+                CONTROLLERS.iter().map(|c| c.to_string()).collect(),
+            )
+            .delete();
+        }
+    }
+}
+
+/// One app's cgroup. Holds only its path: cgroups-rs handles are loaded per operation, which
+/// keeps this type `Send` and always in step with the filesystem.
+#[derive(Debug, Clone)]
+pub struct AppCgroup {
+    path: String,
+    v2: bool,
+}
+
+impl AppCgroup {
+    fn load(&self) -> Cgroup {
+        Cgroup::load_with_specified_controllers(
+            hierarchies::auto(),
+            &self.path,
+            CONTROLLERS.iter().map(|c| c.to_string()).collect(),
+        )
+    }
+
+    fn error(&self, message: impl ToString) -> LimitsError {
+        LimitsError {
+            path: self.path.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    /// Writes `limits` to the cgroup.
+    pub fn apply(&self, limits: &PoolLimits) -> Result<(), LimitsError> {
+        self.apply_to(&self.load(), limits)
+    }
+
+    fn apply_to(&self, cgroup: &Cgroup, limits: &PoolLimits) -> Result<(), LimitsError> {
+        if let Some(memory) = cgroup.controller_of::<MemController>() {
+            let bytes = limits.memory.map(|m| m as i64).unwrap_or(-1);
+            memory
+                .set_limit(bytes)
+                .map_err(|e| self.error(format!("memory limit: {e}")))?;
+        }
+        if let Some(cpu) = cgroup.controller_of::<CpuController>() {
+            let quota = limits
+                .cpu
+                .map(|cores| (cores * CPU_PERIOD_US as f64).round().max(1000.0) as i64)
+                .unwrap_or(-1);
+            cpu.set_cfs_quota_and_period(Some(quota), Some(CPU_PERIOD_US))
+                .map_err(|e| self.error(format!("cpu quota: {e}")))?;
+        }
+        if let Some(pids) = cgroup.controller_of::<PidController>() {
+            let max = limits
+                .pids
+                .map(|p| MaxValue::Value(p as i64))
+                .unwrap_or(MaxValue::Max);
+            pids.set_pid_max(max)
+                .map_err(|e| self.error(format!("pids limit: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Moves process `pid` (all its threads) into the cgroup.
+    pub fn add(&self, pid: u32) -> Result<(), LimitsError> {
+        self.load()
+            .add_task_by_tgid(CgroupPid::from(pid as u64))
+            .map_err(|e| self.error(format!("cannot move process {pid} in: {e}")))
+    }
+
+    pub fn usage(&self) -> Usage {
+        let cgroup = self.load();
+        let mut usage = Usage::default();
+        if let Some(memory) = cgroup.controller_of::<MemController>() {
+            let stat = memory.memory_stat();
+            usage.memory_bytes = stat.usage_in_bytes;
+            usage.oom_kills = if self.v2 {
+                self.read_key("memory.events", "oom_kill")
+            } else {
+                stat.oom_control.oom_kill
+            };
+        }
+        if self.v2 {
+            usage.cpu_nanos = self.read_key("cpu.stat", "usage_usec") * 1000;
+        } else if let Some(cpuacct) = cgroup.controller_of::<CpuAcctController>() {
+            usage.cpu_nanos = cpuacct.cpuacct().usage;
+        }
+        if let Some(pids) = cgroup.controller_of::<PidController>() {
+            usage.pids = pids.get_pid_current().unwrap_or(0);
+        }
+        usage
+    }
+
+    /// A `key value` line of a v2 flat-keyed file.
+    fn read_key(&self, file: &str, key: &str) -> u64 {
+        let path = PathBuf::from("/sys/fs/cgroup").join(&self.path).join(file);
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| {
+                text.lines().find_map(|line| {
+                    line.strip_prefix(key)
+                        .and_then(|rest| rest.trim().parse().ok())
+                })
+            })
+            .unwrap_or(0)
+    }
+
+    /// Deletes the cgroup (its processes must have exited).
+    pub fn remove(&self) {
+        if let Err(error) = self.load().delete() {
+            tracing::warn!(cgroup = %self.path, %error, "could not remove cgroup");
+        }
+    }
+
+    /// Where the limits live, for people.
+    pub fn describe(&self) -> String {
+        if self.v2 {
+            format!("/sys/fs/cgroup/{}", self.path)
+        } else {
+            format!("/sys/fs/cgroup/{{memory,cpu,cpuacct,pids}}/{}", self.path)
+        }
+    }
+}

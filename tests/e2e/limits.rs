@@ -1,0 +1,207 @@
+//! Pools run in cgroups with the manifest's limits, on the real kernel (v1 here, v2 where the
+//! machine has it). Each test skips, saying why, where cgroups cannot be used.
+
+use cairn_tests::{cgroup_dirs, get, wait_for, Daemon};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The daemon enforces limits, or the test is skipped with the reason.
+fn enforcing(daemon: &Daemon, test: &str) -> bool {
+    let status = daemon.ctl(&["-o", "json", "status"]).json();
+    let limits = status["limits"].as_str().unwrap_or_default().to_string();
+    if limits.starts_with("enforced") {
+        return true;
+    }
+    cairn_tests::skip(
+        test,
+        &format!("cgroup limits are not available here ({limits})"),
+    );
+    false
+}
+
+fn v2() -> bool {
+    std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+/// A limit file of the app's cgroup, trimmed: v1 names first, v2 names second.
+fn read_limit(daemon: &Daemon, app: &str, v1: (&str, &str), v2_file: &str) -> String {
+    let relative = format!("{}/{app}", daemon.cgroup_parent);
+    let path: PathBuf = if v2() {
+        cgroup_dirs(&relative)[0].join(v2_file)
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+            .join(v1.0)
+            .join(&relative)
+            .join(v1.1)
+    };
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_pools_cgroup_has_the_manifest_limits_and_goes_with_the_app() {
+    let daemon = Daemon::start();
+    if !enforcing(
+        &daemon,
+        "a_pools_cgroup_has_the_manifest_limits_and_goes_with_the_app",
+    ) {
+        return;
+    }
+    daemon.deploy_hello(
+        "limited",
+        &["--cpu", "0.5", "--memory-total", "96MiB", "--pids", "24"],
+    );
+    assert_eq!(
+        read_limit(
+            &daemon,
+            "limited",
+            ("memory", "memory.limit_in_bytes"),
+            "memory.max"
+        ),
+        (96u64 << 20).to_string()
+    );
+    let cpu = read_limit(&daemon, "limited", ("cpu", "cpu.cfs_quota_us"), "cpu.max");
+    assert!(cpu == "50000" || cpu == "50000 100000", "{cpu}");
+    assert_eq!(
+        read_limit(&daemon, "limited", ("pids", "pids.max"), "pids.max"),
+        "24"
+    );
+    let pid = daemon.app_status("limited")["pid"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let procs = read_limit(
+        &daemon,
+        "limited",
+        ("memory", "cgroup.procs"),
+        "cgroup.procs",
+    );
+    assert!(
+        procs.lines().any(|l| l == pid),
+        "pool {pid} is not in its cgroup: {procs}"
+    );
+
+    // A new generation's limits replace the old ones.
+    let hello = cairn_tests::component("hello");
+    let listen = daemon.app_status("limited")["listen"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    daemon.ctl_ok(&[
+        "deploy",
+        "limited",
+        "--component",
+        hello.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--cpu",
+        "0.25",
+    ]);
+    let cpu = read_limit(&daemon, "limited", ("cpu", "cpu.cfs_quota_us"), "cpu.max");
+    assert!(cpu == "25000" || cpu == "25000 100000", "{cpu}");
+
+    let status = daemon.app_status("limited");
+    assert!(
+        status["cgroup"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{}/limited", daemon.cgroup_parent)),
+        "{status}"
+    );
+    assert!(status["pids"].as_u64().unwrap() >= 1, "{status}");
+    assert!(status["memory_bytes"].as_u64().unwrap() > 0, "{status}");
+
+    daemon.ctl_ok(&["rm", "limited"]);
+    for dir in cgroup_dirs(&format!("{}/limited", daemon.cgroup_parent)) {
+        assert!(!dir.exists(), "{} is left behind", dir.display());
+    }
+}
+
+#[test]
+fn a_pool_over_its_memory_is_oom_killed_and_the_neighbour_keeps_serving() {
+    let daemon = Daemon::start();
+    if !enforcing(
+        &daemon,
+        "a_pool_over_its_memory_is_oom_killed_and_the_neighbour_keeps_serving",
+    ) {
+        return;
+    }
+    let neighbour = daemon.deploy_hello("neighbour", &[]);
+    // Each instance may grow to 512MiB, but the whole pool only to 64MiB: the cgroup, not
+    // wasmtime, stops this one.
+    let hungry = daemon.deploy_hello(
+        "hungry-pool",
+        &["--memory", "512MiB", "--memory-total", "64MiB"],
+    );
+    let watcher = std::thread::spawn(move || {
+        let mut statuses = Vec::new();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(3) && statuses.len() < 2000 {
+            statuses.push(get(neighbour, "/").map(|r| r.status).unwrap_or(0));
+        }
+        statuses
+    });
+    let killed = get(hungry, "/alloc?256");
+    assert!(
+        !matches!(&killed, Ok(r) if r.status == 200),
+        "the allocation should not have succeeded: {killed:?}"
+    );
+    wait_for(
+        "the OOM kill to be recorded",
+        Duration::from_secs(15),
+        || daemon.app_status("hungry-pool")["last_exit"] == "oom",
+    )
+    .unwrap();
+    let statuses = watcher.join().unwrap();
+    assert!(!statuses.is_empty());
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "the neighbour failed requests: {statuses:?}"
+    );
+    // The killed pool was restarted and serves again.
+    wait_for(
+        "the hungry pool to be back",
+        Duration::from_secs(15),
+        || get(hungry, "/").map(|r| r.status == 200).unwrap_or(false),
+    )
+    .unwrap();
+    let status = daemon.app_status("hungry-pool");
+    assert!(status["restarts"].as_u64().unwrap() >= 1, "{status}");
+    assert!(daemon
+        .ctl_ok(&["logs", "hungry-pool"])
+        .contains("the pool ended (oom)"));
+}
+
+#[test]
+fn a_cpu_bound_pool_gets_its_cpu_share_and_no_more() {
+    let daemon = Daemon::start();
+    if !enforcing(&daemon, "a_cpu_bound_pool_gets_its_cpu_share_and_no_more") {
+        return;
+    }
+    let spinner = daemon.deploy_hello("spinner", &["--cpu", "0.2", "--timeout", "6s"]);
+    let spin = std::thread::spawn(move || get(spinner, "/loop"));
+    wait_for("the spinning request", Duration::from_secs(5), || {
+        daemon.app_status("spinner")["in_flight"] == 1
+    })
+    .unwrap();
+    let cpu = |daemon: &Daemon| {
+        daemon.app_status("spinner")["cpu_usage_nanos"]
+            .as_u64()
+            .unwrap()
+    };
+    let (start_cpu, start) = (cpu(&daemon), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let (end_cpu, elapsed) = (cpu(&daemon), start.elapsed());
+    let share = (end_cpu - start_cpu) as f64 / elapsed.as_nanos() as f64;
+    assert!(
+        (0.1..=0.3).contains(&share),
+        "a pool capped at 0.2 cores used {share:.3} of a core"
+    );
+    assert_eq!(
+        spin.join().unwrap().unwrap().status,
+        500,
+        "the spin ends at its timeout"
+    );
+}
