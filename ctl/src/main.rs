@@ -527,7 +527,7 @@ fn print_daemon(daemon: &proto::DaemonStatus, json_output: bool) {
             "apps": daemon.apps, "apps_running": daemon.apps_running, "components": daemon.components,
             "uptime_seconds": daemon.uptime_seconds, "engine_fingerprint": daemon.engine_fingerprint,
             "compiled": daemon.compiled, "cache_hits": daemon.cache_hits, "limits": daemon.limits,
-            "log_lines_dropped": daemon.log_lines_dropped,
+                        "log_lines_dropped": daemon.log_lines_dropped, "pool_user": daemon.pool_user,
         }));
         return;
     }
@@ -550,6 +550,7 @@ fn print_daemon(daemon: &proto::DaemonStatus, json_output: bool) {
             ),
         ]),
         row(["limits", &daemon.limits]),
+        row(["pools run as", &daemon.pool_user]),
         row(["log lines dropped", &daemon.log_lines_dropped.to_string()]),
     ];
     print_table(&rows);

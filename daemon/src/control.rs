@@ -141,6 +141,7 @@ pub struct ControlService {
     state_dir: PathBuf,
     socket: PathBuf,
     limits_note: String,
+    pool_user: String,
     started: Instant,
 }
 
@@ -154,6 +155,7 @@ impl ControlService {
         config: &Config,
         socket: PathBuf,
         limits_note: String,
+        pool_user: String,
     ) -> ControlService {
         ControlService {
             store,
@@ -165,6 +167,7 @@ impl ControlService {
             state_dir: config.state_dir.clone(),
             socket,
             limits_note,
+            pool_user,
             started: Instant::now(),
         }
     }
@@ -434,6 +437,7 @@ impl Control for ControlService {
                     compiled: self.runtime.compiled.load(Ordering::Relaxed),
                     cache_hits: self.runtime.cache_hits.load(Ordering::Relaxed),
                     limits: self.limits_note.clone(),
+                    pool_user: self.pool_user.clone(),
                     log_lines_dropped: self.logs.dropped()
                         + self.reconciler.pool_log_lines_dropped().await,
                 })),

@@ -62,6 +62,11 @@ enum Mode {
         /// The app's name, so `ps` says whose pool this is.
         #[arg(long)]
         app: String,
+        /// The user and group to drop to before anything else.
+        #[arg(long, requires = "gid")]
+        uid: Option<u32>,
+        #[arg(long, requires = "uid")]
+        gid: Option<u32>,
     },
 }
 
@@ -76,8 +81,8 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    if let Some(Mode::Pool { app: _ }) = args.mode {
-        std::process::exit(pool::run());
+    if let Some(Mode::Pool { app: _, uid, gid }) = args.mode {
+        std::process::exit(pool::run(uid.zip(gid)));
     }
 
     let result = (|| -> anyhow::Result<()> {

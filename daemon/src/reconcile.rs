@@ -144,6 +144,7 @@ pub struct Reconciler {
     drain: Duration,
     exits: mpsc::Sender<PoolExit>,
     cgroups: Arc<Cgroups>,
+    pool_user: Option<(u32, u32)>,
     /// Restarts that are due (sent after their backoff).
     restarts: mpsc::Sender<(AppName, u64)>,
 }
@@ -155,6 +156,7 @@ impl Reconciler {
         runtime: Arc<Runtime>,
         logs: Arc<LogHub>,
         cgroups: Arc<Cgroups>,
+        pool_user: Option<(u32, u32)>,
         drain: Duration,
     ) -> Arc<Reconciler> {
         let (exits, mut exit_events) = mpsc::channel(256);
@@ -167,6 +169,7 @@ impl Reconciler {
             drain,
             exits,
             cgroups,
+            pool_user,
             restarts,
         });
         let weak = Arc::downgrade(&reconciler);
@@ -340,6 +343,7 @@ impl Reconciler {
             listener,
             counters,
             cgroup,
+            user: self.pool_user,
             logs: Arc::clone(&self.logs),
             exits: self.exits.clone(),
         })

@@ -81,6 +81,8 @@ pub struct Launch<'a> {
     pub counters: &'a Counters,
     /// The cgroup the pool is moved into before it is told what to run.
     pub cgroup: Option<&'a AppCgroup>,
+    /// The user and group the pool drops to.
+    pub user: Option<(u32, u32)>,
     pub logs: Arc<LogHub>,
     pub exits: mpsc::Sender<PoolExit>,
 }
@@ -166,6 +168,14 @@ pub async fn launch(launch: Launch<'_>) -> Result<Pool, SpawnError> {
     command
         .arg0("cairnd")
         .args(["pool", "--app", app.as_str()])
+        .args(launch.user.iter().flat_map(|(uid, gid)| {
+            [
+                "--uid".to_string(),
+                uid.to_string(),
+                "--gid".to_string(),
+                gid.to_string(),
+            ]
+        }))
         .stdin(std::process::Stdio::null())
         .kill_on_drop(false);
     // SAFETY: only async-signal-safe dup2 calls run between fork and exec.

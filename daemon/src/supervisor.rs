@@ -23,6 +23,8 @@ const LOOP_PERIOD: Duration = Duration::from_secs(10);
 
 pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
     control::check_socket_free(&socket)?;
+    let pool_user = config.pool_user()?;
+    tracing::info!("pools run as {}", pool_user.description);
     std::fs::create_dir_all(&config.state_dir).with_context(|| {
         format!(
             "cannot create the state directory {}",
@@ -49,6 +51,7 @@ pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
         Arc::clone(&runtime),
         Arc::clone(&logs),
         Arc::clone(&cgroups),
+        pool_user.ids,
         config.drain_timeout.0,
     );
 
@@ -64,6 +67,7 @@ pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
         &config,
         socket.clone(),
         cgroups.describe(),
+        pool_user.description.clone(),
     );
     let stop_control = CancellationToken::new();
     let control_server = tokio::spawn(

@@ -21,8 +21,33 @@ use tokio::sync::mpsc;
 /// Log chunks queued towards the supervisor before new ones are dropped (and counted).
 const LOG_QUEUE: usize = 4096;
 
+/// Gives up every privilege the pool does not need, first thing, while the process has one
+/// thread: no new privileges ever (no setuid binaries, no file capabilities), and when started
+/// as root, the unprivileged user and group the supervisor chose, with no supplementary groups.
+fn drop_privileges(ids: Option<(u32, u32)>) -> Result<(), String> {
+    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("cannot set no_new_privs: {e}"))?;
+    if let Some((uid, gid)) = ids {
+        let (uid, gid) = (
+            nix::unistd::Uid::from_raw(uid),
+            nix::unistd::Gid::from_raw(gid),
+        );
+        nix::unistd::setgroups(&[])
+            .map_err(|e| format!("cannot drop supplementary groups: {e}"))?;
+        nix::unistd::setgid(gid).map_err(|e| format!("cannot switch to gid {gid}: {e}"))?;
+        nix::unistd::setuid(uid).map_err(|e| format!("cannot switch to uid {uid}: {e}"))?;
+        if nix::unistd::setuid(nix::unistd::Uid::from_raw(0)).is_ok() {
+            return Err("root could be regained after dropping it".into());
+        }
+    }
+    Ok(())
+}
+
 /// Runs the pool; returns the process exit code.
-pub fn run() -> i32 {
+pub fn run(ids: Option<(u32, u32)>) -> i32 {
+    if let Err(error) = drop_privileges(ids) {
+        eprintln!("cairnd pool: {error}");
+        return 77;
+    }
     // SAFETY: the supervisor started this process with exactly these descriptors open at these
     // numbers (see `spawn`), and nothing else in this process owns them.
     let (listener, control, code, counters) = unsafe {
