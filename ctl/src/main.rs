@@ -112,6 +112,14 @@ struct DeployArgs {
     /// Processes and threads the app's pool may have.
     #[arg(long)]
     pids: Option<u32>,
+    /// Stop the app's pool after this long without a request, such as 30s; the next
+    /// connection starts it again.
+    #[arg(long)]
+    idle: Option<String>,
+    /// A path the app answers 2xx on when healthy, such as /health; a new generation goes live
+    /// only once it does.
+    #[arg(long)]
+    health: Option<String>,
     /// Requests served at once; more get 503.
     #[arg(long)]
     instances: Option<u32>,
@@ -462,6 +470,18 @@ async fn build_manifest(
     }
     if let Some(pids) = args.pids {
         limits.insert("pids".into(), i64::from(pids).into());
+    }
+    if let Some(idle) = args.idle {
+        limits.insert("idle".into(), idle.into());
+    }
+    if let Some(health) = args.health {
+        let mut http = table
+            .get("http")
+            .and_then(|v| v.as_table())
+            .cloned()
+            .unwrap_or_default();
+        http.insert("health".into(), health.into());
+        table.insert("http".into(), http.into());
     }
     if let Some(instances) = args.instances {
         limits.insert("instances".into(), i64::from(instances).into());

@@ -45,6 +45,7 @@ pub fn status_of(error: &ReconcileError) -> Status {
         | ReconcileError::AddressUnavailable { .. }
         | ReconcileError::OwnedElsewhere { .. }
         | ReconcileError::Pool(_)
+        | ReconcileError::Unhealthy { .. }
         | ReconcileError::Limits(_) => Status::failed_precondition(message),
         ReconcileError::Store(StoreError::Full { .. }) => Status::resource_exhausted(message),
         ReconcileError::Store(StoreError::Corrupt { .. }) => Status::data_loss(message),
@@ -712,6 +713,24 @@ mod tests {
                 Code::Internal,
             ),
             (ReconcileError::Internal("x".into()), Code::Internal),
+            (
+                ReconcileError::Load {
+                    digest: Digest::of(b"y"),
+                    message: "link".into(),
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                ReconcileError::Pool("died".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                ReconcileError::Unhealthy {
+                    path: "/health".into(),
+                    answer: "answered 500".into(),
+                },
+                Code::FailedPrecondition,
+            ),
         ];
         for (error, code) in table {
             let status = status_of(&error);

@@ -27,15 +27,59 @@ pub struct Serving {
     pub app: LoadedApp,
     slots: Arc<Semaphore>,
     counters: Arc<Counters>,
+    started: std::time::Instant,
 }
 
 impl Serving {
     pub fn new(app: LoadedApp, instances: u32, counters: Arc<Counters>) -> Serving {
+        // The page outlives pools; this pool's idle clock starts now.
+        counters.set(Counter::LastActive, 0);
         Serving {
             app,
             slots: Arc::new(Semaphore::new(instances as usize)),
             counters,
+            started: std::time::Instant::now(),
         }
+    }
+
+    /// Runs `GET path` through the guest, as the health check does, and returns the status.
+    pub async fn probe(&self, path: &str) -> Result<u16, String> {
+        let request = hyper::Request::get(format!("http://localhost{path}"))
+            .header(hyper::header::HOST, "localhost")
+            .body(
+                http_body_util::Empty::<Bytes>::new()
+                    .map_err(|never| -> wasmtime_wasi_http::Error { match never {} }),
+            )
+            .map_err(|e| format!("`{path}` is not a usable path: {e}"))?;
+        let permit = Arc::clone(&self.slots)
+            .try_acquire_owned()
+            .map_err(|e| e.to_string())?;
+        let in_flight = InFlight::enter(Arc::clone(&self.counters));
+        match self.app.handle(request, permit, in_flight).await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let _ = response.into_body().collect().await;
+                Ok(status)
+            }
+            Err(RequestFailure::Guest(Outcome::Timeout)) => {
+                Err("it did not answer within the request timeout".into())
+            }
+            Err(RequestFailure::Guest(outcome)) => Err(format!("it failed: {outcome:?}")),
+            Err(RequestFailure::ErrorCode(code)) => {
+                Err(format!("it answered with an error: {code}"))
+            }
+            Err(RequestFailure::Host(reason)) => Err(reason),
+        }
+    }
+
+    /// How long since a request last finished (or since the pool started), when none is running.
+    pub fn idle_for(&self) -> Option<Duration> {
+        if self.counters.get(Counter::InFlight) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.counters.get(Counter::LastActive));
+        let since_start = self.started.elapsed();
+        Some(since_start.saturating_sub(last.min(since_start)))
     }
 }
 
@@ -46,12 +90,12 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    pub fn start(listener: TcpListener, serving: Serving) -> HttpServer {
+    pub fn start(listener: TcpListener, serving: Arc<Serving>) -> HttpServer {
         let stop = CancellationToken::new();
         let connections = TaskTracker::new();
         let accepting = tokio::spawn(accept_loop(
             listener,
-            Arc::new(serving),
+            serving,
             stop.clone(),
             connections.clone(),
         ));
@@ -145,7 +189,12 @@ async fn handle(
         );
     };
     let in_flight = InFlight::enter(Arc::clone(counters));
-    match serving.app.handle(request, permit, in_flight).await {
+    let handled = serving.app.handle(request, permit, in_flight).await;
+    counters.set(
+        Counter::LastActive,
+        serving.started.elapsed().as_millis() as u64,
+    );
+    match handled {
         Ok(response) => response,
         Err(RequestFailure::Guest(Outcome::Timeout)) => {
             plain(500, "the app did not finish within its [limits] timeout\n")

@@ -51,6 +51,29 @@ fn controllers() -> Option<Vec<String>> {
     Some(CONTROLLERS.iter().map(|c| c.to_string()).collect())
 }
 
+/// Creates the cgroup `path`, making sure it really exists: cgroups-rs logs a failed mkdir
+/// instead of returning it, so the cause is fetched here.
+fn create(hierarchy: Box<dyn cgroups_rs::Hierarchy>, path: &str) -> Result<Cgroup, String> {
+    let root = hierarchy.root();
+    let cgroup = Cgroup::new_with_specified_controllers(hierarchy, path, controllers())
+        .map_err(|e| e.to_string())?;
+    if cgroup.exists() {
+        return Ok(cgroup);
+    }
+    let probe = if cgroup.v2() {
+        root.join(path)
+    } else {
+        root.join("memory").join(path)
+    };
+    Err(match std::fs::create_dir_all(&probe) {
+        Err(error) => format!("{}: {error}", probe.display()),
+        Ok(()) => format!(
+            "{} could not be created in every controller",
+            probe.display()
+        ),
+    })
+}
+
 impl Cgroups {
     /// Creates (or adopts) the parent cgroup `parent` (relative to the hierarchy root) with the
     /// caps for all apps together. Any failure means limits are not enforced, with the reason.
@@ -62,15 +85,14 @@ impl Cgroups {
         }
         let hierarchy = hierarchies::auto();
         let v2 = hierarchy.v2();
-        let cgroup = match Cgroup::new_with_specified_controllers(hierarchy, parent, controllers())
-        {
+        let who = if nix::unistd::geteuid().is_root() {
+            ""
+        } else {
+            " (not root, and no cgroup was delegated: run as root or under systemd with Delegate=yes)"
+        };
+        let cgroup = match create(hierarchy, parent) {
             Ok(cgroup) => cgroup,
             Err(error) => {
-                let who = if nix::unistd::geteuid().is_root() {
-                    ""
-                } else {
-                    " (not root, and no cgroup was delegated: run as root or under systemd with Delegate=yes)"
-                };
                 return Cgroups::NotEnforced {
                     why: format!("cannot create cgroup {parent}: {error}{who}"),
                 };
@@ -109,12 +131,10 @@ impl Cgroups {
             return Ok(None);
         };
         let path = format!("{parent}/{app}");
-        Cgroup::new_with_specified_controllers(hierarchies::auto(), &path, controllers()).map_err(
-            |e| LimitsError {
-                path: path.clone(),
-                message: e.to_string(),
-            },
-        )?;
+        create(hierarchies::auto(), &path).map_err(|message| LimitsError {
+            path: path.clone(),
+            message,
+        })?;
         Ok(Some(AppCgroup { path, v2: *v2 }))
     }
 

@@ -31,6 +31,9 @@ const RESTART_BACKOFF: Duration = Duration::from_millis(100);
 const RESTART_BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// A pool that served this long is healthy again: its next failure starts the backoff over.
 const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+/// This many pool failures within `CRASHLOOP_WINDOW` make a crashloop.
+const CRASHLOOP_FAILURES: usize = 5;
+const CRASHLOOP_WINDOW: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -61,6 +64,8 @@ pub enum ReconcileError {
     Load { digest: Digest, message: String },
     #[error("the app's pool could not start: {0}")]
     Pool(String),
+    #[error("the new generation failed its health check: GET {path} {answer}; the previous generation keeps serving")]
+    Unhealthy { path: String, answer: String },
     #[error(transparent)]
     Limits(#[from] LimitsError),
     #[error("app `{app}` is owned by the {owner}; change it there")]
@@ -111,6 +116,11 @@ enum State {
     Restarting {
         reason: String,
     },
+    /// No pool: it exited for lack of traffic. The supervisor holds the listener and starts a
+    /// pool when a connection arrives.
+    Idle {
+        _waker: Waker,
+    },
     /// The app could not be started at all.
     Failed {
         reason: String,
@@ -134,6 +144,22 @@ struct Running {
     cgroup: Option<AppCgroup>,
     /// OOM kills in the cgroup already accounted for, to tell an OOM kill from a plain kill.
     oom_kills_seen: u64,
+    /// When the pool failed within the last `CRASHLOOP_WINDOW`.
+    recent_failures: Vec<Instant>,
+    /// Failing `CRASHLOOP_FAILURES` times within the window; cleared by a new generation.
+    crashloop: bool,
+    /// The last generation that served well, restored on a crashloop.
+    last_good: Option<u64>,
+}
+
+/// The task waiting for an idle app's next connection; stops waiting when dropped (the app
+/// was removed, redeployed or shut down).
+struct Waker(tokio::task::JoinHandle<()>);
+
+impl Drop for Waker {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 pub struct Reconciler {
@@ -214,6 +240,9 @@ impl Reconciler {
                 last_exit: String::new(),
                 cgroup: None,
                 oom_kills_seen: 0,
+                recent_failures: Vec::new(),
+                crashloop: false,
+                last_good: None,
             };
             // A pool of the previous daemon may still be closing its copy of the listener.
             self.bring_up(&mut running, Duration::from_secs(3)).await;
@@ -539,6 +568,28 @@ impl Reconciler {
             }
         };
 
+        if let Some(path) = &spec.http.health {
+            let answer = pool
+                .probe(path, spec.limits.timeout.0 + Duration::from_secs(5))
+                .await;
+            let unhealthy = match answer {
+                Ok(status) if (200..300).contains(&status) => None,
+                Ok(status) => Some(format!("answered {status}")),
+                Err(error) => Some(format!("got no answer: {error}")),
+            };
+            if let Some(answer) = unhealthy {
+                pool.stop(Duration::ZERO).await;
+                if fresh_cgroup && !apps.contains_key(&name) {
+                    if let Some(cgroup) = &cgroup {
+                        cgroup.remove();
+                    }
+                }
+                return Err(ReconcileError::Unhealthy {
+                    path: path.clone(),
+                    answer,
+                });
+            }
+        }
         let stored_spec = spec.clone();
         let recorded = match existing {
             Some(generation) => {
@@ -611,6 +662,19 @@ impl Reconciler {
                 .map(|p| p.oom_kills_seen)
                 .unwrap_or_else(|| cgroup.as_ref().map(|c| c.usage().oom_kills).unwrap_or(0)),
             cgroup,
+            recent_failures: Vec::new(),
+            crashloop: false,
+            // The generation this one replaces served well if it was serving (or idle) and not
+            // in a crashloop; otherwise keep the one it remembered.
+            last_good: previous.as_ref().and_then(|p| {
+                let served =
+                    matches!(p.state, State::Running { .. } | State::Idle { .. }) && !p.crashloop;
+                if served {
+                    Some(p.generation)
+                } else {
+                    p.last_good
+                }
+            }),
         };
         if let Some(Running {
             state: State::Running { pool: old, .. },
@@ -625,8 +689,10 @@ impl Reconciler {
         Ok((app_view, false))
     }
 
-    /// Handles a pool's exit: expected exits (after `stop`) are ignored; anything else is
-    /// recorded and the pool restarted after a backoff.
+    /// Handles a pool's exit. Expected exits (after `stop`) are ignored; an idle exit leaves
+    /// the app idle until its next connection; anything else is recorded and the pool
+    /// restarted after a backoff. A pool that keeps failing is a crashloop: the last generation
+    /// that served well is restored if there is one.
     async fn pool_exited(&self, exit: PoolExit) {
         let mut apps = self.apps.lock().await;
         let Some(running) = apps.get_mut(&exit.app) else {
@@ -638,11 +704,25 @@ impl Reconciler {
         if pool.pid != exit.pid {
             return; // an old generation's pool finishing its drain
         }
+        if exit.reason.is_idle() {
+            self.logs.note(
+                exit.app.as_str(),
+                running.generation,
+                "idle: the pool exited; the next connection starts it again",
+            );
+            running.state = State::Idle {
+                _waker: Waker(self.wake_on_connection(
+                    exit.app.clone(),
+                    running.generation,
+                    running.listener.as_ref(),
+                )),
+            };
+            running.counters.set(Counter::InFlight, 0);
+            return;
+        }
         if since.elapsed() >= HEALTHY_AFTER {
             running.consecutive_failures = 0;
         }
-        running.consecutive_failures += 1;
-        running.restarts += 1;
         let mut reason = exit.reason.clone();
         if let Some(cgroup) = &running.cgroup {
             let oom_kills = cgroup.usage().oom_kills;
@@ -651,15 +731,62 @@ impl Reconciler {
             }
             running.oom_kills_seen = oom_kills;
         }
-        running.last_exit = reason.to_string();
         running.counters.set(Counter::InFlight, 0);
+        self.record_failure(&exit.app, running, reason.to_string());
+
+        if running.crashloop {
+            if let Some(good) = running.last_good.filter(|good| *good != running.generation) {
+                let (owner, app, failed) = (running.owner, exit.app.clone(), running.generation);
+                let restored = async {
+                    let generations = self
+                        .store
+                        .call(move |store| store.generations(&app))
+                        .await?;
+                    let spec = generations
+                        .into_iter()
+                        .find(|g| g.generation == good)
+                        .map(|g| g.spec)
+                        .ok_or_else(|| {
+                            ReconcileError::Internal(format!("generation {good} is gone"))
+                        })?;
+                    self.activate(&mut apps, spec, owner, Some(good)).await
+                }
+                .await;
+                match restored {
+                    Ok(_) => self.logs.note(
+                        exit.app.as_str(),
+                        good,
+                        &format!("crashloop: generation {failed} kept failing; restored generation {good}, which served well"),
+                    ),
+                    Err(error) => tracing::error!(app = %exit.app, %error, "could not restore the last good generation"),
+                }
+            }
+        }
+    }
+
+    /// Counts a pool failure, detects a crashloop and schedules the next attempt.
+    fn record_failure(&self, app: &AppName, running: &mut Running, reason: String) {
+        running.consecutive_failures += 1;
+        running.restarts += 1;
+        running.last_exit = reason.clone();
+        let now = Instant::now();
+        running
+            .recent_failures
+            .retain(|at| now.duration_since(*at) < CRASHLOOP_WINDOW);
+        running.recent_failures.push(now);
+        if running.recent_failures.len() >= CRASHLOOP_FAILURES {
+            running.crashloop = true;
+        }
         let delay = backoff(running.consecutive_failures);
-        let reason = format!("the pool ended ({reason}); restarting in {delay:?}");
-        tracing::warn!(app = %exit.app, pid = exit.pid, %reason);
-        self.logs
-            .note(exit.app.as_str(), running.generation, &reason);
-        running.state = State::Restarting { reason };
-        self.schedule_restart(exit.app.clone(), running.generation, delay);
+        let note = if running.crashloop {
+            format!("crashloop: the pool ended ({reason}), {} times in {CRASHLOOP_WINDOW:?}; retrying in {delay:?}", running.recent_failures.len())
+        } else {
+            format!("the pool ended ({reason}); restarting in {delay:?}")
+        };
+        tracing::warn!(app = %app, %note);
+        self.logs.note(app.as_str(), running.generation, &note);
+        running.state = State::Restarting { reason: note };
+        self.schedule_restart(app.clone(), running.generation, delay);
     }
 
     fn schedule_restart(&self, app: AppName, generation: u64, delay: Duration) {
@@ -670,13 +797,46 @@ impl Reconciler {
         });
     }
 
-    /// Restarts a pool that died, if the app still wants that generation.
+    /// Waits until a connection is pending on the idle app's listener, then asks for its pool
+    /// to be started. The connection stays in the backlog for the new pool to accept.
+    fn wake_on_connection(
+        &self,
+        app: AppName,
+        generation: u64,
+        listener: Option<&Arc<std::net::TcpListener>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let restarts = self.restarts.clone();
+        let watched = listener.and_then(|l| l.try_clone().ok());
+        tokio::spawn(async move {
+            let Some(watched) = watched else { return };
+            // SAFETY: `watched` is a listener this task owns; its descriptor stays open and the
+            // same for as long as the AsyncFd that owns it.
+            let registered = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    watched,
+                    tokio::io::Interest::READABLE,
+                )
+            };
+            let Ok(readiness) = registered else {
+                return;
+            };
+            if readiness.readable().await.is_ok() {
+                let _ = restarts.send((app, generation)).await;
+            }
+        })
+    }
+
+    /// Starts a pool again for an app that is restarting (after a failure) or idle (woken by a
+    /// connection), if the app still wants that generation.
     async fn restart(&self, app: &AppName, generation: u64) {
         let mut apps = self.apps.lock().await;
         let Some(running) = apps.get_mut(app) else {
             return;
         };
-        if running.generation != generation || !matches!(running.state, State::Restarting { .. }) {
+        let waking = matches!(running.state, State::Idle { .. });
+        if running.generation != generation
+            || !(waking || matches!(running.state, State::Restarting { .. }))
+        {
             return;
         }
         let listener = Arc::clone(
@@ -703,11 +863,13 @@ impl Reconciler {
         };
         match served {
             Ok(pool) => {
-                self.logs.note(
-                    app.as_str(),
-                    generation,
-                    &format!("pool restarted (pid {})", pool.pid),
-                );
+                if !waking {
+                    self.logs.note(
+                        app.as_str(),
+                        generation,
+                        &format!("pool restarted (pid {})", pool.pid),
+                    );
+                }
                 running.allocator = pool.allocator.clone();
                 running.state = State::Running {
                     pool,
@@ -715,16 +877,7 @@ impl Reconciler {
                 };
                 running.started_unix = now_unix();
             }
-            Err(error) => {
-                running.consecutive_failures += 1;
-                running.restarts += 1;
-                running.last_exit = error.to_string();
-                let delay = backoff(running.consecutive_failures);
-                running.state = State::Restarting {
-                    reason: format!("{error}; retrying in {delay:?}"),
-                };
-                self.schedule_restart(app.clone(), generation, delay);
-            }
+            Err(error) => self.record_failure(app, running, error.to_string()),
         }
     }
 
@@ -899,7 +1052,9 @@ fn check_address_free(
 fn view(name: &AppName, running: &Running) -> AppView {
     let (status, error) = match &running.state {
         State::Running { .. } => ("running", String::new()),
+        State::Restarting { reason } if running.crashloop => ("crashloop", reason.clone()),
         State::Restarting { reason } => ("restarting", reason.clone()),
+        State::Idle { .. } => ("idle", String::new()),
         State::Failed { reason } => ("failed", reason.clone()),
     };
     AppView {

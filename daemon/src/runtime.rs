@@ -10,7 +10,6 @@
 
 use crate::spec::{AppName, Limits};
 use bytes::{Bytes, BytesMut};
-use hyper::body::Incoming;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
@@ -432,12 +431,16 @@ impl LoadedApp {
 
     /// Serves one request on a fresh instance. `permit` is the request's concurrency slot; it is
     /// held until the instance is gone, even if the response was sent earlier.
-    pub async fn handle(
+    pub async fn handle<B>(
         &self,
-        request: hyper::Request<Incoming>,
+        request: hyper::Request<B>,
         permit: OwnedSemaphorePermit,
         in_flight: crate::http::InFlight,
-    ) -> Result<hyper::Response<HyperOutgoingBody>, RequestFailure> {
+    ) -> Result<hyper::Response<HyperOutgoingBody>, RequestFailure>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
         let method = request.method().to_string();
         let path = request.uri().path().to_string();
         let stdout = OutputCapture::new();

@@ -55,6 +55,11 @@ impl fmt::Display for ExitReason {
 }
 
 impl ExitReason {
+    /// Whether the pool ended because it had been idle for its idle time.
+    pub fn is_idle(&self) -> bool {
+        *self == ExitReason::Code(protocol::IDLE_EXIT)
+    }
+
     fn of(status: std::process::ExitStatus) -> ExitReason {
         match (status.code(), status.signal()) {
             (Some(code), _) => ExitReason::Code(code),
@@ -93,9 +98,31 @@ pub struct Pool {
     pub allocator: String,
     control: Mutex<OwnedWriteHalf>,
     exited: watch::Receiver<Option<ExitReason>>,
+    /// Answers to `Probe`, routed here by the task that reads the pool's messages.
+    probes: Mutex<mpsc::Receiver<(Option<u16>, String)>>,
 }
 
 impl Pool {
+    /// Runs the health check `GET path` in the pool (before it serves). `Ok(status)` when the
+    /// guest answered, else why not.
+    pub async fn probe(&self, path: &str, deadline: Duration) -> Result<u16, String> {
+        let mut probes = self.probes.lock().await;
+        protocol::send(
+            &mut *self.control.lock().await,
+            &ToPool::Probe {
+                path: path.to_string(),
+            },
+        )
+        .await
+        .map_err(|e| format!("the pool went away: {e}"))?;
+        match tokio::time::timeout(deadline, probes.recv()).await {
+            Ok(Some((Some(status), _))) => Ok(status),
+            Ok(Some((None, error))) => Err(error),
+            Ok(None) => Err("the pool ended during the health check".into()),
+            Err(_) => Err(format!("no answer within {deadline:?}")),
+        }
+    }
+
     /// Tells the pool to start accepting.
     pub async fn serve(&self) -> std::io::Result<()> {
         protocol::send(&mut *self.control.lock().await, &ToPool::Serve).await
@@ -237,7 +264,7 @@ pub async fn launch(launch: Launch<'_>) -> Result<Pool, SpawnError> {
     protocol::send(
         &mut writer,
         &ToPool::Start {
-            spec: launch.spec.clone(),
+            spec: Box::new(launch.spec.clone()),
             generation: launch.generation,
         },
     )
@@ -258,6 +285,12 @@ pub async fn launch(launch: Launch<'_>) -> Result<Pool, SpawnError> {
         Ok(Ok(Some(FromPool::Loaded { allocator }))) => allocator,
         Ok(Ok(Some(FromPool::Failed { error }))) => return Err(SpawnError::Load(error)),
         Ok(Ok(Some(FromPool::Logs { .. }))) => unreachable!("log frames are forwarded above"),
+        Ok(Ok(Some(FromPool::Probed { .. }))) => {
+            kill();
+            return Err(SpawnError::Load(
+                "the pool answered a health check nobody asked for".into(),
+            ));
+        }
         Ok(Ok(None)) | Ok(Err(_)) => {
             let mut exited = exited.clone();
             let reason =
@@ -276,11 +309,17 @@ pub async fn launch(launch: Launch<'_>) -> Result<Pool, SpawnError> {
 
     let logs = Arc::clone(&launch.logs);
     let generation = launch.generation;
+    let (probe_answers, probes) = mpsc::channel(1);
     tokio::spawn(async move {
-        while let Ok(Some(FromPool::Logs { lines })) =
-            protocol::receive::<_, FromPool>(&mut reader).await
-        {
-            forward(&logs, &app, generation, lines);
+        loop {
+            match protocol::receive::<_, FromPool>(&mut reader).await {
+                Ok(Some(FromPool::Logs { lines })) => forward(&logs, &app, generation, lines),
+                Ok(Some(FromPool::Probed { status, error })) => {
+                    let _ = probe_answers.send((status, error)).await;
+                }
+                Ok(Some(other)) => tracing::warn!(?other, "unexpected message from a pool"),
+                Ok(None) | Err(_) => return,
+            }
         }
     });
     Ok(Pool {
@@ -288,6 +327,7 @@ pub async fn launch(launch: Launch<'_>) -> Result<Pool, SpawnError> {
         allocator,
         control: Mutex::new(writer),
         exited,
+        probes: Mutex::new(probes),
     })
 }
 

@@ -233,6 +233,9 @@ pub struct AppSpec {
 pub struct HttpSpec {
     /// Where the app's HTTP listener binds, such as `127.0.0.1:8080` or `0.0.0.0:80`.
     pub listen: SocketAddr,
+    /// A path the app answers 2xx on when healthy; a new generation goes live only then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -254,6 +257,10 @@ pub struct Limits {
     /// Processes and threads the pool may have (cgroup pids limit). Default: `DEFAULT_PIDS`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pids: Option<u32>,
+    /// With no request for this long the pool exits; the next connection starts it again.
+    /// Default: never (the pool stays warm).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle: Option<HumanDuration>,
 }
 
 /// Memory a pool needs besides its instances' linear memories (runtime, code, buffers).
@@ -286,6 +293,7 @@ impl Default for Limits {
             cpu: None,
             memory_total: None,
             pids: None,
+            idle: None,
         }
     }
 }
@@ -358,6 +366,20 @@ impl AppSpec {
             if pids < 8 {
                 return Err(invalid(format!(
                     "[limits] pids = {pids} is too small: a pool needs at least 8 threads"
+                )));
+            }
+        }
+        if let Some(idle) = limits.idle {
+            if idle.0 < Duration::from_millis(100) {
+                return Err(invalid(format!(
+                    "[limits] idle = \"{idle}\" is too short: use at least 100ms, or leave it out to keep the pool warm"
+                )));
+            }
+        }
+        if let Some(health) = &self.http.health {
+            if !health.starts_with('/') {
+                return Err(invalid(format!(
+                    "[http] health = \"{health}\" must be a path starting with /, such as \"/health\""
                 )));
             }
         }
@@ -445,6 +467,7 @@ mod tests {
                 "at least 8MiB",
             ),
             (manifest("[limits]\npids = 2\n"), "at least 8 threads"),
+            (manifest("[limits]\nidle = \"1ms\"\n"), "too short"),
             ("name = \"Hello World\"\n".to_string(), "not allowed"),
             (
                 "name = \"a\"\ncomponent = \"app.wasm\"\n[http]\nlisten = \"127.0.0.1:1\"\n"

@@ -205,3 +205,74 @@ fn a_cpu_bound_pool_gets_its_cpu_share_and_no_more() {
         "the spin ends at its timeout"
     );
 }
+
+#[test]
+fn the_parent_cgroup_caps_all_apps_together() {
+    let daemon = Daemon::start_with(Some("total_memory = \"1GiB\"\ntotal_cpu = 1.5\n"), &[]);
+    if !enforcing(&daemon, "the_parent_cgroup_caps_all_apps_together") {
+        return;
+    }
+    let parent = |v1: (&str, &str), v2_file: &str| -> String {
+        let path: PathBuf = if v2() {
+            cgroup_dirs(&daemon.cgroup_parent)[0].join(v2_file)
+        } else {
+            PathBuf::from("/sys/fs/cgroup")
+                .join(v1.0)
+                .join(&daemon.cgroup_parent)
+                .join(v1.1)
+        };
+        std::fs::read_to_string(&path).unwrap().trim().to_string()
+    };
+    assert_eq!(
+        parent(("memory", "memory.limit_in_bytes"), "memory.max"),
+        (1u64 << 30).to_string()
+    );
+    let cpu = parent(("cpu", "cpu.cfs_quota_us"), "cpu.max");
+    assert!(cpu == "150000" || cpu == "150000 100000", "{cpu}");
+}
+
+#[test]
+fn without_privileges_limits_are_reported_as_not_enforced() {
+    if !cairn_tests::is_root() {
+        cairn_tests::skip(
+            "without_privileges_limits_are_reported_as_not_enforced",
+            "needs root to start cairnd as another user",
+        );
+        return;
+    }
+    let daemon = Daemon::start_as(65534);
+    let limits = daemon.ctl(&["-o", "json", "status"]).json()["limits"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        limits.starts_with("not enforced: cannot create cgroup"),
+        "{limits}"
+    );
+    assert!(
+        limits.contains("run as root or under systemd with Delegate=yes"),
+        "{limits}"
+    );
+    // It still runs apps, and says so per app too.
+    let addr = daemon.deploy_hello("unconfined", &["--cpu", "0.5"]);
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+    let status = daemon.app_status("unconfined");
+    let cpu = status["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "cpu")
+        .unwrap()
+        .clone();
+    assert!(
+        cpu["enforcement"]
+            .as_str()
+            .unwrap()
+            .starts_with("not enforced"),
+        "{cpu}"
+    );
+    assert!(daemon.ctl(&["-o", "json", "status"]).json()["pool_user"]
+        .as_str()
+        .unwrap()
+        .contains("not root"));
+}

@@ -31,7 +31,11 @@ fn apps_run_in_their_own_pool_process() {
         daemon.pid(),
         "the supervisor must not serve the app itself"
     );
-        assert!(cmdline(pid).starts_with("cairnd pool --app apart"), "{}", cmdline(pid));
+    assert!(
+        cmdline(pid).starts_with("cairnd pool --app apart"),
+        "{}",
+        cmdline(pid)
+    );
     let parent = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let ppid: i32 = parent
         .rsplit(')')
@@ -184,4 +188,135 @@ fn pools_run_unprivileged_and_cannot_write_the_store() {
         uids[0],
         "the pool's group owns the database"
     );
+}
+
+#[test]
+fn a_generation_that_fails_its_health_check_never_goes_live() {
+    let daemon = Daemon::start();
+    let addr = daemon.deploy_hello(
+        "checked",
+        &["--health", "/health", "--env", "GREETING=good"],
+    );
+    assert_eq!(daemon.app_status("checked")["generation"], 1);
+    let hello = component("hello");
+    let listen = addr.to_string();
+    let refused = daemon.ctl(&[
+        "deploy",
+        "checked",
+        "--component",
+        hello.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--health",
+        "/nope",
+        "--env",
+        "GREETING=bad",
+    ]);
+    assert_eq!(refused.code, 5, "{refused:?}");
+    assert!(
+        refused.stderr.contains("failed its health check: GET /nope answered 404; the previous generation keeps serving"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(get(addr, "/").unwrap().body, "good from cairn\n");
+    let status = daemon.app_status("checked");
+    assert_eq!(status["generation"], 1);
+    assert_eq!(
+        status["generations"].as_array().unwrap().len(),
+        1,
+        "a refused generation is not recorded"
+    );
+    // A health path that traps is refused the same way.
+    let trapped = daemon.ctl(&[
+        "deploy",
+        "checked",
+        "--component",
+        hello.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--health",
+        "/trap",
+    ]);
+    assert_eq!(trapped.code, 5, "{trapped:?}");
+    assert_eq!(get(addr, "/").unwrap().body, "good from cairn\n");
+}
+
+#[test]
+fn a_crashlooping_generation_gives_way_to_the_last_good_one() {
+    let daemon = Daemon::start();
+    let addr = daemon.deploy_hello("wobbly", &["--env", "GREETING=stable"]);
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+    let hello = component("hello");
+    let listen = addr.to_string();
+    daemon.ctl_ok(&[
+        "deploy",
+        "wobbly",
+        "--component",
+        hello.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--env",
+        "GREETING=broken",
+    ]);
+    assert_eq!(get(addr, "/").unwrap().body, "broken from cairn\n");
+
+    // Generation 2's pool keeps dying.
+    let mut killed = Vec::new();
+    for _ in 0..5 {
+        let mut pid = 0;
+        wait_for("a live pool to kill", Duration::from_secs(30), || {
+            let status = daemon.app_status("wobbly");
+            pid = status["pid"].as_u64().unwrap_or(0);
+            status["generation"] == 2 && pid != 0 && !killed.contains(&pid)
+        })
+        .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        killed.push(pid);
+    }
+    wait_for(
+        "generation 1 to be restored",
+        Duration::from_secs(30),
+        || daemon.app_status("wobbly")["generation"] == 1,
+    )
+    .unwrap();
+    assert_eq!(get(addr, "/").unwrap().body, "stable from cairn\n");
+    let logs = daemon.ctl_ok(&["logs", "wobbly"]);
+    assert!(
+        logs.contains("crashloop: generation 2 kept failing; restored generation 1"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn an_idle_pool_exits_and_the_next_connection_brings_it_back() {
+    let daemon = Daemon::start();
+    let addr = daemon.deploy_hello("sleepy", &["--idle", "500ms"]);
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+    let pid = pool_pid(&daemon, "sleepy");
+    wait_for("the pool to go idle", Duration::from_secs(15), || {
+        let status = daemon.app_status("sleepy");
+        status["status"] == "idle" && status["pid"] == 0
+    })
+    .unwrap();
+    wait_for(
+        "the idle pool's process to be gone",
+        Duration::from_secs(10),
+        || !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+    )
+    .unwrap();
+    assert!(daemon.ctl_ok(&["ls"]).contains("idle"));
+    // The supervisor held the listener: the first request is served, not refused.
+    let response = get(addr, "/").unwrap();
+    assert_eq!(
+        (response.status, response.body.as_str()),
+        (200, "hello from cairn\n")
+    );
+    let status = daemon.app_status("sleepy");
+    assert_eq!(status["status"], "running");
+    assert_eq!(status["restarts"], 0, "waking is not a restart");
+    assert_ne!(status["pid"].as_u64().unwrap(), pid);
 }

@@ -165,6 +165,8 @@ pub struct Daemon {
     _temp: Option<tempfile::TempDir>,
     extra_env: Vec<(String, String)>,
     address_space: Option<u64>,
+    /// Run cairnd as this uid (the test must be root).
+    run_as: Option<u32>,
 }
 
 impl Daemon {
@@ -248,12 +250,48 @@ impl Daemon {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             address_space,
+            run_as: None,
         }
+    }
+
+    /// Starts a daemon running as `uid` (needs root): its temp dir, binary copy and notify
+    /// socket are opened to that user.
+    pub fn start_as(uid: u32) -> Daemon {
+        use std::os::unix::fs::PermissionsExt;
+        let mut daemon = Daemon::unstarted(None, &[], None);
+        daemon.run_as = Some(uid);
+        for path in [daemon.dir.clone(), daemon.dir.join("notify.sock")] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        std::fs::write(daemon.dir.join("cairnd.log"), "").unwrap();
+        std::fs::set_permissions(
+            daemon.dir.join("cairnd.log"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+        daemon.spawn();
+        daemon.wait_ready().expect("cairnd becomes ready");
+        daemon
     }
 
     fn spawn(&mut self) {
         let (cairnd, _) = binaries();
-        let mut command = Command::new(cairnd);
+        let mut command = match self.run_as {
+            None => Command::new(cairnd),
+            Some(uid) => {
+                let copy = self.dir.join("cairnd");
+                if !copy.exists() {
+                    std::fs::copy(cairnd, &copy).unwrap();
+                }
+                let mut command = Command::new(copy);
+                command
+                    .uid(uid)
+                    .gid(uid)
+                    .env("HOME", &self.dir)
+                    .env_remove("XDG_RUNTIME_DIR");
+                command
+            }
+        };
         command
             .arg("--state-dir")
             .arg(&self.state)

@@ -165,36 +165,72 @@ async fn serve(
             allocator: loaded.allocator.clone(),
         })
         .await?;
+    let serving = Arc::new(Serving::new(
+        loaded,
+        spec.limits.instances,
+        Arc::clone(&counters),
+    ));
 
-    match protocol::receive(&mut reader).await? {
-        Some(ToPool::Serve) => {}
-        Some(ToPool::Drain { .. }) | None => {
-            drop(outgoing);
-            let _ = writer_task.await;
-            return Ok(0);
+    // Before serving: health checks on request, then Serve (or Drain, if the supervisor
+    // decided against this generation).
+    loop {
+        match protocol::receive(&mut reader).await? {
+            Some(ToPool::Probe { path }) => {
+                let answer = serving.probe(&path).await;
+                let (status, error) = match answer {
+                    Ok(status) => (Some(status), String::new()),
+                    Err(error) => (None, error),
+                };
+                outgoing.send(FromPool::Probed { status, error }).await?;
+            }
+            Some(ToPool::Serve) => break,
+            Some(ToPool::Drain { .. }) | None => {
+                drop(outgoing);
+                let _ = writer_task.await;
+                return Ok(0);
+            }
+            Some(ToPool::Start { .. }) => anyhow::bail!("Start sent twice"),
         }
-        Some(other) => anyhow::bail!("unexpected {other:?} before Serve"),
     }
     let listener = std::net::TcpListener::from(listener);
     listener.set_nonblocking(true)?;
     let server = HttpServer::start(
         tokio::net::TcpListener::from_std(listener)?,
-        Serving::new(loaded, spec.limits.instances, Arc::clone(&counters)),
+        Arc::clone(&serving),
     );
     tracing::debug!(app = %spec.name, generation, "pool serving");
 
-    let grace = loop {
-        match protocol::receive(&mut reader).await {
-            Ok(Some(ToPool::Drain { grace_ms })) => break Duration::from_millis(grace_ms),
-            Ok(Some(other)) => tracing::warn!(?other, "ignored while serving"),
-            // The supervisor is gone: stop soon rather than serve unsupervised.
-            Ok(None) | Err(_) => break Duration::from_secs(1),
+    let idle = spec.limits.idle.map(|idle| idle.0);
+    let (grace, exit_code) = loop {
+        tokio::select! {
+            message = protocol::receive(&mut reader) => match message {
+                Ok(Some(ToPool::Drain { grace_ms })) => break (Duration::from_millis(grace_ms), 0),
+                Ok(Some(other)) => tracing::warn!(?other, "ignored while serving"),
+                // The supervisor is gone: stop soon rather than serve unsupervised.
+                Ok(None) | Err(_) => break (Duration::from_secs(1), 0),
+            },
+            _ = idle_for(idle, &serving) => break (Duration::from_secs(1), protocol::IDLE_EXIT),
         }
     };
     server.shutdown(grace).await;
     drop(outgoing);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
-    Ok(0)
+    Ok(exit_code)
+}
+
+/// Resolves once no request has run for `idle` (never, without an idle time). The supervisor
+/// keeps the listener and starts a new pool when the next connection arrives.
+async fn idle_for(idle: Option<Duration>, serving: &Serving) {
+    let Some(idle) = idle else {
+        return std::future::pending().await;
+    };
+    let tick = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(tick).await;
+        if serving.idle_for().is_some_and(|quiet| quiet >= idle) {
+            return;
+        }
+    }
 }
 
 /// Turns what a request left behind into log chunks and counters.

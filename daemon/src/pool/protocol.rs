@@ -18,6 +18,7 @@ pub const CONTROL_FD: RawFd = 4;
 /// A memfd holding the precompiled component.
 pub const CODE_FD: RawFd = 5;
 /// A memfd holding the shared counters.
+/// (The counters page also carries the time of the last request, see `Counter::LastActive`.)
 pub const COUNTERS_FD: RawFd = 6;
 
 /// Largest frame either side accepts; a log batch is the biggest thing sent.
@@ -26,7 +27,9 @@ const MAX_FRAME: u32 = 4 << 20;
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToPool {
     /// The first message: what to run.
-    Start { spec: AppSpec, generation: u64 },
+    Start { spec: Box<AppSpec>, generation: u64 },
+    /// Run one GET of `path` through the guest (the health check) and say what it answered.
+    Probe { path: String },
     /// Start accepting connections (after the supervisor has recorded the generation).
     Serve,
     /// Stop accepting, finish requests in flight within `grace_ms`, then exit.
@@ -41,7 +44,12 @@ pub enum FromPool {
     Failed { error: String },
     /// Output and notes for the app's log.
     Logs { lines: Vec<LogChunk> },
+    /// The answer to `Probe`: the status, or why there was none.
+    Probed { status: Option<u16>, error: String },
 }
+
+/// The exit code of a pool that ended because it had no traffic for its idle time.
+pub const IDLE_EXIT: i32 = 64;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LogChunk {
@@ -104,6 +112,8 @@ pub enum Counter {
     Rejected = 3,
     InFlight = 4,
     LogLinesDropped = 5,
+    /// Milliseconds since the pool's start when a request last finished.
+    LastActive = 6,
 }
 
 const PAGE: usize = 4096;
