@@ -48,7 +48,8 @@ pub struct Config {
     /// How long shutdown waits for requests in flight.
     pub drain_timeout: HumanDuration,
     /// The cgroup (relative to the hierarchy root) under which each app gets its own.
-    pub cgroup_parent: String,
+    /// Default: cairnd's own service cgroup + `/apps` under systemd (Delegate=yes), else `cairn`.
+    pub cgroup_parent: Option<String>,
     /// Memory all apps together may use (the parent cgroup's limit), so the device's own
     /// services keep room. Default: no cap.
     pub total_memory: Option<ByteSize>,
@@ -117,7 +118,7 @@ impl Default for Config {
             max_component_size: ByteSize(256 << 20),
             log_lines_per_app: 10_000,
             drain_timeout: HumanDuration(Duration::from_secs(10)),
-            cgroup_parent: "cairn".to_string(),
+            cgroup_parent: None,
             total_memory: None,
             total_cpu: None,
             pool_user: None,

@@ -41,6 +41,57 @@ pub struct Usage {
     pub oom_kills: u64,
 }
 
+/// The cgroup parent when the config names none. Started by systemd (INVOCATION_ID set) inside
+/// a `.service` cgroup, which `Delegate=yes` hands to cairnd: `<service>/apps`. Otherwise
+/// `cairn` at the hierarchy root.
+pub fn default_parent() -> String {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    parent_for(&own, std::env::var_os("INVOCATION_ID").is_some())
+}
+
+fn parent_for(proc_self_cgroup: &str, under_systemd: bool) -> String {
+    if under_systemd {
+        if let Some(service) =
+            own_cgroup(proc_self_cgroup).filter(|path| path.ends_with(".service"))
+        {
+            return format!("{}/apps", service.trim_start_matches('/'));
+        }
+    }
+    "cairn".to_string()
+}
+
+/// This process's cgroup: the unified (v2) line, else the memory controller's (v1).
+fn own_cgroup(proc_self_cgroup: &str) -> Option<String> {
+    let lines: Vec<(&str, &str)> = proc_self_cgroup
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            Some((controllers, path))
+        })
+        .collect();
+    let memory = lines
+        .iter()
+        .find(|(controllers, _)| controllers.split(',').any(|c| c == "memory"));
+    let unified = lines.iter().find(|(controllers, _)| controllers.is_empty());
+    memory.or(unified).map(|(_, path)| path.to_string())
+}
+
+/// On v2 a cgroup with processes cannot delegate controllers to children, so when the parent
+/// is inside cairnd's own cgroup, cairnd first moves itself into a `supervisor` leaf beside it.
+fn leave_room_for_children(parent: &str) -> Result<(), String> {
+    let own = own_cgroup(&std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default())
+        .unwrap_or_default();
+    let own = own.trim_start_matches('/');
+    if own.is_empty() || !parent.starts_with(own) {
+        return Ok(());
+    }
+    let leaf = PathBuf::from("/sys/fs/cgroup").join(own).join("supervisor");
+    std::fs::create_dir_all(&leaf).map_err(|e| format!("{}: {e}", leaf.display()))?;
+    std::fs::write(leaf.join("cgroup.procs"), std::process::id().to_string())
+        .map_err(|e| format!("cannot move cairnd into {}: {e}", leaf.display()))
+}
+
 /// How limits are enforced on this device, decided once at start-up.
 pub enum Cgroups {
     Enforced { v2: bool, parent: String },
@@ -85,6 +136,11 @@ impl Cgroups {
         }
         let hierarchy = hierarchies::auto();
         let v2 = hierarchy.v2();
+        if v2 {
+            if let Err(why) = leave_room_for_children(parent) {
+                return Cgroups::NotEnforced { why };
+            }
+        }
         let who = if nix::unistd::geteuid().is_root() {
             ""
         } else {
@@ -264,5 +320,32 @@ impl AppCgroup {
         } else {
             format!("/sys/fs/cgroup/{{memory,cpu,cpuacct,pids}}/{}", self.path)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V1: &str = "12:pids:/system.slice/cairnd.service\n4:memory:/system.slice/cairnd.service\n1:name=systemd:/system.slice/cairnd.service\n0::/system.slice/cairnd.service\n";
+    const V2: &str = "0::/system.slice/cairnd.service\n";
+
+    #[test]
+    fn under_systemd_pools_go_below_the_delegated_service_cgroup() {
+        assert_eq!(parent_for(V1, true), "system.slice/cairnd.service/apps");
+        assert_eq!(parent_for(V2, true), "system.slice/cairnd.service/apps");
+        assert_eq!(parent_for(V2, false), "cairn");
+        assert_eq!(
+            parent_for("0::/user.slice/session-3.scope\n", true),
+            "cairn"
+        );
+        assert_eq!(parent_for("", true), "cairn");
+    }
+
+    #[test]
+    fn own_cgroup_prefers_the_memory_controller_on_v1() {
+        assert_eq!(own_cgroup("4:memory:/a\n0::/b\n").as_deref(), Some("/a"));
+        assert_eq!(own_cgroup("0::/b\n").as_deref(), Some("/b"));
+        assert_eq!(own_cgroup("garbage"), None);
     }
 }

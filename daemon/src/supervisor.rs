@@ -37,8 +37,12 @@ pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
     let store = Arc::new(Store::open(&db)?);
     let runtime = Runtime::new();
     let logs = LogHub::start(Arc::clone(&store), config.log_lines_per_app);
+    let cgroup_parent = config
+        .cgroup_parent
+        .clone()
+        .unwrap_or_else(crate::limits::default_parent);
     let cgroups = Arc::new(Cgroups::detect(
-        &config.cgroup_parent,
+        &cgroup_parent,
         &PoolLimits {
             memory: config.total_memory.map(|m| m.0),
             cpu: config.total_cpu,
