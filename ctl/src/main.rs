@@ -2,6 +2,8 @@
 //! scripts; errors say what was wrong and what to do, and the exit code says which kind of
 //! failure it was (see `cairn_ctl::exit`).
 
+mod fleet_cli;
+
 use anyhow::Context as _;
 use cairn_ctl::exit;
 use cairn_ctl::proto::{
@@ -85,6 +87,24 @@ enum Command {
     },
     /// Stop an app and forget its generations and logs (components stay stored).
     Rm { app: String },
+    /// This device's link to the upstream lattice.
+    Sync {
+        #[command(subcommand)]
+        command: SyncCommand,
+    },
+    /// Drive a fleet through the upstream lattice (NATS JetStream); needs no local daemon.
+    Fleet {
+        #[command(subcommand)]
+        command: fleet_cli::FleetCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SyncCommand {
+    /// State of the link, last success, last error, applied versions, backlog, rejections.
+    Status,
+    /// Try to reach the upstream now instead of waiting for the next retry.
+    Now,
 }
 
 #[derive(Args)]
@@ -172,6 +192,18 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    let json_output = cli.output == Output::Json;
+    let command = match cli.command {
+        Command::Fleet { command } => {
+            return fleet_cli::run(command, json_output)
+                .await
+                .map_err(|error| Failure {
+                    code: exit::FAILURE,
+                    message: format!("{error:#}"),
+                })
+        }
+        other => other,
+    };
     let socket = cli
         .socket
         .clone()
@@ -185,8 +217,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             },
             message: error.to_string(),
         })?;
-    let json_output = cli.output == Output::Json;
-    match cli.command {
+    match command {
         Command::Push { file, name, tag } => {
             let reply = push(&mut client, &file, name, &tag).await?;
             if json_output {
@@ -345,6 +376,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 );
             }
         }
+        Command::Sync {
+            command: SyncCommand::Status,
+        } => {
+            let status = client
+                .sync_status(proto::SyncStatusRequest {})
+                .await?
+                .into_inner();
+            print_sync(&status, json_output);
+        }
+        Command::Sync {
+            command: SyncCommand::Now,
+        } => {
+            let status = client
+                .sync_now(proto::SyncNowRequest {})
+                .await?
+                .into_inner();
+            print_sync(&status, json_output);
+        }
+        Command::Fleet { .. } => unreachable!("handled above"),
         Command::Rm { app } => {
             client
                 .remove(proto::RemoveRequest { app: app.clone() })
@@ -538,6 +588,57 @@ fn app_json(app: &proto::AppSummary) -> serde_json::Value {
         "owner": app.owner,
         "error": app.error,
     })
+}
+
+fn print_sync(status: &proto::SyncStatusReply, json_output: bool) {
+    if json_output {
+        print_json(&json!({
+            "state": status.state, "upstream": status.upstream, "device": status.device,
+            "last_success": status.last_success_unix, "last_error": status.last_error,
+            "backlog": status.backlog, "dropped": status.dropped,
+            "applied": status.applied.iter().map(|a| json!({"key": a.key, "version": a.version, "applied": a.applied_unix})).collect::<Vec<_>>(),
+            "rejections": status.rejections.iter().map(|r| json!({"key": r.key, "reason": r.reason, "at": r.unix})).collect::<Vec<_>>(),
+        }));
+        return;
+    }
+    let mut rows = vec![
+        row(["state", &status.state]),
+        row(["upstream", &status.upstream]),
+        row(["device", &status.device]),
+        row([
+            "last success",
+            &if status.last_success_unix == 0 {
+                "never".to_string()
+            } else {
+                utc(status.last_success_unix)
+            },
+        ]),
+        row(["last error", &status.last_error]),
+        row([
+            "backlog",
+            &format!(
+                "{} report(s) waiting, {} dropped",
+                status.backlog, status.dropped
+            ),
+        ]),
+    ];
+    for applied in &status.applied {
+        rows.push(row([
+            &format!("applied {}", applied.key),
+            &format!(
+                "version {} at {}",
+                applied.version,
+                utc(applied.applied_unix)
+            ),
+        ]));
+    }
+    for rejection in &status.rejections {
+        rows.push(row([
+            &format!("rejected {}", rejection.key),
+            &format!("{} ({})", rejection.reason, utc(rejection.unix)),
+        ]));
+    }
+    print_table(&rows);
 }
 
 fn print_daemon(daemon: &proto::DaemonStatus, json_output: bool) {

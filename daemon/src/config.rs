@@ -58,6 +58,54 @@ pub struct Config {
     /// The user pools run as when cairnd runs as root. Default: `cairn` (made by the package),
     /// else `nobody`. Not root: pools run as cairnd's own user.
     pub pool_user: Option<String>,
+    /// The upstream lattice; without it sync is off and nothing else changes.
+    pub upstream: Option<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The NATS server, such as nats://nats.example:4222.
+    pub nats: String,
+    /// A NATS credentials file.
+    #[serde(default)]
+    pub credentials: Option<PathBuf>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// A CA certificate (PEM) to verify the server's TLS certificate with.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// This device's id in the fleet. Default: the host name.
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Public keys (hex) whose signed desired state this device accepts.
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    /// The largest artifact this device downloads.
+    #[serde(default = "default_max_artifact")]
+    pub max_artifact_size: ByteSize,
+    /// The outbox of reports waiting for the upstream holds at most this much…
+    #[serde(default = "default_outbox_bytes")]
+    pub outbox_max_bytes: ByteSize,
+    /// …and nothing older than this.
+    #[serde(default = "default_outbox_age")]
+    pub outbox_max_age: HumanDuration,
+}
+
+fn default_max_artifact() -> ByteSize {
+    ByteSize(256 << 20)
+}
+
+fn default_outbox_bytes() -> ByteSize {
+    ByteSize(64 << 20)
+}
+
+fn default_outbox_age() -> HumanDuration {
+    HumanDuration(Duration::from_secs(7 * 24 * 3600))
 }
 
 /// Who pools run as, resolved once at start-up.
@@ -122,6 +170,7 @@ impl Default for Config {
             total_memory: None,
             total_cpu: None,
             pool_user: None,
+            upstream: None,
         }
     }
 }

@@ -143,6 +143,7 @@ pub struct ControlService {
     socket: PathBuf,
     limits_note: String,
     pool_user: String,
+    sync: Arc<crate::sync::Sync>,
     started: Instant,
 }
 
@@ -157,6 +158,7 @@ impl ControlService {
         socket: PathBuf,
         limits_note: String,
         pool_user: String,
+        sync: Arc<crate::sync::Sync>,
     ) -> ControlService {
         ControlService {
             store,
@@ -169,12 +171,51 @@ impl ControlService {
             socket,
             limits_note,
             pool_user,
+            sync,
             started: Instant::now(),
         }
     }
 
     pub fn into_server(self) -> ControlServer<ControlService> {
         ControlServer::new(self).max_decoding_message_size(8 << 20)
+    }
+}
+
+impl ControlService {
+    async fn sync_reply(&self) -> Result<proto::SyncStatusReply, Status> {
+        let link = self.sync.link();
+        let (applied, rejections, (backlog, dropped)) = self
+            .store
+            .call(|store| {
+                Ok((
+                    store.applied()?,
+                    store.rejections(20)?,
+                    store.outbox_stats()?,
+                ))
+            })
+            .await
+            .map_err(store_status)?;
+        Ok(proto::SyncStatusReply {
+            state: link.state.to_string(),
+            upstream: self.sync.upstream(),
+            device: self.sync.device().to_string(),
+            last_success_unix: link.last_success_unix,
+            last_error: link.last_error,
+            backlog,
+            dropped,
+            applied: applied
+                .into_iter()
+                .map(|a| proto::AppliedVersion {
+                    key: a.key,
+                    version: a.version,
+                    applied_unix: a.applied_unix,
+                })
+                .collect(),
+            rejections: rejections
+                .into_iter()
+                .map(|(key, reason, unix)| proto::SyncRejection { key, reason, unix })
+                .collect(),
+        })
     }
 }
 
@@ -531,6 +572,23 @@ impl Control for ControlService {
                 pids: detail.usage.pids,
             })),
         }))
+    }
+
+    async fn sync_status(
+        &self,
+        request: Request<proto::SyncStatusRequest>,
+    ) -> Result<Response<proto::SyncStatusReply>, Status> {
+        self.access.check(&request, "read sync status", false)?;
+        self.sync_reply().await.map(Response::new)
+    }
+
+    async fn sync_now(
+        &self,
+        request: Request<proto::SyncNowRequest>,
+    ) -> Result<Response<proto::SyncStatusReply>, Status> {
+        self.access.check(&request, "trigger a sync", true)?;
+        self.sync.now().await;
+        self.sync_reply().await.map(Response::new)
     }
 
     type LogsStream = LogStream;

@@ -3,27 +3,35 @@
 //! (`cairnctl logs -f`). The request path never waits on it: when the channel is full a line is
 //! dropped and counted, and the count is shown in `cairnctl status`.
 
-use crate::store::{now_unix, LogRecord, NewLogLine, Store};
+use crate::store::{now_unix, LogRecord, NewLogLine, OutboxBounds, OutboxKind, Store};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc};
 
-const CHANNEL_LINES: usize = 8192;
-const BATCH_LINES: usize = 1024;
+/// Pending `emit` calls (each a batch of lines) before new ones are dropped and counted.
+const CHANNEL_BATCHES: usize = 1024;
+/// Lines written to the store in one transaction, at most (a little more when one emit is big).
+const BATCH_LINES: usize = 4096;
 /// Longest line kept; longer ones are cut (a line is a record, not a file transfer).
 const MAX_LINE: usize = 16 << 10;
 
 pub struct LogHub {
-    sender: mpsc::Sender<NewLogLine>,
+    sender: mpsc::Sender<Vec<NewLogLine>>,
     live: broadcast::Sender<LogRecord>,
     dropped: AtomicU64,
 }
 
 impl LogHub {
     /// Starts the writer task; the store keeps the newest `keep_per_app` lines of each app.
-    pub fn start(store: Arc<Store>, keep_per_app: u64) -> Arc<LogHub> {
-        let (sender, receiver) = mpsc::channel(CHANNEL_LINES);
+    /// With `outbox` (an upstream is configured) every line is also queued for the upstream,
+    /// in the same transaction.
+    pub fn start(
+        store: Arc<Store>,
+        keep_per_app: u64,
+        outbox: Option<(String, OutboxBounds)>,
+    ) -> Arc<LogHub> {
+        let (sender, receiver) = mpsc::channel(CHANNEL_BATCHES);
         let (live, _) = broadcast::channel(1024);
         let hub = Arc::new(LogHub {
             sender,
@@ -35,6 +43,7 @@ impl LogHub {
             receiver,
             live,
             keep_per_app,
+            outbox,
             Arc::clone(&hub),
         ));
         hub
@@ -47,6 +56,7 @@ impl LogHub {
         }
         let unix_millis = now_millis();
         let text = String::from_utf8_lossy(text);
+        let mut lines = Vec::new();
         for line in text.trim_end_matches('\n').split('\n') {
             let mut line = line.trim_end_matches('\r').to_string();
             if line.len() > MAX_LINE {
@@ -57,16 +67,17 @@ impl LogHub {
                 line.truncate(cut);
                 line.push_str(" [cut]");
             }
-            let record = NewLogLine {
+            lines.push(NewLogLine {
                 app: app.to_string(),
                 generation,
                 unix_millis,
                 stream,
                 line,
-            };
-            if self.sender.try_send(record).is_err() {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+            });
+        }
+        let count = lines.len() as u64;
+        if self.sender.try_send(lines).is_err() {
+            self.dropped.fetch_add(count, Ordering::Relaxed);
         }
     }
 
@@ -93,24 +104,38 @@ fn now_millis() -> i64 {
 
 async fn write_loop(
     store: Arc<Store>,
-    mut receiver: mpsc::Receiver<NewLogLine>,
+    mut receiver: mpsc::Receiver<Vec<NewLogLine>>,
     live: broadcast::Sender<LogRecord>,
     keep_per_app: u64,
+    outbox: Option<(String, OutboxBounds)>,
     hub: Arc<LogHub>,
 ) {
     let mut written_since_prune: HashMap<String, u64> = HashMap::new();
-    while let Some(first) = receiver.recv().await {
-        let mut batch = vec![first];
+    while let Some(mut batch) = receiver.recv().await {
         while batch.len() < BATCH_LINES {
             match receiver.try_recv() {
-                Ok(line) => batch.push(line),
+                Ok(lines) => batch.extend(lines),
                 Err(_) => break,
             }
         }
         let count = batch.len() as u64;
+        let forward = outbox.clone();
         let result = store
             .call(move |store| {
                 let ids = store.append_logs(&batch)?;
+                if let Some((device, bounds)) = forward {
+                    let reports: Vec<Vec<u8>> = batch
+                        .iter()
+                        .map(|line| {
+                            serde_json::to_vec(&serde_json::json!({
+                                "device": device, "kind": "log", "app": line.app, "generation": line.generation,
+                                "unix_millis": line.unix_millis, "stream": line.stream, "line": line.line,
+                            }))
+                            .expect("log reports serialise")
+                        })
+                        .collect();
+                    store.outbox_push_many(OutboxKind::Log, &reports, bounds)?;
+                }
                 Ok((batch, ids))
             })
             .await;

@@ -13,7 +13,6 @@
 
 mod config;
 mod control;
-mod digest;
 mod http;
 mod limits;
 mod logs;
@@ -21,11 +20,12 @@ mod pool;
 mod reconcile;
 mod runtime;
 mod spawn;
-mod spec;
 mod store;
 mod supervisor;
+mod sync;
 mod systemd;
 
+use cairn_ctl::{digest, spec};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 

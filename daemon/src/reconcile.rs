@@ -881,6 +881,19 @@ impl Reconciler {
         }
     }
 
+    /// Removes the app only if `owner` owns it (fleet state never removes a local app).
+    pub async fn remove_owned(&self, name: &AppName, owner: Owner) -> Result<(), ReconcileError> {
+        let owned_by = self.apps.lock().await.get(name).map(|r| r.owner);
+        match owned_by {
+            Some(current) if current == owner => self.remove(name).await,
+            Some(_) => Err(ReconcileError::OwnedElsewhere {
+                app: name.to_string(),
+                owner: "local operator",
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Stops the app and forgets it.
     pub async fn remove(&self, name: &AppName) -> Result<(), ReconcileError> {
         let mut apps = self.apps.lock().await;

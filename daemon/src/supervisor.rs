@@ -36,7 +36,16 @@ pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
     let db = config.state_dir.join("cairn.db");
     let store = Arc::new(Store::open(&db)?);
     let runtime = Runtime::new();
-    let logs = LogHub::start(Arc::clone(&store), config.log_lines_per_app);
+    let outbox = config.upstream.as_ref().map(|upstream| {
+        (
+            crate::sync::device_id(upstream),
+            crate::store::OutboxBounds {
+                max_bytes: upstream.outbox_max_bytes.0,
+                max_age_secs: upstream.outbox_max_age.0.as_secs() as i64,
+            },
+        )
+    });
+    let logs = LogHub::start(Arc::clone(&store), config.log_lines_per_app, outbox);
     let cgroup_parent = config
         .cgroup_parent
         .clone()
@@ -60,6 +69,11 @@ pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
     );
 
     reconciler.start_all().await?;
+    let sync = crate::sync::Sync::start(
+        config.upstream.clone(),
+        Arc::clone(&store),
+        Arc::clone(&reconciler),
+    )?;
     drop_unused_compiled_code(&store, &runtime).await;
 
     let incoming = control::bind_socket(&socket, &config)?;
@@ -72,6 +86,7 @@ pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
         socket.clone(),
         cgroups.describe(),
         pool_user.description.clone(),
+        Arc::clone(&sync),
     );
     let stop_control = CancellationToken::new();
     let control_server = tokio::spawn(

@@ -3,6 +3,7 @@
 
 mod access;
 mod bad_input;
+mod fleet;
 mod lifecycle;
 mod limits;
 mod pools;

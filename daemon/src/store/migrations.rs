@@ -50,7 +50,31 @@ const MIGRATIONS: &[&str] = &[
          stream TEXT NOT NULL,
          line TEXT NOT NULL
      );
-     CREATE INDEX logs_by_app ON logs (app, id);",
+          CREATE INDEX logs_by_app ON logs (app, id);",
+    // 2: fleet sync: what was applied per key, what was refused, and the outbox of reports.
+    "CREATE TABLE sync_applied (
+         key TEXT PRIMARY KEY,
+         version INTEGER NOT NULL,
+         applied_unix INTEGER NOT NULL,
+         apps TEXT NOT NULL
+     );
+     CREATE TABLE sync_rejections (
+         id INTEGER PRIMARY KEY AUTOINCREMENT,
+         key TEXT NOT NULL,
+         reason TEXT NOT NULL,
+         unix INTEGER NOT NULL
+     );
+     CREATE TABLE outbox (
+         id INTEGER PRIMARY KEY AUTOINCREMENT,
+         kind TEXT NOT NULL,
+         payload BLOB NOT NULL,
+         bytes INTEGER NOT NULL,
+         created_unix INTEGER NOT NULL
+     );
+     CREATE TABLE counters (
+         name TEXT PRIMARY KEY,
+         value INTEGER NOT NULL
+     );",
 ];
 
 pub fn run(connection: &mut Connection) -> Result<(), String> {

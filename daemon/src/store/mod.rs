@@ -587,6 +587,229 @@ impl Store {
     }
 }
 
+/// What an outbox row carries; the drop policy sheds logs first and status last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxKind {
+    Log,
+    Event,
+    Status,
+}
+
+impl OutboxKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            OutboxKind::Log => "log",
+            OutboxKind::Event => "event",
+            OutboxKind::Status => "status",
+        }
+    }
+}
+
+/// How much the outbox may hold before it drops rows.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxBounds {
+    pub max_bytes: u64,
+    pub max_age_secs: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct AppliedRecord {
+    pub key: String,
+    pub version: u64,
+    pub applied_unix: i64,
+    pub apps: Vec<String>,
+}
+
+impl Store {
+    // ---- fleet sync ----
+
+    pub fn applied(&self) -> Result<Vec<AppliedRecord>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare("SELECT key, version, applied_unix, apps FROM sync_applied ORDER BY key")
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok(AppliedRecord {
+                    key: row.get(0)?,
+                    version: row.get::<_, i64>(1)? as u64,
+                    applied_unix: row.get(2)?,
+                    apps: serde_json::from_str(&row.get::<_, String>(3)?).unwrap_or_default(),
+                })
+            })
+            .map_err(|e| self.error(e))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.error(e))
+    }
+
+    pub fn record_applied(
+        &self,
+        key: &str,
+        version: u64,
+        apps: &[String],
+    ) -> Result<(), StoreError> {
+        let connection = self.lock();
+        connection
+            .execute(
+                "INSERT INTO sync_applied (key, version, applied_unix, apps) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (key) DO UPDATE SET version = excluded.version, applied_unix = excluded.applied_unix, apps = excluded.apps",
+                params![key, version as i64, now_unix(), serde_json::to_string(apps).expect("names serialise")],
+            )
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// Records a refused document; keeps the newest 100.
+    pub fn record_rejection(&self, key: &str, reason: &str) -> Result<(), StoreError> {
+        let connection = self.lock();
+        connection
+            .execute(
+                "INSERT INTO sync_rejections (key, reason, unix) VALUES (?1, ?2, ?3)",
+                params![key, reason, now_unix()],
+            )
+            .map_err(|e| self.error(e))?;
+        connection
+            .execute(
+                "DELETE FROM sync_rejections WHERE id <= (SELECT id FROM sync_rejections ORDER BY id DESC LIMIT 1 OFFSET 100)",
+                [],
+            )
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// The newest `limit` rejections, newest first.
+    pub fn rejections(&self, limit: u64) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare("SELECT key, reason, unix FROM sync_rejections ORDER BY id DESC LIMIT ?1")
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map([limit as i64], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .map_err(|e| self.error(e))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.error(e))
+    }
+
+    /// Queues a report, then enforces the bounds (see `outbox_push_many`).
+    pub fn outbox_push(
+        &self,
+        kind: OutboxKind,
+        payload: &[u8],
+        bounds: OutboxBounds,
+    ) -> Result<u64, StoreError> {
+        self.outbox_push_many(kind, &[payload.to_vec()], bounds)
+    }
+
+    /// Queues reports in one transaction, then enforces the bounds: rows past the age go first,
+    /// then, while over the byte bound, the oldest logs, then events, then status. Returns how
+    /// many were dropped (also added to the `outbox_dropped` counter).
+    pub fn outbox_push_many(
+        &self,
+        kind: OutboxKind,
+        payloads: &[Vec<u8>],
+        bounds: OutboxBounds,
+    ) -> Result<u64, StoreError> {
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(|e| self.error(e))?;
+        let now = now_unix();
+        {
+            let mut insert = transaction
+                .prepare_cached("INSERT INTO outbox (kind, payload, bytes, created_unix) VALUES (?1, ?2, ?3, ?4)")
+                .map_err(|e| self.error(e))?;
+            for payload in payloads {
+                insert
+                    .execute(params![kind.as_str(), payload, payload.len() as i64, now])
+                    .map_err(|e| self.error(e))?;
+            }
+        }
+        let mut dropped = transaction
+            .execute(
+                "DELETE FROM outbox WHERE created_unix < ?1",
+                [now - bounds.max_age_secs],
+            )
+            .map_err(|e| self.error(e))? as u64;
+        let mut total: i64 = transaction
+            .query_row("SELECT COALESCE(SUM(bytes), 0) FROM outbox", [], |row| {
+                row.get(0)
+            })
+            .map_err(|e| self.error(e))?;
+        for shed in ["log", "event", "status"] {
+            while total as u64 > bounds.max_bytes {
+                let oldest: Option<(i64, i64)> = transaction
+                    .query_row(
+                        "SELECT id, bytes FROM outbox WHERE kind = ?1 ORDER BY id LIMIT 1",
+                        [shed],
+                        |row| Ok((row.get(0)?, row.get(1)?)),
+                    )
+                    .optional()
+                    .map_err(|e| self.error(e))?;
+                let Some((id, bytes)) = oldest else { break };
+                transaction
+                    .execute("DELETE FROM outbox WHERE id = ?1", [id])
+                    .map_err(|e| self.error(e))?;
+                total -= bytes;
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            transaction
+                .execute(
+                    "INSERT INTO counters (name, value) VALUES ('outbox_dropped', ?1)
+                     ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+                    [dropped as i64],
+                )
+                .map_err(|e| self.error(e))?;
+        }
+        transaction.commit().map_err(|e| self.error(e))?;
+        Ok(dropped)
+    }
+
+    /// The oldest `limit` rows: (id, payload).
+    pub fn outbox_peek(&self, limit: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare("SELECT id, payload FROM outbox ORDER BY id LIMIT ?1")
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map([limit as i64], |row| {
+                Ok((row.get::<_, i64>(0)? as u64, row.get(1)?))
+            })
+            .map_err(|e| self.error(e))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.error(e))
+    }
+
+    /// Removes rows the upstream acknowledged.
+    pub fn outbox_delete(&self, ids: &[u64]) -> Result<(), StoreError> {
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(|e| self.error(e))?;
+        for id in ids {
+            transaction
+                .execute("DELETE FROM outbox WHERE id = ?1", [*id as i64])
+                .map_err(|e| self.error(e))?;
+        }
+        transaction.commit().map_err(|e| self.error(e))
+    }
+
+    /// (rows waiting, rows ever dropped)
+    pub fn outbox_stats(&self) -> Result<(u64, u64), StoreError> {
+        let connection = self.lock();
+        let waiting: i64 = connection
+            .query_row("SELECT count(*) FROM outbox", [], |row| row.get(0))
+            .map_err(|e| self.error(e))?;
+        let dropped: i64 = connection
+            .query_row(
+                "SELECT COALESCE((SELECT value FROM counters WHERE name = 'outbox_dropped'), 0)",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(|e| self.error(e))?;
+        Ok((waiting as u64, dropped as u64))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -706,6 +929,83 @@ mod tests {
             1
         );
         assert!(store.get_compiled(&digest, "engine-a").unwrap().is_some());
+    }
+
+    #[test]
+    fn the_outbox_drops_logs_first_and_status_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cairn.db")).unwrap();
+        let bounds = OutboxBounds {
+            max_bytes: 300,
+            max_age_secs: 3600,
+        };
+        store
+            .outbox_push(OutboxKind::Status, &[b's'; 100], bounds)
+            .unwrap();
+        store
+            .outbox_push(OutboxKind::Log, &[b'l'; 100], bounds)
+            .unwrap();
+        store
+            .outbox_push(OutboxKind::Event, &[b'e'; 100], bounds)
+            .unwrap();
+        assert_eq!(store.outbox_stats().unwrap(), (3, 0));
+        // Over the bound: the log goes first.
+        assert_eq!(
+            store
+                .outbox_push(OutboxKind::Status, &[b't'; 100], bounds)
+                .unwrap(),
+            1
+        );
+        let kinds: Vec<u8> = store
+            .outbox_peek(10)
+            .unwrap()
+            .iter()
+            .map(|(_, p)| p[0])
+            .collect();
+        assert_eq!(kinds, [b's', b'e', b't']);
+        // Then the event, then the oldest status.
+        store
+            .outbox_push(OutboxKind::Status, &[b'u'; 100], bounds)
+            .unwrap();
+        store
+            .outbox_push(OutboxKind::Status, &[b'v'; 100], bounds)
+            .unwrap();
+        let kinds: Vec<u8> = store
+            .outbox_peek(10)
+            .unwrap()
+            .iter()
+            .map(|(_, p)| p[0])
+            .collect();
+        assert_eq!(kinds, [b't', b'u', b'v']);
+        assert_eq!(store.outbox_stats().unwrap(), (3, 3));
+        let ids: Vec<u64> = store
+            .outbox_peek(2)
+            .unwrap()
+            .iter()
+            .map(|(id, _)| *id)
+            .collect();
+        store.outbox_delete(&ids).unwrap();
+        assert_eq!(store.outbox_stats().unwrap(), (1, 3));
+    }
+
+    #[test]
+    fn applied_versions_and_rejections_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cairn.db")).unwrap();
+        store
+            .record_applied("device.a", 3, &["web".to_string()])
+            .unwrap();
+        store.record_applied("device.a", 4, &[]).unwrap();
+        let applied = store.applied().unwrap();
+        assert_eq!((applied[0].version, applied[0].apps.len()), (4, 0));
+        for i in 0..120 {
+            store
+                .record_rejection("device.a", &format!("reason {i}"))
+                .unwrap();
+        }
+        let rejections = store.rejections(500).unwrap();
+        assert_eq!(rejections.len(), 100);
+        assert_eq!(rejections[0].1, "reason 119");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - `/health`        200 "ok"
 //! - `/env?NAME`      200, the value of NAME or 404
 //! - `/log`           writes a line to stdout and one to stderr, then 200
+//! - `/lines?N-TAG`   writes N lines `TAG-0` … to stdout
 //! - `/trap`          panics (a trap): the host must answer 500 and keep serving
 //! - `/loop`          spins forever: the host's request timeout must stop it
 //! - `/sleep?MS`      sleeps MS milliseconds on the monotonic clock, then 200
@@ -43,6 +44,17 @@ impl wasip2::exports::http::incoming_handler::Guest for Hello {
                 Ok(value) => (200, value.into_bytes()),
                 Err(_) => (404, format!("no variable {query}\n").into_bytes()),
             },
+                        "/lines" => {
+                // N numbered lines to stdout, each tagged with the request's own prefix.
+                let (count, tag) = query.split_once('-').unwrap_or((query.as_str(), "line"));
+                let count: usize = count.parse().unwrap_or(1);
+                let mut out = String::new();
+                for n in 0..count {
+                    out.push_str(&format!("{tag}-{n}\n"));
+                }
+                print!("{out}");
+                (200, format!("{count} lines\n").into_bytes())
+            }
             "/log" => {
                 println!("log line to stdout");
                 eprintln!("log line to stderr");

@@ -312,7 +312,7 @@ impl AppSpec {
                 .unwrap_or_default();
             SpecError::Toml(format!("{message}{location}"))
         })?;
-        spec.check()?;
+        spec.validate()?;
         Ok(spec)
     }
 
@@ -325,8 +325,9 @@ impl AppSpec {
         serde_json::to_string(self).expect("an AppSpec always serialises")
     }
 
-    /// Checks what types alone cannot say.
-    fn check(&self) -> Result<(), SpecError> {
+    /// Checks what types alone cannot say (`from_manifest` does this; specs that arrive by
+    /// other roads, such as a fleet document, call it themselves).
+    pub fn validate(&self) -> Result<(), SpecError> {
         let limits = &self.limits;
         if limits.memory.0 < 64 << 10 || limits.memory.0 > 4 << 30 {
             return Err(invalid(format!(

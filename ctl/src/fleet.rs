@@ -1,0 +1,303 @@
+//! The fleet's desired state, as the upstream lattice carries it: a document listing apps for a
+//! device or a group, with a version that only grows and an expiry, signed with ed25519. The
+//! fleet side (`cairnctl fleet publish`) makes it; the device (`cairnd`'s sync) checks it and
+//! refuses anything it should not trust, saying why.
+//!
+//! Where things live in NATS JetStream: documents in the KV bucket `DESIRED_BUCKET` under
+//! `device.ID` and `group.NAME`; component bytes in the object store `ARTIFACT_BUCKET` under
+//! their digest; device reports in the stream `REPORT_STREAM` on `cairn.report.ID`.
+
+use crate::spec::{AppSpec, SpecError};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::path::Path;
+
+pub const DESIRED_BUCKET: &str = "cairn-desired";
+pub const ARTIFACT_BUCKET: &str = "cairn-artifacts";
+pub const REPORT_STREAM: &str = "CAIRN_REPORTS";
+pub const REPORT_SUBJECTS: &str = "cairn.report.>";
+/// The largest signed document a device reads.
+pub const MAX_DOCUMENT: usize = 1 << 20;
+
+pub fn device_key(device: &str) -> String {
+    format!("device.{device}")
+}
+
+pub fn group_key(group: &str) -> String {
+    format!("group.{group}")
+}
+
+pub fn report_subject(device: &str) -> String {
+    format!("cairn.report.{device}")
+}
+
+/// What a device should run, for one target (`device.ID` or `group.NAME`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Document {
+    pub version: u64,
+    pub target: String,
+    pub issued_unix: i64,
+    pub expires_unix: i64,
+    pub apps: Vec<AppSpec>,
+}
+
+/// A document and its signature as stored in the KV bucket.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signed {
+    /// The document's JSON, exactly the bytes that were signed.
+    pub payload: String,
+    /// The signer's public key, hex.
+    pub key: String,
+    /// The ed25519 signature of `payload`, hex.
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    #[error("the document is {size} bytes, over the {MAX_DOCUMENT}-byte bound")]
+    TooLarge { size: usize },
+    #[error("the document is malformed: {0}")]
+    Malformed(String),
+    #[error("the document is signed by key {key}, which this device does not trust (upstream.trusted_keys)")]
+    UntrustedKey { key: String },
+    #[error(
+        "the signature does not match the document: it was altered or signed with another key"
+    )]
+    BadSignature,
+    #[error("the document is for `{target}`, not this device or its groups")]
+    WrongTarget { target: String },
+    #[error("version {version} is not newer than the applied version {applied}: a replay or rollback, refused")]
+    Stale { version: u64, applied: u64 },
+    #[error(
+        "the document expired at unix time {expires_unix} (now {now_unix}): refusing stale state"
+    )]
+    Expired { expires_unix: i64, now_unix: i64 },
+    #[error("the document's apps are invalid: {0}")]
+    BadApp(String),
+}
+
+/// Signs `document` with `key`, giving the bytes to store.
+pub fn sign(document: &Document, key: &SigningKey) -> Vec<u8> {
+    let payload = serde_json::to_string(document).expect("a document serialises");
+    let signature = key.sign(payload.as_bytes());
+    let signed = Signed {
+        key: hex::encode(key.verifying_key().as_bytes()),
+        signature: hex::encode(signature.to_bytes()),
+        payload,
+    };
+    serde_json::to_vec(&signed).expect("a signed document serialises")
+}
+
+/// Checks a stored document: size, form, a trusted key, the signature, the target, the
+/// version against what was applied for that target, and the expiry.
+pub fn verify(
+    bytes: &[u8],
+    trusted: &[VerifyingKey],
+    targets: &[String],
+    applied: u64,
+    now_unix: i64,
+) -> Result<Document, Rejection> {
+    if bytes.len() > MAX_DOCUMENT {
+        return Err(Rejection::TooLarge { size: bytes.len() });
+    }
+    let signed: Signed =
+        serde_json::from_slice(bytes).map_err(|e| Rejection::Malformed(e.to_string()))?;
+    let key = parse_public_key(&signed.key).map_err(Rejection::Malformed)?;
+    if !trusted.contains(&key) {
+        return Err(Rejection::UntrustedKey { key: signed.key });
+    }
+    let signature: [u8; 64] = hex::decode(&signed.signature)
+        .ok()
+        .and_then(|raw| raw.try_into().ok())
+        .ok_or_else(|| Rejection::Malformed("the signature is not 64 hex-encoded bytes".into()))?;
+    key.verify(
+        signed.payload.as_bytes(),
+        &Signature::from_bytes(&signature),
+    )
+    .map_err(|_| Rejection::BadSignature)?;
+    let document: Document =
+        serde_json::from_str(&signed.payload).map_err(|e| Rejection::Malformed(e.to_string()))?;
+    if !targets.contains(&document.target) {
+        return Err(Rejection::WrongTarget {
+            target: document.target,
+        });
+    }
+    if document.version <= applied {
+        return Err(Rejection::Stale {
+            version: document.version,
+            applied,
+        });
+    }
+    if document.expires_unix <= now_unix {
+        return Err(Rejection::Expired {
+            expires_unix: document.expires_unix,
+            now_unix,
+        });
+    }
+    check_apps(&document.apps).map_err(Rejection::BadApp)?;
+    Ok(document)
+}
+
+fn check_apps(apps: &[AppSpec]) -> Result<(), String> {
+    let mut names = BTreeSet::new();
+    for app in apps {
+        app.validate()
+            .map_err(|e: SpecError| format!("app `{}`: {e}", app.name))?;
+        if !names.insert(app.name.clone()) {
+            return Err(format!("app `{}` is listed twice", app.name));
+        }
+    }
+    Ok(())
+}
+
+/// The apps of a fleet state file: `[[app]]` tables, each an app manifest whose `component`
+/// is a digest.
+pub fn parse_state(text: &str) -> Result<Vec<AppSpec>, String> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct StateFile {
+        #[serde(default, rename = "app")]
+        apps: Vec<AppSpec>,
+    }
+    let state: StateFile = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    check_apps(&state.apps)?;
+    Ok(state.apps)
+}
+
+pub fn parse_public_key(text: &str) -> Result<VerifyingKey, String> {
+    let raw: [u8; 32] = hex::decode(text.trim())
+        .ok()
+        .and_then(|raw| raw.try_into().ok())
+        .ok_or_else(|| {
+            format!(
+                "`{}` is not a public key: expected 64 hex digits",
+                text.trim()
+            )
+        })?;
+    VerifyingKey::from_bytes(&raw)
+        .map_err(|e| format!("`{}` is not a valid ed25519 public key: {e}", text.trim()))
+}
+
+/// A new signing key from the kernel's random source.
+pub fn generate_key() -> std::io::Result<SigningKey> {
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut seed)?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// Key files hold the 32-byte seed in hex.
+pub fn read_key(path: &Path) -> Result<SigningKey, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the key {}: {e}", path.display()))?;
+    let seed: [u8; 32] = hex::decode(text.trim())
+        .ok()
+        .and_then(|raw| raw.try_into().ok())
+        .ok_or_else(|| {
+            format!(
+                "{} is not a cairn fleet key (64 hex digits)",
+                path.display()
+            )
+        })?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+pub fn key_file_text(key: &SigningKey) -> String {
+    format!("{}\n", hex::encode(key.to_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIGEST: &str = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+
+    fn document(version: u64, expires_unix: i64) -> Document {
+        Document {
+            version,
+            target: device_key("edge-1"),
+            issued_unix: 100,
+            expires_unix,
+            apps: parse_state(&format!("[[app]]\nname = \"web\"\ncomponent = \"{DIGEST}\"\n[app.http]\nlisten = \"127.0.0.1:8080\"\n")).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_signed_document_verifies_and_every_tampering_is_named() {
+        let key = generate_key().unwrap();
+        let trusted = [key.verifying_key()];
+        let targets = [device_key("edge-1"), group_key("north")];
+        let signed = sign(&document(3, 1000), &key);
+        assert_eq!(
+            verify(&signed, &trusted, &targets, 2, 500).unwrap(),
+            document(3, 1000)
+        );
+
+        assert_eq!(
+            verify(&signed, &trusted, &targets, 3, 500),
+            Err(Rejection::Stale {
+                version: 3,
+                applied: 3
+            })
+        );
+        assert!(matches!(
+            verify(&signed, &trusted, &targets, 0, 1000),
+            Err(Rejection::Expired { .. })
+        ));
+        assert!(matches!(
+            verify(&signed, &trusted, &[group_key("south")], 0, 500),
+            Err(Rejection::WrongTarget { .. })
+        ));
+        let stranger = generate_key().unwrap();
+        assert!(matches!(
+            verify(&signed, &[stranger.verifying_key()], &targets, 0, 500),
+            Err(Rejection::UntrustedKey { .. })
+        ));
+
+        let mut tampered: Signed = serde_json::from_slice(&signed).unwrap();
+        tampered.payload = tampered.payload.replace("\"version\":3", "\"version\":30");
+        let tampered = serde_json::to_vec(&tampered).unwrap();
+        assert_eq!(
+            verify(&tampered, &trusted, &targets, 0, 500),
+            Err(Rejection::BadSignature)
+        );
+
+        assert!(matches!(
+            verify(b"{}", &trusted, &targets, 0, 500),
+            Err(Rejection::Malformed(_))
+        ));
+        let huge = vec![b' '; MAX_DOCUMENT + 1];
+        assert!(matches!(
+            verify(&huge, &trusted, &targets, 0, 500),
+            Err(Rejection::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn state_files_are_checked() {
+        let err = parse_state("[[app]]\nname = \"web\"\ncomponent = \"web.wasm\"\n[app.http]\nlisten = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(err.contains("not a component digest"), "{err}");
+        let twice = format!(
+            "[[app]]\nname = \"a\"\ncomponent = \"{DIGEST}\"\n[app.http]\nlisten = \"127.0.0.1:1\"\n[[app]]\nname = \"a\"\ncomponent = \"{DIGEST}\"\n[app.http]\nlisten = \"127.0.0.1:2\"\n"
+        );
+        assert!(parse_state(&twice).unwrap_err().contains("listed twice"));
+        assert!(parse_state("[[ap]]\n")
+            .unwrap_err()
+            .contains("unknown field"));
+    }
+
+    #[test]
+    fn keys_round_trip_through_their_files() {
+        let key = generate_key().unwrap();
+        let dir = std::env::temp_dir().join(format!("cairn-key-{}", std::process::id()));
+        std::fs::write(&dir, key_file_text(&key)).unwrap();
+        assert_eq!(read_key(&dir).unwrap().to_bytes(), key.to_bytes());
+        std::fs::remove_file(&dir).unwrap();
+        let public = hex::encode(key.verifying_key().as_bytes());
+        assert_eq!(parse_public_key(&public).unwrap(), key.verifying_key());
+        assert!(parse_public_key("zz").is_err());
+    }
+}

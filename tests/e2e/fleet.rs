@@ -1,0 +1,525 @@
+//! Fleet sync against a real nats-server with JetStream, started by the test on a free port;
+//! links are cut by ending the server process.
+
+use cairn_tests::{binaries, component, free_port, get, wait_for, Ctl, Daemon, Nats};
+use futures_util::StreamExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Runs `cairnctl fleet …` (no daemon involved).
+fn fleet(args: &[&str]) -> Ctl {
+    let (_, cairnctl) = binaries();
+    let output = std::process::Command::new(cairnctl)
+        .arg("fleet")
+        .args(args)
+        .output()
+        .unwrap();
+    Ctl {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).to_string(),
+        stderr: String::from_utf8_lossy(&output.stderr).to_string(),
+    }
+}
+
+fn fleet_ok(args: &[&str]) -> String {
+    let result = fleet(args);
+    assert_eq!(result.code, 0, "cairnctl fleet {args:?}: {}", result.stderr);
+    result.stdout
+}
+
+struct Lattice {
+    nats: Nats,
+    key: PathBuf,
+    public: String,
+    digest: String,
+    dir: tempfile::TempDir,
+}
+
+impl Lattice {
+    fn start(test: &str) -> Option<Lattice> {
+        let nats = Nats::start(test)?;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("fleet.key");
+        let public = fleet_ok(&["keygen", "--out", key.to_str().unwrap()])
+            .trim()
+            .to_string();
+        let url = nats.url();
+        let digest = fleet_ok(&[
+            "upload",
+            "--nats",
+            &url,
+            component("hello").to_str().unwrap(),
+        ])
+        .trim()
+        .to_string();
+        Some(Lattice {
+            nats,
+            key,
+            public,
+            digest,
+            dir,
+        })
+    }
+
+    fn device_config(&self, device: &str) -> String {
+        format!(
+            "[upstream]\nnats = \"{}\"\ndevice = \"{device}\"\ntrusted_keys = [\"{}\"]\n",
+            self.nats.url(),
+            self.public
+        )
+    }
+
+    /// Publishes one app for `device` with `key`; returns cairnctl's result.
+    fn publish_with(
+        &self,
+        key: &Path,
+        device: &str,
+        app: &str,
+        listen: &str,
+        greeting: &str,
+        expires: &str,
+    ) -> Ctl {
+        let state = self.dir.path().join(format!("state-{app}-{greeting}.toml"));
+        std::fs::write(
+            &state,
+            format!(
+                "[[app]]\nname = \"{app}\"\ncomponent = \"{}\"\n[app.http]\nlisten = \"{listen}\"\n[app.env]\nGREETING = \"{greeting}\"\n",
+                self.digest
+            ),
+        )
+        .unwrap();
+        let url = self.nats.url();
+        fleet(&[
+            "publish",
+            "--nats",
+            &url,
+            "--key",
+            key.to_str().unwrap(),
+            "--device",
+            device,
+            "--expires",
+            expires,
+            state.to_str().unwrap(),
+        ])
+    }
+
+    fn publish(&self, device: &str, app: &str, listen: &str, greeting: &str) {
+        let result = self.publish_with(&self.key, device, app, listen, greeting, "30d");
+        assert_eq!(result.code, 0, "publish: {}", result.stderr);
+    }
+
+    fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(future)
+    }
+
+    fn kv_get(&self, key: &str) -> Vec<u8> {
+        let url = self.nats.url();
+        self.block_on(async move {
+            let client = async_nats::connect(url).await.unwrap();
+            let kv = async_nats::jetstream::new(client)
+                .get_key_value("cairn-desired")
+                .await
+                .unwrap();
+            kv.get(key).await.unwrap().unwrap().to_vec()
+        })
+    }
+
+    fn kv_put(&self, key: &str, value: Vec<u8>) {
+        let url = self.nats.url();
+        self.block_on(async move {
+            let client = async_nats::connect(url).await.unwrap();
+            let kv = async_nats::jetstream::new(client)
+                .get_key_value("cairn-desired")
+                .await
+                .unwrap();
+            kv.put(key, value.into()).await.unwrap();
+        })
+    }
+
+    /// Every report message in the stream for `device`, as JSON.
+    fn reports(&self, device: &str) -> Vec<serde_json::Value> {
+        let url = self.nats.url();
+        let subject = format!("cairn.report.{device}");
+        self.block_on(async move {
+            let client = async_nats::connect(url).await.unwrap();
+            let stream = async_nats::jetstream::new(client)
+                .get_stream("CAIRN_REPORTS")
+                .await
+                .unwrap();
+            let consumer = stream
+                .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                    filter_subject: subject,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let mut messages = consumer.messages().await.unwrap();
+            let mut reports = Vec::new();
+            while let Ok(Some(Ok(message))) =
+                tokio::time::timeout(Duration::from_secs(2), messages.next()).await
+            {
+                reports.push(serde_json::from_slice(&message.payload).unwrap());
+            }
+            reports
+        })
+    }
+}
+
+fn sync_status(daemon: &Daemon) -> serde_json::Value {
+    daemon.ctl(&["-o", "json", "sync", "status"]).json()
+}
+
+#[test]
+fn a_device_converges_stays_up_offline_and_catches_up_to_the_latest() {
+    let Some(mut lattice) =
+        Lattice::start("a_device_converges_stays_up_offline_and_catches_up_to_the_latest")
+    else {
+        return;
+    };
+    let daemon = Daemon::start_with(Some(&lattice.device_config("edge-1")), &[]);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let addr = listen.parse().unwrap();
+    lattice.publish("edge-1", "fleet-web", &listen, "v1");
+    wait_for(
+        "the device to converge on v1",
+        Duration::from_secs(30),
+        || {
+            get(addr, "/")
+                .map(|r| r.body == "v1 from cairn\n")
+                .unwrap_or(false)
+        },
+    )
+    .unwrap();
+    let apps = daemon.ctl(&["-o", "json", "ls"]).json();
+    assert_eq!(apps[0]["owner"], "fleet");
+    let status = sync_status(&daemon);
+    assert_eq!(status["state"], "connected", "{status}");
+    assert_eq!(status["applied"][0]["key"], "device.edge-1");
+    assert_eq!(status["applied"][0]["version"], 1);
+    let components = daemon.ctl(&["-o", "json", "components"]).json();
+    assert!(components
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["digest"] == lattice.digest.as_str() && c["source"] == "fleet"));
+
+    // The upstream sees the device's report.
+    let url = lattice.nats.url();
+    wait_for(
+        "the device's report upstream",
+        Duration::from_secs(20),
+        || {
+            let result = fleet(&["-o", "json", "status", "--nats", &url, "--device", "edge-1"]);
+            result.code == 0 && result.stdout.contains("fleet-web")
+        },
+    )
+    .unwrap();
+
+    // Cut the link: the device keeps serving and still takes local deploys.
+    lattice.nats.stop();
+    wait_for("the device to notice", Duration::from_secs(30), || {
+        sync_status(&daemon)["state"] == "offline"
+    })
+    .unwrap();
+    assert_eq!(get(addr, "/").unwrap().body, "v1 from cairn\n");
+    let local = daemon.deploy_hello("local-app", &["--env", "GREETING=local"]);
+    assert_eq!(get(local, "/").unwrap().body, "local from cairn\n");
+    assert!(!sync_status(&daemon)["last_error"]
+        .as_str()
+        .unwrap()
+        .is_empty());
+
+    // The link returns; two versions are published; the device ends at the latest.
+    lattice.nats.restart();
+    lattice.publish("edge-1", "fleet-web", &listen, "v2");
+    lattice.publish("edge-1", "fleet-web", &listen, "v3");
+    daemon.ctl_ok(&["sync", "now"]);
+    wait_for(
+        "the device to converge on v3",
+        Duration::from_secs(60),
+        || {
+            get(addr, "/")
+                .map(|r| r.body == "v3 from cairn\n")
+                .unwrap_or(false)
+        },
+    )
+    .unwrap();
+    wait_for("version 3 to be recorded", Duration::from_secs(10), || {
+        sync_status(&daemon)["applied"][0]["version"] == 3
+    })
+    .unwrap();
+    assert_eq!(get(local, "/").unwrap().body, "local from cairn\n");
+}
+
+#[test]
+fn untrusted_stale_tampered_and_expired_state_is_refused() {
+    let Some(lattice) = Lattice::start("untrusted_stale_tampered_and_expired_state_is_refused")
+    else {
+        return;
+    };
+    let daemon = Daemon::start_with(Some(&lattice.device_config("edge-2")), &[]);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let addr = listen.parse().unwrap();
+    lattice.publish("edge-2", "guarded", &listen, "one");
+    wait_for("v1", Duration::from_secs(30), || {
+        get(addr, "/")
+            .map(|r| r.body == "one from cairn\n")
+            .unwrap_or(false)
+    })
+    .unwrap();
+    let version_one = lattice.kv_get("device.edge-2");
+    lattice.publish("edge-2", "guarded", &listen, "two");
+    wait_for("v2", Duration::from_secs(30), || {
+        get(addr, "/")
+            .map(|r| r.body == "two from cairn\n")
+            .unwrap_or(false)
+    })
+    .unwrap();
+
+    let expect_refused = |what: &str, needle: &str| {
+        daemon.ctl_ok(&["sync", "now"]);
+        wait_for(what, Duration::from_secs(30), || {
+            sync_status(&daemon)["rejections"]
+                .as_array()
+                .map(|r| {
+                    r.iter()
+                        .any(|r| r["reason"].as_str().unwrap_or("").contains(needle))
+                })
+                .unwrap_or(false)
+        })
+        .unwrap();
+        assert_eq!(
+            get(addr, "/").unwrap().body,
+            "two from cairn\n",
+            "{what} changed the app"
+        );
+        assert_eq!(daemon.app_status("guarded")["generation"], 2);
+    };
+
+    // A replay of version 1 (a rollback attack).
+    lattice.kv_put("device.edge-2", version_one);
+    expect_refused(
+        "the replay to be refused",
+        "is not newer than the applied version 2",
+    );
+
+    // A key the device does not trust.
+    let stranger = lattice.dir.path().join("stranger.key");
+    fleet_ok(&["keygen", "--out", stranger.to_str().unwrap()]);
+    assert_eq!(
+        lattice
+            .publish_with(&stranger, "edge-2", "guarded", &listen, "evil", "30d")
+            .code,
+        0
+    );
+    expect_refused(
+        "the stranger's state to be refused",
+        "which this device does not trust",
+    );
+
+    // A document altered after signing.
+    lattice.publish("edge-2", "guarded", &listen, "honest");
+    let mut signed: serde_json::Value =
+        serde_json::from_slice(&lattice.kv_get("device.edge-2")).unwrap();
+    let payload = signed["payload"]
+        .as_str()
+        .unwrap()
+        .replace("honest", "forged");
+    signed["payload"] = payload.into();
+    lattice.kv_put("device.edge-2", serde_json::to_vec(&signed).unwrap());
+    // (The honest version may have applied before the forgery landed; either way the forgery
+    // must be refused and must not serve.)
+    daemon.ctl_ok(&["sync", "now"]);
+    wait_for("the forgery to be refused", Duration::from_secs(30), || {
+        sync_status(&daemon)["rejections"]
+            .as_array()
+            .map(|r| {
+                r.iter().any(|r| {
+                    r["reason"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("signature does not match")
+                })
+            })
+            .unwrap_or(false)
+    })
+    .unwrap();
+    assert_ne!(get(addr, "/").unwrap().body, "forged from cairn\n");
+
+    // A document that has already expired (a freeze attack).
+    assert_eq!(
+        lattice
+            .publish_with(&lattice.key, "edge-2", "guarded", &listen, "frozen", "0s")
+            .code,
+        0
+    );
+    daemon.ctl_ok(&["sync", "now"]);
+    wait_for(
+        "the expired state to be refused",
+        Duration::from_secs(30),
+        || {
+            sync_status(&daemon)["rejections"]
+                .as_array()
+                .map(|r| {
+                    r.iter()
+                        .any(|r| r["reason"].as_str().unwrap_or("").contains("expired"))
+                })
+                .unwrap_or(false)
+        },
+    )
+    .unwrap();
+    assert_ne!(get(addr, "/").unwrap().body, "frozen from cairn\n");
+
+    // The refusals are reported upstream too.
+    let reports = lattice.reports("edge-2");
+    let rejected: Vec<&serde_json::Value> = reports
+        .iter()
+        .filter(|r| r["event"] == "rejected")
+        .collect();
+    for needle in [
+        "is not newer",
+        "does not trust",
+        "signature does not match",
+        "expired",
+    ] {
+        assert!(
+            rejected
+                .iter()
+                .any(|r| r["reason"].as_str().unwrap().contains(needle)),
+            "no upstream report of `{needle}`"
+        );
+    }
+}
+
+#[test]
+fn a_fleet_app_never_replaces_a_local_one() {
+    let Some(lattice) = Lattice::start("a_fleet_app_never_replaces_a_local_one") else {
+        return;
+    };
+    let daemon = Daemon::start_with(Some(&lattice.device_config("edge-3")), &[]);
+    let addr = daemon.deploy_hello("shared", &["--env", "GREETING=mine"]);
+    let other = format!("127.0.0.1:{}", free_port());
+    lattice.publish("edge-3", "shared", &other, "theirs");
+    daemon.ctl_ok(&["sync", "now"]);
+    wait_for(
+        "the conflict to be recorded",
+        Duration::from_secs(30),
+        || {
+            sync_status(&daemon)["rejections"]
+                .as_array()
+                .map(|r| {
+                    r.iter().any(|r| {
+                        r["reason"]
+                            .as_str()
+                            .unwrap_or("")
+                            .contains("conflict: app `shared` is owned by the local operator")
+                    })
+                })
+                .unwrap_or(false)
+        },
+    )
+    .unwrap();
+    assert_eq!(get(addr, "/").unwrap().body, "mine from cairn\n");
+    let app = daemon.app_status("shared");
+    assert_eq!(
+        (app["owner"].as_str(), app["generation"].as_u64()),
+        (Some("local"), Some(1))
+    );
+    wait_for("the conflict upstream", Duration::from_secs(20), || {
+        lattice.reports("edge-3").iter().any(|r| {
+            r["errors"]
+                .as_array()
+                .map(|e| {
+                    e.iter()
+                        .any(|e| e.as_str().unwrap_or("").contains("conflict"))
+                })
+                .unwrap_or(false)
+        })
+    })
+    .unwrap();
+}
+
+#[test]
+fn reports_made_offline_arrive_exactly_once_even_across_a_kill_9() {
+    let Some(mut lattice) =
+        Lattice::start("reports_made_offline_arrive_exactly_once_even_across_a_kill_9")
+    else {
+        return;
+    };
+    let mut daemon = Daemon::start_with(Some(&lattice.device_config("edge-4")), &[]);
+    let addr = daemon.deploy_hello("chatty", &[]);
+    let backlog = |daemon: &Daemon| sync_status(daemon)["backlog"].as_u64().unwrap();
+    let count = |lattice: &Lattice, tag: &str| -> (usize, usize) {
+        let lines: Vec<String> = lattice
+            .reports("edge-4")
+            .iter()
+            .filter(|r| r["kind"] == "log")
+            .filter_map(|r| r["line"].as_str().map(str::to_string))
+            .filter(|line| line.starts_with(tag))
+            .collect();
+        let unique: std::collections::BTreeSet<&String> = lines.iter().collect();
+        (lines.len(), unique.len())
+    };
+    let generate = |tag: &str| {
+        // 10,000 records: five requests of 2,000 lines each.
+        for request in 0..5 {
+            assert_eq!(
+                get(addr, &format!("/lines?2000-{tag}{request}"))
+                    .unwrap()
+                    .status,
+                200
+            );
+        }
+    };
+
+    lattice.nats.stop();
+    wait_for("offline", Duration::from_secs(30), || {
+        sync_status(&daemon)["state"] == "offline"
+    })
+    .unwrap();
+    generate("first");
+    wait_for("10,000 records queued", Duration::from_secs(30), || {
+        backlog(&daemon) >= 10_000
+    })
+    .unwrap();
+    lattice.nats.restart();
+    daemon.ctl_ok(&["sync", "now"]);
+    wait_for("the outbox to empty", Duration::from_secs(120), || {
+        backlog(&daemon) == 0
+    })
+    .unwrap();
+    assert_eq!(count(&lattice, "first"), (10_000, 10_000));
+
+    // Again, with cairnd killed in the middle of the flush.
+    lattice.nats.stop();
+    wait_for("offline again", Duration::from_secs(30), || {
+        sync_status(&daemon)["state"] == "offline"
+    })
+    .unwrap();
+    generate("second");
+    wait_for("10,000 more queued", Duration::from_secs(30), || {
+        backlog(&daemon) >= 10_000
+    })
+    .unwrap();
+    lattice.nats.restart();
+    daemon.ctl_ok(&["sync", "now"]);
+    wait_for("the flush to be under way", Duration::from_secs(60), || {
+        backlog(&daemon) < 9_000
+    })
+    .unwrap();
+    daemon.kill9();
+    daemon.restart();
+    daemon.ctl_ok(&["sync", "now"]);
+    wait_for(
+        "the outbox to empty after the restart",
+        Duration::from_secs(120),
+        || backlog(&daemon) == 0,
+    )
+    .unwrap();
+    assert_eq!(count(&lattice, "second"), (10_000, 10_000));
+    assert_eq!(sync_status(&daemon)["dropped"], 0);
+}
