@@ -547,6 +547,12 @@ impl Reconciler {
             Some(cgroup) => (Some(cgroup), false),
             None => (self.app_cgroup(&spec)?, true),
         };
+        // Every failure before the generation is recorded leaves no cgroup made for it.
+        let discard_fresh_cgroup = || {
+            if let (true, Some(cgroup)) = (fresh_cgroup, &cgroup) {
+                cgroup.remove();
+            }
+        };
         let launched = self
             .launch(
                 &spec,
@@ -559,11 +565,7 @@ impl Reconciler {
         let pool = match launched {
             Ok(pool) => pool,
             Err(error) => {
-                if fresh_cgroup && !apps.contains_key(&name) {
-                    if let Some(cgroup) = &cgroup {
-                        cgroup.remove();
-                    }
-                }
+                discard_fresh_cgroup();
                 return Err(error);
             }
         };
@@ -579,11 +581,7 @@ impl Reconciler {
             };
             if let Some(answer) = unhealthy {
                 pool.stop(Duration::ZERO).await;
-                if fresh_cgroup && !apps.contains_key(&name) {
-                    if let Some(cgroup) = &cgroup {
-                        cgroup.remove();
-                    }
-                }
+                discard_fresh_cgroup();
                 return Err(ReconcileError::Unhealthy {
                     path: path.clone(),
                     answer,
@@ -609,12 +607,14 @@ impl Reconciler {
             Ok(generation) if generation == next_generation => generation,
             Ok(other) => {
                 pool.stop(Duration::ZERO).await;
+                discard_fresh_cgroup();
                 return Err(ReconcileError::Internal(format!(
                     "generation {other} was written where {next_generation} was expected"
                 )));
             }
             Err(error) => {
                 pool.stop(Duration::ZERO).await;
+                discard_fresh_cgroup();
                 return Err(error.into());
             }
         };

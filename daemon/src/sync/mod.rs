@@ -276,11 +276,7 @@ impl Sync {
             }
         };
         if let Some(bucket) = &bucket {
-            for key in &targets {
-                if let Some(value) = bucket.get(key.as_str()).await.map_err(upstream_error)? {
-                    self.apply(&context, key, &value).await?;
-                }
-            }
+            self.apply_latest(&context, bucket, &targets).await?;
         }
         let mut watch = match &bucket {
             Some(bucket) => Some(
@@ -310,12 +306,8 @@ impl Sync {
                     self.set_link(|link| link.last_success_unix = now_unix());
                     if bucket.is_none() {
                         // Nothing published yet: stay connected, keep reporting, look again.
-                        if let Ok(found) = context.get_key_value(fleet::DESIRED_BUCKET).await {
-                            for key in &targets {
-                                if let Some(value) = found.get(key.as_str()).await.map_err(upstream_error)? {
-                                    self.apply(&context, key, &value).await?;
-                                }
-                            }
+                                                if let Ok(found) = context.get_key_value(fleet::DESIRED_BUCKET).await {
+                            self.apply_latest(&context, &found, &targets).await?;
                             watch = Some(found.watch_many(targets.iter().map(String::as_str)).await.map_err(upstream_error)?);
                             bucket = Some(found);
                         }
@@ -323,12 +315,8 @@ impl Sync {
                 }
                 _ = self.wake.notified() => {
                     // `sync now` while connected: read the latest state again and report.
-                    if let Some(bucket) = &bucket {
-                        for key in &targets {
-                            if let Some(value) = bucket.get(key.as_str()).await.map_err(upstream_error)? {
-                                self.apply(&context, key, &value).await?;
-                            }
-                        }
+                                        if let Some(bucket) = &bucket {
+                        self.apply_latest(&context, bucket, &targets).await?;
                     }
                     self.report(OutboxKind::Status, self.status_report().await).await;
                     self.flush(&context).await?;
@@ -336,6 +324,22 @@ impl Sync {
                 }
             }
         }
+    }
+
+    /// Applies the current value of each target key (on connect, on `sync now`, and when the
+    /// bucket first appears).
+    async fn apply_latest(
+        &self,
+        context: &jetstream::Context,
+        bucket: &jetstream::kv::Store,
+        targets: &[String],
+    ) -> Result<(), SyncError> {
+        for key in targets {
+            if let Some(value) = bucket.get(key.as_str()).await.map_err(upstream_error)? {
+                self.apply(context, key, &value).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn ensure_report_stream(&self, context: &jetstream::Context) -> Result<(), SyncError> {
