@@ -240,10 +240,10 @@ async fn publish(
         );
     } else {
         println!(
-            "published version {} for {target}: {} app(s), valid until unix {}",
+            "published version {} for {target}: {} app(s), valid until {} UTC",
             document.version,
             document.apps.len(),
-            document.expires_unix
+            crate::utc(document.expires_unix)
         );
     }
     Ok(())
@@ -309,9 +309,12 @@ async fn status(upstream: &Upstream, device: Option<&str>, json_output: bool) ->
         println!("{}", serde_json::to_string_pretty(&reports)?);
         return Ok(());
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
     println!(
-        "{:<20} {:<20} {:<40} ERRORS",
-        "DEVICE", "LAST SEEN (UNIX)", "APPS"
+        "{:<20} {:<32} {:<40} ERRORS",
+        "DEVICE", "LAST SEEN (UTC)", "APPS"
     );
     for report in reports {
         let apps: Vec<String> = report["apps"]
@@ -337,15 +340,29 @@ async fn status(upstream: &Upstream, device: Option<&str>, json_output: bool) ->
                     .collect()
             })
             .unwrap_or_default();
+        let seen = match report["unix"].as_i64() {
+            Some(unix) => format!("{} ({} ago)", crate::utc(unix), ago(now - unix)),
+            None => "?".to_string(),
+        };
         println!(
-            "{:<20} {:<20} {:<40} {}",
+            "{:<20} {:<32} {:<40} {}",
             report["device"].as_str().unwrap_or("?"),
-            report["unix"],
+            seen,
             apps.join(", "),
             errors.join("; ")
         );
     }
     Ok(())
+}
+
+/// A short age: `42s`, `7m`, `3h`, `2d`.
+fn ago(seconds: i64) -> String {
+    match seconds.max(0) {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7_200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3_600),
+        s => format!("{}d", s / 86_400),
+    }
 }
 
 /// Reads `bytes`, printing upload progress on a terminal.
@@ -385,5 +402,19 @@ impl tokio::io::AsyncRead for Progress<'_> {
             }
         }
         std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_are_short_and_never_negative() {
+        assert_eq!(ago(-5), "0s");
+        assert_eq!(ago(42), "42s");
+        assert_eq!(ago(600), "10m");
+        assert_eq!(ago(3 * 3_600), "3h");
+        assert_eq!(ago(5 * 86_400), "5d");
     }
 }

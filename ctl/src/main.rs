@@ -824,7 +824,7 @@ fn human_size(bytes: u64) -> String {
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC, from the proleptic Gregorian calendar.
-fn utc(unix: i64) -> String {
+pub(crate) fn utc(unix: i64) -> String {
     let days = unix.div_euclid(86_400);
     let seconds = unix.rem_euclid(86_400);
     // Days to civil date (Howard Hinnant's algorithm).

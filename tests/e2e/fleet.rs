@@ -1,24 +1,14 @@
 //! Fleet sync against a real nats-server with JetStream, started by the test on a free port;
 //! links are cut by ending the server process.
 
-use cairn_tests::{binaries, component, free_port, get, wait_for, Ctl, Daemon, Nats};
+use cairn_tests::{cairnctl, component, free_port, get, wait_for, Ctl, Daemon, Nats};
 use futures_util::StreamExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Runs `cairnctl fleet …` (no daemon involved).
 fn fleet(args: &[&str]) -> Ctl {
-    let (_, cairnctl) = binaries();
-    let output = std::process::Command::new(cairnctl)
-        .arg("fleet")
-        .args(args)
-        .output()
-        .unwrap();
-    Ctl {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).to_string(),
-        stderr: String::from_utf8_lossy(&output.stderr).to_string(),
-    }
+    cairnctl(&[&["fleet"], args].concat())
 }
 
 fn fleet_ok(args: &[&str]) -> String {
@@ -62,18 +52,37 @@ impl Lattice {
     }
 
     fn device_config(&self, device: &str) -> String {
+        self.device_config_in(device, &[])
+    }
+
+    fn device_config_in(&self, device: &str, groups: &[&str]) -> String {
         format!(
-            "[upstream]\nnats = \"{}\"\ndevice = \"{device}\"\ntrusted_keys = [\"{}\"]\n",
+            "[upstream]\nnats = \"{}\"\ndevice = \"{device}\"\ngroups = {groups:?}\ntrusted_keys = [\"{}\"]\n",
             self.nats.url(),
             self.public
         )
     }
 
-    /// Publishes one app for `device` with `key`; returns cairnctl's result.
+    /// Publishes one app for `target` (a device id, or `group:NAME`) with `key`; returns
+    /// cairnctl's result.
     fn publish_with(
         &self,
         key: &Path,
-        device: &str,
+        target: &str,
+        app: &str,
+        listen: &str,
+        greeting: &str,
+        expires: &str,
+    ) -> Ctl {
+        self.publish_component(key, target, &self.digest, app, listen, greeting, expires)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn publish_component(
+        &self,
+        key: &Path,
+        target: &str,
+        digest: &str,
         app: &str,
         listen: &str,
         greeting: &str,
@@ -83,20 +92,23 @@ impl Lattice {
         std::fs::write(
             &state,
             format!(
-                "[[app]]\nname = \"{app}\"\ncomponent = \"{}\"\n[app.http]\nlisten = \"{listen}\"\n[app.env]\nGREETING = \"{greeting}\"\n",
-                self.digest
+                "[[app]]\nname = \"{app}\"\ncomponent = \"{digest}\"\n[app.http]\nlisten = \"{listen}\"\n[app.env]\nGREETING = \"{greeting}\"\n"
             ),
         )
         .unwrap();
         let url = self.nats.url();
+        let (flag, target) = match target.strip_prefix("group:") {
+            Some(group) => ("--group", group),
+            None => ("--device", target),
+        };
         fleet(&[
             "publish",
             "--nats",
             &url,
             "--key",
             key.to_str().unwrap(),
-            "--device",
-            device,
+            flag,
+            target,
             "--expires",
             expires,
             state.to_str().unwrap(),
@@ -522,4 +534,185 @@ fn reports_made_offline_arrive_exactly_once_even_across_a_kill_9() {
     .unwrap();
     assert_eq!(count(&lattice, "second"), (10_000, 10_000));
     assert_eq!(sync_status(&daemon)["dropped"], 0);
+}
+
+/// Waits until `addr` answers `/` with `greeting`.
+fn wait_greeting(addr: std::net::SocketAddr, greeting: &str) {
+    let body = format!("{greeting} from cairn\n");
+    wait_for(
+        &format!("the app to answer `{greeting}`"),
+        Duration::from_secs(30),
+        || get(addr, "/").map(|r| r.body == body).unwrap_or(false),
+    )
+    .unwrap();
+}
+
+#[test]
+fn the_device_key_wins_an_app_over_its_group_and_hands_it_back() {
+    let Some(lattice) =
+        Lattice::start("the_device_key_wins_an_app_over_its_group_and_hands_it_back")
+    else {
+        return;
+    };
+    let daemon = Daemon::start_with(Some(&lattice.device_config_in("edge-4", &["site-a"])), &[]);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let addr = listen.parse().unwrap();
+    lattice.publish("group:site-a", "web", &listen, "group");
+    daemon.ctl_ok(&["sync", "now"]);
+    wait_greeting(addr, "group");
+
+    // The device's own key names the same app: it wins.
+    lattice.publish("edge-4", "web", &listen, "device");
+    wait_greeting(addr, "device");
+
+    // The group moves on; the device keeps what its own key says.
+    lattice.publish("group:site-a", "web", &listen, "group-two");
+    wait_for(
+        "group version 2 to be applied",
+        Duration::from_secs(30),
+        || {
+            sync_status(&daemon)["applied"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .any(|a| a["key"] == "group.site-a" && a["version"] == 2)
+                })
+                .unwrap_or(false)
+        },
+    )
+    .unwrap();
+    assert_eq!(get(addr, "/").unwrap().body, "device from cairn\n");
+    wait_for(
+        "the shadowed app reported upstream",
+        Duration::from_secs(20),
+        || {
+            lattice.reports("edge-4").iter().any(|r| {
+                r["event"] == "shadowed" && r["app"] == "web" && r["by"] == "device.edge-4"
+            })
+        },
+    )
+    .unwrap();
+
+    // The device key lets go of `web`: the group's current spec takes over, with nothing
+    // published for the group in between.
+    let other = format!("127.0.0.1:{}", free_port());
+    lattice.publish("edge-4", "other", &other, "other");
+    wait_greeting(addr, "group-two");
+    wait_greeting(other.parse().unwrap(), "other");
+    let apps = daemon.ctl(&["-o", "json", "ls"]).json();
+    assert_eq!(apps.as_array().unwrap().len(), 2, "{apps}");
+}
+
+/// The hello component with `pad` bytes of custom section appended: still a valid component
+/// that serves, with a new digest and a download that takes a while.
+fn padded_hello(dir: &Path, pad: usize) -> PathBuf {
+    let mut bytes = std::fs::read(component("hello")).unwrap();
+    let name = b"cairn-test-padding";
+    let mut section = vec![name.len() as u8];
+    section.extend_from_slice(name);
+    section.resize(section.len() + pad, 0x5a);
+    bytes.push(0); // custom section id
+    let mut length = section.len();
+    loop {
+        let byte = (length & 0x7f) as u8;
+        length >>= 7;
+        if length == 0 {
+            bytes.push(byte);
+            break;
+        }
+        bytes.push(byte | 0x80);
+    }
+    bytes.extend_from_slice(&section);
+    let path = dir.join("hello-padded.wasm");
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn blob_in_store(daemon: &Daemon, digest: &str) -> Option<Vec<u8>> {
+    let db = rusqlite::Connection::open_with_flags(
+        daemon.database(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    db.query_row(
+        "SELECT data FROM blobs WHERE digest = ?1",
+        [digest],
+        |row| row.get(0),
+    )
+    .ok()
+}
+
+#[test]
+fn a_download_cut_halfway_leaves_nothing_and_completes_after_the_link_returns() {
+    let Some(mut lattice) = Lattice::start(
+        "a_download_cut_halfway_leaves_nothing_and_completes_after_the_link_returns",
+    ) else {
+        return;
+    };
+    const PAD: usize = 96 << 20;
+    let big = padded_hello(lattice.dir.path(), PAD);
+    let url = lattice.nats.url();
+    let digest = fleet_ok(&["upload", "--nats", &url, big.to_str().unwrap()])
+        .trim()
+        .to_string();
+    let daemon = Daemon::start_with(Some(&lattice.device_config("edge-5")), &[]);
+    wait_for("the device to connect", Duration::from_secs(30), || {
+        lattice.nats.bytes_sent_to("cairnd edge-5").is_some()
+    })
+    .unwrap();
+    let before = lattice.nats.bytes_sent_to("cairnd edge-5").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let published = lattice.publish_component(
+        &lattice.key,
+        "edge-5",
+        &digest,
+        "big",
+        &listen,
+        "big",
+        "30d",
+    );
+    assert_eq!(published.code, 0, "{}", published.stderr);
+
+    // Cut the link once a few MiB of the artifact have gone down, well short of all of it.
+    wait_for(
+        "the artifact download to be under way",
+        Duration::from_secs(30),
+        || {
+            lattice
+                .nats
+                .bytes_sent_to("cairnd edge-5")
+                .is_some_and(|sent| sent > before + (4 << 20))
+        },
+    )
+    .unwrap();
+    let sent = lattice.nats.bytes_sent_to("cairnd edge-5").unwrap_or(0) - before;
+    lattice.nats.stop();
+    assert!(
+        sent < PAD as u64,
+        "the whole artifact ({PAD} bytes) was sent before the cut ({sent} bytes): not a cut halfway"
+    );
+    wait_for("the device to notice", Duration::from_secs(30), || {
+        sync_status(&daemon)["state"] == "offline"
+    })
+    .unwrap();
+    assert!(
+        blob_in_store(&daemon, &digest).is_none(),
+        "an artifact entered the store although the link was cut after {sent} bytes"
+    );
+    let components = daemon.ctl(&["-o", "json", "components"]).json();
+    assert!(!components.to_string().contains(&digest), "{components}");
+    assert!(daemon
+        .ctl(&["-o", "json", "ls"])
+        .json()
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // The link returns: the download starts over and the app serves the whole artifact.
+    lattice.nats.restart();
+    daemon.ctl_ok(&["sync", "now"]);
+    wait_greeting(listen.parse().unwrap(), "big");
+    let stored = blob_in_store(&daemon, &digest).expect("the artifact is in the store");
+    assert_eq!(stored, std::fs::read(&big).unwrap());
+    assert_eq!(daemon.app_status("big")["digest"], digest.as_str());
 }

@@ -3,6 +3,8 @@
 //! READY=1 on a real notify socket, runs the real `cairnctl`, and speaks HTTP/1.1 to apps.
 //! Every wait is on a condition with a deadline; nothing sleeps and hopes.
 
+pub mod report;
+
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -30,26 +32,36 @@ fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
+/// Whether to use release binaries (`CAIRN_PROFILE=release`, as the benchmarks do).
+pub fn release() -> bool {
+    std::env::var("CAIRN_PROFILE").is_ok_and(|p| p == "release")
+}
+
+/// Runs the real `cairnctl` with no daemon involved (`fleet …`).
+pub fn cairnctl(args: &[&str]) -> Ctl {
+    let output = Command::new(&binaries().1).args(args).output().unwrap();
+    Ctl {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).to_string(),
+        stderr: String::from_utf8_lossy(&output.stderr).to_string(),
+    }
+}
+
 /// The real `cairnd` and `cairnctl`, built (or found up to date) once per test process.
 pub fn binaries() -> &'static (PathBuf, PathBuf) {
     static BINARIES: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     BINARIES.get_or_init(|| {
         let status = cargo()
             .current_dir(workspace_root())
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "cairnd",
-                "-p",
-                "cairn-ctl",
-                "--bins",
-            ])
+            // Exactly `just build`'s command: another package selection unifies features
+            // differently and would rebuild (and relink) both binaries on every run.
+            .args(["build", "--quiet", "--workspace", "--bins"])
+            .args(release().then_some("--release"))
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building cairnd and cairnctl failed");
-        let debug = target_dir().join("debug");
-        (debug.join("cairnd"), debug.join("cairnctl"))
+        let dir = target_dir().join(if release() { "release" } else { "debug" });
+        (dir.join("cairnd"), dir.join("cairnctl"))
     })
 }
 
@@ -639,6 +651,8 @@ pub fn padded_component(size: usize) -> Vec<u8> {
 pub struct Nats {
     child: Option<Child>,
     pub port: u16,
+    /// The HTTP monitoring port (`/connz` shows each client's bytes).
+    pub monitor: u16,
     dir: tempfile::TempDir,
     binary: PathBuf,
 }
@@ -674,6 +688,7 @@ impl Nats {
         let mut nats = Nats {
             child: None,
             port: free_port(),
+            monitor: free_port(),
             dir: tempfile::tempdir().unwrap(),
             binary,
         };
@@ -695,6 +710,8 @@ impl Nats {
                 "127.0.0.1",
                 "-p",
                 &self.port.to_string(),
+                "-m",
+                &self.monitor.to_string(),
                 "-sd",
             ])
             .arg(self.dir.path())
@@ -708,6 +725,18 @@ impl Nats {
             is_listening(addr)
         })
         .unwrap();
+    }
+
+    /// Bytes the server has sent to the client connection named `name`, from `/connz`.
+    pub fn bytes_sent_to(&self, name: &str) -> Option<u64> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.monitor).parse().unwrap();
+        let response = get(addr, "/connz?limit=1024").ok()?;
+        let connz: serde_json::Value = serde_json::from_str(&response.body).ok()?;
+        connz["connections"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == name)
+            .and_then(|c| c["out_bytes"].as_u64())
     }
 
     /// Cuts the link for real: the server process ends.

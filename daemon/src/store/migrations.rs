@@ -75,6 +75,9 @@ const MIGRATIONS: &[&str] = &[
          name TEXT PRIMARY KEY,
          value INTEGER NOT NULL
      );",
+    // 3: the app specs each applied key carries, so that when the key that wins an app
+    // (device over groups) lets go of it, the next one's spec can take over, offline too.
+    "ALTER TABLE sync_applied ADD COLUMN specs TEXT NOT NULL DEFAULT '[]';",
 ];
 
 pub fn run(connection: &mut Connection) -> Result<(), String> {

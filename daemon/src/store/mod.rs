@@ -618,6 +618,8 @@ pub struct AppliedRecord {
     pub version: u64,
     pub applied_unix: i64,
     pub apps: Vec<String>,
+    /// The apps as the document gave them (empty for records written before schema 3).
+    pub specs: Vec<AppSpec>,
 }
 
 impl Store {
@@ -626,7 +628,9 @@ impl Store {
     pub fn applied(&self) -> Result<Vec<AppliedRecord>, StoreError> {
         let connection = self.lock();
         let mut statement = connection
-            .prepare("SELECT key, version, applied_unix, apps FROM sync_applied ORDER BY key")
+            .prepare(
+                "SELECT key, version, applied_unix, apps, specs FROM sync_applied ORDER BY key",
+            )
             .map_err(|e| self.error(e))?;
         let rows = statement
             .query_map([], |row| {
@@ -635,6 +639,7 @@ impl Store {
                     version: row.get::<_, i64>(1)? as u64,
                     applied_unix: row.get(2)?,
                     apps: serde_json::from_str(&row.get::<_, String>(3)?).unwrap_or_default(),
+                    specs: serde_json::from_str(&row.get::<_, String>(4)?).unwrap_or_default(),
                 })
             })
             .map_err(|e| self.error(e))?;
@@ -646,14 +651,21 @@ impl Store {
         &self,
         key: &str,
         version: u64,
-        apps: &[String],
+        specs: &[AppSpec],
     ) -> Result<(), StoreError> {
+        let names: Vec<String> = specs.iter().map(|s| s.name.to_string()).collect();
         let connection = self.lock();
         connection
             .execute(
-                "INSERT INTO sync_applied (key, version, applied_unix, apps) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (key) DO UPDATE SET version = excluded.version, applied_unix = excluded.applied_unix, apps = excluded.apps",
-                params![key, version as i64, now_unix(), serde_json::to_string(apps).expect("names serialise")],
+                "INSERT INTO sync_applied (key, version, applied_unix, apps, specs) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (key) DO UPDATE SET version = excluded.version, applied_unix = excluded.applied_unix, apps = excluded.apps, specs = excluded.specs",
+                params![
+                    key,
+                    version as i64,
+                    now_unix(),
+                    serde_json::to_string(&names).expect("names serialise"),
+                    serde_json::to_string(specs).expect("specs serialise")
+                ],
             )
             .map_err(|e| self.error(e))?;
         Ok(())
@@ -992,9 +1004,13 @@ mod tests {
     fn applied_versions_and_rejections_are_kept() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("cairn.db")).unwrap();
+        let web = spec("web", &Digest::of(b"web"), "hi");
         store
-            .record_applied("device.a", 3, &["web".to_string()])
+            .record_applied("device.a", 3, std::slice::from_ref(&web))
             .unwrap();
+        let applied = store.applied().unwrap();
+        assert_eq!(applied[0].apps, ["web"]);
+        assert_eq!(applied[0].specs, [web]);
         store.record_applied("device.a", 4, &[]).unwrap();
         let applied = store.applied().unwrap();
         assert_eq!((applied[0].version, applied[0].apps.len()), (4, 0));

@@ -25,6 +25,8 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// How often a connected device checks its link, flushes the outbox and reports.
 const TICK: Duration = Duration::from_secs(2);
+/// A download with no progress for this long is abandoned (and retried on the next link).
+const DOWNLOAD_STALL: Duration = Duration::from_secs(15);
 /// Outbox rows published per batch before waiting for their acks.
 const FLUSH_BATCH: u64 = 256;
 
@@ -231,7 +233,10 @@ impl Sync {
             url: config.nats.clone(),
             message,
         };
-        let mut options = async_nats::ConnectOptions::new().connection_timeout(CONNECT_TIMEOUT);
+        // The name shows in the server's connection list (connz), so operators see devices.
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("cairnd {}", self.device))
+            .connection_timeout(CONNECT_TIMEOUT);
         if let Some(path) = &config.credentials {
             options = options
                 .credentials_file(path)
@@ -302,11 +307,11 @@ impl Sync {
                     if client.connection_state() != async_nats::connection::State::Connected {
                         return Err(SyncError::Lost);
                     }
-                                        self.flush(&context).await?;
+                    self.flush(&context).await?;
                     self.set_link(|link| link.last_success_unix = now_unix());
                     if bucket.is_none() {
                         // Nothing published yet: stay connected, keep reporting, look again.
-                                                if let Ok(found) = context.get_key_value(fleet::DESIRED_BUCKET).await {
+                        if let Ok(found) = context.get_key_value(fleet::DESIRED_BUCKET).await {
                             self.apply_latest(&context, &found, &targets).await?;
                             watch = Some(found.watch_many(targets.iter().map(String::as_str)).await.map_err(upstream_error)?);
                             bucket = Some(found);
@@ -315,7 +320,7 @@ impl Sync {
                 }
                 _ = self.wake.notified() => {
                     // `sync now` while connected: read the latest state again and report.
-                                        if let Some(bucket) = &bucket {
+                    if let Some(bucket) = &bucket {
                         self.apply_latest(&context, bucket, &targets).await?;
                     }
                     self.report(OutboxKind::Status, self.status_report().await).await;
@@ -425,8 +430,55 @@ impl Sync {
                 return Ok(());
             }
         };
-        for app in &document.apps {
-            if let Err(error) = self.fetch_artifact(context, &app.component).await {
+        // Precedence: the device key wins an app name over group keys, and groups win in the
+        // order the config lists them. A document may name an app a better key holds (it is
+        // shadowed, not deployed), and when the winning key lets an app go, the next key that
+        // lists it takes over with its own spec.
+        let targets = self.targets();
+        let rank = |key: &str| targets.iter().position(|t| t == key).unwrap_or(usize::MAX);
+        let mine = rank(key);
+        let others: Vec<&crate::store::AppliedRecord> = applied
+            .iter()
+            .filter(|a| a.key != key && rank(&a.key) != usize::MAX)
+            .collect();
+        let winner_above = |name: &str| {
+            others
+                .iter()
+                .filter(|o| rank(&o.key) < mine && o.apps.iter().any(|a| a == name))
+                .min_by_key(|o| rank(&o.key))
+                .map(|o| o.key.clone())
+        };
+        let listed: Vec<String> = document.apps.iter().map(|a| a.name.to_string()).collect();
+        let mut handovers = Vec::new();
+        let mut removals = Vec::new();
+        for gone in previous.map(|p| p.apps.clone()).unwrap_or_default() {
+            if listed.contains(&gone) || winner_above(&gone).is_some() {
+                continue;
+            }
+            let next = others
+                .iter()
+                .filter(|o| rank(&o.key) > mine)
+                .filter_map(|o| {
+                    o.specs
+                        .iter()
+                        .find(|s| s.name.as_str() == gone)
+                        .map(|s| (rank(&o.key), o.key.clone(), s.clone()))
+                })
+                .min_by_key(|(r, _, _)| *r);
+            match next {
+                Some((_, from, spec)) => handovers.push((from, spec)),
+                None => removals.push(gone),
+            }
+        }
+        // Every artifact first (shadowed apps too, so a later handover works offline): nothing
+        // changes unless all of them are here.
+        let needed = document
+            .apps
+            .iter()
+            .map(|a| &a.component)
+            .chain(handovers.iter().map(|(_, s)| &s.component));
+        for digest in needed {
+            if let Err(error) = self.fetch_artifact(context, digest).await {
                 // Not applied; the next attempt tries again.
                 self.set_link(|link| link.last_error = error.to_string());
                 self.report(OutboxKind::Event, serde_json::json!({"device": self.device, "unix": now_unix(), "event": "artifact", "key": key, "error": error.to_string()})).await;
@@ -434,7 +486,20 @@ impl Sync {
             }
         }
         let mut problems = Vec::new();
-        for app in &document.apps {
+        let deploys = document
+            .apps
+            .iter()
+            .map(|app| (key.to_string(), app))
+            .chain(handovers.iter().map(|(from, spec)| (from.clone(), spec)));
+        for (from, app) in deploys {
+            if let Some(by) = winner_above(app.name.as_str()) {
+                tracing::info!(app = %app.name, key, by, "fleet app shadowed by a key that wins it");
+                self.report(OutboxKind::Event, serde_json::json!({"device": self.device, "unix": now_unix(), "event": "shadowed", "key": key, "app": app.name.to_string(), "by": by})).await;
+                continue;
+            }
+            if from != key {
+                tracing::info!(app = %app.name, key, from, "handing a fleet app to the next key that lists it");
+            }
             match self
                 .reconciler
                 .deploy(app.clone(), crate::store::Owner::Fleet)
@@ -447,24 +512,21 @@ impl Sync {
                 Err(error) => problems.push(format!("app `{}`: {error}", app.name)),
             }
         }
-        // Apps this key deployed before and no longer lists go.
-        let listed: Vec<String> = document.apps.iter().map(|a| a.name.to_string()).collect();
-        for gone in previous.map(|p| p.apps.clone()).unwrap_or_default() {
-            if !listed.contains(&gone) {
-                if let Ok(name) = gone.parse::<AppName>() {
-                    if let Err(error) = self
-                        .reconciler
-                        .remove_owned(&name, crate::store::Owner::Fleet)
-                        .await
-                    {
-                        problems.push(format!("removing `{gone}`: {error}"));
-                    }
+        for gone in removals {
+            if let Ok(name) = gone.parse::<AppName>() {
+                if let Err(error) = self
+                    .reconciler
+                    .remove_owned(&name, crate::store::Owner::Fleet)
+                    .await
+                {
+                    problems.push(format!("removing `{gone}`: {error}"));
                 }
             }
         }
-        let (record_key, version) = (key.to_string(), document.version);
+        let (record_key, version, specs) =
+            (key.to_string(), document.version, document.apps.clone());
         self.store
-            .call(move |store| store.record_applied(&record_key, version, &listed))
+            .call(move |store| store.record_applied(&record_key, version, &specs))
             .await?;
         for problem in &problems {
             let (rejection_key, reason) = (key.to_string(), problem.clone());
@@ -536,14 +598,48 @@ impl Sync {
             .get(digest.to_string())
             .await
             .map_err(upstream_error)?;
+        // Read in chunks, watching the link: when it drops the object reader would wait for
+        // a reconnection that may never come, so give up at once (or when nothing arrives for
+        // DOWNLOAD_STALL) and start over on the next connection.
+        let client = context.client();
         let mut bytes = Vec::with_capacity(info.size);
-        (&mut object)
-            .take(max + 1)
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|e| {
-                SyncError::Upstream(format!("downloading {digest} was interrupted: {e}"))
-            })?;
+        let mut chunk = vec![0u8; 256 << 10];
+        let mut last_progress = tokio::time::Instant::now();
+        loop {
+            if client.connection_state() != async_nats::connection::State::Connected {
+                return Err(SyncError::Upstream(format!(
+                    "downloading {digest} was interrupted after {} of {} bytes: the link dropped",
+                    bytes.len(),
+                    info.size
+                )));
+            }
+            if last_progress.elapsed() > DOWNLOAD_STALL {
+                return Err(SyncError::Upstream(format!(
+                    "downloading {digest} stalled after {} of {} bytes",
+                    bytes.len(),
+                    info.size
+                )));
+            }
+            let read =
+                match tokio::time::timeout(Duration::from_millis(500), object.read(&mut chunk))
+                    .await
+                {
+                    Err(_) => continue,
+                    Ok(read) => read.map_err(|e| {
+                        SyncError::Upstream(format!("downloading {digest} was interrupted: {e}"))
+                    })?,
+                };
+            if read == 0 {
+                break;
+            }
+            if (bytes.len() + read) as u64 > max {
+                return Err(SyncError::Upstream(format!(
+                    "artifact {digest} is larger than announced and over this device's max_artifact_size of {max}"
+                )));
+            }
+            bytes.extend_from_slice(&chunk[..read]);
+            last_progress = tokio::time::Instant::now();
+        }
         if !digest.verify(&bytes) {
             return Err(SyncError::Upstream(format!(
                 "artifact {digest} arrived as {} bytes hashing to {}; not stored",
