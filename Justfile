@@ -5,6 +5,8 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 components_target := justfile_directory() / "target/components"
 hello := components_target / "wasm32-wasip2/release/hello.wasm"
+# The wasmtime cairn links (Cargo.toml pins it); `just bench` compares with its `wasmtime serve`.
+wasmtime_version := "48.0.8"
 
 # List the recipes.
 default:
@@ -60,3 +62,26 @@ test: lint components
     cargo build --workspace --bins
     cargo test --workspace
     if [ -s target/test-skips.log ]; then echo "Tests that could not run here:"; cat target/test-skips.log; fi
+
+# Benchmarks in release mode, printed as tables and written to BENCHMARKS.md: fleet sync
+# (outbox flush, time to converge) and serving (cairn vs `wasmtime serve` vs native hyper).
+# Installs wrk (apt) and wasmtime-cli {{wasmtime_version}} (cargo install, into the tools dir) when
+# missing. `just bench --quick` does one round of each figure.
+bench *flags: components
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! command -v wrk >/dev/null; then
+        echo "bench: installing wrk with apt-get" >&2
+        sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+        $sudo_cmd apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq wrk >/dev/null
+    fi
+    tools="${CAIRN_TOOLS:-$HOME/.cache/cairn/tools}"
+    if ! "$tools/wasmtime-cli/bin/wasmtime" --version 2>/dev/null | grep -Eq "^wasmtime {{wasmtime_version}}( |$)"; then
+        echo "bench: building wasmtime-cli {{wasmtime_version}} (the peer; once, ~20 min on 2 cores)" >&2
+        cargo install --locked --quiet "wasmtime-cli@{{wasmtime_version}}" --root "$tools/wasmtime-cli"
+    fi
+    export CAIRN_WASMTIME="$tools/wasmtime-cli/bin/wasmtime" CAIRN_PROFILE=release
+    cargo build --release --workspace --bins
+    cargo bench -p cairn-tests --bench serve -- {{flags}}
+    cargo bench -p cairn-tests --bench fleet -- {{flags}}

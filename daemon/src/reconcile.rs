@@ -19,6 +19,7 @@ use crate::runtime::{Runtime, RuntimeError};
 use crate::spawn::{self, ExitReason, Pool, PoolExit, SpawnError};
 use crate::spec::{AppName, AppSpec, SpecError};
 use crate::store::{now_unix, Owner, Store, StoreError};
+use futures_util::StreamExt;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -27,6 +28,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Mutex};
 
 /// First restart delay after a pool dies; doubled for each further failure, up to the cap.
+/// Pools started at once when the daemon restores its apps.
+const START_CONCURRENCY: usize = 8;
 const RESTART_BACKOFF: Duration = Duration::from_millis(100);
 const RESTART_BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// A pool that served this long is healthy again: its next failure starts the backoff over.
@@ -222,9 +225,10 @@ impl Reconciler {
     pub async fn start_all(&self) -> Result<(), ReconcileError> {
         let records = self.store.call(|store| store.apps()).await?;
         let mut apps = self.apps.lock().await;
+        let mut restored = Vec::with_capacity(records.len());
         for record in records {
             let counters = Arc::new(new_counters(&record.name)?);
-            let mut running = Running {
+            let running = Running {
                 owner: record.owner,
                 generation: record.generation,
                 spec: record.spec,
@@ -244,10 +248,17 @@ impl Reconciler {
                 crashloop: false,
                 last_good: None,
             };
-            // A pool of the previous daemon may still be closing its copy of the listener.
-            self.bring_up(&mut running, Duration::from_secs(3)).await;
-            apps.insert(record.name, running);
+            restored.push((record.name, running));
         }
+        // Pools start side by side (a pool's start is mostly waiting on exec and loading code),
+        // a few at a time so a device with many apps is not swamped at boot.
+        futures_util::stream::iter(restored.iter_mut())
+            .for_each_concurrent(START_CONCURRENCY, |(_, running)| async move {
+                // A pool of the previous daemon may still be closing its copy of the listener.
+                self.bring_up(running, Duration::from_secs(3)).await;
+            })
+            .await;
+        apps.extend(restored);
         Ok(())
     }
 

@@ -304,6 +304,9 @@ fn describe_failure(error: &wasmtime::Error) -> String {
     }
 }
 
+/// The most of each instance slot's linear memory kept resident between requests.
+const KEEP_RESIDENT: usize = 8 << 20;
+
 fn memory_reservation(limits: &Limits) -> u64 {
     const PAGE: u64 = 64 << 10;
     limits.memory.0.div_ceil(PAGE) * PAGE
@@ -336,6 +339,15 @@ fn pooling_config(
         .table_elements(table_elements)
         .total_stacks(slots)
         .max_memory_size(memory_reservation(limits) as usize);
+    // Reset a freed slot's memory with memset up to this size instead of madvise: unmapping
+    // pages in a multi-threaded pool costs TLB-shootdown IPIs to every core running it, which
+    // profiled as the largest cost of a fresh instance per request. The price is that the
+    // slots that served requests keep up to this much resident (BENCHMARKS.md has the figures).
+    let keep = (memory_reservation(limits) as usize).min(KEEP_RESIDENT);
+    pool.linear_memory_keep_resident(keep)
+        .table_keep_resident(keep.min(1 << 20))
+        // Only the pages actually touched are reset, where the kernel has PAGEMAP_SCAN (6.7+).
+        .pagemap_scan(wasmtime::Enabled::Auto);
     pool
 }
 
