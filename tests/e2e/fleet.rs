@@ -1,7 +1,9 @@
 //! Fleet sync against a real nats-server with JetStream, started by the test on a free port;
 //! links are cut by ending the server process.
 
-use cairn_tests::{cairnctl, component, free_port, get, wait_for, Ctl, Daemon, Nats};
+use cairn_tests::{
+    cairnctl, component, custom_section, free_port, get, wait_for, Ctl, Daemon, Nats,
+};
 use futures_util::StreamExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -607,22 +609,7 @@ fn the_device_key_wins_an_app_over_its_group_and_hands_it_back() {
 /// that serves, with a new digest and a download that takes a while.
 fn padded_hello(dir: &Path, pad: usize) -> PathBuf {
     let mut bytes = std::fs::read(component("hello")).unwrap();
-    let name = b"cairn-test-padding";
-    let mut section = vec![name.len() as u8];
-    section.extend_from_slice(name);
-    section.resize(section.len() + pad, 0x5a);
-    bytes.push(0); // custom section id
-    let mut length = section.len();
-    loop {
-        let byte = (length & 0x7f) as u8;
-        length >>= 7;
-        if length == 0 {
-            bytes.push(byte);
-            break;
-        }
-        bytes.push(byte | 0x80);
-    }
-    bytes.extend_from_slice(&section);
+    bytes.extend(custom_section("cairn-test-padding", pad, 0x5a));
     let path = dir.join("hello-padded.wasm");
     std::fs::write(&path, bytes).unwrap();
     path

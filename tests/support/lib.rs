@@ -626,13 +626,18 @@ pub fn is_listening(addr: SocketAddr) -> bool {
 
 /// A valid component of about `size` bytes: the component header and one custom section.
 pub fn padded_component(size: usize) -> Vec<u8> {
-    let name = b"pad";
-    let payload = size.saturating_sub(32);
-    let mut section = vec![name.len() as u8];
-    section.extend_from_slice(name);
-    section.resize(section.len() + payload, 0);
     let mut bytes = b"\0asm\x0d\0\x01\0".to_vec();
-    bytes.push(0); // custom section id
+    bytes.extend(custom_section("pad", size.saturating_sub(32), 0));
+    bytes
+}
+
+/// A wasm custom section named `name` holding `payload` bytes of `fill`; appended to a
+/// component it keeps it valid and changes its digest and size.
+pub fn custom_section(name: &str, payload: usize, fill: u8) -> Vec<u8> {
+    let mut section = vec![name.len() as u8];
+    section.extend_from_slice(name.as_bytes());
+    section.resize(section.len() + payload, fill);
+    let mut bytes = vec![0]; // custom section id
     let mut length = section.len();
     loop {
         let byte = (length & 0x7f) as u8;
