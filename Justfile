@@ -65,7 +65,7 @@ test: lint components
 
 # Benchmarks in release mode, printed as tables and written to BENCHMARKS.md: fleet sync
 # (outbox flush, time to converge) and serving (cairn vs `wasmtime serve` vs native hyper).
-# Installs wrk (apt) and wasmtime-cli {{wasmtime_version}} (cargo install, into the tools dir) when
+# Installs wrk (apt) and wasmtime-cli at wasmtime_version (cargo install, into the tools dir) when
 # missing. `just bench --quick` does one round of each figure.
 bench *flags: components
     #!/usr/bin/env bash

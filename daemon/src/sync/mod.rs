@@ -608,14 +608,14 @@ impl Sync {
         loop {
             if client.connection_state() != async_nats::connection::State::Connected {
                 return Err(SyncError::Upstream(format!(
-                    "downloading {digest} was interrupted after {} of {} bytes: the link dropped",
+                    "downloading {digest} was interrupted after {} of {} bytes: the link dropped; nothing was stored and the download starts over on the next connection",
                     bytes.len(),
                     info.size
                 )));
             }
             if last_progress.elapsed() > DOWNLOAD_STALL {
                 return Err(SyncError::Upstream(format!(
-                    "downloading {digest} stalled after {} of {} bytes",
+                    "downloading {digest} stalled after {} of {} bytes; nothing was stored and the download starts over on the next connection (`cairnctl sync now` tries at once)",
                     bytes.len(),
                     info.size
                 )));
