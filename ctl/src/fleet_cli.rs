@@ -243,7 +243,7 @@ async fn publish(
             "published version {} for {target}: {} app(s), valid until {} UTC",
             document.version,
             document.apps.len(),
-            crate::utc(document.expires_unix)
+            cairn_ctl::time::utc(document.expires_unix)
         );
     }
     Ok(())
@@ -341,7 +341,7 @@ async fn status(upstream: &Upstream, device: Option<&str>, json_output: bool) ->
             })
             .unwrap_or_default();
         let seen = match report["unix"].as_i64() {
-            Some(unix) => format!("{} ({} ago)", crate::utc(unix), ago(now - unix)),
+            Some(unix) => format!("{} ({} ago)", cairn_ctl::time::utc(unix), ago(now - unix)),
             None => "?".to_string(),
         };
         println!(

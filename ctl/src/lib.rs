@@ -5,7 +5,7 @@
 //! Layout: `proto` (generated from `proto/cairn.proto`), `paths` (where the socket lives by
 //! default), `client` (connect over a unix socket), `exit` (gRPC status → exit code), `spec`
 //! and `digest` (the typed app manifest both sides parse), `fleet` (the signed desired-state
-//! document devices accept from the upstream lattice).
+//! document devices accept from the upstream lattice), `time` (UTC times without a tz database).
 
 pub mod client;
 pub mod digest;
@@ -13,6 +13,7 @@ pub mod exit;
 pub mod fleet;
 pub mod paths;
 pub mod spec;
+pub mod time;
 
 pub mod proto {
     tonic::include_proto!("cairn.v1");

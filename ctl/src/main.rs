@@ -9,6 +9,7 @@ use cairn_ctl::exit;
 use cairn_ctl::proto::{
     self, control_client::ControlClient, push_chunk::Part, status_reply::Detail,
 };
+use cairn_ctl::time::utc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
@@ -649,10 +650,11 @@ fn print_daemon(daemon: &proto::DaemonStatus, json_output: bool) {
             "uptime_seconds": daemon.uptime_seconds, "engine_fingerprint": daemon.engine_fingerprint,
             "compiled": daemon.compiled, "cache_hits": daemon.cache_hits, "limits": daemon.limits,
                         "log_lines_dropped": daemon.log_lines_dropped, "pool_user": daemon.pool_user,
+            "import": {"dir": daemon.import_dir, "lines": daemon.import_lines, "problems": daemon.import_problems},
         }));
         return;
     }
-    let rows = vec![
+    let mut rows = vec![
         row(["version", &daemon.version]),
         row(["state", &daemon.state_dir]),
         row(["socket", &daemon.socket]),
@@ -674,6 +676,15 @@ fn print_daemon(daemon: &proto::DaemonStatus, json_output: bool) {
         row(["pools run as", &daemon.pool_user]),
         row(["log lines dropped", &daemon.log_lines_dropped.to_string()]),
     ];
+    if !daemon.import_dir.is_empty() {
+        rows.push(row(["import from", &daemon.import_dir]));
+        for line in &daemon.import_lines {
+            rows.push(row(["import", line]));
+        }
+        for problem in &daemon.import_problems {
+            rows.push(row(["IMPORT PROBLEM", problem]));
+        }
+    }
     print_table(&rows);
 }
 
@@ -821,33 +832,6 @@ fn human_size(bytes: u64) -> String {
         b if b >= 1 << 10 => format!("{:.1}KiB", b as f64 / 1024.0),
         b => format!("{b}B"),
     }
-}
-
-/// `YYYY-MM-DD HH:MM:SS` in UTC, from the proleptic Gregorian calendar.
-pub(crate) fn utc(unix: i64) -> String {
-    let days = unix.div_euclid(86_400);
-    let seconds = unix.rem_euclid(86_400);
-    // Days to civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        seconds / 3600,
-        seconds % 3600 / 60,
-        seconds % 60
-    )
 }
 
 fn utc_millis(millis: i64) -> String {

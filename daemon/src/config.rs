@@ -60,6 +60,10 @@ pub struct Config {
     pub pool_user: Option<String>,
     /// The upstream lattice; without it sync is off and nothing else changes.
     pub upstream: Option<UpstreamConfig>,
+    /// A folder imported at every start (on images: the boot partition's `cairn/`): its
+    /// `config.toml` is laid over this config and its `apps/*.toml` are deployed when new or
+    /// changed. See `crate::import`.
+    pub import_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +98,29 @@ pub struct UpstreamConfig {
     /// …and nothing older than this.
     #[serde(default = "default_outbox_age")]
     pub outbox_max_age: HumanDuration,
+}
+
+impl UpstreamConfig {
+    /// The trusted fleet keys, parsed; none at all is an error (every document would be
+    /// refused).
+    pub fn trusted(&self) -> Result<Vec<ed25519_dalek::VerifyingKey>, String> {
+        let keys = self
+            .trusted_keys
+            .iter()
+            .map(|key| {
+                cairn_ctl::fleet::parse_public_key(key)
+                    .map_err(|e| format!("upstream.trusted_keys: {e}"))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        if keys.is_empty() {
+            return Err(
+                "upstream.trusted_keys is empty: the device would refuse every document; \
+                        add the fleet's public key (cairnctl fleet keygen prints it)"
+                    .into(),
+            );
+        }
+        Ok(keys)
+    }
 }
 
 fn default_max_artifact() -> ByteSize {
@@ -171,21 +198,70 @@ impl Default for Config {
             total_cpu: None,
             pool_user: None,
             upstream: None,
+            import_dir: None,
         }
     }
 }
 
 impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read the config file {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| {
+        let table = read_table(path).map_err(anyhow::Error::msg)?;
+        Config::from_table(table)
+            .map_err(|e| anyhow::anyhow!("the config file {} is not valid: {e}", path.display()))
+    }
+
+    /// Lays the TOML file `overlay` over the config file `base` (or the defaults): tables merge
+    /// key by key, anything else in the overlay replaces what `base` said. On any problem with
+    /// the overlay the base alone is returned, with the reason, so a bad overlay never stops
+    /// the daemon; a bad base is fatal as ever.
+    pub fn load_with_overlay(
+        base: Option<&Path>,
+        overlay: &Path,
+    ) -> anyhow::Result<(Config, Result<(), String>)> {
+        let base_table = match base {
+            Some(path) => read_table(path).map_err(anyhow::Error::msg)?,
+            None => toml::Table::new(),
+        };
+        let base_config = Config::from_table(base_table.clone()).map_err(|e| {
             anyhow::anyhow!(
-                "the config file {} is not valid: {}",
-                path.display(),
-                e.message()
+                "the config file {} is not valid: {e}",
+                base.map(|p| p.display().to_string()).unwrap_or_default()
             )
-        })
+        })?;
+        let overlay_table = match read_table(overlay) {
+            Ok(table) => table,
+            Err(problem) => return Ok((base_config, Err(problem))),
+        };
+        if overlay_table.contains_key("import_dir") {
+            return Ok((
+                base_config,
+                Err(format!(
+                    "{}: `import_dir` cannot be set from the import folder itself; remove it",
+                    overlay.display()
+                )),
+            ));
+        }
+        let mut merged = base_table;
+        merge(&mut merged, overlay_table);
+        match Config::from_table(merged) {
+            Ok(config) => Ok((config, Ok(()))),
+            Err(e) => Ok((
+                base_config,
+                Err(format!("{} is not valid: {e}", overlay.display())),
+            )),
+        }
+    }
+
+    /// Parses and checks what types alone cannot (the trusted keys), so a config that loads is
+    /// one the daemon can start with.
+    fn from_table(table: toml::Table) -> Result<Config, String> {
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.message().to_string())?;
+        if let Some(upstream) = &config.upstream {
+            upstream.trusted()?;
+        }
+        Ok(config)
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -193,6 +269,34 @@ impl Config {
             .socket
             .clone()
             .unwrap_or_else(cairn_ctl::paths::default_socket)
+    }
+}
+
+/// Reads a TOML file into a table; the error names the file and, for syntax, the line.
+fn read_table(path: &Path) -> Result<toml::Table, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e: toml::de::Error| {
+        let line = e
+            .span()
+            .map(|span| format!(" (line {})", text[..span.start].lines().count().max(1)))
+            .unwrap_or_default();
+        format!(
+            "the config file {} is not valid TOML: {}{line}",
+            path.display(),
+            e.message()
+        )
+    })
+}
+
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(inner)), toml::Value::Table(over)) => merge(inner, over),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
     }
 }
 
@@ -213,5 +317,49 @@ mod tests {
         assert_eq!(config.log_lines_per_app, 10_000);
         let err = toml::from_str::<Config>("colour = 1\n").unwrap_err();
         assert!(err.message().contains("unknown field `colour`"), "{err}");
+    }
+
+    /// The identity point: a valid (weak) ed25519 public key, fine where nothing is verified.
+    const KEY: &str = "0100000000000000000000000000000000000000000000000000000000000000";
+
+    #[test]
+    fn an_overlay_merges_tables_and_a_bad_one_leaves_the_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.toml");
+        std::fs::write(
+            &base,
+            format!("drain_timeout = \"3s\"\n[upstream]\nnats = \"nats://a:4222\"\ngroups = [\"x\"]\ntrusted_keys = [\"{KEY}\"]\n"),
+        )
+        .unwrap();
+        let overlay = dir.path().join("overlay.toml");
+        std::fs::write(&overlay, "[upstream]\ndevice = \"pump-7\"\n").unwrap();
+        let (config, outcome) = Config::load_with_overlay(Some(&base), &overlay).unwrap();
+        outcome.unwrap();
+        let upstream = config.upstream.unwrap();
+        assert_eq!(upstream.nats, "nats://a:4222");
+        assert_eq!(upstream.device.as_deref(), Some("pump-7"));
+        assert_eq!(upstream.groups, vec!["x".to_string()]);
+        assert_eq!(config.drain_timeout.0, Duration::from_secs(3));
+
+        std::fs::write(&overlay, "[upstream\ndevice = 1\n").unwrap();
+        let (config, outcome) = Config::load_with_overlay(Some(&base), &overlay).unwrap();
+        let problem = outcome.unwrap_err();
+        assert!(
+            problem.contains("not valid TOML") && problem.contains("line 1"),
+            "{problem}"
+        );
+        assert!(config.upstream.unwrap().device.is_none());
+
+        std::fs::write(&overlay, "[upstream]\ntrusted_keys = []\n").unwrap();
+        let (config, outcome) = Config::load_with_overlay(Some(&base), &overlay).unwrap();
+        let problem = outcome.unwrap_err();
+        assert!(problem.contains("trusted_keys is empty"), "{problem}");
+        assert_eq!(config.upstream.unwrap().trusted_keys, vec![KEY.to_string()]);
+
+        std::fs::write(&overlay, "drain_timeout = \"soon\"\n").unwrap();
+        let (config, outcome) = Config::load_with_overlay(Some(&base), &overlay).unwrap();
+        let problem = outcome.unwrap_err();
+        assert!(problem.contains("overlay.toml is not valid"), "{problem}");
+        assert_eq!(config.drain_timeout.0, Duration::from_secs(3));
     }
 }

@@ -144,6 +144,7 @@ pub struct ControlService {
     limits_note: String,
     pool_user: String,
     sync: Arc<crate::sync::Sync>,
+    import: crate::import::ImportReport,
     started: Instant,
 }
 
@@ -172,8 +173,15 @@ impl ControlService {
             limits_note,
             pool_user,
             sync,
+            import: crate::import::ImportReport::default(),
             started: Instant::now(),
         }
+    }
+
+    /// What the start-up import did, for `status`.
+    pub fn with_import(mut self, report: crate::import::ImportReport) -> ControlService {
+        self.import = report;
+        self
     }
 
     pub fn into_server(self) -> ControlServer<ControlService> {
@@ -480,6 +488,14 @@ impl Control for ControlService {
                     cache_hits: self.runtime.cache_hits.load(Ordering::Relaxed),
                     limits: self.limits_note.clone(),
                     pool_user: self.pool_user.clone(),
+                    import_dir: self
+                        .import
+                        .dir
+                        .as_ref()
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_default(),
+                    import_lines: self.import.lines.clone(),
+                    import_problems: self.import.problems.clone(),
                     log_lines_dropped: self.logs.dropped()
                         + self.reconciler.pool_log_lines_dropped().await,
                 })),

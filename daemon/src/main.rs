@@ -5,6 +5,7 @@
 //! Layout (each layer uses only those below it):
 //! - `supervisor`: wiring, systemd readiness and watchdog, signals, shutdown.
 //! - `control`: the gRPC control server and its authorisation.
+//! - `import`: the import folder (an image's boot partition): config overlay and preloaded apps.
 //! - `reconcile`: the only code that changes what runs (deploy, rollback, remove, start-up).
 //! - `spawn` (starting pool processes), `logs` (output pipeline).
 //! - `pool`: the pool process (`cairnd pool`), with `http` (listener, hyper) and `runtime`.
@@ -14,6 +15,7 @@
 mod config;
 mod control;
 mod http;
+mod import;
 mod limits;
 mod logs;
 mod pool;
@@ -47,6 +49,13 @@ struct Args {
     /// The control socket's path (overrides the config file).
     #[arg(long, value_name = "PATH", env = cairn_ctl::paths::SOCKET_ENV)]
     socket: Option<PathBuf>,
+    /// A folder to import at start (on images: the boot partition's cairn/): its config.toml
+    /// is laid over the config file, and its apps/*.toml manifests (with the components they
+    /// name, relative to the manifest) are deployed when new or changed since the last import.
+    /// Problems are printed on stdout (the console under the packaged unit), shown by
+    /// `cairnctl status` and written to report.txt in the folder; the rest still starts.
+    #[arg(long, value_name = "DIR", env = "CAIRN_IMPORT_DIR")]
+    import_dir: Option<PathBuf>,
     /// Log filter, such as `info` or `cairnd=debug` (RUST_LOG works too).
     #[arg(long, value_name = "FILTER", default_value = "info")]
     log: String,
@@ -90,6 +99,17 @@ fn main() {
             Some(path) => config::Config::load(path)?,
             None => config::Config::default(),
         };
+        let mut overlay = None;
+        if let Some(dir) = args.import_dir.clone().or(config.import_dir.clone()) {
+            let file = dir.join("config.toml");
+            if file.exists() {
+                let (merged, outcome) =
+                    config::Config::load_with_overlay(args.config.as_deref(), &file)?;
+                config = merged;
+                overlay = Some(outcome);
+            }
+            config.import_dir = Some(dir);
+        }
         if let Some(dir) = args.state_dir {
             config.state_dir = dir;
         }
@@ -100,7 +120,7 @@ fn main() {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
-        runtime.block_on(supervisor::run(config, socket))
+        runtime.block_on(supervisor::run(config, socket, overlay))
     })();
     if let Err(error) = result {
         eprintln!("cairnd: {error:#}");

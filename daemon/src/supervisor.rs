@@ -21,7 +21,13 @@ use tokio_util::sync::CancellationToken;
 /// How often failed apps are retried when no watchdog asks for more.
 const LOOP_PERIOD: Duration = Duration::from_secs(10);
 
-pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
+/// `overlay`: how laying the import folder's config.toml over the config file went (`None`:
+/// there was none).
+pub async fn run(
+    config: Config,
+    socket: PathBuf,
+    overlay: Option<Result<(), String>>,
+) -> anyhow::Result<()> {
     control::check_socket_free(&socket)?;
     let pool_user = config.pool_user()?;
     tracing::info!("pools run as {}", pool_user.description);
@@ -69,6 +75,21 @@ pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
     );
 
     reconciler.start_all().await?;
+    // Before sync starts and before READY: preloaded apps serve with no network, and READY
+    // means they do.
+    let import = match &config.import_dir {
+        Some(dir) => {
+            crate::import::run(
+                dir,
+                overlay,
+                &store,
+                &reconciler,
+                config.max_component_size.0,
+            )
+            .await
+        }
+        None => crate::import::ImportReport::default(),
+    };
     let sync = crate::sync::Sync::start(
         config.upstream.clone(),
         Arc::clone(&store),
@@ -87,7 +108,8 @@ pub async fn run(config: Config, socket: PathBuf) -> anyhow::Result<()> {
         cgroups.describe(),
         pool_user.description.clone(),
         Arc::clone(&sync),
-    );
+    )
+    .with_import(import);
     let stop_control = CancellationToken::new();
     let control_server = tokio::spawn(
         tonic::transport::Server::builder()

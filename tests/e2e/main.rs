@@ -4,6 +4,7 @@
 mod access;
 mod bad_input;
 mod fleet;
+mod import;
 mod lifecycle;
 mod limits;
 mod pools;

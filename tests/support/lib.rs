@@ -312,7 +312,13 @@ impl Daemon {
             .env("NOTIFY_SOCKET", self.dir.join("notify.sock"))
             .env_remove("CAIRN_CONFIG")
             .env_remove("CAIRN_SOCKET")
-            .stdout(Stdio::null())
+            .stdout(
+                std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join("cairnd.stdout"))
+                    .unwrap(),
+            )
             .stderr(
                 std::fs::File::options()
                     .create(true)
@@ -386,6 +392,11 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("cairnd.log")).unwrap_or_default()
+    }
+
+    /// What cairnd printed on stdout: the packaged unit sends it to the console.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.join("cairnd.stdout")).unwrap_or_default()
     }
 
     pub fn pid(&self) -> i32 {

@@ -78,6 +78,14 @@ const MIGRATIONS: &[&str] = &[
     // 3: the app specs each applied key carries, so that when the key that wins an app
     // (device over groups) lets go of it, the next one's spec can take over, offline too.
     "ALTER TABLE sync_applied ADD COLUMN specs TEXT NOT NULL DEFAULT '[]';",
+    // 4: manifests imported from the import folder (the image's boot partition), by file, with
+    // a hash of what was imported, so a boot re-imports only a file that changed.
+    "CREATE TABLE imports (
+        file TEXT PRIMARY KEY,
+        source TEXT NOT NULL,
+        app TEXT NOT NULL,
+        imported_unix INTEGER NOT NULL
+     );",
 ];
 
 pub fn run(connection: &mut Connection) -> Result<(), String> {

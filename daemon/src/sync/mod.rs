@@ -75,19 +75,9 @@ impl Sync {
     ) -> anyhow::Result<Arc<Sync>> {
         let device = config.as_ref().map(device_id).unwrap_or_default();
         let trusted = match &config {
-            Some(config) => config
-                .trusted_keys
-                .iter()
-                .map(|key| {
-                    fleet::parse_public_key(key)
-                        .map_err(|e| anyhow::anyhow!("upstream.trusted_keys: {e}"))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?,
+            Some(config) => config.trusted().map_err(anyhow::Error::msg)?,
             None => Vec::new(),
         };
-        if config.is_some() && trusted.is_empty() {
-            anyhow::bail!("upstream.trusted_keys is empty: the device would refuse every document; add the fleet's public key (cairnctl fleet keygen prints it)");
-        }
         let (attempts, _) = watch::channel(0);
         let sync = Arc::new(Sync {
             link: Mutex::new(LinkState {
