@@ -7,6 +7,8 @@ components_target := justfile_directory() / "target/components"
 hello := components_target / "wasm32-wasip2/release/hello.wasm"
 # The wasmtime cairn links (Cargo.toml pins it); `just bench` compares with its `wasmtime serve`.
 wasmtime_version := "48.0.8"
+version := `sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1`
+arm64_target := "aarch64-unknown-linux-gnu"
 
 # List the recipes.
 default:
@@ -56,12 +58,87 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# The whole test suite: lints, unit tests and the end-to-end tests over the real binaries.
+# The whole test suite, as CI runs it (about 50 min on 2 cores from a clean clone): lints;
+# unit and end-to-end tests on release builds; the amd64 .deb (lintian) and image booted under
+# QEMU (import, serving, growth, persistence, the package's upgrade/remove/purge); the arm64
+# cross build with a smoke test under qemu-user.
 test: lint components
+    rm -f target/test-skips.log
+    cargo build --release --workspace --bins
+    CAIRN_PROFILE=release cargo test --release --workspace
+    just boot-test amd64
+    just smoke-arm64
+    if [ -s target/test-skips.log ]; then echo "Tests that could not run here:"; cat target/test-skips.log; fi
+
+# The quick loop while developing: lints, unit and end-to-end tests on debug builds.
+check: lint components
     rm -f target/test-skips.log
     cargo build --workspace --bins
     cargo test --workspace
     if [ -s target/test-skips.log ]; then echo "Tests that could not run here:"; cat target/test-skips.log; fi
+
+# Everything, including what does not fit CI's budget: the whole suite, the full end-to-end
+# suite on arm64 binaries under qemu-user, and the arm64 image booted under QEMU.
+test-all: test test-arm64 (boot-test "arm64")
+
+# Release builds of cairnd and cairnctl for this machine (what packages ship, what tests run).
+release:
+    cargo build --release --workspace --bins
+
+# Release builds for arm64, cross-compiled with Debian's gcc-aarch64-linux-gnu.
+release-arm64:
+    cargo build --release --workspace --bins --target {{arm64_target}}
+
+# Debian packages: target/debian/cairn_VERSION_ARCH.deb for each ARCH (amd64, arm64), checked
+# by lintian. Man pages and completions come from the clap definitions of this machine's build.
+deb *arches="amd64 arm64": release
+    #!/usr/bin/env bash
+    set -euo pipefail
+    for arch in {{arches}}; do
+        case "$arch" in
+            amd64) bindir=target/release ;;
+            arm64) just release-arm64; bindir=target/{{arm64_target}}/release ;;
+            *) echo "deb: unknown architecture $arch (amd64 or arm64)" >&2; exit 2 ;;
+        esac
+        deb=$(packaging/build-deb "$arch" "$bindir" target/release)
+        lintian --fail-on error,warning "$deb" 2> >(grep -v 'root privileges' >&2)
+        echo "$deb"
+    done
+
+# A flashable raw disk image, images/out/cairn-VERSION-ARCH.img(.xz), ARCH amd64 or arm64.
+image arch="amd64": (deb arch)
+    images/build-image {{arch}} target/debian/cairn_{{version}}_{{arch}}.deb images/out
+
+# Boots the image under QEMU (TCG) and checks it as an operator would (images/boot-test); on
+# amd64 also upgrades, removes, reinstalls and purges the package inside it.
+boot-test arch="amd64": (image arch) components
+    #!/usr/bin/env bash
+    set -euo pipefail
+    upgrade=""
+    if [ "{{arch}}" = amd64 ]; then
+        upgrade=$(CAIRN_DEB_VERSION={{version}}+test1 packaging/build-deb amd64 target/release target/release)
+    fi
+    images/boot-test {{arch}} images/out/cairn-{{version}}-{{arch}}.img {{hello}} $upgrade
+
+# Lets this machine run arm64 binaries (binfmt_misc + qemu-user-static), for the arm64 tests.
+binfmt-arm64:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
+        mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+    fi
+    if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+        /lib/systemd/systemd-binfmt /usr/lib/binfmt.d/qemu-aarch64.conf
+    fi
+
+# The arm64 build's smoke test under qemu-user: start, deploy, one request, kill -9, serve again.
+smoke-arm64: binfmt-arm64 components release-arm64
+    CAIRN_PROFILE=release CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e -- --exact lifecycle::a_kill_9_loses_nothing_acknowledged
+
+# The whole end-to-end suite against arm64 cairnd/cairnctl under qemu-user (Cranelift's aarch64
+# backend compiles the components).
+test-arm64: binfmt-arm64 components release-arm64
+    CAIRN_PROFILE=release CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e
 
 # Benchmarks in release mode, printed as tables and written to BENCHMARKS.md: fleet sync
 # (outbox flush, time to converge) and serving (cairn vs `wasmtime serve` vs native hyper).

@@ -10,7 +10,7 @@ use cairn_ctl::proto::{
     self, control_client::ControlClient, push_chunk::Part, status_reply::Detail,
 };
 use cairn_ctl::time::utc;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 use std::io::{IsTerminal, Write};
@@ -23,7 +23,7 @@ const CHUNK: usize = 256 << 10;
 ///
 /// Works with no network: it talks to cairnd over a unix socket on the same device.
 #[derive(Parser)]
-#[command(name = "cairnctl", version, about, long_about)]
+#[command(name = "cairnctl", version)]
 struct Cli {
     /// The daemon's control socket [default: /run/cairn/cairnd.sock as root, else
     /// $XDG_RUNTIME_DIR/cairn/cairnd.sock]
@@ -98,6 +98,16 @@ enum Command {
         #[command(subcommand)]
         command: fleet_cli::FleetCommand,
     },
+    /// Print a completion script for a shell, e.g. `cairnctl completions bash >
+    /// /etc/bash_completion.d/cairnctl` (the package installs them already).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (cairnctl.1 and one per subcommand) into DIR, as the package
+    /// installs them.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -195,6 +205,17 @@ fn main() {
 async fn run(cli: Cli) -> Result<(), Failure> {
     let json_output = cli.output == Output::Json;
     let command = match cli.command {
+        Command::Completions { shell } => {
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "cairnctl", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Man { dir } => {
+            return clap_mangen::generate_to(Cli::command(), &dir).map_err(|e| Failure {
+                code: exit::FAILURE,
+                message: format!("cannot write the man pages into {}: {e}", dir.display()),
+            });
+        }
         Command::Fleet { command } => {
             return fleet_cli::run(command, json_output)
                 .await
@@ -395,7 +416,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .into_inner();
             print_sync(&status, json_output);
         }
-        Command::Fleet { .. } => unreachable!("handled above"),
+        Command::Fleet { .. } | Command::Completions { .. } | Command::Man { .. } => {
+            unreachable!("handled above")
+        }
         Command::Rm { app } => {
             client
                 .remove(proto::RemoveRequest { app: app.clone() })

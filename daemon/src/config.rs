@@ -362,4 +362,37 @@ mod tests {
         assert!(problem.contains("overlay.toml is not valid"), "{problem}");
         assert_eq!(config.drain_timeout.0, Duration::from_secs(3));
     }
+
+    /// The packaged /etc/cairn/cairnd.toml documents every key with its default: it must
+    /// parse as shipped (all commented out) and with every key switched on.
+    #[test]
+    fn the_packaged_config_file_names_real_keys() {
+        let shipped = include_str!("../../packaging/cairnd.toml");
+        let config: Config = toml::from_str(shipped).unwrap();
+        assert!(config.upstream.is_none());
+        let enabled: String = shipped
+            .lines()
+            .map(|line| {
+                let rest = line.strip_prefix('#').unwrap_or(line);
+                let is_setting = rest.starts_with('[')
+                    || rest.split_once(" = ").is_some_and(|(key, _)| {
+                        key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    });
+                if is_setting {
+                    rest.replace("<64 hex digits>", KEY)
+                } else {
+                    line.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = Config::from_table(toml::from_str(&enabled).unwrap()).unwrap();
+        assert_eq!(config.drain_timeout.0, Duration::from_secs(10));
+        let upstream = config.upstream.unwrap();
+        assert_eq!(
+            upstream.outbox_max_age.0,
+            Duration::from_secs(7 * 24 * 3600)
+        );
+        assert_eq!(config.import_dir, Some(PathBuf::from("/boot/efi/cairn")));
+    }
 }

@@ -38,9 +38,9 @@ use std::path::PathBuf;
 /// $XDG_RUNTIME_DIR/cairn/cairnd.sock). It runs in the foreground; under systemd it reports
 /// readiness and feeds the watchdog. SIGTERM drains requests in flight, then exits.
 #[derive(Parser)]
-#[command(name = "cairnd", version, about, long_about)]
+#[command(name = "cairnd", version)]
 struct Args {
-    /// A TOML config file (see packaging/cairnd.toml for every key and its default).
+    /// A TOML config file; the packaged /etc/cairn/cairnd.toml lists every key and its default.
     #[arg(long, value_name = "FILE", env = "CAIRN_CONFIG")]
     config: Option<PathBuf>,
     /// Where the state database lives (overrides the config file).
@@ -65,6 +65,9 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Mode {
+    /// Write the cairnd(8) man page into DIR, as the package installs it.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
     /// Internal: the process cairnd starts for each app. Not for people to run.
     #[command(hide = true)]
     Pool {
@@ -90,8 +93,22 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    if let Some(Mode::Pool { app: _, uid, gid }) = args.mode {
-        std::process::exit(pool::run(uid.zip(gid)));
+    match args.mode {
+        Some(Mode::Pool { app: _, uid, gid }) => std::process::exit(pool::run(uid.zip(gid))),
+        Some(Mode::Man { dir }) => {
+            let page = clap_mangen::Man::new(<Args as clap::CommandFactory>::command())
+                .section("8")
+                .generate_to(&dir);
+            if let Err(error) = page {
+                eprintln!(
+                    "cairnd: cannot write the man page into {}: {error}",
+                    dir.display()
+                );
+                std::process::exit(1);
+            }
+            return;
+        }
+        None => {}
     }
 
     let result = (|| -> anyhow::Result<()> {

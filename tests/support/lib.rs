@@ -37,6 +37,12 @@ pub fn release() -> bool {
     std::env::var("CAIRN_PROFILE").is_ok_and(|p| p == "release")
 }
 
+/// The target the binaries under test are built for (`CAIRN_TARGET`, such as
+/// aarch64-unknown-linux-gnu, run through qemu-user by binfmt_misc); `None`: this machine's.
+pub fn cross_target() -> Option<String> {
+    std::env::var("CAIRN_TARGET").ok().filter(|t| !t.is_empty())
+}
+
 /// Runs the real `cairnctl` with no daemon involved (`fleet …`).
 pub fn cairnctl(args: &[&str]) -> Ctl {
     let output = Command::new(&binaries().1).args(args).output().unwrap();
@@ -57,10 +63,15 @@ pub fn binaries() -> &'static (PathBuf, PathBuf) {
             // differently and would rebuild (and relink) both binaries on every run.
             .args(["build", "--quiet", "--workspace", "--bins"])
             .args(release().then_some("--release"))
+            .args(cross_target().map(|target| format!("--target={target}")))
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building cairnd and cairnctl failed");
-        let dir = target_dir().join(if release() { "release" } else { "debug" });
+        let mut dir = target_dir();
+        if let Some(target) = cross_target() {
+            dir = dir.join(target);
+        }
+        let dir = dir.join(if release() { "release" } else { "debug" });
         (dir.join("cairnd"), dir.join("cairnctl"))
     })
 }

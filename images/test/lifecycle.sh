@@ -1,0 +1,48 @@
+#!/bin/sh
+# Runs inside the booted amd64 image (started by systemd.run= on the kernel command line that
+# images/boot-test sets): upgrade, remove, reinstall and purge the cairn package for real, and
+# write what it saw to the boot partition as `RESULT key=value` lines for the host to check.
+# The machine powers off when this ends (systemd.run_success_action=poweroff).
+dir=/boot/efi/test
+exec >"$dir/result.txt" 2>&1
+
+ready() {
+    for _ in $(seq 180); do
+        if systemctl is-active --quiet cairnd && cairnctl status >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 1
+    done
+    echo "cairnd did not become active"; systemctl status --no-pager cairnd; return 1
+}
+apps() { cairnctl ls | awk 'NR > 1 { printf "%s:%s:%s ", $1, $2, $3 }'; }
+version() {  # the installed version, or none (also when only conffiles are left)
+    case "$(dpkg-query -W -f='${db:Status-Abbrev}' cairn 2>/dev/null)" in
+        ii*) dpkg-query -W -f='${Version}' cairn ;;
+        *) echo none ;;
+    esac
+}
+
+# systemd.run= makes this command the boot's goal instead of multi-user.target: reach it.
+systemctl start multi-user.target
+ready
+echo "RESULT installed=$(version) apps=$(apps)"
+echo "RESULT cgroup=$(stat -fc %T /sys/fs/cgroup) limits=$(cairnctl status | sed -n 's/^limits *//p' | tr ' ' '_')"
+pool=$(pgrep -f 'cairnd pool' | head -1)
+echo "RESULT pool_user=$(ps -o user= -p "$pool") pool_cgroup=$(cut -d: -f3 /proc/"$pool"/cgroup)"
+systemd-analyze security --no-pager cairnd.service >"$dir/security.txt" 2>&1
+
+dpkg -i "$dir/cairn-upgrade.deb"
+ready
+echo "RESULT upgraded=$(version) apps=$(apps)"
+
+dpkg -r cairn
+echo "RESULT removed=$(version) state=$(test -f /var/lib/cairn/cairn.db && echo kept || echo gone) active=$(systemctl is-active cairnd)"
+
+dpkg -i "$dir/cairn-upgrade.deb"
+ready
+echo "RESULT reinstalled=$(version) apps=$(apps)"
+
+dpkg -P cairn
+echo "RESULT purged=$(version) state=$(test -e /var/lib/cairn && echo kept || echo gone) config=$(test -e /etc/cairn/cairnd.toml && echo kept || echo gone)"
+echo "RESULT done"
