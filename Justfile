@@ -120,7 +120,8 @@ boot-test arch="amd64": (image arch) components
     fi
     images/boot-test {{arch}} images/out/cairn-{{version}}-{{arch}}.img {{hello}} $upgrade
 
-# Lets this machine run arm64 binaries (binfmt_misc + qemu-user-static), for the arm64 tests.
+# Lets this machine run arm64 binaries (binfmt_misc + qemu-user-static), for the arm64 tests;
+# QEMU_LD_PREFIX then points qemu at Debian's arm64 cross libc (libc6-arm64-cross).
 binfmt-arm64:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -133,12 +134,12 @@ binfmt-arm64:
 
 # The arm64 build's smoke test under qemu-user: start, deploy, one request, kill -9, serve again.
 smoke-arm64: binfmt-arm64 components release-arm64
-    CAIRN_PROFILE=release CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e -- --exact lifecycle::a_kill_9_loses_nothing_acknowledged
+    QEMU_LD_PREFIX=/usr/aarch64-linux-gnu CAIRN_PROFILE=release CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e -- --exact lifecycle::apps_come_back_after_sigterm_and_kill_9_without_recompiling
 
 # The whole end-to-end suite against arm64 cairnd/cairnctl under qemu-user (Cranelift's aarch64
 # backend compiles the components).
 test-arm64: binfmt-arm64 components release-arm64
-    CAIRN_PROFILE=release CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e
+    QEMU_LD_PREFIX=/usr/aarch64-linux-gnu CAIRN_PROFILE=release CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e
 
 # Benchmarks in release mode, printed as tables and written to BENCHMARKS.md: fleet sync
 # (outbox flush, time to converge) and serving (cairn vs `wasmtime serve` vs native hyper).
