@@ -270,9 +270,8 @@ impl Sync {
                 None
             }
         };
-        if let Some(bucket) = &bucket {
-            self.apply_latest(&context, bucket, &targets).await?;
-        }
+        // Watch first, then read the current values: a document published in between is then
+        // seen by the watch (seeing one twice is harmless: the same version is not news).
         let mut watch = match &bucket {
             Some(bucket) => Some(
                 bucket
@@ -282,6 +281,9 @@ impl Sync {
             ),
             None => None,
         };
+        if let Some(bucket) = &bucket {
+            self.apply_latest(&context, bucket, &targets).await?;
+        }
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
@@ -302,8 +304,8 @@ impl Sync {
                     if bucket.is_none() {
                         // Nothing published yet: stay connected, keep reporting, look again.
                         if let Ok(found) = context.get_key_value(fleet::DESIRED_BUCKET).await {
-                            self.apply_latest(&context, &found, &targets).await?;
                             watch = Some(found.watch_many(targets.iter().map(String::as_str)).await.map_err(upstream_error)?);
+                            self.apply_latest(&context, &found, &targets).await?;
                             bucket = Some(found);
                         }
                     }
