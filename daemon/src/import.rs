@@ -138,11 +138,6 @@ async fn import_manifest(
         }
         let bytes = std::fs::read(&component_path)
             .map_err(|e| format!("{file}: cannot read the component {component}: {e}"))?;
-        let (checked, bytes) =
-            tokio::task::spawn_blocking(move || (runtime::check_component(&bytes), bytes))
-                .await
-                .map_err(|e| format!("{file}: validating {component} failed: {e}"))?;
-        checked.map_err(|e| format!("{file}: the component {component}: {e}"))?;
         (Digest::of(&bytes), Some(bytes))
     };
     table.insert("component".into(), digest.to_string().into());
@@ -179,6 +174,18 @@ async fn import_manifest(
         });
     }
 
+    // Validated only when it is to be imported: an unchanged file costs a hash per start.
+    let bytes = match bytes {
+        Some(bytes) => {
+            let (checked, bytes) =
+                tokio::task::spawn_blocking(move || (runtime::check_component(&bytes), bytes))
+                    .await
+                    .map_err(|e| format!("{file}: validating {component} failed: {e}"))?;
+            checked.map_err(|e| format!("{file}: the component {component}: {e}"))?;
+            Some(bytes)
+        }
+        None => None,
+    };
     let stored_digest = digest.clone();
     store
         .call(move |store| match bytes {

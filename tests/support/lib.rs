@@ -323,20 +323,8 @@ impl Daemon {
             .env("NOTIFY_SOCKET", self.dir.join("notify.sock"))
             .env_remove("CAIRN_CONFIG")
             .env_remove("CAIRN_SOCKET")
-            .stdout(
-                std::fs::File::options()
-                    .create(true)
-                    .append(true)
-                    .open(self.dir.join("cairnd.stdout"))
-                    .unwrap(),
-            )
-            .stderr(
-                std::fs::File::options()
-                    .create(true)
-                    .append(true)
-                    .open(self.dir.join("cairnd.log"))
-                    .unwrap(),
-            );
+            .stdout(self.append_to("cairnd.stdout"))
+            .stderr(self.append_to("cairnd.log"));
         if let Some(config) = &self.config {
             command.arg("--config").arg(config);
         }
@@ -403,6 +391,15 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("cairnd.log")).unwrap_or_default()
+    }
+
+    /// A file in the daemon's dir, opened for appending (its output survives restarts).
+    fn append_to(&self, name: &str) -> std::fs::File {
+        std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(name))
+            .unwrap()
     }
 
     /// What cairnd printed on stdout: the packaged unit sends it to the console.
