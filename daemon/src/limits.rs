@@ -98,15 +98,24 @@ pub enum Cgroups {
     NotEnforced { why: String },
 }
 
-fn controllers() -> Option<Vec<String>> {
-    Some(CONTROLLERS.iter().map(|c| c.to_string()).collect())
+/// The controllers cairn uses. cgroup v2 has no `cpuacct` (its `cpu` controller accounts CPU
+/// time), and asking cgroups-rs for one it does not know fails the whole cgroup.
+fn controllers(v2: bool) -> Option<Vec<String>> {
+    Some(
+        CONTROLLERS
+            .iter()
+            .filter(|c| !(v2 && **c == "cpuacct"))
+            .map(|c| c.to_string())
+            .collect(),
+    )
 }
 
 /// Creates the cgroup `path`, making sure it really exists: cgroups-rs logs a failed mkdir
 /// instead of returning it, so the cause is fetched here.
 fn create(hierarchy: Box<dyn cgroups_rs::Hierarchy>, path: &str) -> Result<Cgroup, String> {
     let root = hierarchy.root();
-    let cgroup = Cgroup::new_with_specified_controllers(hierarchy, path, controllers())
+    let v2 = hierarchy.v2();
+    let cgroup = Cgroup::new_with_specified_controllers(hierarchy, path, controllers(v2))
         .map_err(|e| e.to_string())?;
     if cgroup.exists() {
         return Ok(cgroup);
@@ -329,6 +338,15 @@ mod tests {
 
     const V1: &str = "12:pids:/system.slice/cairnd.service\n4:memory:/system.slice/cairnd.service\n1:name=systemd:/system.slice/cairnd.service\n0::/system.slice/cairnd.service\n";
     const V2: &str = "0::/system.slice/cairnd.service\n";
+
+    #[test]
+    fn cgroup_v2_is_not_asked_for_cpuacct() {
+        assert_eq!(
+            controllers(true).unwrap(),
+            vec!["memory".to_string(), "cpu".into(), "pids".into()]
+        );
+        assert!(controllers(false).unwrap().contains(&"cpuacct".to_string()));
+    }
 
     #[test]
     fn under_systemd_pools_go_below_the_delegated_service_cgroup() {
