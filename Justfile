@@ -58,7 +58,7 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# The whole test suite, as CI runs it (about 50 min on 2 cores from a clean clone): lints;
+# The whole test suite, as CI runs it (about 65 min on 2 cores from a clean clone): lints;
 # unit and end-to-end tests on release builds; the amd64 .deb (lintian) and image booted under
 # QEMU (import, serving, growth, persistence, the package's upgrade/remove/purge); the arm64
 # cross build with a smoke test under qemu-user.
