@@ -106,14 +106,24 @@ impl HttpServer {
         }
     }
 
-    /// Stops accepting, asks open connections to close after their current request, and waits
-    /// up to `grace` for them.
-    pub async fn shutdown(self, grace: Duration) {
+    /// Stops accepting: once this returns, the accept loop has ended and this process's copy
+    /// of the listener is closed, so every new connection goes to whoever else accepts on it
+    /// (the next generation's pool, or the supervisor). Open connections are asked to close
+    /// after their current request.
+    pub async fn stop_accepting(&mut self) {
+        if self.stop.is_cancelled() {
+            return;
+        }
         self.stop.cancel();
         // The accept loop may have just accepted a connection it has not handed to the tracker
         // yet; only once it has returned is an empty tracker really empty.
-        let _ = self.accepting.await;
+        let _ = (&mut self.accepting).await;
         self.connections.close();
+    }
+
+    /// Stops accepting and waits up to `grace` for the requests in flight.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.stop_accepting().await;
         let _ = tokio::time::timeout(grace, self.connections.wait()).await;
     }
 }

@@ -692,8 +692,11 @@ impl Reconciler {
             ..
         }) = previous
         {
+            // The deploy returns once the old pool has stopped accepting: from then on every
+            // new connection reaches the new generation. Its requests in flight finish behind.
             let drain = self.drain;
-            tokio::spawn(async move { old.stop(drain).await });
+            let asked = old.drain(drain).await;
+            tokio::spawn(async move { old.finish(drain, asked).await });
         }
         let app_view = view(&name, &running);
         apps.insert(name, running);

@@ -21,6 +21,9 @@ use tokio::sync::{mpsc, watch, Mutex};
 
 /// How long a pool may take to load its component before it is considered stuck.
 const LOAD_DEADLINE: Duration = Duration::from_secs(120);
+/// How long a pool asked to drain may take to say it stopped accepting (it only has to end its
+/// accept loop; a pool that does not answer is killed later if it does not exit either).
+const DRAIN_ACK_DEADLINE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -100,6 +103,8 @@ pub struct Pool {
     exited: watch::Receiver<Option<ExitReason>>,
     /// Answers to `Probe`, routed here by the task that reads the pool's messages.
     probes: Mutex<mpsc::Receiver<(Option<u16>, String)>>,
+    /// Set when the pool says it has stopped accepting (`FromPool::Draining`).
+    draining: watch::Receiver<bool>,
 }
 
 impl Pool {
@@ -128,9 +133,10 @@ impl Pool {
         protocol::send(&mut *self.control.lock().await, &ToPool::Serve).await
     }
 
-    /// Asks the pool to stop accepting and finish what is in flight within `grace`; kills it if
-    /// it has not exited a little after that. Returns how it ended.
-    pub async fn stop(&self, grace: Duration) -> Option<ExitReason> {
+    /// Asks the pool to stop accepting and finish what is in flight within `grace`, and waits
+    /// (briefly) until it says it no longer accepts, or has ended. Returns whether the pool got
+    /// the request. After this, a new connection is not accepted by this pool.
+    pub async fn drain(&self, grace: Duration) -> bool {
         let asked = {
             let mut control = self.control.lock().await;
             protocol::send(
@@ -140,8 +146,26 @@ impl Pool {
                 },
             )
             .await
+            .is_ok()
         };
-        let deadline = if asked.is_ok() {
+        if asked {
+            let mut draining = self.draining.clone();
+            let mut exited = self.exited.clone();
+            let _ = tokio::time::timeout(DRAIN_ACK_DEADLINE, async {
+                tokio::select! {
+                    _ = draining.wait_for(|draining| *draining) => {}
+                    _ = exited.wait_for(Option::is_some) => {}
+                }
+            })
+            .await;
+        }
+        asked
+    }
+
+    /// Waits for a pool that was asked to `drain` (`asked`) to end, a little longer than
+    /// `grace`; kills it if it has not. Returns how it ended.
+    pub async fn finish(&self, grace: Duration, asked: bool) -> Option<ExitReason> {
+        let deadline = if asked {
             grace + Duration::from_secs(2)
         } else {
             Duration::ZERO
@@ -154,6 +178,12 @@ impl Pool {
             self.wait_exit(Duration::from_secs(5)).await;
         }
         self.exited.borrow().clone()
+    }
+
+    /// `drain`, then `finish`.
+    pub async fn stop(&self, grace: Duration) -> Option<ExitReason> {
+        let asked = self.drain(grace).await;
+        self.finish(grace, asked).await
     }
 
     /// Whether the pool exited within `deadline`.
@@ -285,11 +315,11 @@ pub async fn launch(launch: Launch<'_>) -> Result<Pool, SpawnError> {
         Ok(Ok(Some(FromPool::Loaded { allocator }))) => allocator,
         Ok(Ok(Some(FromPool::Failed { error }))) => return Err(SpawnError::Load(error)),
         Ok(Ok(Some(FromPool::Logs { .. }))) => unreachable!("log frames are forwarded above"),
-        Ok(Ok(Some(FromPool::Probed { .. }))) => {
+        Ok(Ok(Some(unasked @ (FromPool::Probed { .. } | FromPool::Draining)))) => {
             kill();
-            return Err(SpawnError::Load(
-                "the pool answered a health check nobody asked for".into(),
-            ));
+            return Err(SpawnError::Load(format!(
+                "the pool sent {unasked:?} before it had loaded"
+            )));
         }
         Ok(Ok(None)) | Ok(Err(_)) => {
             let mut exited = exited.clone();
@@ -310,12 +340,16 @@ pub async fn launch(launch: Launch<'_>) -> Result<Pool, SpawnError> {
     let logs = Arc::clone(&launch.logs);
     let generation = launch.generation;
     let (probe_answers, probes) = mpsc::channel(1);
+    let (draining_sender, draining) = watch::channel(false);
     tokio::spawn(async move {
         loop {
             match protocol::receive::<_, FromPool>(&mut reader).await {
                 Ok(Some(FromPool::Logs { lines })) => forward(&logs, &app, generation, lines),
                 Ok(Some(FromPool::Probed { status, error })) => {
                     let _ = probe_answers.send((status, error)).await;
+                }
+                Ok(Some(FromPool::Draining)) => {
+                    let _ = draining_sender.send(true);
                 }
                 Ok(Some(other)) => tracing::warn!(?other, "unexpected message from a pool"),
                 Ok(None) | Err(_) => return,
@@ -328,6 +362,7 @@ pub async fn launch(launch: Launch<'_>) -> Result<Pool, SpawnError> {
         control: Mutex::new(writer),
         exited,
         probes: Mutex::new(probes),
+        draining,
     })
 }
 

@@ -114,6 +114,12 @@ fn generations_swap_without_failing_a_request() {
             "--env",
             &greeting,
         ]);
+        // `deploy` returns once the old generation no longer accepts.
+        assert_eq!(
+            get(addr, "/").unwrap().body,
+            format!("g{generation} from cairn\n"),
+            "the first request after deploy returned"
+        );
     }
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -258,12 +264,8 @@ fn a_crashlooping_generation_gives_way_to_the_last_good_one() {
         "--env",
         "GREETING=broken",
     ]);
-    // The old pool is told to drain after `deploy` returns, so a connection made in that
-    // instant may still reach generation 1 (see the closing note of session 2).
-    wait_for("generation 2 to answer", Duration::from_secs(5), || {
-        get(addr, "/").is_ok_and(|r| r.body == "broken from cairn\n")
-    })
-    .unwrap();
+    // `deploy` returns once generation 1 no longer accepts: the very next request is 2's.
+    assert_eq!(get(addr, "/").unwrap().body, "broken from cairn\n");
 
     // Generation 2's pool keeps dying.
     let mut killed = Vec::new();

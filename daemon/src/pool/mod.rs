@@ -194,7 +194,7 @@ async fn serve(
     }
     let listener = std::net::TcpListener::from(listener);
     listener.set_nonblocking(true)?;
-    let server = HttpServer::start(
+    let mut server = HttpServer::start(
         tokio::net::TcpListener::from_std(listener)?,
         Arc::clone(&serving),
     );
@@ -204,7 +204,13 @@ async fn serve(
     let (grace, exit_code) = loop {
         tokio::select! {
             message = protocol::receive(&mut reader) => match message {
-                Ok(Some(ToPool::Drain { grace_ms })) => break (Duration::from_millis(grace_ms), 0),
+                Ok(Some(ToPool::Drain { grace_ms })) => {
+                    // Say so once nothing new can arrive here: the supervisor returns a
+                    // deploy only then, so a request after it reaches the new generation.
+                    server.stop_accepting().await;
+                    outgoing.send(FromPool::Draining).await?;
+                    break (Duration::from_millis(grace_ms), 0);
+                }
                 Ok(Some(other)) => tracing::warn!(?other, "ignored while serving"),
                 // The supervisor is gone: stop soon rather than serve unsupervised.
                 Ok(None) | Err(_) => break (Duration::from_secs(1), 0),

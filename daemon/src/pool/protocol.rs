@@ -46,6 +46,9 @@ pub enum FromPool {
     Logs { lines: Vec<LogChunk> },
     /// The answer to `Probe`: the status, or why there was none.
     Probed { status: Option<u16>, error: String },
+    /// The answer to `Drain`: the pool no longer accepts (its copy of the listener is closed)
+    /// and is finishing the requests in flight.
+    Draining,
 }
 
 /// The exit code of a pool that ended because it had no traffic for its idle time.
