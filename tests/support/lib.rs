@@ -28,8 +28,34 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
+/// `cargo`, without the variables cargo set for this test process: build scripts that watch
+/// one of them (ring's watches `CARGO_MANIFEST_DIR`) would otherwise see a change from the
+/// same build run by hand or by the Justfile, and cairnd, cairnctl and their TLS stack would be
+/// rebuilt at every switch between the two.
 fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        let key_text = key.to_string_lossy();
+        let set_for_tests = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|prefix| key_text.starts_with(prefix))
+            || [
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ]
+            .contains(&key_text.as_ref());
+        if set_for_tests {
+            command.env_remove(&key);
+        }
+    }
+    command
 }
 
 /// Whether to use release binaries (`CAIRN_PROFILE=release`, as the benchmarks do).
