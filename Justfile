@@ -78,8 +78,9 @@ check: lint components
     if [ -s target/test-skips.log ]; then echo "Tests that could not run here:"; cat target/test-skips.log; fi
 
 # Everything, including what does not fit CI's budget: the whole suite, the full end-to-end
-# suite on arm64 binaries under qemu-user, and the arm64 image booted under QEMU.
-test-all: test test-arm64 (boot-test "arm64")
+# suite on arm64 binaries under qemu-user, the arm64 image booted under QEMU, and the
+# Raspberry Pi image (about 30 minutes more the first time, for the cached arm64 Debian root).
+test-all: test test-arm64 (boot-test "arm64") test-rpi
 
 # Release builds of cairnd and cairnctl for this machine (what packages ship, what tests run).
 release:
@@ -97,7 +98,7 @@ deb *arches="amd64 arm64": release
     for arch in {{arches}}; do
         case "$arch" in
             amd64) bindir=target/release ;;
-            arm64) just release-arm64; bindir=target/{{arm64_target}}/release ;;
+            arm64|rpi) arch=arm64; just release-arm64; bindir=target/{{arm64_target}}/release ;;
             *) echo "deb: unknown architecture $arch (amd64 or arm64)" >&2; exit 2 ;;
         esac
         deb=$(packaging/build-deb "$arch" "$bindir" target/release)
@@ -105,9 +106,17 @@ deb *arches="amd64 arm64": release
         echo "$deb"
     done
 
-# A flashable raw disk image, images/out/cairn-VERSION-ARCH.img(.xz), ARCH amd64 or arm64.
+# A flashable raw disk image, images/out/cairn-VERSION-IMAGE.img(.xz): amd64 or arm64 (UEFI),
+# or rpi (Raspberry Pi 4: the arm64 root plus Debian's raspi-firmware).
 image arch="amd64": (deb arch)
-    images/build-image {{arch}} target/debian/cairn_{{version}}_{{arch}}.deb images/out
+    images/build-image {{arch}} target/debian/cairn_{{version}}_{{ if arch == "rpi" { "arm64" } else { arch } }}.deb images/out
+
+# The Raspberry Pi image: checked where the Pi's boot ROM and firmware look (QEMU cannot run
+# the Pi firmware) and against the arm64 image's root (images/check-rpi); then booted from its
+# own boot partition under QEMU's Raspberry Pi 3 machine (images/boot-test-rpi).
+test-rpi: (image "arm64") (image "rpi") components
+    images/check-rpi images/out/cairn-{{version}}-rpi.img images/out/cairn-{{version}}-arm64.img
+    images/boot-test-rpi images/out/cairn-{{version}}-rpi.img {{hello}}
 
 # Boots the image under QEMU (TCG) and checks it as an operator would (images/boot-test); on
 # amd64 also upgrades, removes, reinstalls and purges the package inside it.
