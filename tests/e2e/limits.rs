@@ -1,7 +1,7 @@
 //! Pools run in cgroups with the manifest's limits, on the real kernel (v1 here, v2 where the
 //! machine has it). Each test skips, saying why, where cgroups cannot be used.
 
-use cairn_tests::{cgroup_dirs, get, wait_for, Daemon};
+use cairn_tests::{cgroup_dirs, cross_target, get, wait_for, Daemon};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -130,10 +130,16 @@ fn a_pool_over_its_memory_is_oom_killed_and_the_neighbour_keeps_serving() {
     }
     let neighbour = daemon.deploy_hello("neighbour", &[]);
     // Each instance may grow to 512MiB, but the whole pool only to 64MiB: the cgroup, not
-    // wasmtime, stops this one.
+    // wasmtime, stops this one. Under qemu-user (an arm64 run) the pool process also holds the
+    // emulator and its translated code, well over 64MiB before the guest allocates anything:
+    // the same shape, scaled up.
+    let (instance, total, alloc) = match cross_target() {
+        None => ("512MiB", "64MiB", "/alloc?256"),
+        Some(_) => ("1GiB", "384MiB", "/alloc?768"),
+    };
     let hungry = daemon.deploy_hello(
         "hungry-pool",
-        &["--memory", "512MiB", "--memory-total", "64MiB"],
+        &["--memory", instance, "--memory-total", total],
     );
     let watcher = std::thread::spawn(move || {
         let mut statuses = Vec::new();
@@ -143,7 +149,7 @@ fn a_pool_over_its_memory_is_oom_killed_and_the_neighbour_keeps_serving() {
         }
         statuses
     });
-    let killed = get(hungry, "/alloc?256");
+    let killed = get(hungry, alloc);
     assert!(
         !matches!(&killed, Ok(r) if r.status == 200),
         "the allocation should not have succeeded: {killed:?}"

@@ -4,15 +4,23 @@
 use cairn_tests::{component, get, wait_for, Daemon};
 use std::time::Duration;
 
+/// A process's command line. Under qemu-user (an arm64 run) the kernel's binfmt_misc puts
+/// the emulator and the binary's path first (flag P keeps the original argv[0] after them);
+/// those two are dropped so both runs see the command line cairnd gave.
 fn cmdline(pid: u64) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|raw| {
-            String::from_utf8_lossy(&raw)
-                .replace('\0', " ")
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_default()
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let mut args: Vec<String> = String::from_utf8_lossy(&raw)
+        .split('\0')
+        .filter(|arg| !arg.is_empty())
+        .map(str::to_string)
+        .collect();
+    if args
+        .first()
+        .is_some_and(|first| first.ends_with("-binfmt-P"))
+    {
+        args.drain(..2.min(args.len()));
+    }
+    args.join(" ")
 }
 
 fn pool_pid(daemon: &Daemon, app: &str) -> u64 {
