@@ -15,8 +15,8 @@ use crate::digest::Digest;
 use crate::limits::{AppCgroup, Cgroups, LimitsError, PoolLimits, Usage};
 use crate::logs::LogHub;
 use crate::pool::protocol::{Counter, Counters};
-use crate::runtime::{Runtime, RuntimeError};
-use crate::spawn::{self, ExitReason, Pool, PoolExit, SpawnError};
+use crate::runtime::{CodeFacts, Runtime, RuntimeError, POOLING_ALLOCATOR};
+use crate::spawn::{self, ExitReason, Pool, PoolExit, SpawnError, Start};
 use crate::spec::{AppName, AppSpec, SpecError};
 use crate::store::{now_unix, Owner, Store, StoreError};
 use futures_util::StreamExt;
@@ -165,6 +165,17 @@ impl Drop for Waker {
     }
 }
 
+/// One pool start's arguments (kept together for the retry with recompiled code).
+#[derive(Clone, Copy)]
+struct Attempt<'a> {
+    spec: &'a AppSpec,
+    generation: u64,
+    listener: &'a std::net::TcpListener,
+    counters: &'a Counters,
+    cgroup: Option<&'a AppCgroup>,
+    start: Start,
+}
+
 pub struct Reconciler {
     store: Arc<Store>,
     runtime: Arc<Runtime>,
@@ -286,11 +297,9 @@ impl Reconciler {
                     &listener,
                     &running.counters,
                     running.cgroup.as_ref(),
+                    Start::Resume { proven: false },
                 )
                 .await?;
-            pool.serve().await.map_err(|e| {
-                ReconcileError::Pool(format!("the pool stopped listening to the supervisor: {e}"))
-            })?;
             Ok::<Pool, ReconcileError>(pool)
         }
         .await;
@@ -351,17 +360,22 @@ impl Reconciler {
         listener: &std::net::TcpListener,
         counters: &Counters,
         cgroup: Option<&AppCgroup>,
+        start: Start,
     ) -> Result<Pool, ReconcileError> {
-        let (code, cached) = self.code(spec, false).await?;
-        match self
-            .launch_with(spec, generation, &code, listener, counters, cgroup)
-            .await
-        {
+        let (code, facts, cached) = self.code(spec, false).await?;
+        let attempt = Attempt {
+            spec,
+            generation,
+            listener,
+            counters,
+            cgroup,
+            start,
+        };
+        match self.launch_with(&attempt, &code, facts).await {
             Err(ReconcileError::Load { message, .. }) if cached => {
                 tracing::warn!(app = %spec.name, %message, "precompiled code was not usable; recompiling");
-                let (code, _) = self.code(spec, true).await?;
-                self.launch_with(spec, generation, &code, listener, counters, cgroup)
-                    .await
+                let (code, facts, _) = self.code(spec, true).await?;
+                self.launch_with(&attempt, &code, facts).await
             }
             other => other,
         }
@@ -369,17 +383,24 @@ impl Reconciler {
 
     async fn launch_with(
         &self,
-        spec: &AppSpec,
-        generation: u64,
+        attempt: &Attempt<'_>,
         code: &[u8],
-        listener: &std::net::TcpListener,
-        counters: &Counters,
-        cgroup: Option<&AppCgroup>,
+        facts: CodeFacts,
     ) -> Result<Pool, ReconcileError> {
+        let Attempt {
+            spec,
+            generation,
+            listener,
+            counters,
+            cgroup,
+            start,
+        } = *attempt;
         spawn::launch(spawn::Launch {
             spec,
             generation,
             code,
+            facts,
+            start,
             listener,
             counters,
             cgroup,
@@ -397,13 +418,13 @@ impl Reconciler {
         })
     }
 
-    /// The app's native code and whether it came from the cache. Compiling is CPU work, so it
-    /// runs on the blocking pool.
+    /// The app's native code, what the runtime knows about it, and whether it came from the
+    /// cache. Compiling is CPU work, so it runs on the blocking pool.
     async fn code(
         &self,
         spec: &AppSpec,
         force_compile: bool,
-    ) -> Result<(Vec<u8>, bool), ReconcileError> {
+    ) -> Result<(Vec<u8>, CodeFacts, bool), ReconcileError> {
         let store = Arc::clone(&self.store);
         let runtime = Arc::clone(&self.runtime);
         let spec = spec.clone();
@@ -415,9 +436,21 @@ impl Reconciler {
             };
             let fingerprint = runtime.fingerprint(&spec.limits).map_err(component_error)?;
             if !force_compile {
-                if let Some(code) = store.get_compiled(&digest, &fingerprint)? {
+                if let Some((code, facts)) = store.get_compiled(&digest, &fingerprint)? {
                     runtime.cache_hits.fetch_add(1, Ordering::Relaxed);
-                    return Ok((code, true));
+                    let known = facts.and_then(|facts| serde_json::from_str(&facts).ok());
+                    let facts = match known {
+                        Some(facts) => facts,
+                        // Cached by an older cairnd (or unreadable): learn them once.
+                        None => {
+                            let facts = runtime
+                                .inspect(&code, &spec.limits)
+                                .map_err(component_error)?;
+                            store.set_compiled_facts(&digest, &fingerprint, &facts_text(&facts))?;
+                            facts
+                        }
+                    };
+                    return Ok((code, facts, true));
                 }
             }
             let wasm = store
@@ -426,8 +459,11 @@ impl Reconciler {
             let code = runtime
                 .compile(&wasm, &spec.limits)
                 .map_err(component_error)?;
-            store.put_compiled(&digest, &fingerprint, &code)?;
-            Ok((code, false))
+            let facts = runtime
+                .inspect(&code, &spec.limits)
+                .map_err(component_error)?;
+            store.put_compiled(&digest, &fingerprint, &code, &facts_text(&facts))?;
+            Ok((code, facts, false))
         })
         .await
         .map_err(|e| ReconcileError::Internal(format!("preparing the app failed: {e}")))?
@@ -571,6 +607,7 @@ impl Reconciler {
                 &listener,
                 &counters,
                 cgroup.as_ref(),
+                Start::Prepare,
             )
             .await;
         let pool = match launched {
@@ -859,22 +896,19 @@ impl Reconciler {
                 .as_ref()
                 .expect("a restarting app keeps its listener"),
         );
-        let launched = self
+        // A pool that went idle proved this code with the pooling allocator under these
+        // limits: its successor skips the probe instance (the first request is one anyway).
+        let proven = waking && running.allocator == POOLING_ALLOCATOR;
+        let served = self
             .launch(
                 &running.spec,
                 generation,
                 &listener,
                 &running.counters,
                 running.cgroup.as_ref(),
+                Start::Resume { proven },
             )
             .await;
-        let served = match launched {
-            Ok(pool) => match pool.serve().await {
-                Ok(()) => Ok(pool),
-                Err(error) => Err(ReconcileError::Pool(error.to_string())),
-            },
-            Err(error) => Err(error),
-        };
         match served {
             Ok(pool) => {
                 if !waking {
@@ -1009,6 +1043,10 @@ fn pool_limits(spec: &AppSpec) -> PoolLimits {
 fn new_counters(app: &AppName) -> Result<Counters, ReconcileError> {
     Counters::create(app.as_str())
         .map_err(|e| ReconcileError::Internal(format!("cannot create the counters page: {e}")))
+}
+
+fn facts_text(facts: &CodeFacts) -> String {
+    serde_json::to_string(facts).expect("CodeFacts serialise")
 }
 
 fn backoff(failures: u32) -> Duration {

@@ -191,27 +191,37 @@ impl Runtime {
         Ok(code)
     }
 
-    /// Loads precompiled code into an engine of the app's own, links it and proves that one
-    /// instance can be made. Errors here mean the app cannot run and nothing was changed.
-    /// Call it on a blocking thread (`spawn_blocking`) inside the tokio runtime.
-    pub fn load(
-        &self,
-        app: &AppName,
-        code: &[u8],
-        limits: &Limits,
-        env: Vec<(String, String)>,
-        reporter: Reporter,
-    ) -> Result<LoadedApp, RuntimeError> {
-        let compile_engine = self.compile_engine(limits)?;
+    /// What a pool needs to know about precompiled code before it loads it: the code is an
+    /// HTTP handler, and how many memories and tables one instance needs (to size the pooling
+    /// allocator). Done once, where the code is compiled or first taken from the store, so a
+    /// pool deserialises its code exactly once.
+    pub fn inspect(&self, code: &[u8], limits: &Limits) -> Result<CodeFacts, RuntimeError> {
+        let engine = self.compile_engine(limits)?;
         // SAFETY: `code` was produced by `precompile_component` of an engine with the same code
         // settings (the fingerprint says so), and the store checks its checksum before handing
         // it out, so it is exactly what wasmtime wrote.
-        let inspected = unsafe { Component::deserialize(&compile_engine, code) }
+        let component = unsafe { Component::deserialize(&engine, code) }
             .map_err(|e| RuntimeError::Invalid(format!("{e:#}")))?;
-        check_exports_http(&compile_engine, &inspected)?;
-        let resources = inspected.resources_required();
-        drop(inspected);
+        check_exports_http(&engine, &component)?;
+        Ok(CodeFacts::of(component.resources_required().as_ref()))
+    }
 
+    /// Loads precompiled code (a file, mapped rather than copied) into an engine of the app's
+    /// own and links it; with `probe`, also proves that one instance can be made (skipped only
+    /// where this code already ran with the pooling allocator under the same limits). Errors
+    /// here mean the app cannot run and nothing was changed. Call it on a blocking thread
+    /// (`spawn_blocking`) inside the tokio runtime.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        &self,
+        app: &AppName,
+        code: &std::fs::File,
+        facts: &CodeFacts,
+        limits: &Limits,
+        env: Vec<(String, String)>,
+        reporter: Reporter,
+        probe: bool,
+    ) -> Result<LoadedApp, RuntimeError> {
         let settings = AppSettings {
             name: app.clone(),
             env,
@@ -219,11 +229,11 @@ impl Runtime {
             timeout: limits.timeout.0,
             reporter,
         };
-        let pooled = pooling_config(limits, resources.as_ref());
+        let pooled = pooling_config(limits, facts);
         let mut config = Self::code_config(limits);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooled));
         let (pooled_attempt, fallback_reason) = match Engine::new(&config) {
-            Ok(engine) => match self.prepare(&engine, code, &settings) {
+            Ok(engine) => match self.prepare(&engine, code, &settings, probe) {
                 Ok(loaded) => (Some(loaded), None),
                 Err(RuntimeError::Instantiate(reason)) => (None, Some(reason)),
                 Err(other) => return Err(other),
@@ -235,7 +245,7 @@ impl Runtime {
             None => {
                 let engine = Engine::new(&Self::code_config(limits))
                     .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
-                let mut loaded = self.prepare(&engine, code, &settings)?;
+                let mut loaded = self.prepare(&engine, code, &settings, true)?;
                 loaded.allocator = format!(
                     "on-demand (the pooling allocator was refused: {})",
                     fallback_reason.unwrap_or_default()
@@ -251,16 +261,15 @@ impl Runtime {
         Ok(loaded)
     }
 
-    /// Deserialises, links and instantiates once in `engine`.
+    /// Deserialises and links in `engine`; with `probe`, instantiates once.
     fn prepare(
         &self,
         engine: &Engine,
-        code: &[u8],
+        code: &std::fs::File,
         settings: &AppSettings,
+        probe: bool,
     ) -> Result<LoadedApp, RuntimeError> {
-        // SAFETY: as in `load`.
-        let component = unsafe { Component::deserialize(engine, code) }
-            .map_err(|e| RuntimeError::Invalid(format!("{e:#}")))?;
+        let component = deserialize_file(engine, code)?;
         let mut linker: Linker<Host> = Linker::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
@@ -276,7 +285,7 @@ impl Runtime {
         let loaded = LoadedApp {
             engine: engine.clone(),
             pre,
-            allocator: "pooling".to_string(),
+            allocator: POOLING_ALLOCATOR.to_string(),
             deadline_ticks: u64::MAX,
             settings: Arc::new(AppSettings {
                 name: settings.name.clone(),
@@ -286,9 +295,35 @@ impl Runtime {
                 reporter: Arc::clone(&settings.reporter),
             }),
         };
-        loaded.probe()?;
+        if probe {
+            loaded.probe()?;
+        }
         Ok(loaded)
     }
+}
+
+/// Deserialises the code in `file`, mapping it through its /proc path (wasmtime maps what it
+/// opens, so nothing is copied); where that cannot work (no /proc, a policy against executable
+/// file mappings), from a copy of its bytes.
+fn deserialize_file(engine: &Engine, file: &std::fs::File) -> Result<Component, RuntimeError> {
+    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
+    // SAFETY: as in `Runtime::inspect`; the supervisor hands the pool a sealed memfd of code it
+    // checked, which nothing can change after.
+    let mapped = unsafe { Component::deserialize_file(engine, &path) };
+    let error = match mapped {
+        Ok(component) => return Ok(component),
+        Err(error) => error,
+    };
+    let copy = (|| {
+        let length = file.metadata()?.len() as usize;
+        let mut bytes = vec![0; length];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut bytes, 0)?;
+        Ok::<_, std::io::Error>(bytes)
+    })()
+    .map_err(|e| RuntimeError::Invalid(format!("{error:#}; reading the code failed too: {e}")))?;
+    // SAFETY: as above.
+    unsafe { Component::deserialize(engine, copy) }
+        .map_err(|e| RuntimeError::Invalid(format!("{e:#}")))
 }
 
 /// One line for the log: the trap itself when there is one (the wasm backtrace of an app built
@@ -304,6 +339,9 @@ fn describe_failure(error: &wasmtime::Error) -> String {
     }
 }
 
+/// What `LoadedApp::allocator` says when the pooling allocator took the app's sizing.
+pub const POOLING_ALLOCATOR: &str = "pooling";
+
 /// The most of each instance slot's linear memory kept resident between requests.
 const KEEP_RESIDENT: usize = 8 << 20;
 
@@ -312,17 +350,33 @@ fn memory_reservation(limits: &Limits) -> u64 {
     limits.memory.0.div_ceil(PAGE) * PAGE
 }
 
+/// What sizing a pool needs to know about a component (see `Runtime::inspect`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CodeFacts {
+    pub memories: u32,
+    pub tables: u32,
+    /// The largest initial table size, when wasmtime can tell it.
+    pub max_initial_table_size: Option<u64>,
+}
+
+impl CodeFacts {
+    fn of(resources: Option<&wasmtime::ResourcesRequired>) -> CodeFacts {
+        CodeFacts {
+            // Without an answer (imported memories or tables), room for a few of each.
+            memories: resources.map(|r| r.num_memories).unwrap_or(4).max(1),
+            tables: resources.map(|r| r.num_tables).unwrap_or(8).max(1),
+            max_initial_table_size: resources.and_then(|r| r.max_initial_table_size),
+        }
+    }
+}
+
 /// A pool holding exactly what `instances` concurrent requests of this component need.
-fn pooling_config(
-    limits: &Limits,
-    resources: Option<&wasmtime::ResourcesRequired>,
-) -> PoolingAllocationConfig {
+fn pooling_config(limits: &Limits, facts: &CodeFacts) -> PoolingAllocationConfig {
     // One slot more than the concurrency cap, for the probe made while the app is prepared.
     let slots = limits.instances + 1;
-    let memories = resources.map(|r| r.num_memories).unwrap_or(4).max(1);
-    let tables = resources.map(|r| r.num_tables).unwrap_or(8).max(1);
-    let table_elements = resources
-        .and_then(|r| r.max_initial_table_size)
+    let (memories, tables) = (facts.memories, facts.tables);
+    let table_elements = facts
+        .max_initial_table_size
         .map(|size| (size as usize).saturating_mul(2))
         .unwrap_or(0)
         .max(20_000);

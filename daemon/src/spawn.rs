@@ -9,6 +9,7 @@
 use crate::limits::AppCgroup;
 use crate::logs::LogHub;
 use crate::pool::protocol::{self, Counters, FromPool, ToPool};
+use crate::runtime::CodeFacts;
 use crate::spec::{AppName, AppSpec};
 use std::fmt;
 use std::io::Write;
@@ -80,11 +81,25 @@ pub struct PoolExit {
     pub reason: ExitReason,
 }
 
+/// How a pool goes from loaded to serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// A new generation: make one instance to prove it, then wait for the supervisor's probe
+    /// (health check) and `serve`.
+    Prepare,
+    /// A generation that already served (a restart, a wake from idle, a boot): serve as soon
+    /// as loaded. `proven`: this code already ran here with the pooling allocator under the
+    /// same limits, so the proving instance is skipped.
+    Resume { proven: bool },
+}
+
 /// Everything a pool is started with.
 pub struct Launch<'a> {
     pub spec: &'a AppSpec,
     pub generation: u64,
     pub code: &'a [u8],
+    pub facts: CodeFacts,
+    pub start: Start,
     pub listener: &'a std::net::TcpListener,
     pub counters: &'a Counters,
     /// The cgroup the pool is moved into before it is told what to run.
@@ -128,7 +143,7 @@ impl Pool {
         }
     }
 
-    /// Tells the pool to start accepting.
+    /// Tells the pool to start accepting (after `Start::Prepare`).
     pub async fn serve(&self) -> std::io::Result<()> {
         protocol::send(&mut *self.control.lock().await, &ToPool::Serve).await
     }
@@ -206,12 +221,38 @@ fn high_copy(fd: RawFd) -> std::io::Result<OwnedFd> {
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(copy) })
 }
 
+/// A sealed memfd holding `code`: the pool maps it (no copy) and nobody can change it after.
+fn code_memfd(code: &[u8]) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let flags = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
+    // Executable on purpose: where `vm.memfd_noexec` is 1 a memfd without MFD_EXEC could not be
+    // mapped executable. Kernels before 6.3 do not know the flag (EINVAL): plain is executable
+    // there.
+    let fd = match memfd_create(c"cairn-code", flags | MFdFlags::from_bits_retain(MFD_EXEC)) {
+        Err(nix::errno::Errno::EINVAL) => memfd_create(c"cairn-code", flags)?,
+        other => other?,
+    };
+    std::fs::File::from(fd.try_clone()?).write_all(code)?;
+    nix::fcntl::fcntl(
+        &fd,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_WRITE
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_SEAL,
+        ),
+    )?;
+    Ok(fd)
+}
+
+/// `MFD_EXEC` (Linux 6.3), which nix does not name.
+const MFD_EXEC: nix::libc::c_uint = 0x0010;
+
 /// Starts a pool and waits until it has loaded the component.
 pub async fn launch(launch: Launch<'_>) -> Result<Pool, SpawnError> {
     let app = launch.spec.name.clone();
-    let code = nix::sys::memfd::memfd_create(c"cairn-code", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-        .map_err(std::io::Error::from)?;
-    std::fs::File::from(code.try_clone()?).write_all(launch.code)?;
+    let code = code_memfd(launch.code)?;
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
 
     let sources = [
@@ -296,6 +337,9 @@ pub async fn launch(launch: Launch<'_>) -> Result<Pool, SpawnError> {
         &ToPool::Start {
             spec: Box::new(launch.spec.clone()),
             generation: launch.generation,
+            facts: launch.facts,
+            probe: launch.start != Start::Resume { proven: true },
+            serve: launch.start != Start::Prepare,
         },
     )
     .await?;

@@ -295,4 +295,25 @@ fn stale_or_damaged_precompiled_code_is_recompiled() {
     daemon.restart();
     assert_eq!(get(addr, "/").unwrap().status, 200);
     assert_eq!(daemon.ctl(&["-o", "json", "status"]).json()["compiled"], 1);
+    daemon.stop();
+
+    // Code cached by a cairnd that kept no facts about it (the pool's sizing) is still used,
+    // not recompiled; the facts are learnt once and recorded.
+    let db = rusqlite::Connection::open(daemon.database()).unwrap();
+    assert_eq!(
+        db.execute("UPDATE compiled SET facts = NULL", []).unwrap(),
+        1
+    );
+    drop(db);
+    daemon.restart();
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+    let status = daemon.ctl(&["-o", "json", "status"]).json();
+    assert_eq!(status["compiled"], 0, "{status}");
+    assert_eq!(status["cache_hits"], 1, "{status}");
+    daemon.stop();
+    let db = rusqlite::Connection::open(daemon.database()).unwrap();
+    let facts: String = db
+        .query_row("SELECT facts FROM compiled", [], |r| r.get(0))
+        .unwrap();
+    assert!(facts.contains("\"memories\":1"), "{facts}");
 }

@@ -12,7 +12,6 @@ pub mod protocol;
 use crate::http::{HttpServer, Serving};
 use crate::runtime::{Outcome, RequestReport, Runtime};
 use protocol::{Counter, Counters, FromPool, LogChunk, ToPool};
-use std::io::{Read, Seek};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,14 +87,17 @@ async fn serve(
     let (mut reader, mut writer) = tokio::net::UnixStream::from_std(control)?.into_split();
     let counters = Arc::new(Counters::map(counters)?);
 
-    let Some(ToPool::Start { spec, generation }) = protocol::receive(&mut reader).await? else {
+    let Some(ToPool::Start {
+        spec,
+        generation,
+        facts,
+        probe,
+        serve: serve_at_once,
+    }) = protocol::receive(&mut reader).await?
+    else {
         anyhow::bail!("the supervisor did not send Start first");
     };
-    let mut code_file = std::fs::File::from(code);
-    code_file.rewind()?;
-    let mut code = Vec::new();
-    code_file.read_to_end(&mut code)?;
-    drop(code_file);
+    let code = std::fs::File::from(code);
 
     // One writer task owns the socket's sending half; everything else queues to it.
     let (outgoing, mut queue) = mpsc::channel::<FromPool>(64);
@@ -144,7 +146,7 @@ async fn serve(
     let handle = tokio::runtime::Handle::current();
     let loaded = tokio::task::spawn_blocking(move || {
         let _entered = handle.enter();
-        runtime.load(&name, &code, &limits, env, reporter)
+        runtime.load(&name, &code, &facts, &limits, env, reporter, probe)
     })
     .await?;
     let loaded = match loaded {
@@ -173,7 +175,8 @@ async fn serve(
 
     // Before serving: health checks on request, then Serve (or Drain, if the supervisor
     // decided against this generation).
-    loop {
+    let mut told_to_serve = serve_at_once;
+    while !told_to_serve {
         match protocol::receive(&mut reader).await? {
             Some(ToPool::Probe { path }) => {
                 let answer = serving.probe(&path).await;
@@ -183,7 +186,7 @@ async fn serve(
                 };
                 outgoing.send(FromPool::Probed { status, error }).await?;
             }
-            Some(ToPool::Serve) => break,
+            Some(ToPool::Serve) => told_to_serve = true,
             Some(ToPool::Drain { .. }) | None => {
                 drop(outgoing);
                 let _ = writer_task.await;

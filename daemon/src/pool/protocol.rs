@@ -5,6 +5,7 @@
 //!
 //! The file descriptors a pool inherits sit at fixed numbers, so neither side has to say them.
 
+use crate::runtime::CodeFacts;
 use crate::spec::AppSpec;
 use serde::{Deserialize, Serialize};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -26,8 +27,16 @@ const MAX_FRAME: u32 = 4 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToPool {
-    /// The first message: what to run.
-    Start { spec: Box<AppSpec>, generation: u64 },
+    /// The first message: what to run. `facts` size the pooling allocator; `probe`: make one
+    /// instance before saying `Loaded`; `serve`: start accepting right after, without waiting
+    /// for `Serve` (a generation that already served: restart, wake, boot).
+    Start {
+        spec: Box<AppSpec>,
+        generation: u64,
+        facts: CodeFacts,
+        probe: bool,
+        serve: bool,
+    },
     /// Run one GET of `path` through the guest (the health check) and say what it answered.
     Probe { path: String },
     /// Start accepting connections (after the supervisor has recorded the generation).

@@ -86,6 +86,9 @@ const MIGRATIONS: &[&str] = &[
         app TEXT NOT NULL,
         imported_unix INTEGER NOT NULL
      );",
+    // 5: what the runtime learnt about precompiled code when it was made (the pool's sizing),
+    // so a pool start does not deserialise the code a second time to find out.
+    "ALTER TABLE compiled ADD COLUMN facts TEXT;",
 ];
 
 pub fn run(connection: &mut Connection) -> Result<(), String> {

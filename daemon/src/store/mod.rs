@@ -100,6 +100,10 @@ pub struct LogRecord {
     pub line: String,
 }
 
+/// Precompiled code and what the runtime recorded about it (text it wrote; absent for code
+/// cached by an older cairnd).
+pub type Compiled = (Vec<u8>, Option<String>);
+
 pub struct Store {
     connection: Mutex<Connection>,
     path: PathBuf,
@@ -348,24 +352,27 @@ impl Store {
 
     // ---- precompiled code ----
 
-    /// Precompiled code for `digest` made by an engine with `fingerprint`, if present and intact.
+    /// Precompiled code for `digest` made by an engine with `fingerprint`, if present and intact,
+    /// with the facts the runtime recorded about it (absent for code cached before they were).
     /// A damaged entry is deleted and reported as absent, so the caller recompiles.
     pub fn get_compiled(
         &self,
         digest: &Digest,
         fingerprint: &str,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
+    ) -> Result<Option<Compiled>, StoreError> {
         let connection = self.lock();
-        let row: Option<(Vec<u8>, String)> = connection
+        let row: Option<(Vec<u8>, String, Option<String>)> = connection
             .query_row(
-                "SELECT data, checksum FROM compiled WHERE digest = ?1 AND fingerprint = ?2",
+                "SELECT data, checksum, facts FROM compiled WHERE digest = ?1 AND fingerprint = ?2",
                 params![digest.to_string(), fingerprint],
-                |row| Ok((row.get(0)?, row.get(1)?)),
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
             )
             .optional()
             .map_err(|e| self.error(e))?;
         match row {
-            Some((data, checksum)) if Digest::of(&data).to_string() == checksum => Ok(Some(data)),
+            Some((data, checksum, facts)) if Digest::of(&data).to_string() == checksum => {
+                Ok(Some((data, facts)))
+            }
             Some(_) => {
                 connection
                     .execute(
@@ -384,13 +391,31 @@ impl Store {
         digest: &Digest,
         fingerprint: &str,
         data: &[u8],
+        facts: &str,
     ) -> Result<(), StoreError> {
         let connection = self.lock();
         connection
             .execute(
-                "INSERT OR REPLACE INTO compiled (digest, fingerprint, data, checksum, created_unix)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![digest.to_string(), fingerprint, data, Digest::of(data).to_string(), now_unix()],
+                "INSERT OR REPLACE INTO compiled (digest, fingerprint, data, checksum, created_unix, facts)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![digest.to_string(), fingerprint, data, Digest::of(data).to_string(), now_unix(), facts],
+            )
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// Records the facts about code cached before facts were kept (see `get_compiled`).
+    pub fn set_compiled_facts(
+        &self,
+        digest: &Digest,
+        fingerprint: &str,
+        facts: &str,
+    ) -> Result<(), StoreError> {
+        let connection = self.lock();
+        connection
+            .execute(
+                "UPDATE compiled SET facts = ?3 WHERE digest = ?1 AND fingerprint = ?2",
+                params![digest.to_string(), fingerprint, facts],
             )
             .map_err(|e| self.error(e))?;
         Ok(())
@@ -933,7 +958,7 @@ mod tests {
         assert!(!store.drop_blob_if_unused(&digest).unwrap());
         let loose = Digest::of(b"loose");
         store.put_blob(&loose, b"loose").unwrap();
-        store.put_compiled(&loose, "engine", b"code").unwrap();
+        store.put_compiled(&loose, "engine", b"code", "{}").unwrap();
         assert!(store.drop_blob_if_unused(&loose).unwrap());
         assert!(!store.has_blob(&loose).unwrap());
         assert!(store.get_compiled(&loose, "engine").unwrap().is_none());
@@ -948,10 +973,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("cairn.db")).unwrap();
         let digest = Digest::of(b"x");
-        store.put_compiled(&digest, "engine-a", b"native").unwrap();
+        store
+            .put_compiled(&digest, "engine-a", b"native", "facts")
+            .unwrap();
         assert_eq!(
             store.get_compiled(&digest, "engine-a").unwrap().unwrap(),
-            b"native"
+            (b"native".to_vec(), Some("facts".to_string()))
+        );
+        // Code cached before facts were kept has none until they are recorded.
+        store
+            .lock()
+            .execute("UPDATE compiled SET facts = NULL", [])
+            .unwrap();
+        assert_eq!(
+            store.get_compiled(&digest, "engine-a").unwrap().unwrap().1,
+            None
+        );
+        store
+            .set_compiled_facts(&digest, "engine-a", "later")
+            .unwrap();
+        assert_eq!(
+            store.get_compiled(&digest, "engine-a").unwrap().unwrap().1,
+            Some("later".to_string())
         );
         assert!(store.get_compiled(&digest, "engine-b").unwrap().is_none());
         store
@@ -959,9 +1002,11 @@ mod tests {
             .execute("UPDATE compiled SET data = x'01'", [])
             .unwrap();
         assert!(store.get_compiled(&digest, "engine-a").unwrap().is_none());
-        store.put_compiled(&digest, "engine-a", b"native").unwrap();
         store
-            .put_compiled(&digest, "engine-old", b"native")
+            .put_compiled(&digest, "engine-a", b"native", "{}")
+            .unwrap();
+        store
+            .put_compiled(&digest, "engine-old", b"native", "{}")
             .unwrap();
         assert_eq!(
             store
