@@ -30,6 +30,9 @@ fn invalid(message: impl Into<String>) -> SpecError {
     SpecError::Invalid(message.into())
 }
 
+/// The longest app name.
+pub const MAX_APP_NAME: usize = 63;
+
 /// An app's name: 1 to 63 of `a-z 0-9 -`, starting with a letter or digit. It names cgroups,
 /// log streams and fleet keys, so it is kept to what is safe in all of them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -49,7 +52,7 @@ impl FromStr for AppName {
         let valid_chars = name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if name.is_empty() || name.len() > 63 || !valid_chars || name.starts_with('-') {
+        if name.is_empty() || name.len() > MAX_APP_NAME || !valid_chars || name.starts_with('-') {
             return Err(invalid(format!(
                 "app name `{name}` is not allowed: use 1 to 63 characters of a-z, 0-9 and `-`, \
                  not starting with `-`"

@@ -16,7 +16,7 @@ use crate::limits::{AppCgroup, Cgroups, LimitsError, PoolLimits, Usage};
 use crate::logs::LogHub;
 use crate::pool::protocol::{Counter, Counters};
 use crate::runtime::{CodeFacts, Runtime, RuntimeError, POOLING_ALLOCATOR};
-use crate::spawn::{self, ExitReason, Pool, PoolExit, SpawnError, Start};
+use crate::spawn::{self, ExitReason, Pool, PoolExit, SpawnError, Spawner, Start};
 use crate::spec::{AppName, AppSpec, SpecError};
 use crate::store::{now_unix, Owner, Store, StoreError};
 use futures_util::StreamExt;
@@ -184,7 +184,7 @@ pub struct Reconciler {
     drain: Duration,
     exits: mpsc::Sender<PoolExit>,
     cgroups: Arc<Cgroups>,
-    pool_user: Option<(u32, u32)>,
+    spawner: Arc<Spawner>,
     /// Restarts that are due (sent after their backoff).
     restarts: mpsc::Sender<(AppName, u64)>,
 }
@@ -209,9 +209,10 @@ impl Reconciler {
             drain,
             exits,
             cgroups,
-            pool_user,
+            spawner: Spawner::new(pool_user),
             restarts,
         });
+        reconciler.spawner.refill(Duration::ZERO);
         let weak = Arc::downgrade(&reconciler);
         tokio::spawn(async move {
             loop {
@@ -395,27 +396,27 @@ impl Reconciler {
             cgroup,
             start,
         } = *attempt;
-        spawn::launch(spawn::Launch {
-            spec,
-            generation,
-            code,
-            facts,
-            start,
-            listener,
-            counters,
-            cgroup,
-            user: self.pool_user,
-            logs: Arc::clone(&self.logs),
-            exits: self.exits.clone(),
-        })
-        .await
-        .map_err(|error| match error {
-            SpawnError::Load(message) => ReconcileError::Load {
-                digest: spec.component.clone(),
-                message,
-            },
-            other => ReconcileError::Pool(other.to_string()),
-        })
+        self.spawner
+            .launch(spawn::Launch {
+                spec,
+                generation,
+                code,
+                facts,
+                start,
+                listener,
+                counters,
+                cgroup,
+                logs: Arc::clone(&self.logs),
+                exits: self.exits.clone(),
+            })
+            .await
+            .map_err(|error| match error {
+                SpawnError::Load(message) => ReconcileError::Load {
+                    digest: spec.component.clone(),
+                    message,
+                },
+                other => ReconcileError::Pool(other.to_string()),
+            })
     }
 
     /// The app's native code, what the runtime knows about it, and whether it came from the

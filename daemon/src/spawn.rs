@@ -1,7 +1,10 @@
-//! Starting pool processes. The supervisor re-executes its own binary as `cairnd pool` with the
-//! app's listener, a control socketpair, the precompiled code (a memfd) and the counters page at
-//! fixed descriptor numbers, tells it what to run, and waits until it has loaded. After that it
-//! forwards the pool's log output to the log pipeline and reports the pool's exit.
+//! Starting pool processes. The supervisor re-executes its own binary as `cairnd pool` with a
+//! control socketpair at a fixed descriptor number; the process drops its privileges, builds its
+//! runtime and waits. One such process is kept ready as a spare. To start an app's pool the
+//! supervisor takes the spare (or starts a process), moves it into the app's cgroup, sends
+//! `Start` with the app's listener, its precompiled code (a sealed memfd) and its counters page
+//! attached, and waits until it has loaded. After that it forwards the pool's log output to
+//! the log pipeline and reports the pool's exit.
 //!
 //! Raw `dup2` is called between fork and exec (`pre_exec`) because that is the only place the
 //! child's descriptor table can be arranged; nothing else happens there.
@@ -13,8 +16,9 @@ use crate::runtime::CodeFacts;
 use crate::spec::{AppName, AppSpec};
 use std::fmt;
 use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::unix::OwnedWriteHalf;
@@ -25,6 +29,9 @@ const LOAD_DEADLINE: Duration = Duration::from_secs(120);
 /// How long a pool asked to drain may take to say it stopped accepting (it only has to end its
 /// accept loop; a pool that does not answer is killed later if it does not exit either).
 const DRAIN_ACK_DEADLINE: Duration = Duration::from_secs(2);
+/// How long after handing out the spare the next one is started: its exec would otherwise
+/// compete for the cores with the pool just started, which is serving its first request.
+const SPARE_REFILL_DELAY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -104,8 +111,6 @@ pub struct Launch<'a> {
     pub counters: &'a Counters,
     /// The cgroup the pool is moved into before it is told what to run.
     pub cgroup: Option<&'a AppCgroup>,
-    /// The user and group the pool drops to.
-    pub user: Option<(u32, u32)>,
     pub logs: Arc<LogHub>,
     pub exits: mpsc::Sender<PoolExit>,
 }
@@ -209,18 +214,6 @@ impl Pool {
     }
 }
 
-/// Duplicates `fd` to a descriptor number above the ones the child needs, close-on-exec, so the
-/// `dup2`s in the child cannot clobber one another.
-fn high_copy(fd: RawFd) -> std::io::Result<OwnedFd> {
-    let copy = nix::fcntl::fcntl(
-        // SAFETY: `fd` is open for the duration of this call (it is borrowed from a live owner).
-        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
-        nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(64),
-    )?;
-    // SAFETY: fcntl returned a new descriptor that nothing else owns.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(copy) })
-}
-
 /// A sealed memfd holding `code`: the pool maps it (no copy) and nobody can change it after.
 fn code_memfd(code: &[u8]) -> std::io::Result<OwnedFd> {
     use nix::fcntl::{FcntlArg, SealFlag};
@@ -249,165 +242,253 @@ fn code_memfd(code: &[u8]) -> std::io::Result<OwnedFd> {
 /// `MFD_EXEC` (Linux 6.3), which nix does not name.
 const MFD_EXEC: nix::libc::c_uint = 0x0010;
 
-/// Starts a pool and waits until it has loaded the component.
-pub async fn launch(launch: Launch<'_>) -> Result<Pool, SpawnError> {
-    let app = launch.spec.name.clone();
-    let code = code_memfd(launch.code)?;
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+/// A pool process that has dropped its privileges and built its runtime, waiting on its
+/// control socket for `Start`.
+struct Process {
+    child: tokio::process::Child,
+    pid: u32,
+    control: std::os::unix::net::UnixStream,
+}
 
-    let sources = [
-        high_copy(launch.listener.as_raw_fd())?,
-        high_copy(theirs.as_raw_fd())?,
-        high_copy(code.as_raw_fd())?,
-        high_copy(launch.counters.raw_fd())?,
-    ];
-    let raw_sources: Vec<RawFd> = sources.iter().map(AsRawFd::as_raw_fd).collect();
-    let mut command = tokio::process::Command::new("/proc/self/exe");
-    command
-        .arg0("cairnd")
-        .args(["pool", "--app", app.as_str()])
-        .args(launch.user.iter().flat_map(|(uid, gid)| {
-            [
-                "--uid".to_string(),
-                uid.to_string(),
-                "--gid".to_string(),
-                gid.to_string(),
-            ]
-        }))
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(false);
-    // SAFETY: only async-signal-safe dup2 calls run between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            let targets = [
-                protocol::LISTENER_FD,
-                protocol::CONTROL_FD,
-                protocol::CODE_FD,
-                protocol::COUNTERS_FD,
-            ];
-            for (source, target) in raw_sources.iter().zip(targets) {
-                if nix::libc::dup2(*source, target) < 0 {
+/// Starts pool processes. It keeps one spare process ready (exec'd, privileges dropped,
+/// runtime built: most of what a pool start costs before it loads code), hands it the next
+/// app to start and starts the next spare in the background, so starting a pool, a wake from
+/// idle above all, does not wait for an exec.
+pub struct Spawner {
+    user: Option<(u32, u32)>,
+    spare: std::sync::Mutex<Option<Process>>,
+    refilling: AtomicBool,
+}
+
+impl Spawner {
+    /// `user`: the user and group pools drop to.
+    pub fn new(user: Option<(u32, u32)>) -> Arc<Spawner> {
+        Arc::new(Spawner {
+            user,
+            spare: std::sync::Mutex::new(None),
+            refilling: AtomicBool::new(false),
+        })
+    }
+
+    /// Starts a pool process for `app`, or a spare one (no app yet).
+    fn start_process(&self, app: Option<&AppName>) -> std::io::Result<Process> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        // Above the number the child needs, so the dup2 in the child cannot clobber it.
+        let source = nix::fcntl::fcntl(&theirs, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(64))?;
+        let title = match app {
+            Some(app) => app.as_str().to_string(),
+            None => protocol::spare_title(),
+        };
+        let mut command = tokio::process::Command::new("/proc/self/exe");
+        command
+            .arg0("cairnd")
+            .args(["pool", "--app", &title])
+            .args(self.user.iter().flat_map(|(uid, gid)| {
+                [
+                    "--uid".to_string(),
+                    uid.to_string(),
+                    "--gid".to_string(),
+                    gid.to_string(),
+                ]
+            }))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(false);
+        // SAFETY: only an async-signal-safe dup2 runs between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                if nix::libc::dup2(source, protocol::CONTROL_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-            }
-            Ok(())
-        });
+                Ok(())
+            });
+        }
+        let spawned = command.spawn();
+        // SAFETY: `source` came from fcntl above and nothing else closes it.
+        drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(source) });
+        drop(theirs);
+        let child = spawned?;
+        let pid = child.id().unwrap_or_default();
+        Ok(Process {
+            child,
+            pid,
+            control: ours,
+        })
     }
-    let mut child = command.spawn()?;
-    drop(sources);
-    drop(theirs);
-    let pid = child.id().unwrap_or_default();
 
-    let kill = move || {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    };
-    // Into its cgroup before it is told what to run: nothing of the app runs unconfined.
-    if let Some(cgroup) = launch.cgroup {
-        if let Err(error) = cgroup.add(pid) {
-            kill();
-            let _ = child.wait().await;
-            return Err(SpawnError::Io(std::io::Error::other(error.to_string())));
+    /// The spare, if there is one and it is still alive.
+    fn take_spare(&self) -> Option<Process> {
+        let mut spare = self
+            .spare
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        match spare.child.try_wait() {
+            Ok(None) => Some(spare),
+            _ => None,
         }
     }
-    let (exit_sender, exited) = watch::channel(None);
-    let exits = launch.exits.clone();
-    let waited_app = app.clone();
-    tokio::spawn(async move {
-        let reason = match child.wait().await {
-            Ok(status) => ExitReason::of(status),
-            Err(_) => ExitReason::Code(-1),
-        };
-        let _ = exit_sender.send(Some(reason.clone()));
-        let _ = exits
-            .send(PoolExit {
-                app: waited_app,
-                pid,
-                reason,
-            })
-            .await;
-    });
 
-    ours.set_nonblocking(true)?;
-    let (mut reader, mut writer) = tokio::net::UnixStream::from_std(ours)?.into_split();
-    protocol::send(
-        &mut writer,
-        &ToPool::Start {
+    /// Starts a spare after `delay` unless there is one (or one is being started).
+    pub fn refill(self: &Arc<Self>, delay: Duration) {
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let spawner = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let missing = spawner
+                .spare
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none();
+            if missing {
+                match spawner.start_process(None) {
+                    Ok(process) => {
+                        *spawner.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(process)
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot start a spare pool process; pools start without one")
+                    }
+                }
+            }
+            spawner.refilling.store(false, Ordering::Release);
+        });
+    }
+
+    /// Starts a pool (on the spare when there is one) and waits until it has loaded the
+    /// component.
+    pub async fn launch(self: &Arc<Self>, launch: Launch<'_>) -> Result<Pool, SpawnError> {
+        let app = launch.spec.name.clone();
+        let code = code_memfd(launch.code)?;
+        let process = match self.take_spare() {
+            Some(spare) => spare,
+            None => self.start_process(Some(&app))?,
+        };
+        // The next spare starts once this pool has had the cores to itself for a moment.
+        self.refill(SPARE_REFILL_DELAY);
+        let Process {
+            mut child,
+            pid,
+            control,
+        } = process;
+
+        let kill = move || {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        };
+        // Into its cgroup before it is told what to run: nothing of the app runs unconfined.
+        if let Some(cgroup) = launch.cgroup {
+            if let Err(error) = cgroup.add(pid) {
+                kill();
+                let _ = child.wait().await;
+                return Err(SpawnError::Io(std::io::Error::other(error.to_string())));
+            }
+        }
+        let (exit_sender, exited) = watch::channel(None);
+        let exits = launch.exits.clone();
+        let waited_app = app.clone();
+        tokio::spawn(async move {
+            let reason = match child.wait().await {
+                Ok(status) => ExitReason::of(status),
+                Err(_) => ExitReason::Code(-1),
+            };
+            let _ = exit_sender.send(Some(reason.clone()));
+            let _ = exits
+                .send(PoolExit {
+                    app: waited_app,
+                    pid,
+                    reason,
+                })
+                .await;
+        });
+
+        let start = ToPool::Start {
             spec: Box::new(launch.spec.clone()),
             generation: launch.generation,
             facts: launch.facts,
             probe: launch.start != Start::Resume { proven: true },
             serve: launch.start != Start::Prepare,
-        },
-    )
-    .await?;
-
-    let first = tokio::time::timeout(LOAD_DEADLINE, async {
-        loop {
-            match protocol::receive::<_, FromPool>(&mut reader).await {
-                Ok(Some(FromPool::Logs { lines })) => {
-                    forward(&launch.logs, &app, launch.generation, lines)
-                }
-                other => return other,
-            }
-        }
-    })
-    .await;
-    let allocator = match first {
-        Ok(Ok(Some(FromPool::Loaded { allocator }))) => allocator,
-        Ok(Ok(Some(FromPool::Failed { error }))) => return Err(SpawnError::Load(error)),
-        Ok(Ok(Some(FromPool::Logs { .. }))) => unreachable!("log frames are forwarded above"),
-        Ok(Ok(Some(unasked @ (FromPool::Probed { .. } | FromPool::Draining)))) => {
+        };
+        let fds = [
+            launch.listener.as_raw_fd(),
+            code.as_raw_fd(),
+            launch.counters.raw_fd(),
+        ];
+        if let Err(error) = protocol::send_with_fds(&control, &start, &fds) {
             kill();
-            return Err(SpawnError::Load(format!(
-                "the pool sent {unasked:?} before it had loaded"
-            )));
+            return Err(SpawnError::Io(error));
         }
-        Ok(Ok(None)) | Ok(Err(_)) => {
-            let mut exited = exited.clone();
-            let reason =
-                tokio::time::timeout(Duration::from_secs(5), exited.wait_for(Option::is_some))
-                    .await
-                    .ok()
-                    .and_then(|r| r.ok().and_then(|r| r.clone()))
-                    .unwrap_or(ExitReason::Code(-1));
-            return Err(SpawnError::Died(reason));
-        }
-        Err(_) => {
-            kill();
-            return Err(SpawnError::Stuck(LOAD_DEADLINE));
-        }
-    };
+        drop(code);
+        control.set_nonblocking(true)?;
+        let (mut reader, writer) = tokio::net::UnixStream::from_std(control)?.into_split();
 
-    let logs = Arc::clone(&launch.logs);
-    let generation = launch.generation;
-    let (probe_answers, probes) = mpsc::channel(1);
-    let (draining_sender, draining) = watch::channel(false);
-    tokio::spawn(async move {
-        loop {
-            match protocol::receive::<_, FromPool>(&mut reader).await {
-                Ok(Some(FromPool::Logs { lines })) => forward(&logs, &app, generation, lines),
-                Ok(Some(FromPool::Probed { status, error })) => {
-                    let _ = probe_answers.send((status, error)).await;
+        let first = tokio::time::timeout(LOAD_DEADLINE, async {
+            loop {
+                match protocol::receive::<_, FromPool>(&mut reader).await {
+                    Ok(Some(FromPool::Logs { lines })) => {
+                        forward(&launch.logs, &app, launch.generation, lines)
+                    }
+                    other => return other,
                 }
-                Ok(Some(FromPool::Draining)) => {
-                    let _ = draining_sender.send(true);
-                }
-                Ok(Some(other)) => tracing::warn!(?other, "unexpected message from a pool"),
-                Ok(None) | Err(_) => return,
             }
-        }
-    });
-    Ok(Pool {
-        pid,
-        allocator,
-        control: Mutex::new(writer),
-        exited,
-        probes: Mutex::new(probes),
-        draining,
-    })
+        })
+        .await;
+        let allocator = match first {
+            Ok(Ok(Some(FromPool::Loaded { allocator }))) => allocator,
+            Ok(Ok(Some(FromPool::Failed { error }))) => return Err(SpawnError::Load(error)),
+            Ok(Ok(Some(FromPool::Logs { .. }))) => unreachable!("log frames are forwarded above"),
+            Ok(Ok(Some(unasked @ (FromPool::Probed { .. } | FromPool::Draining)))) => {
+                kill();
+                return Err(SpawnError::Load(format!(
+                    "the pool sent {unasked:?} before it had loaded"
+                )));
+            }
+            Ok(Ok(None)) | Ok(Err(_)) => {
+                let mut exited = exited.clone();
+                let reason =
+                    tokio::time::timeout(Duration::from_secs(5), exited.wait_for(Option::is_some))
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok().and_then(|r| r.clone()))
+                        .unwrap_or(ExitReason::Code(-1));
+                return Err(SpawnError::Died(reason));
+            }
+            Err(_) => {
+                kill();
+                return Err(SpawnError::Stuck(LOAD_DEADLINE));
+            }
+        };
+
+        let logs = Arc::clone(&launch.logs);
+        let generation = launch.generation;
+        let (probe_answers, probes) = mpsc::channel(1);
+        let (draining_sender, draining) = watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                match protocol::receive::<_, FromPool>(&mut reader).await {
+                    Ok(Some(FromPool::Logs { lines })) => forward(&logs, &app, generation, lines),
+                    Ok(Some(FromPool::Probed { status, error })) => {
+                        let _ = probe_answers.send((status, error)).await;
+                    }
+                    Ok(Some(FromPool::Draining)) => {
+                        let _ = draining_sender.send(true);
+                    }
+                    Ok(Some(other)) => tracing::warn!(?other, "unexpected message from a pool"),
+                    Ok(None) | Err(_) => return,
+                }
+            }
+        });
+        Ok(Pool {
+            pid,
+            allocator,
+            control: Mutex::new(writer),
+            exited,
+            probes: Mutex::new(probes),
+            draining,
+        })
+    }
 }
 
 fn forward(logs: &LogHub, app: &AppName, generation: u64, lines: Vec<protocol::LogChunk>) {

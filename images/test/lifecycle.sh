@@ -28,7 +28,8 @@ systemctl start multi-user.target
 ready
 echo "RESULT installed=$(version) apps=$(apps)"
 echo "RESULT cgroup=$(stat -fc %T /sys/fs/cgroup) limits=$(cairnctl status | sed -n 's/^limits *//p' | tr ' ' '_')"
-pool=$(pgrep -f 'cairnd pool' | head -1)
+# The hello app's pool (a spare pool process, not yet any app's, waits beside it).
+pool=$(pgrep -f 'cairnd pool --app hello' | head -1)
 echo "RESULT pool_user=$(ps -o user= -p "$pool") pool_cgroup=$(cut -d: -f3 /proc/"$pool"/cgroup)"
 systemd-analyze security --no-pager cairnd.service >"$dir/security.txt" 2>&1
 

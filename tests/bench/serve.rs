@@ -262,6 +262,13 @@ fn main() {
         |loads: &Vec<Load>, pick: fn(&Load) -> f64| median(loads.iter().map(pick).collect());
     let pool_rss = children(daemon.pid())
         .into_iter()
+        .filter(|pid| {
+            // Not the spare pool process (no app yet).
+            !std::fs::read(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .windows(7)
+                .any(|w| w == b"(spare)")
+        })
         .map(rss_kib)
         .max()
         .unwrap_or(0);

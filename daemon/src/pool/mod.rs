@@ -1,11 +1,14 @@
 //! The pool process (`cairnd pool`, started only by the supervisor): hosts one app's wasmtime
 //! engine, accepts on the listener the supervisor bound and passed down, and serves every
 //! request itself. It never touches the store, the control socket or the fleet: everything it
-//! needs arrives at spawn (fds 3–6, see `protocol`) and in the `Start` message, and everything
-//! it reports goes back over the control socket (logs) or the shared counters page.
+//! needs arrives on its control socket (fd 3): the `Start` message and, with it, the app's
+//! listener, code and counters page (see `protocol`); everything it reports goes back over the
+//! control socket (logs) or the shared counters page.
 //!
-//! Lifecycle: Start → load (link, one probe instance) → `Loaded`/`Failed` → wait for `Serve` →
-//! accept until `Drain` (or the supervisor goes away) → drain → exit 0.
+//! Lifecycle: privileges dropped, runtime built → (a spare waits here for an app) → Start →
+//! load (link, one probe instance unless the code is proven) → `Loaded`/`Failed` → wait for
+//! `Serve` (a new generation) or serve at once (a resumed one) → accept until `Drain` (or the
+//! supervisor goes away) → drain → exit 0.
 
 pub mod protocol;
 
@@ -47,16 +50,10 @@ pub fn run(ids: Option<(u32, u32)>) -> i32 {
         eprintln!("cairnd pool: {error}");
         return 77;
     }
-    // SAFETY: the supervisor started this process with exactly these descriptors open at these
-    // numbers (see `spawn`), and nothing else in this process owns them.
-    let (listener, control, code, counters) = unsafe {
-        (
-            OwnedFd::from_raw_fd(protocol::LISTENER_FD),
-            OwnedFd::from_raw_fd(protocol::CONTROL_FD),
-            OwnedFd::from_raw_fd(protocol::CODE_FD),
-            OwnedFd::from_raw_fd(protocol::COUNTERS_FD),
-        )
-    };
+    // SAFETY: the supervisor started this process with its control socket open at this number
+    // (see `spawn`), and nothing else in this process owns it.
+    let control =
+        std::os::unix::net::UnixStream::from(unsafe { OwnedFd::from_raw_fd(protocol::CONTROL_FD) });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -67,7 +64,32 @@ pub fn run(ids: Option<(u32, u32)>) -> i32 {
             return 70;
         }
     };
-    match runtime.block_on(serve(listener, control, code, counters)) {
+    // Everything above is what a spare has done before it is given an app.
+    let (start, fds) = match protocol::receive_with_fds::<ToPool>(&control) {
+        Ok(Some((start @ ToPool::Start { .. }, fds))) if fds.len() == protocol::START_FDS => {
+            (start, fds)
+        }
+        // The supervisor went away (or stopped) before it had work for this process.
+        Ok(None) => return 0,
+        Ok(Some((other, fds))) => {
+            eprintln!(
+                "cairnd pool: expected Start with {} descriptors first, got {other:?} with {}",
+                protocol::START_FDS,
+                fds.len()
+            );
+            return 71;
+        }
+        Err(error) => {
+            eprintln!("cairnd pool: cannot read Start: {error}");
+            return 71;
+        }
+    };
+    if let ToPool::Start { spec, .. } = &start {
+        retitle(spec.name.as_str());
+    }
+    let [listener, code, counters]: [OwnedFd; protocol::START_FDS] =
+        fds.try_into().expect("the count was checked above");
+    match runtime.block_on(serve(start, listener, control, code, counters)) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("cairnd pool: {error:#}");
@@ -77,23 +99,23 @@ pub fn run(ids: Option<(u32, u32)>) -> i32 {
 }
 
 async fn serve(
+    start: ToPool,
     listener: OwnedFd,
-    control: OwnedFd,
+    control: std::os::unix::net::UnixStream,
     code: OwnedFd,
     counters: OwnedFd,
 ) -> anyhow::Result<i32> {
-    let control = std::os::unix::net::UnixStream::from(control);
     control.set_nonblocking(true)?;
     let (mut reader, mut writer) = tokio::net::UnixStream::from_std(control)?.into_split();
     let counters = Arc::new(Counters::map(counters)?);
 
-    let Some(ToPool::Start {
+    let ToPool::Start {
         spec,
         generation,
         facts,
         probe,
         serve: serve_at_once,
-    }) = protocol::receive(&mut reader).await?
+    } = start
     else {
         anyhow::bail!("the supervisor did not send Start first");
     };
@@ -225,6 +247,56 @@ async fn serve(
     drop(outgoing);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
     Ok(exit_code)
+}
+
+/// Writes the app's name over a spare's placeholder in this process's command line (the
+/// memory the kernel shows as /proc/PID/cmdline), so `ps` says whose pool this is. Best
+/// effort: where the kernel does not say where that memory is (qemu-user's emulated /proc), or
+/// it does not hold the placeholder, nothing is written.
+fn retitle(name: &str) {
+    let placeholder = protocol::spare_title();
+    let Some((start, end)) = argument_area() else {
+        return;
+    };
+    let Ok(cmdline) = std::fs::read("/proc/self/cmdline") else {
+        return;
+    };
+    if cmdline.len() as u64 != end - start {
+        return;
+    }
+    let mut wanted = placeholder.clone().into_bytes();
+    wanted.push(0);
+    let Some(offset) = cmdline
+        .windows(wanted.len())
+        .position(|window| window == wanted.as_slice())
+        .filter(|offset| *offset > 0 && cmdline[offset - 1] == 0)
+    else {
+        return;
+    };
+    let mut title = name.as_bytes().to_vec();
+    title.truncate(placeholder.len());
+    title.resize(placeholder.len(), 0);
+    let at = (start as usize + offset) as *mut u8;
+    // SAFETY: the kernel says this process's arguments live at `start..end` of its own address
+    // space and /proc/self/cmdline (read from that very memory) matched them in length and holds
+    // the placeholder at `offset`; the bytes written stay inside the placeholder. Nothing in
+    // this process reads its original argv after argument parsing.
+    unsafe {
+        if std::slice::from_raw_parts(at, placeholder.len()) == placeholder.as_bytes() {
+            std::ptr::copy_nonoverlapping(title.as_ptr(), at, title.len());
+        }
+    }
+}
+
+/// Where this process's arguments are (`arg_start`, `arg_end`, fields 48 and 49 of
+/// /proc/self/stat), if the kernel says.
+fn argument_area() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let start: u64 = fields.get(45)?.parse().ok()?;
+    let end: u64 = fields.get(46)?.parse().ok()?;
+    (start != 0 && end > start).then_some((start, end))
 }
 
 /// Resolves once no request has run for `idle` (never, without an idle time). The supervisor

@@ -3,7 +3,10 @@
 //! counters are not messages: they live in a small shared memory page both sides map, so the
 //! request path never talks to the supervisor.
 //!
-//! The file descriptors a pool inherits sit at fixed numbers, so neither side has to say them.
+//! A pool process inherits one descriptor, the control socket, at a fixed number. The rest
+//! (the app's listener, its code, its counters page) arrive with `Start`, passed over that
+//! socket (SCM_RIGHTS), because a pool process may be started before anyone knows which app it
+//! will run: the supervisor keeps one spare process ready and hands it the next app to start.
 
 use crate::runtime::CodeFacts;
 use crate::spec::AppSpec;
@@ -12,15 +15,19 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The app's listening socket, bound by the supervisor.
-pub const LISTENER_FD: RawFd = 3;
-/// The control socketpair.
-pub const CONTROL_FD: RawFd = 4;
-/// A memfd holding the precompiled component.
-pub const CODE_FD: RawFd = 5;
-/// A memfd holding the shared counters.
-/// (The counters page also carries the time of the last request, see `Counter::LastActive`.)
-pub const COUNTERS_FD: RawFd = 6;
+/// The control socketpair, the only descriptor a pool process inherits.
+pub const CONTROL_FD: RawFd = 3;
+/// How many descriptors travel with `Start`, in this order: the app's listening socket (bound
+/// by the supervisor), a sealed memfd with the precompiled component, and the memfd of the
+/// shared counters (which also carries the time of the last request, `Counter::LastActive`).
+pub const START_FDS: usize = 3;
+
+/// What a spare pool process carries as its app's name until it is given an app, padded to
+/// the longest app name so the real name can be written over it (`ps` then says whose pool
+/// it is).
+pub fn spare_title() -> String {
+    format!("{:<width$}", "(spare)", width = crate::spec::MAX_APP_NAME)
+}
 
 /// Largest frame either side accepts; a log batch is the biggest thing sent.
 const MAX_FRAME: u32 = 4 << 20;
@@ -75,10 +82,110 @@ where
     W: tokio::io::AsyncWrite + Unpin,
     M: Serialize,
 {
-    let body = serde_json::to_vec(message).map_err(std::io::Error::other)?;
-    writer.write_u32(body.len() as u32).await?;
-    writer.write_all(&body).await?;
+    writer.write_all(&frame(message)?).await?;
     writer.flush().await
+}
+
+/// Encodes one frame.
+fn frame<M: Serialize>(message: &M) -> std::io::Result<Vec<u8>> {
+    let body = serde_json::to_vec(message).map_err(std::io::Error::other)?;
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    Ok(frame)
+}
+
+/// Sends `message` with `fds` attached, on a blocking socket (the supervisor, before it turns
+/// the socket over to tokio).
+pub fn send_with_fds<M: Serialize>(
+    socket: &std::os::unix::net::UnixStream,
+    message: &M,
+    fds: &[RawFd],
+) -> std::io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::io::Write;
+    let frame = frame(message)?;
+    let rights = [ControlMessage::ScmRights(fds)];
+    let sent = loop {
+        match sendmsg::<()>(
+            socket.as_raw_fd(),
+            &[std::io::IoSlice::new(&frame)],
+            &rights,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other?,
+        }
+    };
+    // A stream socket may take part of the frame; the descriptors went with that part.
+    (&*socket).write_all(&frame[sent..])
+}
+
+/// Receives one frame and the descriptors sent with it, on a blocking socket (the pool, before
+/// it starts its runtime's work). `None` when the other side closed the socket first.
+pub fn receive_with_fds<M>(
+    socket: &std::os::unix::net::UnixStream,
+) -> std::io::Result<Option<(M, Vec<OwnedFd>)>>
+where
+    M: for<'de> Deserialize<'de>,
+{
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let mut first = vec![0u8; 64 << 10];
+    let mut space = nix::cmsg_space!([RawFd; START_FDS]);
+    let (received, fds) = loop {
+        let mut iov = [std::io::IoSliceMut::new(&mut first)];
+        match recvmsg::<()>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(error) => return Err(error.into()),
+            Ok(message) => {
+                let mut fds = Vec::new();
+                for control in message.cmsgs()? {
+                    if let ControlMessageOwned::ScmRights(raw) = control {
+                        // SAFETY: the kernel just installed these descriptors in this process
+                        // for this message; nothing else owns them.
+                        fds.extend(
+                            raw.into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
+                    }
+                }
+                break (message.bytes, fds);
+            }
+        }
+    };
+    if received == 0 {
+        return Ok(None);
+    }
+    let mut bytes = first[..received].to_vec();
+    if bytes.len() < 4 {
+        let mut rest = vec![0u8; 4 - bytes.len()];
+        (&*socket).read_exact(&mut rest)?;
+        bytes.extend_from_slice(&rest);
+    }
+    let length = u32::from_be_bytes(bytes[..4].try_into().expect("four bytes")) as usize;
+    if length > MAX_FRAME as usize {
+        return Err(std::io::Error::other(format!(
+            "a {length}-byte frame is over the {MAX_FRAME}-byte bound"
+        )));
+    }
+    if bytes.len() > 4 + length {
+        return Err(std::io::Error::other(
+            "more than one frame arrived before the first was handled",
+        ));
+    }
+    let mut rest = vec![0u8; 4 + length - bytes.len()];
+    (&*socket).read_exact(&mut rest)?;
+    bytes.extend_from_slice(&rest);
+    let message = serde_json::from_slice(&bytes[4..]).map_err(std::io::Error::other)?;
+    Ok(Some((message, fds)))
 }
 
 /// Reads one frame; `None` when the other side closed the socket.
@@ -218,6 +325,39 @@ mod tests {
             Some(ToPool::Drain { grace_ms: 7 })
         ));
         assert!(receive::<_, ToPool>(&mut b).await.unwrap().is_none());
+    }
+
+    #[test]
+    fn start_travels_with_its_descriptors() {
+        let (supervisor, pool) = std::os::unix::net::UnixStream::pair().unwrap();
+        let files: Vec<OwnedFd> = (0..START_FDS)
+            .map(|i| {
+                let fd =
+                    nix::sys::memfd::memfd_create(c"test", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                        .unwrap();
+                nix::unistd::ftruncate(&fd, 100 + i as i64).unwrap();
+                fd
+            })
+            .collect();
+        let raw: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        // A frame larger than one read, so the rest follows the part the descriptors rode on.
+        let big = ToPool::Probe {
+            path: "x".repeat(200 << 10),
+        };
+        let sender = std::thread::spawn(move || {
+            send_with_fds(&supervisor, &big, &raw).unwrap();
+            drop(files);
+            supervisor
+        });
+        let (message, fds) = receive_with_fds::<ToPool>(&pool).unwrap().unwrap();
+        assert!(matches!(message, ToPool::Probe { path } if path.len() == 200 << 10));
+        assert_eq!(fds.len(), START_FDS);
+        for (i, fd) in fds.into_iter().enumerate() {
+            let size = std::fs::File::from(fd).metadata().unwrap().len();
+            assert_eq!(size, 100 + i as u64, "descriptors arrive in order");
+        }
+        drop(sender.join().unwrap());
+        assert!(receive_with_fds::<ToPool>(&pool).unwrap().is_none());
     }
 
     #[test]
