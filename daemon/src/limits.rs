@@ -12,6 +12,8 @@ use cgroups_rs::memory::MemController;
 use cgroups_rs::pid::PidController;
 use cgroups_rs::{hierarchies, Cgroup, CgroupPid, MaxValue};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// The CFS period cpu quotas are expressed in.
 const CPU_PERIOD_US: u64 = 100_000;
@@ -166,6 +168,7 @@ impl Cgroups {
         let manager = AppCgroup {
             path: parent.to_string(),
             v2,
+            carried_cpu_nanos: Arc::default(),
         };
         if let Err(error) = manager.apply_to(&cgroup, total) {
             return Cgroups::NotEnforced {
@@ -200,7 +203,49 @@ impl Cgroups {
             path: path.clone(),
             message,
         })?;
-        Ok(Some(AppCgroup { path, v2: *v2 }))
+        Ok(Some(AppCgroup {
+            path,
+            v2: *v2,
+            carried_cpu_nanos: Arc::default(),
+        }))
+    }
+
+    /// A cgroup for a spare pool process (no app yet), named so no app can have the name, on
+    /// cgroup v1 only: there the app's cgroup can later be renamed into place around the
+    /// process (`AppCgroup::take_over`) instead of moving the process, which costs an RCU grace
+    /// period (milliseconds) on the pool start's path. cgroup v2 cannot rename a cgroup.
+    pub fn for_spare(&self, pid: u32) -> Option<AppCgroup> {
+        let Cgroups::Enforced { v2: false, parent } = self else {
+            return None;
+        };
+        let path = format!("{parent}/{SPARE_PREFIX}{pid}");
+        create(hierarchies::auto(), &path).ok()?;
+        Some(AppCgroup {
+            path,
+            v2: false,
+            carried_cpu_nanos: Arc::default(),
+        })
+    }
+
+    /// Removes the (empty) cgroups of spare pool processes an earlier cairnd left behind.
+    pub fn remove_stale_spares(&self) {
+        let Cgroups::Enforced { v2: false, parent } = self else {
+            return;
+        };
+        for root in v1_roots() {
+            let Ok(entries) = std::fs::read_dir(root.join(parent)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(SPARE_PREFIX)
+                {
+                    let _ = std::fs::remove_dir(entry.path());
+                }
+            }
+        }
     }
 
     /// Removes the parent cgroup if no app cgroup is left in it.
@@ -216,12 +261,32 @@ impl Cgroups {
     }
 }
 
-/// One app's cgroup. Holds only its path: cgroups-rs handles are loaded per operation, which
-/// keeps this type `Send` and always in step with the filesystem.
+/// What a spare pool process's cgroup is called (with its pid after): a `.` no app name has.
+const SPARE_PREFIX: &str = "spare.";
+
+/// The distinct v1 hierarchies cairn uses (`cpu` and `cpuacct` are often one, mounted twice).
+fn v1_roots() -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = Vec::new();
+    for controller in CONTROLLERS {
+        let Ok(root) = std::fs::canonicalize(PathBuf::from("/sys/fs/cgroup").join(controller))
+        else {
+            continue;
+        };
+        if !roots.contains(&root) {
+            roots.push(root);
+        }
+    }
+    roots
+}
+
+/// One app's cgroup. Holds only its path (cgroups-rs handles are loaded per operation, which
+/// keeps this type `Send` and always in step with the filesystem) and the CPU time counted by
+/// cgroups it replaced (`take_over`).
 #[derive(Debug, Clone)]
 pub struct AppCgroup {
     path: String,
     v2: bool,
+    carried_cpu_nanos: Arc<AtomicU64>,
 }
 
 impl AppCgroup {
@@ -278,6 +343,54 @@ impl AppCgroup {
             .map_err(|e| self.error(format!("cannot move process {pid} in: {e}")))
     }
 
+    /// Makes this app's cgroup the one around process `pid`, which sits alone in the spare
+    /// cgroup `spare`, with `limits`. On v1, per hierarchy, the (empty) app cgroup is removed and
+    /// the spare's renamed into its place, so the process does not move; CPU time counted so
+    /// far is carried over. Where that cannot be done (the app's cgroup still holds a pool, as
+    /// during a generation swap), the process is moved in as by `add`, and the spare's cgroup
+    /// removed.
+    pub fn take_over(
+        &self,
+        spare: &AppCgroup,
+        pid: u32,
+        limits: &PoolLimits,
+    ) -> Result<(), LimitsError> {
+        if self.v2 || spare.v2 || spare.apply(limits).is_err() {
+            let moved = self.add(pid);
+            spare.remove();
+            return moved;
+        }
+        let cpu_before = self.usage().cpu_nanos;
+        let cpuacct = std::fs::canonicalize("/sys/fs/cgroup/cpuacct").ok();
+        let mut recreated = false;
+        for root in v1_roots() {
+            let (from, to) = (root.join(&spare.path), root.join(&self.path));
+            if std::fs::remove_dir(&to).is_ok() {
+                if std::fs::rename(&from, &to).is_ok() {
+                    if cpuacct.as_ref() == Some(&root) {
+                        self.carried_cpu_nanos
+                            .fetch_add(cpu_before, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                std::fs::create_dir(&to)
+                    .map_err(|e| self.error(format!("cannot recreate {}: {e}", to.display())))?;
+                recreated = true;
+            }
+            std::fs::write(to.join("cgroup.procs"), pid.to_string()).map_err(|e| {
+                self.error(format!(
+                    "cannot move process {pid} into {}: {e}",
+                    to.display()
+                ))
+            })?;
+            let _ = std::fs::remove_dir(&from);
+        }
+        if recreated {
+            self.apply(limits)?;
+        }
+        Ok(())
+    }
+
     pub fn usage(&self) -> Usage {
         let cgroup = self.load();
         let mut usage = Usage::default();
@@ -295,6 +408,7 @@ impl AppCgroup {
         } else if let Some(cpuacct) = cgroup.controller_of::<CpuAcctController>() {
             usage.cpu_nanos = cpuacct.cpuacct().usage;
         }
+        usage.cpu_nanos += self.carried_cpu_nanos.load(Ordering::Relaxed);
         if let Some(pids) = cgroup.controller_of::<PidController>() {
             usage.pids = pids.get_pid_current().unwrap_or(0);
         }

@@ -208,8 +208,8 @@ impl Reconciler {
             apps: Mutex::new(BTreeMap::new()),
             drain,
             exits,
+            spawner: Spawner::new(pool_user, Arc::clone(&cgroups)),
             cgroups,
-            spawner: Spawner::new(pool_user),
             restarts,
         });
         reconciler.spawner.refill(Duration::ZERO);
@@ -306,6 +306,7 @@ impl Reconciler {
         .await;
         match result {
             Ok(pool) => {
+                running.oom_kills_seen = oom_kills(running.cgroup.as_ref());
                 running.allocator = pool.allocator.clone();
                 running.state = State::Running {
                     pool,
@@ -398,6 +399,7 @@ impl Reconciler {
         } = *attempt;
         self.spawner
             .launch(spawn::Launch {
+                limits: pool_limits(spec),
                 spec,
                 generation,
                 code,
@@ -706,10 +708,12 @@ impl Reconciler {
                 .as_ref()
                 .map(|p| p.last_exit.clone())
                 .unwrap_or_default(),
-            oom_kills_seen: previous
-                .as_ref()
-                .map(|p| p.oom_kills_seen)
-                .unwrap_or_else(|| cgroup.as_ref().map(|c| c.usage().oom_kills).unwrap_or(0)),
+            // A pool start may have given the app a new cgroup (a spare's, renamed into place),
+            // whose count starts again.
+            oom_kills_seen: {
+                let now = cgroup.as_ref().map(|c| c.usage().oom_kills).unwrap_or(0);
+                previous.as_ref().map_or(now, |p| p.oom_kills_seen.min(now))
+            },
             cgroup,
             recent_failures: Vec::new(),
             crashloop: false,
@@ -919,6 +923,7 @@ impl Reconciler {
                         &format!("pool restarted (pid {})", pool.pid),
                     );
                 }
+                running.oom_kills_seen = oom_kills(running.cgroup.as_ref());
                 running.allocator = pool.allocator.clone();
                 running.state = State::Running {
                     pool,
@@ -1030,6 +1035,7 @@ impl Reconciler {
         for cgroup in cgroups {
             cgroup.remove();
         }
+        self.spawner.shutdown().await;
     }
 }
 
@@ -1044,6 +1050,12 @@ fn pool_limits(spec: &AppSpec) -> PoolLimits {
 fn new_counters(app: &AppName) -> Result<Counters, ReconcileError> {
     Counters::create(app.as_str())
         .map_err(|e| ReconcileError::Internal(format!("cannot create the counters page: {e}")))
+}
+
+/// OOM kills counted so far in the app's cgroup. Read after each pool start: the start may
+/// have given the app a new cgroup (a spare's, renamed into place), whose count starts again.
+fn oom_kills(cgroup: Option<&AppCgroup>) -> u64 {
+    cgroup.map(|c| c.usage().oom_kills).unwrap_or(0)
 }
 
 fn facts_text(facts: &CodeFacts) -> String {

@@ -9,7 +9,7 @@
 //! Raw `dup2` is called between fork and exec (`pre_exec`) because that is the only place the
 //! child's descriptor table can be arranged; nothing else happens there.
 
-use crate::limits::AppCgroup;
+use crate::limits::{AppCgroup, Cgroups, PoolLimits};
 use crate::logs::LogHub;
 use crate::pool::protocol::{self, Counters, FromPool, ToPool};
 use crate::runtime::CodeFacts;
@@ -109,8 +109,9 @@ pub struct Launch<'a> {
     pub start: Start,
     pub listener: &'a std::net::TcpListener,
     pub counters: &'a Counters,
-    /// The cgroup the pool is moved into before it is told what to run.
+    /// The cgroup the pool is moved into before it is told what to run, and its limits.
     pub cgroup: Option<&'a AppCgroup>,
+    pub limits: PoolLimits,
     pub logs: Arc<LogHub>,
     pub exits: mpsc::Sender<PoolExit>,
 }
@@ -248,6 +249,8 @@ struct Process {
     child: tokio::process::Child,
     pid: u32,
     control: std::os::unix::net::UnixStream,
+    /// A spare's own cgroup (v1), which becomes the app's (`AppCgroup::take_over`).
+    cgroup: Option<AppCgroup>,
 }
 
 /// Starts pool processes. It keeps one spare process ready (exec'd, privileges dropped,
@@ -256,18 +259,37 @@ struct Process {
 /// idle above all, does not wait for an exec.
 pub struct Spawner {
     user: Option<(u32, u32)>,
+    cgroups: Arc<Cgroups>,
     spare: std::sync::Mutex<Option<Process>>,
     refilling: AtomicBool,
+    /// Set at shutdown: no more spares.
+    closed: AtomicBool,
 }
 
 impl Spawner {
     /// `user`: the user and group pools drop to.
-    pub fn new(user: Option<(u32, u32)>) -> Arc<Spawner> {
+    pub fn new(user: Option<(u32, u32)>, cgroups: Arc<Cgroups>) -> Arc<Spawner> {
+        cgroups.remove_stale_spares();
         Arc::new(Spawner {
             user,
+            cgroups,
             spare: std::sync::Mutex::new(None),
             refilling: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         })
+    }
+
+    /// Ends the spare (at shutdown) and starts no other.
+    pub async fn shutdown(&self) {
+        self.closed.store(true, Ordering::Release);
+        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut spare) = spare {
+            let _ = spare.child.start_kill();
+            let _ = spare.child.wait().await;
+            if let Some(cgroup) = spare.cgroup {
+                cgroup.remove();
+            }
+        }
     }
 
     /// Starts a pool process for `app`, or a spare one (no app yet).
@@ -312,6 +334,7 @@ impl Spawner {
             child,
             pid,
             control: ours,
+            cgroup: None,
         })
     }
 
@@ -324,13 +347,18 @@ impl Spawner {
             .take()?;
         match spare.child.try_wait() {
             Ok(None) => Some(spare),
-            _ => None,
+            _ => {
+                if let Some(cgroup) = spare.cgroup {
+                    cgroup.remove();
+                }
+                None
+            }
         }
     }
 
     /// Starts a spare after `delay` unless there is one (or one is being started).
     pub fn refill(self: &Arc<Self>, delay: Duration) {
-        if self.refilling.swap(true, Ordering::AcqRel) {
+        if self.closed.load(Ordering::Acquire) || self.refilling.swap(true, Ordering::AcqRel) {
             return;
         }
         let spawner = Arc::clone(self);
@@ -341,9 +369,25 @@ impl Spawner {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .is_none();
-            if missing {
+            if missing && !spawner.closed.load(Ordering::Acquire) {
                 match spawner.start_process(None) {
-                    Ok(process) => {
+                    Ok(mut process) => {
+                        // Its own cgroup now, off any pool start's path (see `for_spare`).
+                        let (cgroups, pid) = (Arc::clone(&spawner.cgroups), process.pid);
+                        process.cgroup = tokio::task::spawn_blocking(move || {
+                            let cgroup = cgroups.for_spare(pid)?;
+                            match cgroup.add(pid) {
+                                Ok(()) => Some(cgroup),
+                                Err(error) => {
+                                    tracing::debug!(%error, "a spare pool process stays in the supervisor's cgroup");
+                                    cgroup.remove();
+                                    None
+                                }
+                            }
+                        })
+                        .await
+                        .ok()
+                        .flatten();
                         *spawner.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(process)
                     }
                     Err(error) => {
@@ -370,6 +414,7 @@ impl Spawner {
             mut child,
             pid,
             control,
+            cgroup: spare_cgroup,
         } = process;
 
         let kill = move || {
@@ -379,12 +424,18 @@ impl Spawner {
             );
         };
         // Into its cgroup before it is told what to run: nothing of the app runs unconfined.
-        if let Some(cgroup) = launch.cgroup {
-            if let Err(error) = cgroup.add(pid) {
-                kill();
-                let _ = child.wait().await;
-                return Err(SpawnError::Io(std::io::Error::other(error.to_string())));
+        let confined = match (launch.cgroup, &spare_cgroup) {
+            (Some(cgroup), Some(spare)) => cgroup.take_over(spare, pid, &launch.limits),
+            (Some(cgroup), None) => cgroup.add(pid),
+            (None, _) => Ok(()),
+        };
+        if let Err(error) = confined {
+            kill();
+            let _ = child.wait().await;
+            if let Some(spare) = spare_cgroup {
+                spare.remove();
             }
+            return Err(SpawnError::Io(std::io::Error::other(error.to_string())));
         }
         let (exit_sender, exited) = watch::channel(None);
         let exits = launch.exits.clone();

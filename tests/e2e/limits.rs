@@ -282,3 +282,93 @@ fn without_privileges_limits_are_reported_as_not_enforced() {
         .unwrap()
         .contains("not root"));
 }
+
+#[test]
+fn a_pool_woken_from_idle_is_in_its_apps_cgroup_with_its_limits() {
+    let daemon = Daemon::start();
+    if !enforcing(
+        &daemon,
+        "a_pool_woken_from_idle_is_in_its_apps_cgroup_with_its_limits",
+    ) {
+        return;
+    }
+    let addr = daemon.deploy_hello(
+        "sleeper",
+        &[
+            "--idle",
+            "200ms",
+            "--memory-total",
+            "96MiB",
+            "--pids",
+            "24",
+            "--cpu",
+            "0.5",
+        ],
+    );
+    let relative = format!("{}/sleeper", daemon.cgroup_parent);
+    let mut cpu_before = 0;
+    let mut pids_seen = Vec::new();
+    // Each wake starts the pool on the spare process, whose own cgroup is renamed into the
+    // app's place on v1 (moved into it on v2): either way it must end up exactly here.
+    for round in 0..3 {
+        assert_eq!(get(addr, "/").unwrap().status, 200, "round {round}");
+        let status = daemon.app_status("sleeper");
+        let pid = status["pid"].as_u64().unwrap();
+        assert!(!pids_seen.contains(&pid), "a new pool each round");
+        pids_seen.push(pid);
+        for dir in cgroup_dirs(&relative) {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+            assert!(
+                procs.lines().any(|line| line == pid.to_string()),
+                "round {round}: pool {pid} is not in {}: {procs:?}",
+                dir.display()
+            );
+        }
+        assert_eq!(
+            read_limit(
+                &daemon,
+                "sleeper",
+                ("memory", "memory.limit_in_bytes"),
+                "memory.max"
+            ),
+            (96u64 << 20).to_string()
+        );
+        let cpu = read_limit(&daemon, "sleeper", ("cpu", "cpu.cfs_quota_us"), "cpu.max");
+        assert!(cpu == "50000" || cpu == "50000 100000", "{cpu}");
+        assert_eq!(
+            read_limit(&daemon, "sleeper", ("pids", "pids.max"), "pids.max"),
+            "24"
+        );
+        // CPU time used by earlier pools is not forgotten when the cgroup is replaced.
+        let cpu_now = status["cpu_usage_nanos"].as_u64().unwrap_or(0);
+        assert!(
+            cpu_now >= cpu_before,
+            "round {round}: {cpu_now} < {cpu_before}"
+        );
+        cpu_before = cpu_now;
+        // Beside the app cgroups there is at most the current spare's, holding only it.
+        for parent in cgroup_dirs(&daemon.cgroup_parent) {
+            let spares: Vec<PathBuf> = std::fs::read_dir(&parent)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with("spare.")
+                })
+                .collect();
+            assert!(spares.len() <= 1, "{spares:?}");
+            for spare in spares {
+                let procs = std::fs::read_to_string(spare.join("cgroup.procs")).unwrap();
+                assert!(procs.lines().count() <= 1, "{}: {procs:?}", spare.display());
+            }
+        }
+        wait_for("the app to go idle", Duration::from_secs(30), || {
+            daemon.app_status("sleeper")["status"] == "idle"
+        })
+        .unwrap();
+    }
+    assert!(cpu_before > 0, "the pools' CPU time is counted");
+}
