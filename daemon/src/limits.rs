@@ -360,7 +360,15 @@ impl AppCgroup {
             spare.remove();
             return moved;
         }
-        let cpu_before = self.usage().cpu_nanos;
+        // Only the CPU time is needed here; `usage` reads much more.
+        let cpu_before: u64 = std::fs::read_to_string(
+            PathBuf::from("/sys/fs/cgroup/cpuacct")
+                .join(&self.path)
+                .join("cpuacct.usage"),
+        )
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(0);
         let cpuacct = std::fs::canonicalize("/sys/fs/cgroup/cpuacct").ok();
         let mut recreated = false;
         for root in v1_roots() {

@@ -16,11 +16,11 @@ use crate::limits::{AppCgroup, Cgroups, LimitsError, PoolLimits, Usage};
 use crate::logs::LogHub;
 use crate::pool::protocol::{Counter, Counters};
 use crate::runtime::{CodeFacts, Runtime, RuntimeError, POOLING_ALLOCATOR};
-use crate::spawn::{self, ExitReason, Pool, PoolExit, SpawnError, Spawner, Start};
+use crate::spawn::{self, Code, ExitReason, Pool, PoolExit, SpawnError, Spawner, Start};
 use crate::spec::{AppName, AppSpec, SpecError};
 use crate::store::{now_unix, Owner, Store, StoreError};
 use futures_util::StreamExt;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -165,6 +165,68 @@ impl Drop for Waker {
     }
 }
 
+/// How much precompiled code the supervisor keeps in memory for pool starts. The pages are
+/// shared with the pools that map the code, so this costs memory only for code no running
+/// pool uses (idle or removed apps'): a wake from idle of a recently used app reads no SQLite.
+const CODE_CACHE_BYTES: usize = 32 << 20;
+
+/// Code by (component digest, engine fingerprint), least recently used dropped first once
+/// the total is over its budget.
+struct CodeCache {
+    budget: usize,
+    entries: std::sync::Mutex<CodeEntries>,
+}
+
+/// A use counter, and each entry with the count at its last use.
+#[derive(Default)]
+struct CodeEntries {
+    clock: u64,
+    map: HashMap<CodeKey, (Arc<Code>, u64)>,
+}
+
+/// Component digest and engine fingerprint.
+type CodeKey = (Digest, String);
+
+impl CodeCache {
+    fn new(budget: usize) -> CodeCache {
+        CodeCache {
+            budget,
+            entries: std::sync::Mutex::default(),
+        }
+    }
+
+    fn get(&self, key: &CodeKey) -> Option<Arc<Code>> {
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let CodeEntries { clock, map } = &mut *guard;
+        *clock += 1;
+        let (code, used) = map.get_mut(key)?;
+        *used = *clock;
+        Some(Arc::clone(code))
+    }
+
+    fn put(&self, key: CodeKey, code: Arc<Code>) {
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let CodeEntries {
+            clock,
+            map: entries,
+        } = &mut *guard;
+        *clock += 1;
+        entries.insert(key.clone(), (code, *clock));
+        let mut total: usize = entries.values().map(|(code, _)| code.len).sum();
+        while total > self.budget && entries.len() > 1 {
+            let oldest = entries
+                .iter()
+                .filter(|(k, _)| **k != key)
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone());
+            let Some(oldest) = oldest else { break };
+            if let Some((code, _)) = entries.remove(&oldest) {
+                total -= code.len;
+            }
+        }
+    }
+}
+
 /// One pool start's arguments (kept together for the retry with recompiled code).
 #[derive(Clone, Copy)]
 struct Attempt<'a> {
@@ -185,6 +247,8 @@ pub struct Reconciler {
     exits: mpsc::Sender<PoolExit>,
     cgroups: Arc<Cgroups>,
     spawner: Arc<Spawner>,
+    /// Checked code recently handed to pools, so a restart or a wake does not read the store.
+    code_cache: Arc<CodeCache>,
     /// Restarts that are due (sent after their backoff).
     restarts: mpsc::Sender<(AppName, u64)>,
 }
@@ -209,6 +273,7 @@ impl Reconciler {
             drain,
             exits,
             spawner: Spawner::new(pool_user, Arc::clone(&cgroups)),
+            code_cache: Arc::new(CodeCache::new(CODE_CACHE_BYTES)),
             cgroups,
             restarts,
         });
@@ -364,7 +429,7 @@ impl Reconciler {
         cgroup: Option<&AppCgroup>,
         start: Start,
     ) -> Result<Pool, ReconcileError> {
-        let (code, facts, cached) = self.code(spec, false).await?;
+        let (code, cached) = self.code(spec, false).await?;
         let attempt = Attempt {
             spec,
             generation,
@@ -373,11 +438,11 @@ impl Reconciler {
             cgroup,
             start,
         };
-        match self.launch_with(&attempt, &code, facts).await {
+        match self.launch_with(&attempt, &code).await {
             Err(ReconcileError::Load { message, .. }) if cached => {
                 tracing::warn!(app = %spec.name, %message, "precompiled code was not usable; recompiling");
-                let (code, facts, _) = self.code(spec, true).await?;
-                self.launch_with(&attempt, &code, facts).await
+                let (code, _) = self.code(spec, true).await?;
+                self.launch_with(&attempt, &code).await
             }
             other => other,
         }
@@ -386,8 +451,7 @@ impl Reconciler {
     async fn launch_with(
         &self,
         attempt: &Attempt<'_>,
-        code: &[u8],
-        facts: CodeFacts,
+        code: &Code,
     ) -> Result<Pool, ReconcileError> {
         let Attempt {
             spec,
@@ -403,7 +467,6 @@ impl Reconciler {
                 spec,
                 generation,
                 code,
-                facts,
                 start,
                 listener,
                 counters,
@@ -421,15 +484,17 @@ impl Reconciler {
             })
     }
 
-    /// The app's native code, what the runtime knows about it, and whether it came from the
-    /// cache. Compiling is CPU work, so it runs on the blocking pool.
+    /// The app's native code, ready for pools, and whether it was compiled before (in memory
+    /// or in the store). Reading and compiling are blocking work, so they run on the blocking
+    /// pool.
     async fn code(
         &self,
         spec: &AppSpec,
         force_compile: bool,
-    ) -> Result<(Vec<u8>, CodeFacts, bool), ReconcileError> {
+    ) -> Result<(Arc<Code>, bool), ReconcileError> {
         let store = Arc::clone(&self.store);
         let runtime = Arc::clone(&self.runtime);
+        let memory = Arc::clone(&self.code_cache);
         let spec = spec.clone();
         tokio::task::spawn_blocking(move || {
             let digest = spec.component.clone();
@@ -438,6 +503,20 @@ impl Reconciler {
                 source,
             };
             let fingerprint = runtime.fingerprint(&spec.limits).map_err(component_error)?;
+            let key = (digest.clone(), fingerprint.clone());
+            if !force_compile {
+                if let Some(code) = memory.get(&key) {
+                    runtime.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok((code, true));
+                }
+            }
+            let ready = |code: &[u8], facts| {
+                let code = Arc::new(Code::new(code, facts).map_err(|e| {
+                    ReconcileError::Internal(format!("cannot hold the code in memory: {e}"))
+                })?);
+                memory.put(key.clone(), Arc::clone(&code));
+                Ok::<_, ReconcileError>(code)
+            };
             if !force_compile {
                 if let Some((code, facts)) = store.get_compiled(&digest, &fingerprint)? {
                     runtime.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -453,7 +532,7 @@ impl Reconciler {
                             facts
                         }
                     };
-                    return Ok((code, facts, true));
+                    return Ok((ready(&code, facts)?, true));
                 }
             }
             let wasm = store
@@ -466,7 +545,7 @@ impl Reconciler {
                 .inspect(&code, &spec.limits)
                 .map_err(component_error)?;
             store.put_compiled(&digest, &fingerprint, &code, &facts_text(&facts))?;
-            Ok((code, facts, false))
+            Ok((ready(&code, facts)?, false))
         })
         .await
         .map_err(|e| ReconcileError::Internal(format!("preparing the app failed: {e}")))?
@@ -1150,6 +1229,38 @@ fn view(name: &AppName, running: &Running) -> AppView {
 mod tests {
     use super::*;
     use crate::spawn::ExitReason;
+
+    #[test]
+    fn the_code_cache_drops_the_least_recently_used_over_its_budget() {
+        let facts = CodeFacts {
+            memories: 1,
+            tables: 1,
+            max_initial_table_size: None,
+        };
+        let code = |size: usize| Arc::new(Code::new(&vec![7u8; size], facts).unwrap());
+        let key = |name: &str| (Digest::of(name.as_bytes()), "engine".to_string());
+        let cache = CodeCache::new(300);
+        cache.put(key("a"), code(100));
+        cache.put(key("b"), code(100));
+        cache.put(key("c"), code(100));
+        assert!(cache.get(&key("a")).is_some()); // a is now the most recently used
+        cache.put(key("d"), code(100));
+        assert!(
+            cache.get(&key("b")).is_none(),
+            "b was the least recently used"
+        );
+        for kept in ["a", "c", "d"] {
+            assert!(cache.get(&key(kept)).is_some(), "{kept}");
+        }
+        // Code larger than the whole budget is still kept, alone, for the start that asked.
+        cache.put(key("huge"), code(1000));
+        assert_eq!(cache.get(&key("huge")).unwrap().len, 1000);
+        assert!(cache.get(&key("a")).is_none());
+        // The same code under another engine is another entry.
+        assert!(cache
+            .get(&(Digest::of(b"huge"), "other-engine".to_string()))
+            .is_none());
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

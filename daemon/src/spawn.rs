@@ -104,8 +104,7 @@ pub enum Start {
 pub struct Launch<'a> {
     pub spec: &'a AppSpec,
     pub generation: u64,
-    pub code: &'a [u8],
-    pub facts: CodeFacts,
+    pub code: &'a Code,
     pub start: Start,
     pub listener: &'a std::net::TcpListener,
     pub counters: &'a Counters,
@@ -215,7 +214,24 @@ impl Pool {
     }
 }
 
-/// A sealed memfd holding `code`: the pool maps it (no copy) and nobody can change it after.
+/// Precompiled code ready to hand to pools: a sealed memfd (each pool maps it, no copy, and
+/// nobody can change it after), with what the runtime knows about it.
+pub struct Code {
+    fd: OwnedFd,
+    pub facts: CodeFacts,
+    pub len: usize,
+}
+
+impl Code {
+    pub fn new(code: &[u8], facts: CodeFacts) -> std::io::Result<Code> {
+        Ok(Code {
+            fd: code_memfd(code)?,
+            facts,
+            len: code.len(),
+        })
+    }
+}
+
 fn code_memfd(code: &[u8]) -> std::io::Result<OwnedFd> {
     use nix::fcntl::{FcntlArg, SealFlag};
     use nix::sys::memfd::{memfd_create, MFdFlags};
@@ -403,7 +419,6 @@ impl Spawner {
     /// component.
     pub async fn launch(self: &Arc<Self>, launch: Launch<'_>) -> Result<Pool, SpawnError> {
         let app = launch.spec.name.clone();
-        let code = code_memfd(launch.code)?;
         let process = match self.take_spare() {
             Some(spare) => spare,
             None => self.start_process(Some(&app))?,
@@ -458,20 +473,19 @@ impl Spawner {
         let start = ToPool::Start {
             spec: Box::new(launch.spec.clone()),
             generation: launch.generation,
-            facts: launch.facts,
+            facts: launch.code.facts,
             probe: launch.start != Start::Resume { proven: true },
             serve: launch.start != Start::Prepare,
         };
         let fds = [
             launch.listener.as_raw_fd(),
-            code.as_raw_fd(),
+            launch.code.fd.as_raw_fd(),
             launch.counters.raw_fd(),
         ];
         if let Err(error) = protocol::send_with_fds(&control, &start, &fds) {
             kill();
             return Err(SpawnError::Io(error));
         }
-        drop(code);
         control.set_nonblocking(true)?;
         let (mut reader, writer) = tokio::net::UnixStream::from_std(control)?.into_split();
 

@@ -64,7 +64,9 @@ pub fn run(ids: Option<(u32, u32)>) -> i32 {
             return 70;
         }
     };
-    // Everything above is what a spare has done before it is given an app.
+    // The epoch ticker too: everything up to here is what a spare has done before it is
+    // given an app.
+    let wasm = Runtime::new();
     let (start, fds) = match protocol::receive_with_fds::<ToPool>(&control) {
         Ok(Some((start @ ToPool::Start { .. }, fds))) if fds.len() == protocol::START_FDS => {
             (start, fds)
@@ -89,7 +91,7 @@ pub fn run(ids: Option<(u32, u32)>) -> i32 {
     }
     let [listener, code, counters]: [OwnedFd; protocol::START_FDS] =
         fds.try_into().expect("the count was checked above");
-    match runtime.block_on(serve(start, listener, control, code, counters)) {
+    match runtime.block_on(serve(wasm, start, listener, control, code, counters)) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("cairnd pool: {error:#}");
@@ -99,6 +101,7 @@ pub fn run(ids: Option<(u32, u32)>) -> i32 {
 }
 
 async fn serve(
+    runtime: Arc<Runtime>,
     start: ToPool,
     listener: OwnedFd,
     control: std::os::unix::net::UnixStream,
@@ -158,7 +161,6 @@ async fn serve(
     });
 
     let reporter = reporter(log_sender, Arc::clone(&counters));
-    let runtime = Runtime::new();
     let env: Vec<(String, String)> = spec
         .env
         .iter()
