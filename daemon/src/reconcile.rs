@@ -27,9 +27,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Mutex};
 
-/// First restart delay after a pool dies; doubled for each further failure, up to the cap.
 /// Pools started at once when the daemon restores its apps.
 const START_CONCURRENCY: usize = 8;
+/// Restored apps whose addresses are bound at once at start-up.
+const BIND_CONCURRENCY: usize = 64;
+/// First restart delay after a pool dies; doubled for each further failure, up to the cap.
 const RESTART_BACKOFF: Duration = Duration::from_millis(100);
 const RESTART_BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// A pool that served this long is healthy again: its next failure starts the backoff over.
@@ -123,6 +125,12 @@ enum State {
     /// pool when a connection arrives.
     Idle {
         _waker: Waker,
+    },
+    /// Restored at start-up, its pool not started yet: the listener is bound, and the pool is
+    /// started in the background, or sooner by the `waker` when a connection arrives (`None`
+    /// once the background start has claimed it).
+    Starting {
+        waker: Option<Waker>,
     },
     /// The app could not be started at all.
     Failed {
@@ -297,9 +305,12 @@ impl Reconciler {
         reconciler
     }
 
-    /// Brings every app in the store up at its current generation. Apps that fail are marked
-    /// failed with the reason; the rest serve.
-    pub async fn start_all(&self) -> Result<(), ReconcileError> {
+    /// Brings every app in the store up at its current generation: binds its address and
+    /// makes its cgroup, then starts its pool in the background. Returns once every address
+    /// is bound (or the app is marked failed with the reason): from then on a connection to an
+    /// app waits in its listener's backlog until the pool serves it, and an app whose pool has
+    /// not started yet is started at once when a connection arrives, ahead of the rest.
+    pub async fn start_all(self: &Arc<Self>) -> Result<(), ReconcileError> {
         let records = self.store.call(|store| store.apps()).await?;
         let mut apps = self.apps.lock().await;
         let mut restored = Vec::with_capacity(records.len());
@@ -327,16 +338,128 @@ impl Reconciler {
             };
             restored.push((record.name, running));
         }
-        // Pools start side by side (a pool's start is mostly waiting on exec and loading code),
-        // a few at a time so a device with many apps is not swamped at boot.
+        // Addresses are bound side by side: a pool of the previous daemon may still be closing
+        // its copy of a listener, which is waited for (briefly) per app.
         futures_util::stream::iter(restored.iter_mut())
-            .for_each_concurrent(START_CONCURRENCY, |(_, running)| async move {
-                // A pool of the previous daemon may still be closing its copy of the listener.
-                self.bring_up(running, Duration::from_secs(3)).await;
+            .for_each_concurrent(BIND_CONCURRENCY, |(name, running)| async move {
+                match self.prepare_restored(running).await {
+                    Ok(listener) => {
+                        running.state = State::Starting {
+                            waker: Some(Waker(self.wake_on_connection(
+                                name.clone(),
+                                running.generation,
+                                Some(&listener),
+                            ))),
+                        };
+                    }
+                    Err(error) => self.mark_failed(running, error),
+                }
             })
             .await;
+        let pending: Vec<(AppName, u64)> = restored
+            .iter()
+            .filter(|(_, running)| matches!(running.state, State::Starting { .. }))
+            .map(|(name, running)| (name.clone(), running.generation))
+            .collect();
         apps.extend(restored);
+        drop(apps);
+        // Pools start side by side (a pool's start is mostly waiting on exec and loading code),
+        // a few at a time so a device with many apps is not swamped at boot.
+        let reconciler = Arc::clone(self);
+        tokio::spawn(async move {
+            futures_util::stream::iter(pending)
+                .for_each_concurrent(START_CONCURRENCY, |(app, generation)| {
+                    let reconciler = &reconciler;
+                    async move { reconciler.start_restored(&app, generation).await }
+                })
+                .await;
+        });
         Ok(())
+    }
+
+    /// A restored app's listener (bound now) and cgroup (made now).
+    async fn prepare_restored(
+        &self,
+        running: &mut Running,
+    ) -> Result<Arc<std::net::TcpListener>, ReconcileError> {
+        let listener =
+            Arc::new(bind_patiently(running.spec.http.listen, Duration::from_secs(3)).await?);
+        running.listener = Some(Arc::clone(&listener));
+        running.cgroup = self.app_cgroup(&running.spec)?;
+        Ok(listener)
+    }
+
+    /// Starts the pool of a restored app (see `start_all`), unless a connection started it
+    /// first or the app changed meanwhile. The start runs without holding the apps, so control
+    /// calls and other starts go on beside it.
+    async fn start_restored(&self, app: &AppName, generation: u64) {
+        let claimed = {
+            let mut apps = self.apps.lock().await;
+            let Some(running) = apps.get_mut(app) else {
+                return;
+            };
+            let State::Starting { waker } = &mut running.state else {
+                return;
+            };
+            if running.generation != generation {
+                return;
+            }
+            // Claimed: a connection arriving now waits for this start instead of making one.
+            *waker = None;
+            let listener = Arc::clone(running.listener.as_ref().expect("bound at start"));
+            (
+                running.spec.clone(),
+                listener,
+                Arc::clone(&running.counters),
+                running.cgroup.clone(),
+            )
+        };
+        let (spec, listener, counters, cgroup) = claimed;
+        let launched = self
+            .launch(
+                &spec,
+                generation,
+                &listener,
+                &counters,
+                cgroup.as_ref(),
+                Start::Resume { proven: false },
+            )
+            .await;
+        let mut apps = self.apps.lock().await;
+        let current = apps.get_mut(app).filter(|running| {
+            running.generation == generation
+                && matches!(running.state, State::Starting { waker: None })
+        });
+        match (launched, current) {
+            (Ok(pool), Some(running)) => {
+                running.oom_kills_seen = oom_kills(running.cgroup.as_ref());
+                running.allocator = pool.allocator.clone();
+                running.state = State::Running {
+                    pool,
+                    since: Instant::now(),
+                };
+                running.started_unix = now_unix();
+            }
+            (Err(error), Some(running)) => self.mark_failed(running, error),
+            // Removed or replaced while its pool started: that pool is not wanted.
+            (Ok(pool), None) => {
+                drop(apps);
+                pool.stop(self.drain).await;
+            }
+            (Err(_), None) => {}
+        }
+    }
+
+    /// Marks an app that could not be started as failed, saying why.
+    fn mark_failed(&self, running: &mut Running, error: ReconcileError) {
+        let reason = error.to_string();
+        tracing::error!(app = %running.spec.name, %reason, "app could not start");
+        self.logs.note(
+            running.spec.name.as_str(),
+            running.generation,
+            &format!("could not start: {reason}"),
+        );
+        running.state = State::Failed { reason };
     }
 
     /// Starts `running`'s pool on its (possibly new) listener; on failure marks it failed.
@@ -379,16 +502,7 @@ impl Reconciler {
                 };
                 running.started_unix = now_unix();
             }
-            Err(error) => {
-                let reason = error.to_string();
-                tracing::error!(app = %running.spec.name, %reason, "app could not start");
-                self.logs.note(
-                    running.spec.name.as_str(),
-                    running.generation,
-                    &format!("could not start: {reason}"),
-                );
-                running.state = State::Failed { reason };
-            }
+            Err(error) => self.mark_failed(running, error),
         }
     }
 
@@ -570,7 +684,12 @@ impl Reconciler {
                     },
                 });
             }
-            if running.spec == spec && matches!(running.state, State::Running { .. }) {
+            if running.spec == spec
+                && matches!(
+                    running.state,
+                    State::Running { .. } | State::Starting { .. }
+                )
+            {
                 return Ok((view(&spec.name, running), true));
             }
         }
@@ -799,8 +918,10 @@ impl Reconciler {
             // The generation this one replaces served well if it was serving (or idle) and not
             // in a crashloop; otherwise keep the one it remembered.
             last_good: previous.as_ref().and_then(|p| {
-                let served =
-                    matches!(p.state, State::Running { .. } | State::Idle { .. }) && !p.crashloop;
+                let served = matches!(
+                    p.state,
+                    State::Running { .. } | State::Idle { .. } | State::Starting { .. }
+                ) && !p.crashloop;
                 if served {
                     Some(p.generation)
                 } else {
@@ -968,7 +1089,11 @@ impl Reconciler {
         let Some(running) = apps.get_mut(app) else {
             return;
         };
-        let waking = matches!(running.state, State::Idle { .. });
+        // (A restored app whose start the background has claimed is not started twice.)
+        let waking = matches!(
+            running.state,
+            State::Idle { .. } | State::Starting { waker: Some(_) }
+        );
         if running.generation != generation
             || !(waking || matches!(running.state, State::Restarting { .. }))
         {
@@ -1212,6 +1337,7 @@ fn view(name: &AppName, running: &Running) -> AppView {
         State::Restarting { reason } if running.crashloop => ("crashloop", reason.clone()),
         State::Restarting { reason } => ("restarting", reason.clone()),
         State::Idle { .. } => ("idle", String::new()),
+        State::Starting { .. } => ("starting", String::new()),
         State::Failed { reason } => ("failed", reason.clone()),
     };
     AppView {

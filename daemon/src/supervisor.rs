@@ -155,15 +155,22 @@ pub async fn run(
     Ok(())
 }
 
+/// The one-line summary systemd shows. Idle apps count as serving (their next connection
+/// starts them); apps restored at start-up whose pools are still starting are said apart.
 async fn status_line(reconciler: &Reconciler) -> String {
     let apps = reconciler.list().await;
-    let running = apps.iter().filter(|a| a.status == "running").count();
-    let failed = apps.len() - running;
-    if failed == 0 {
-        format!("serving {running} app(s)")
-    } else {
-        format!("serving {running} app(s), {failed} failed (see `cairnctl ls`)")
+    let count = |statuses: &[&str]| apps.iter().filter(|a| statuses.contains(&a.status)).count();
+    let serving = count(&["running", "idle"]);
+    let starting = count(&["starting"]);
+    let failed = apps.len() - serving - starting;
+    let mut line = format!("serving {serving} app(s)");
+    if starting > 0 {
+        line.push_str(&format!(", {starting} starting"));
     }
+    if failed > 0 {
+        line.push_str(&format!(", {failed} failed (see `cairnctl ls`)"));
+    }
+    line
 }
 
 /// Precompiled code for specs no app uses, or from another wasmtime or CPU, is dead weight.

@@ -1,6 +1,7 @@
 //! Push, deploy, inspect, roll back, remove, and come back after a restart.
 
-use cairn_tests::{component, get, is_listening, Daemon};
+use cairn_tests::{component, get, is_listening, wait_for, Daemon};
+use std::time::Duration;
 
 #[test]
 fn push_deploy_from_a_manifest_and_inspect() {
@@ -316,4 +317,61 @@ fn stale_or_damaged_precompiled_code_is_recompiled() {
         .query_row("SELECT facts FROM compiled", [], |r| r.get(0))
         .unwrap();
     assert!(facts.contains("\"memories\":1"), "{facts}");
+}
+
+#[test]
+fn restored_apps_answer_from_ready_while_their_pools_start() {
+    let mut daemon = Daemon::start();
+    let names: Vec<String> = (0..12).map(|i| format!("app{i:02}")).collect();
+    let addrs: Vec<_> = names
+        .iter()
+        .map(|name| daemon.deploy_hello(name, &[]))
+        .collect();
+    daemon.stop();
+    daemon.restart();
+    // READY came once every address was bound; pools start behind it, and a connection to an
+    // app whose pool has not started yet starts it at once. Ask the last app first.
+    let early = daemon.ctl(&["-o", "json", "ls"]).json();
+    for app in early.as_array().unwrap() {
+        assert!(
+            app["status"] == "starting" || app["status"] == "running",
+            "{app}"
+        );
+    }
+    for addr in addrs.iter().rev() {
+        assert_eq!(get(*addr, "/").unwrap().status, 200);
+    }
+    wait_for("every pool to run", Duration::from_secs(60), || {
+        let apps = daemon.ctl(&["-o", "json", "ls"]).json();
+        apps.as_array()
+            .unwrap()
+            .iter()
+            .all(|app| app["status"] == "running")
+    })
+    .unwrap();
+    for name in &names {
+        assert_ne!(daemon.app_status(name)["pid"], 0, "{name}");
+    }
+    // Each app has exactly one pool process: where a connection and the background start
+    // both made one, the one not wanted was stopped.
+    let pools_of = |name: &str| {
+        let wanted = format!("--app\0{name}\0");
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|entry| {
+                let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+                let parent = stat
+                    .rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                    .and_then(|ppid| ppid.parse::<i32>().ok());
+                let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                parent == Some(daemon.pid()) && String::from_utf8_lossy(&cmdline).contains(&wanted)
+            })
+            .count()
+    };
+    wait_for("one pool process per app", Duration::from_secs(30), || {
+        names.iter().all(|name| pools_of(name) == 1)
+    })
+    .unwrap();
 }
