@@ -352,26 +352,29 @@ fn restored_apps_answer_from_ready_while_their_pools_start() {
     for name in &names {
         assert_ne!(daemon.app_status(name)["pid"], 0, "{name}");
     }
-    // Each app has exactly one pool process: where a connection and the background start
-    // both made one, the one not wanted was stopped.
-    let pools_of = |name: &str| {
-        let wanted = format!("--app\0{name}\0");
-        std::fs::read_dir("/proc")
+    // Each app has exactly one pool process (where a connection and the background start both
+    // made one, the one not wanted was stopped), beside the one spare.
+    let children = || {
+        std::fs::read_dir(format!("/proc/{}/task", daemon.pid()))
             .unwrap()
             .flatten()
-            .filter(|entry| {
-                let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-                let parent = stat
-                    .rsplit_once(") ")
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                    .and_then(|ppid| ppid.parse::<i32>().ok());
-                let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-                parent == Some(daemon.pid()) && String::from_utf8_lossy(&cmdline).contains(&wanted)
+            .map(|task| {
+                std::fs::read_to_string(task.path().join("children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .count()
             })
-            .count()
+            .sum::<usize>()
     };
-    wait_for("one pool process per app", Duration::from_secs(30), || {
-        names.iter().all(|name| pools_of(name) == 1)
-    })
+    wait_for(
+        "one pool process per app and a spare",
+        Duration::from_secs(30),
+        || children() == names.len() + 1,
+    )
     .unwrap();
+    let pids: std::collections::BTreeSet<u64> = names
+        .iter()
+        .map(|name| daemon.app_status(name)["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pids.len(), names.len());
 }

@@ -101,6 +101,20 @@ fn a_pools_cgroup_has_the_manifest_limits_and_goes_with_the_app() {
     ]);
     let cpu = read_limit(&daemon, "limited", ("cpu", "cpu.cfs_quota_us"), "cpu.max");
     assert!(cpu == "25000" || cpu == "25000 100000", "{cpu}");
+    // The new generation's pool started while the old one still drained in the cgroup, so it
+    // was moved in (not renamed into place): it is there in every hierarchy.
+    let pid = daemon.app_status("limited")["pid"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    for dir in cgroup_dirs(&format!("{}/limited", daemon.cgroup_parent)) {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|l| l == pid),
+            "new pool {pid} is not in {}: {procs:?}",
+            dir.display()
+        );
+    }
 
     let status = daemon.app_status("limited");
     assert!(
@@ -292,11 +306,17 @@ fn a_pool_woken_from_idle_is_in_its_apps_cgroup_with_its_limits() {
     ) {
         return;
     }
+    // Long enough for the status calls below, which take a while under qemu-user.
+    let idle = if cross_target().is_some() {
+        "5s"
+    } else {
+        "300ms"
+    };
     let addr = daemon.deploy_hello(
         "sleeper",
         &[
             "--idle",
-            "200ms",
+            idle,
             "--memory-total",
             "96MiB",
             "--pids",
