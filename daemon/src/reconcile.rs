@@ -432,13 +432,7 @@ impl Reconciler {
         });
         match (launched, current) {
             (Ok(pool), Some(running)) => {
-                running.oom_kills_seen = oom_kills(running.cgroup.as_ref());
-                running.allocator = pool.allocator.clone();
-                running.state = State::Running {
-                    pool,
-                    since: Instant::now(),
-                };
-                running.started_unix = now_unix();
+                running.serving_with(pool);
             }
             (Err(error), Some(running)) => self.mark_failed(running, error),
             // Removed or replaced while its pool started: that pool is not wanted.
@@ -494,13 +488,7 @@ impl Reconciler {
         .await;
         match result {
             Ok(pool) => {
-                running.oom_kills_seen = oom_kills(running.cgroup.as_ref());
-                running.allocator = pool.allocator.clone();
-                running.state = State::Running {
-                    pool,
-                    since: Instant::now(),
-                };
-                running.started_unix = now_unix();
+                running.serving_with(pool);
             }
             Err(error) => self.mark_failed(running, error),
         }
@@ -1127,13 +1115,7 @@ impl Reconciler {
                         &format!("pool restarted (pid {})", pool.pid),
                     );
                 }
-                running.oom_kills_seen = oom_kills(running.cgroup.as_ref());
-                running.allocator = pool.allocator.clone();
-                running.state = State::Running {
-                    pool,
-                    since: Instant::now(),
-                };
-                running.started_unix = now_unix();
+                running.serving_with(pool);
             }
             Err(error) => self.record_failure(app, running, error.to_string()),
         }
@@ -1260,6 +1242,19 @@ fn new_counters(app: &AppName) -> Result<Counters, ReconcileError> {
 /// have given the app a new cgroup (a spare's, renamed into place), whose count starts again.
 fn oom_kills(cgroup: Option<&AppCgroup>) -> u64 {
     cgroup.map(|c| c.usage().oom_kills).unwrap_or(0)
+}
+
+impl Running {
+    /// Records `pool`, just started for the app's current generation, as serving it.
+    fn serving_with(&mut self, pool: Pool) {
+        self.oom_kills_seen = oom_kills(self.cgroup.as_ref());
+        self.allocator = pool.allocator.clone();
+        self.state = State::Running {
+            pool,
+            since: Instant::now(),
+        };
+        self.started_unix = now_unix();
+    }
 }
 
 fn facts_text(facts: &CodeFacts) -> String {

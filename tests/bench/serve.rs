@@ -170,22 +170,6 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
-fn children(pid: i32) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|child| {
-            std::fs::read_to_string(format!("/proc/{child}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    let after = stat.rsplit_once(") ")?.1.to_string();
-                    after.split_whitespace().nth(1)?.parse::<i32>().ok()
-                })
-                == Some(pid)
-        })
-        .collect()
-}
-
 /// Waits until `count` apps run a pool (polled every few milliseconds).
 fn wait_all_running(daemon: &Daemon, count: usize) {
     wait_for("every app to run", Duration::from_secs(120), || {
@@ -271,7 +255,8 @@ fn main() {
     }
     let figure =
         |loads: &Vec<Load>, pick: fn(&Load) -> f64| median(loads.iter().map(pick).collect());
-    let pool_rss = children(daemon.pid())
+    let pool_rss = daemon
+        .children()
         .into_iter()
         .filter(|pid| {
             // Not the spare pool process (no app yet).
@@ -280,7 +265,7 @@ fn main() {
                 .windows(7)
                 .any(|w| w == b"(spare)")
         })
-        .map(rss_kib)
+        .map(|pid| rss_kib(pid as i32))
         .max()
         .unwrap_or(0);
 

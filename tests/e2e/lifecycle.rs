@@ -354,22 +354,10 @@ fn restored_apps_answer_from_ready_while_their_pools_start() {
     }
     // Each app has exactly one pool process (where a connection and the background start both
     // made one, the one not wanted was stopped), beside the one spare.
-    let children = || {
-        std::fs::read_dir(format!("/proc/{}/task", daemon.pid()))
-            .unwrap()
-            .flatten()
-            .map(|task| {
-                std::fs::read_to_string(task.path().join("children"))
-                    .unwrap_or_default()
-                    .split_whitespace()
-                    .count()
-            })
-            .sum::<usize>()
-    };
     wait_for(
         "one pool process per app and a spare",
         Duration::from_secs(30),
-        || children() == names.len() + 1,
+        || daemon.children().len() == names.len() + 1,
     )
     .unwrap();
     let pids: std::collections::BTreeSet<u64> = names

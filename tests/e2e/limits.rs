@@ -328,10 +328,21 @@ fn a_pool_woken_from_idle_is_in_its_apps_cgroup_with_its_limits() {
     let relative = format!("{}/sleeper", daemon.cgroup_parent);
     let mut cpu_before = 0;
     let mut pids_seen = Vec::new();
+    let app_dir = || cgroup_dirs(&relative).remove(0);
+    let mut dir_before = None;
     // Each wake starts the pool on the spare process, whose own cgroup is renamed into the
     // app's place on v1 (moved into it on v2): either way it must end up exactly here.
     for round in 0..3 {
         assert_eq!(get(addr, "/").unwrap().status, 200, "round {round}");
+        // On v1 the wake renamed the spare's cgroup into the app's place: a new directory.
+        let dir_now = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(app_dir()).unwrap());
+        if let (false, Some(before)) = (v2(), dir_before) {
+            assert_ne!(
+                dir_now, before,
+                "round {round}: the pool was moved in, not renamed into place"
+            );
+        }
+        dir_before = Some(dir_now);
         let status = daemon.app_status("sleeper");
         let pid = status["pid"].as_u64().unwrap();
         assert!(!pids_seen.contains(&pid), "a new pool each round");

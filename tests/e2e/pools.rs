@@ -23,27 +23,13 @@ fn cmdline(pid: u64) -> String {
     args.join(" ")
 }
 
-/// The daemon's child processes (the kernel lists them under the thread that started them).
-fn children(daemon: &Daemon) -> Vec<u64> {
-    let tasks = std::fs::read_dir(format!("/proc/{}/task", daemon.pid())).unwrap();
-    tasks
-        .flatten()
-        .flat_map(|task| {
-            std::fs::read_to_string(task.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|pid| pid.parse().ok())
-                .collect::<Vec<u64>>()
-        })
-        .collect()
-}
-
 /// The spare pool process the daemon keeps ready, once it is there (not one of `pools`: under
 /// qemu-user a pool started on a spare keeps the spare's title).
 fn spare(daemon: &Daemon, pools: &[u64]) -> u64 {
     let mut found = 0;
     wait_for("a spare pool process", Duration::from_secs(30), || {
-        found = children(daemon)
+        found = daemon
+            .children()
             .into_iter()
             .filter(|pid| !pools.contains(pid))
             .find(|pid| cmdline(*pid).starts_with("cairnd pool --app (spare)"))

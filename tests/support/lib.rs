@@ -433,6 +433,24 @@ impl Daemon {
         std::fs::read_to_string(self.dir.join("cairnd.stdout")).unwrap_or_default()
     }
 
+    /// The daemon's child processes: its pools and the spare (the kernel lists them under
+    /// the thread that started them).
+    pub fn children(&self) -> Vec<u64> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return Vec::new();
+        };
+        tasks
+            .flatten()
+            .flat_map(|task| {
+                std::fs::read_to_string(task.path().join("children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|pid| pid.parse().ok())
+                    .collect::<Vec<u64>>()
+            })
+            .collect()
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("cairnd is running").id() as i32
     }
