@@ -245,7 +245,8 @@ impl Runtime {
             None => {
                 let engine = Engine::new(&Self::code_config(limits))
                     .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
-                let mut loaded = self.prepare(&engine, code, &settings, true)?;
+                // Without `probe` no instance is made here either: the pool may not be in its cgroup yet.
+                let mut loaded = self.prepare(&engine, code, &settings, probe)?;
                 loaded.allocator = format!(
                     "on-demand (the pooling allocator was refused: {})",
                     fallback_reason.unwrap_or_default()

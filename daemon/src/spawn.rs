@@ -438,19 +438,30 @@ impl Spawner {
                 nix::sys::signal::Signal::SIGKILL,
             );
         };
-        // Into its cgroup before it is told what to run: nothing of the app runs unconfined.
-        let confined = match (launch.cgroup, &spare_cgroup) {
-            (Some(cgroup), Some(spare)) => cgroup.take_over(spare, pid, &launch.limits),
-            (Some(cgroup), None) => cgroup.add(pid),
-            (None, _) => Ok(()),
+        // Into its cgroup before any guest code runs. A start that makes no instance while
+        // loading (a proven resume) is told what to load first and confined meanwhile (a move
+        // between cgroups can wait for an RCU grace period); it serves only after `Confined`.
+        // Any other start is confined before it is told what to run.
+        let overlap = launch.start == Start::Resume { proven: true } && launch.cgroup.is_some();
+        let confine = || {
+            let confined = match (launch.cgroup, &spare_cgroup) {
+                (Some(cgroup), Some(spare)) => cgroup.take_over(spare, pid, &launch.limits),
+                (Some(cgroup), None) => cgroup.add(pid),
+                (None, _) => Ok(()),
+            };
+            confined.map_err(|error| {
+                kill();
+                if let Some(spare) = &spare_cgroup {
+                    spare.remove();
+                }
+                SpawnError::Io(std::io::Error::other(error.to_string()))
+            })
         };
-        if let Err(error) = confined {
-            kill();
-            let _ = child.wait().await;
-            if let Some(spare) = spare_cgroup {
-                spare.remove();
+        if !overlap {
+            if let Err(error) = confine() {
+                let _ = child.wait().await;
+                return Err(error);
             }
-            return Err(SpawnError::Io(std::io::Error::other(error.to_string())));
         }
         let (exit_sender, exited) = watch::channel(None);
         let exits = launch.exits.clone();
@@ -476,6 +487,7 @@ impl Spawner {
             facts: launch.code.facts,
             probe: launch.start != Start::Resume { proven: true },
             serve: launch.start != Start::Prepare,
+            confined: !overlap,
         };
         let fds = [
             launch.listener.as_raw_fd(),
@@ -486,8 +498,14 @@ impl Spawner {
             kill();
             return Err(SpawnError::Io(error));
         }
+        if overlap {
+            confine()?;
+        }
         control.set_nonblocking(true)?;
-        let (mut reader, writer) = tokio::net::UnixStream::from_std(control)?.into_split();
+        let (mut reader, mut writer) = tokio::net::UnixStream::from_std(control)?.into_split();
+        if overlap {
+            protocol::send(&mut writer, &ToPool::Confined).await?;
+        }
 
         let first = tokio::time::timeout(LOAD_DEADLINE, async {
             loop {

@@ -118,6 +118,7 @@ async fn serve(
         facts,
         probe,
         serve: serve_at_once,
+        confined: confined_at_start,
     } = start
     else {
         anyhow::bail!("the supervisor did not send Start first");
@@ -199,9 +200,13 @@ async fn serve(
 
     // Before serving: health checks on request, then Serve (or Drain, if the supervisor
     // decided against this generation).
-    let mut told_to_serve = serve_at_once;
-    while !told_to_serve {
+    let (mut told_to_serve, mut confined) = (serve_at_once, confined_at_start);
+    while !(told_to_serve && confined) {
         match protocol::receive(&mut reader).await? {
+            Some(ToPool::Confined) => confined = true,
+            Some(ToPool::Probe { .. }) if !confined => {
+                anyhow::bail!("asked to run guest code before the pool was in its cgroup")
+            }
             Some(ToPool::Probe { path }) => {
                 let answer = serving.probe(&path).await;
                 let (status, error) = match answer {

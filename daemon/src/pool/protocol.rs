@@ -36,14 +36,19 @@ const MAX_FRAME: u32 = 4 << 20;
 pub enum ToPool {
     /// The first message: what to run. `facts` size the pooling allocator; `probe`: make one
     /// instance before saying `Loaded`; `serve`: start accepting right after, without waiting
-    /// for `Serve` (a generation that already served: restart, wake, boot).
+    /// for `Serve` (a generation that already served: restart, wake, boot); `confined`: the
+    /// process is in the app's cgroup already, else it loads but runs no guest code until
+    /// `Confined` (only with `probe` false).
     Start {
         spec: Box<AppSpec>,
         generation: u64,
         facts: CodeFacts,
         probe: bool,
         serve: bool,
+        confined: bool,
     },
+    /// The process is now in the app's cgroup (after a `Start` that said it was not).
+    Confined,
     /// Run one GET of `path` through the guest (the health check) and say what it answered.
     Probe { path: String },
     /// Start accepting connections (after the supervisor has recorded the generation).
