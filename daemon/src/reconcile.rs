@@ -555,24 +555,17 @@ impl Reconciler {
         attempt: &Attempt<'_>,
         code: &Code,
     ) -> Result<Pool, ReconcileError> {
-        let Attempt {
-            spec,
-            generation,
-            listener,
-            counters,
-            cgroup,
-            start,
-        } = *attempt;
+        let spec = attempt.spec;
         self.spawner
             .launch(spawn::Launch {
                 limits: pool_limits(spec),
                 spec,
-                generation,
+                generation: attempt.generation,
                 code,
-                start,
-                listener,
-                counters,
-                cgroup,
+                start: attempt.start,
+                listener: attempt.listener,
+                counters: attempt.counters,
+                cgroup: attempt.cgroup,
                 logs: Arc::clone(&self.logs),
                 exits: self.exits.clone(),
             })

@@ -40,6 +40,37 @@ fn read_limit(daemon: &Daemon, app: &str, v1: (&str, &str), v2_file: &str) -> St
         .to_string()
 }
 
+/// The app's cgroup holds the limits the tests deploy with: 96 MiB, half a core, 24 pids.
+fn assert_test_limits(daemon: &Daemon, app: &str) {
+    assert_eq!(
+        read_limit(
+            daemon,
+            app,
+            ("memory", "memory.limit_in_bytes"),
+            "memory.max"
+        ),
+        (96u64 << 20).to_string()
+    );
+    let cpu = read_limit(daemon, app, ("cpu", "cpu.cfs_quota_us"), "cpu.max");
+    assert!(cpu == "50000" || cpu == "50000 100000", "{cpu}");
+    assert_eq!(
+        read_limit(daemon, app, ("pids", "pids.max"), "pids.max"),
+        "24"
+    );
+}
+
+/// Process `pid` is in the app's cgroup in every hierarchy.
+fn assert_in_cgroup(daemon: &Daemon, app: &str, pid: u64, context: &str) {
+    for dir in cgroup_dirs(&format!("{}/{app}", daemon.cgroup_parent)) {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|line| line == pid.to_string()),
+            "{context}: pool {pid} is not in {}: {procs:?}",
+            dir.display()
+        );
+    }
+}
+
 #[test]
 fn a_pools_cgroup_has_the_manifest_limits_and_goes_with_the_app() {
     let daemon = Daemon::start();
@@ -53,35 +84,9 @@ fn a_pools_cgroup_has_the_manifest_limits_and_goes_with_the_app() {
         "limited",
         &["--cpu", "0.5", "--memory-total", "96MiB", "--pids", "24"],
     );
-    assert_eq!(
-        read_limit(
-            &daemon,
-            "limited",
-            ("memory", "memory.limit_in_bytes"),
-            "memory.max"
-        ),
-        (96u64 << 20).to_string()
-    );
-    let cpu = read_limit(&daemon, "limited", ("cpu", "cpu.cfs_quota_us"), "cpu.max");
-    assert!(cpu == "50000" || cpu == "50000 100000", "{cpu}");
-    assert_eq!(
-        read_limit(&daemon, "limited", ("pids", "pids.max"), "pids.max"),
-        "24"
-    );
-    let pid = daemon.app_status("limited")["pid"]
-        .as_u64()
-        .unwrap()
-        .to_string();
-    let procs = read_limit(
-        &daemon,
-        "limited",
-        ("memory", "cgroup.procs"),
-        "cgroup.procs",
-    );
-    assert!(
-        procs.lines().any(|l| l == pid),
-        "pool {pid} is not in its cgroup: {procs}"
-    );
+    assert_test_limits(&daemon, "limited");
+    let pid = daemon.app_status("limited")["pid"].as_u64().unwrap();
+    assert_in_cgroup(&daemon, "limited", pid, "the first generation");
 
     // A new generation's limits replace the old ones.
     let hello = cairn_tests::component("hello");
@@ -103,18 +108,8 @@ fn a_pools_cgroup_has_the_manifest_limits_and_goes_with_the_app() {
     assert!(cpu == "25000" || cpu == "25000 100000", "{cpu}");
     // The new generation's pool started while the old one still drained in the cgroup, so it
     // was moved in (not renamed into place): it is there in every hierarchy.
-    let pid = daemon.app_status("limited")["pid"]
-        .as_u64()
-        .unwrap()
-        .to_string();
-    for dir in cgroup_dirs(&format!("{}/limited", daemon.cgroup_parent)) {
-        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
-        assert!(
-            procs.lines().any(|l| l == pid),
-            "new pool {pid} is not in {}: {procs:?}",
-            dir.display()
-        );
-    }
+    let pid = daemon.app_status("limited")["pid"].as_u64().unwrap();
+    assert_in_cgroup(&daemon, "limited", pid, "the new generation");
 
     let status = daemon.app_status("limited");
     assert!(
@@ -347,29 +342,8 @@ fn a_pool_woken_from_idle_is_in_its_apps_cgroup_with_its_limits() {
         let pid = status["pid"].as_u64().unwrap();
         assert!(!pids_seen.contains(&pid), "a new pool each round");
         pids_seen.push(pid);
-        for dir in cgroup_dirs(&relative) {
-            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
-            assert!(
-                procs.lines().any(|line| line == pid.to_string()),
-                "round {round}: pool {pid} is not in {}: {procs:?}",
-                dir.display()
-            );
-        }
-        assert_eq!(
-            read_limit(
-                &daemon,
-                "sleeper",
-                ("memory", "memory.limit_in_bytes"),
-                "memory.max"
-            ),
-            (96u64 << 20).to_string()
-        );
-        let cpu = read_limit(&daemon, "sleeper", ("cpu", "cpu.cfs_quota_us"), "cpu.max");
-        assert!(cpu == "50000" || cpu == "50000 100000", "{cpu}");
-        assert_eq!(
-            read_limit(&daemon, "sleeper", ("pids", "pids.max"), "pids.max"),
-            "24"
-        );
+        assert_in_cgroup(&daemon, "sleeper", pid, &format!("round {round}"));
+        assert_test_limits(&daemon, "sleeper");
         // CPU time used by earlier pools is not forgotten when the cgroup is replaced.
         let cpu_now = status["cpu_usage_nanos"].as_u64().unwrap_or(0);
         assert!(
