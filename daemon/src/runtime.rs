@@ -371,6 +371,17 @@ impl CodeFacts {
     }
 }
 
+/// Opens this process's page map for the pooling allocator, which resets a freed instance
+/// slot by asking the kernel which pages the guest wrote (`PAGEMAP_SCAN`, Linux 6.7+) and
+/// resetting only those. Call it before a pool switches to its unprivileged user: from then on
+/// the process is not dumpable, its /proc files belong to root, the open is refused, and every
+/// freed slot would be reset by memset of its whole memory (and a fresh pool would fault in
+/// every page of it). wasmtime keeps the file open for the life of the process. Returns
+/// whether the kernel answers the scan (it may not: older kernels, qemu-user).
+pub fn open_page_map() -> bool {
+    PoolingAllocationConfig::is_pagemap_scan_available()
+}
+
 /// A pool holding exactly what `instances` concurrent requests of this component need.
 fn pooling_config(limits: &Limits, facts: &CodeFacts) -> PoolingAllocationConfig {
     // One slot more than the concurrency cap, for the probe made while the app is prepared.

@@ -203,6 +203,13 @@ fn pools_run_unprivileged_and_cannot_write_the_store() {
     );
     assert_eq!(proc_status(pid, "NoNewPrivs:"), "1");
     assert_eq!(proc_status(pid, "Groups:"), "", "no supplementary groups");
+    // It opened its page map while still root (after the switch its /proc files are root's),
+    // so a freed instance slot is reset page by page, only where the request wrote.
+    let page_map_open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .any(|target| target.ends_with("pagemap"));
+    assert!(page_map_open, "the pool does not hold its page map open");
     let status = daemon.ctl(&["-o", "json", "status"]).json();
     assert!(
         status["pool_user"]

@@ -46,6 +46,8 @@ fn drop_privileges(ids: Option<(u32, u32)>) -> Result<(), String> {
 
 /// Runs the pool; returns the process exit code.
 pub fn run(ids: Option<(u32, u32)>) -> i32 {
+    // Before the privilege drop, which makes this process's /proc files root's.
+    crate::runtime::open_page_map();
     if let Err(error) = drop_privileges(ids) {
         eprintln!("cairnd pool: {error}");
         return 77;
