@@ -344,18 +344,20 @@ impl AppCgroup {
     }
 
     /// Makes this app's cgroup the one around process `pid`, which sits alone in the spare
-    /// cgroup `spare`, with `limits`. On v1, per hierarchy, the (empty) app cgroup is removed and
-    /// the spare's renamed into its place, so the process does not move; CPU time counted so
-    /// far is carried over. Where that cannot be done (the app's cgroup still holds a pool, as
-    /// during a generation swap), the process is moved in as by `add`, and the spare's cgroup
-    /// removed.
+    /// cgroup `spare`, with `limits` (`held`: the limits the spare's cgroup was given already,
+    /// if any: equal ones are not written again). On v1, per hierarchy, the (empty) app cgroup
+    /// is removed and the spare's renamed into its place, so the process does not move; CPU
+    /// time counted so far is carried over. Where that cannot be done (the app's cgroup still
+    /// holds a pool, as during a generation swap), the process is moved in as by `add`, and
+    /// the spare's cgroup removed.
     pub fn take_over(
         &self,
         spare: &AppCgroup,
         pid: u32,
         limits: &PoolLimits,
+        held: Option<&PoolLimits>,
     ) -> Result<(), LimitsError> {
-        if self.v2 || spare.v2 || spare.apply(limits).is_err() {
+        if self.v2 || spare.v2 || (held != Some(limits) && spare.apply(limits).is_err()) {
             let moved = self.add(pid);
             spare.remove();
             return moved;

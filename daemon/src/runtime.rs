@@ -141,6 +141,7 @@ impl Runtime {
     }
 
     /// Settings that change the generated code. Engines that share them share precompiled code.
+    /// What it reads of `limits` must be part of `Sizing`.
     fn code_config(limits: &Limits) -> Config {
         let mut config = Config::new();
         config.wasm_component_model(true);
@@ -206,11 +207,56 @@ impl Runtime {
         Ok(CodeFacts::of(component.resources_required().as_ref()))
     }
 
+    /// Builds, ahead of any app, what loading an app of these limits and code sizes starts
+    /// with: its engine (pooling allocator) and a linker holding every host interface. A spare
+    /// pool process does this while it waits, for the sizing of the last app started (the
+    /// likeliest next one); `load` uses it when the app's sizing is the same.
+    pub fn prepare_engine(
+        &self,
+        limits: &Limits,
+        facts: &CodeFacts,
+    ) -> Result<PreparedEngine, RuntimeError> {
+        let engine = Engine::new(&Self::pooled_config(limits, facts))
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let linker = host_linker(&engine)?;
+        Ok(PreparedEngine {
+            sizing: Sizing::of(limits, facts),
+            engine,
+            linker,
+        })
+    }
+
+    /// Settings of the engine an app runs in: its code settings and a pooling allocator sized
+    /// for it.
+    fn pooled_config(limits: &Limits, facts: &CodeFacts) -> Config {
+        let mut config = Self::code_config(limits);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling_config(
+            limits, facts,
+        )));
+        config
+    }
+
+    /// The pooled engine and linker for an app: `prepared` when it was built for the same
+    /// sizing, else new ones.
+    fn pooled_engine(
+        limits: &Limits,
+        facts: &CodeFacts,
+        prepared: Option<PreparedEngine>,
+    ) -> Result<(Engine, Linker<Host>), String> {
+        if let Some(prepared) = prepared.filter(|p| p.sizing == Sizing::of(limits, facts)) {
+            return Ok((prepared.engine, prepared.linker));
+        }
+        let engine =
+            Engine::new(&Self::pooled_config(limits, facts)).map_err(|e| format!("{e:#}"))?;
+        let linker = host_linker(&engine).map_err(|e| e.to_string())?;
+        Ok((engine, linker))
+    }
+
     /// Loads precompiled code (a file, mapped rather than copied) into an engine of the app's
-    /// own and links it; with `probe`, also proves that one instance can be made (skipped only
-    /// where this code already ran with the pooling allocator under the same limits). Errors
-    /// here mean the app cannot run and nothing was changed. Call it on a blocking thread
-    /// (`spawn_blocking`) inside the tokio runtime.
+    /// own (`prepared`, when it fits) and links it; with `probe`, also proves that one
+    /// instance can be made (skipped only where this code already ran with the pooling
+    /// allocator under the same limits). Errors here mean the app cannot run and nothing was
+    /// changed. Call it where blocking is allowed, inside the tokio runtime's context.
     #[allow(clippy::too_many_arguments)]
     pub fn load(
         &self,
@@ -221,6 +267,7 @@ impl Runtime {
         env: Vec<(String, String)>,
         reporter: Reporter,
         probe: bool,
+        prepared: Option<PreparedEngine>,
     ) -> Result<LoadedApp, RuntimeError> {
         let settings = AppSettings {
             name: app.clone(),
@@ -229,24 +276,22 @@ impl Runtime {
             timeout: limits.timeout.0,
             reporter,
         };
-        let pooled = pooling_config(limits, facts);
-        let mut config = Self::code_config(limits);
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooled));
-        let (pooled_attempt, fallback_reason) = match Engine::new(&config) {
-            Ok(engine) => match self.prepare(&engine, code, &settings, probe) {
+        let (pooled_attempt, fallback_reason) = match Self::pooled_engine(limits, facts, prepared) {
+            Ok((engine, linker)) => match self.prepare(&engine, linker, code, &settings, probe) {
                 Ok(loaded) => (Some(loaded), None),
                 Err(RuntimeError::Instantiate(reason)) => (None, Some(reason)),
                 Err(other) => return Err(other),
             },
-            Err(reason) => (None, Some(format!("{reason:#}"))),
+            Err(reason) => (None, Some(reason)),
         };
         let mut loaded = match pooled_attempt {
             Some(loaded) => loaded,
             None => {
                 let engine = Engine::new(&Self::code_config(limits))
                     .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+                let linker = host_linker(&engine)?;
                 // Without `probe` no instance is made here either: the pool may not be in its cgroup yet.
-                let mut loaded = self.prepare(&engine, code, &settings, probe)?;
+                let mut loaded = self.prepare(&engine, linker, code, &settings, probe)?;
                 loaded.allocator = format!(
                     "on-demand (the pooling allocator was refused: {})",
                     fallback_reason.unwrap_or_default()
@@ -262,20 +307,17 @@ impl Runtime {
         Ok(loaded)
     }
 
-    /// Deserialises and links in `engine`; with `probe`, instantiates once.
+    /// Deserialises in `engine` and links with `linker` (of that engine); with `probe`,
+    /// instantiates once.
     fn prepare(
         &self,
         engine: &Engine,
+        linker: Linker<Host>,
         code: &std::fs::File,
         settings: &AppSettings,
         probe: bool,
     ) -> Result<LoadedApp, RuntimeError> {
         let component = deserialize_file(engine, code)?;
-        let mut linker: Linker<Host> = Linker::new(engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
-            .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
         let instance_pre = linker.instantiate_pre(&component).map_err(|e| {
             RuntimeError::Link(format!(
                 "{e:#}; cairn provides wasi:cli, wasi:clocks, wasi:random, wasi:io, wasi:filesystem, \
@@ -300,6 +342,42 @@ impl Runtime {
             loaded.probe()?;
         }
         Ok(loaded)
+    }
+}
+
+/// A linker with every host interface an app may import (what it was not granted is denied
+/// per request, in `Host`).
+fn host_linker(engine: &Engine) -> Result<Linker<Host>, RuntimeError> {
+    let mut linker: Linker<Host> = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+        .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+    Ok(linker)
+}
+
+/// An engine and linker built before the app was known (`Runtime::prepare_engine`).
+pub struct PreparedEngine {
+    sizing: Sizing,
+    engine: Engine,
+    linker: Linker<Host>,
+}
+
+/// Everything an app's engine settings depend on: equal sizings, interchangeable engines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sizing {
+    memory: u64,
+    instances: u32,
+    facts: CodeFacts,
+}
+
+impl Sizing {
+    fn of(limits: &Limits, facts: &CodeFacts) -> Sizing {
+        Sizing {
+            memory: memory_reservation(limits),
+            instances: limits.instances,
+            facts: *facts,
+        }
     }
 }
 
@@ -382,7 +460,8 @@ pub fn open_page_map() -> bool {
     PoolingAllocationConfig::is_pagemap_scan_available()
 }
 
-/// A pool holding exactly what `instances` concurrent requests of this component need.
+/// A pool holding exactly what `instances` concurrent requests of this component need. What
+/// it reads of `limits` and `facts` must be part of `Sizing`.
 fn pooling_config(limits: &Limits, facts: &CodeFacts) -> PoolingAllocationConfig {
     // One slot more than the concurrency cap, for the probe made while the app is prepared.
     let slots = limits.instances + 1;
@@ -730,6 +809,59 @@ impl tokio::io::AsyncWrite for OutputCapture {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prepared_engine_is_used_only_for_its_own_sizing() {
+        let runtime = Runtime::new();
+        let limits = Limits::default();
+        let facts = CodeFacts {
+            memories: 1,
+            tables: 1,
+            max_initial_table_size: Some(100),
+        };
+        let prepared = runtime.prepare_engine(&limits, &facts).unwrap();
+        let engine = prepared.engine.clone();
+        let (used, _) = Runtime::pooled_engine(&limits, &facts, Some(prepared)).unwrap();
+        assert!(
+            Engine::same(&used, &engine),
+            "the prepared engine fits and is used"
+        );
+
+        // Any difference that changes the engine's settings gets an engine of its own.
+        let more_instances = Limits {
+            instances: limits.instances + 1,
+            ..limits.clone()
+        };
+        let more_memory = Limits {
+            memory: crate::spec::ByteSize(limits.memory.0 * 2),
+            ..limits.clone()
+        };
+        let two_memories = CodeFacts {
+            memories: 2,
+            ..facts
+        };
+        for (other_limits, other_facts) in [
+            (&more_instances, &facts),
+            (&more_memory, &facts),
+            (&limits, &two_memories),
+        ] {
+            let prepared = runtime.prepare_engine(&limits, &facts).unwrap();
+            let engine = prepared.engine.clone();
+            let (used, _) =
+                Runtime::pooled_engine(other_limits, other_facts, Some(prepared)).unwrap();
+            assert!(!Engine::same(&used, &engine));
+        }
+        // Limits that only the cgroup enforces do not change the engine.
+        let capped = Limits {
+            cpu: Some(0.5),
+            pids: Some(10),
+            ..limits.clone()
+        };
+        let prepared = runtime.prepare_engine(&limits, &facts).unwrap();
+        let engine = prepared.engine.clone();
+        let (used, _) = Runtime::pooled_engine(&capped, &facts, Some(prepared)).unwrap();
+        assert!(Engine::same(&used, &engine));
+    }
 
     #[test]
     fn a_truncated_component_is_invalid() {

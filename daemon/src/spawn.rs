@@ -13,7 +13,7 @@ use crate::limits::{AppCgroup, Cgroups, PoolLimits};
 use crate::logs::LogHub;
 use crate::pool::protocol::{self, Counters, FromPool, ToPool};
 use crate::runtime::CodeFacts;
-use crate::spec::{AppName, AppSpec};
+use crate::spec::{AppName, AppSpec, Limits};
 use std::fmt;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -267,6 +267,8 @@ struct Process {
     control: std::os::unix::net::UnixStream,
     /// A spare's own cgroup (v1), which becomes the app's (`AppCgroup::take_over`).
     cgroup: Option<AppCgroup>,
+    /// The limits that cgroup holds already, if any.
+    limits: Option<PoolLimits>,
 }
 
 /// Starts pool processes. It keeps one spare process ready (exec'd, privileges dropped,
@@ -280,6 +282,17 @@ pub struct Spawner {
     refilling: AtomicBool,
     /// Set at shutdown: no more spares.
     closed: AtomicBool,
+    /// What the last pool started was given: a new spare is made ready for the same (the
+    /// likeliest next start), see `refill`.
+    last_start: std::sync::Mutex<Option<LastStart>>,
+}
+
+/// The limits and code sizes of the last pool started.
+#[derive(Clone)]
+struct LastStart {
+    limits: Limits,
+    facts: CodeFacts,
+    cgroup: PoolLimits,
 }
 
 impl Spawner {
@@ -292,6 +305,7 @@ impl Spawner {
             spare: std::sync::Mutex::new(None),
             refilling: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            last_start: std::sync::Mutex::new(None),
         })
     }
 
@@ -351,6 +365,7 @@ impl Spawner {
             pid,
             control: ours,
             cgroup: None,
+            limits: None,
         })
     }
 
@@ -388,12 +403,33 @@ impl Spawner {
             if missing && !spawner.closed.load(Ordering::Acquire) {
                 match spawner.start_process(None) {
                     Ok(mut process) => {
+                        // Made ready for what the last start was given: its engine built
+                        // (`ToPool::Prepare`), its cgroup holding the same limits.
+                        let last = spawner
+                            .last_start
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone();
+                        if let Some(last) = &last {
+                            // A few hundred bytes into an empty socket: it does not block.
+                            let hint = ToPool::Prepare {
+                                limits: last.limits.clone(),
+                                facts: last.facts,
+                            };
+                            if let Err(error) =
+                                protocol::send_with_fds(&process.control, &hint, &[])
+                            {
+                                tracing::debug!(%error, "cannot send a spare its Prepare hint");
+                            }
+                        }
                         // Its own cgroup now, off any pool start's path (see `for_spare`).
                         let (cgroups, pid) = (Arc::clone(&spawner.cgroups), process.pid);
-                        process.cgroup = tokio::task::spawn_blocking(move || {
+                        let limits = last.map(|last| last.cgroup);
+                        (process.cgroup, process.limits) = tokio::task::spawn_blocking(move || {
                             let cgroup = cgroups.for_spare(pid)?;
+                            let applied = limits.filter(|limits| cgroup.apply(limits).is_ok());
                             match cgroup.add(pid) {
-                                Ok(()) => Some(cgroup),
+                                Ok(()) => Some((Some(cgroup), applied)),
                                 Err(error) => {
                                     tracing::debug!(%error, "a spare pool process stays in the supervisor's cgroup");
                                     cgroup.remove();
@@ -403,7 +439,8 @@ impl Spawner {
                         })
                         .await
                         .ok()
-                        .flatten();
+                        .flatten()
+                        .unwrap_or_default();
                         *spawner.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(process)
                     }
                     Err(error) => {
@@ -419,6 +456,11 @@ impl Spawner {
     /// component.
     pub async fn launch(self: &Arc<Self>, launch: Launch<'_>) -> Result<Pool, SpawnError> {
         let app = launch.spec.name.clone();
+        *self.last_start.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastStart {
+            limits: launch.spec.limits.clone(),
+            facts: launch.code.facts,
+            cgroup: launch.limits.clone(),
+        });
         let process = match self.take_spare() {
             Some(spare) => spare,
             None => self.start_process(Some(&app))?,
@@ -430,6 +472,7 @@ impl Spawner {
             pid,
             control,
             cgroup: spare_cgroup,
+            limits: spare_limits,
         } = process;
 
         let kill = move || {
@@ -445,7 +488,9 @@ impl Spawner {
         let overlap = launch.start == Start::Resume { proven: true } && launch.cgroup.is_some();
         let confine = || {
             let confined = match (launch.cgroup, &spare_cgroup) {
-                (Some(cgroup), Some(spare)) => cgroup.take_over(spare, pid, &launch.limits),
+                (Some(cgroup), Some(spare)) => {
+                    cgroup.take_over(spare, pid, &launch.limits, spare_limits.as_ref())
+                }
                 (Some(cgroup), None) => cgroup.add(pid),
                 (None, _) => Ok(()),
             };

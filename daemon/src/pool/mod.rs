@@ -67,33 +67,55 @@ pub fn run(ids: Option<(u32, u32)>) -> i32 {
         }
     };
     // The epoch ticker too: everything up to here is what a spare has done before it is
-    // given an app.
+    // given an app; with a `Prepare` hint it builds the engine for the likeliest app as well.
     let wasm = Runtime::new();
-    let (start, fds) = match protocol::receive_with_fds::<ToPool>(&control) {
-        Ok(Some((start @ ToPool::Start { .. }, fds))) if fds.len() == protocol::START_FDS => {
-            (start, fds)
-        }
-        // The supervisor went away (or stopped) before it had work for this process.
-        Ok(None) => return 0,
-        Ok(Some((other, fds))) => {
-            eprintln!(
-                "cairnd pool: expected Start with {} descriptors first, got {other:?} with {}",
-                protocol::START_FDS,
-                fds.len()
-            );
+    let title = title_area();
+    let mut prepared = None;
+    let (start, fds) = loop {
+        let (mut messages, fds) = match protocol::receive_with_fds::<ToPool>(&control) {
+            Ok(Some(read)) => read,
+            // The supervisor went away (or stopped) before it had work for this process.
+            Ok(None) => return 0,
+            Err(error) => {
+                eprintln!("cairnd pool: cannot read Start: {error}");
+                return 71;
+            }
+        };
+        let last = messages.pop();
+        // Hints that came in the same read as Start are of no more use.
+        if let Some(other) = messages
+            .iter()
+            .find(|message| !matches!(message, ToPool::Prepare { .. }))
+        {
+            eprintln!("cairnd pool: expected Start first, got {other:?}");
             return 71;
         }
-        Err(error) => {
-            eprintln!("cairnd pool: cannot read Start: {error}");
-            return 71;
+        match last {
+            Some(ToPool::Prepare { limits, facts }) if fds.is_empty() => {
+                // Best effort: a Start that finds no engine builds its own (and reports why).
+                prepared = wasm.prepare_engine(&limits, &facts).ok();
+            }
+            Some(start @ ToPool::Start { .. }) if fds.len() == protocol::START_FDS => {
+                break (start, fds)
+            }
+            other => {
+                eprintln!(
+                    "cairnd pool: expected Start with {} descriptors first, got {other:?} with {}",
+                    protocol::START_FDS,
+                    fds.len()
+                );
+                return 71;
+            }
         }
     };
-    if let ToPool::Start { spec, .. } = &start {
-        retitle(spec.name.as_str());
+    if let (ToPool::Start { spec, .. }, Some(title)) = (&start, &title) {
+        title.write(spec.name.as_str());
     }
     let [listener, code, counters]: [OwnedFd; protocol::START_FDS] =
         fds.try_into().expect("the count was checked above");
-    match runtime.block_on(serve(wasm, start, listener, control, code, counters)) {
+    match runtime.block_on(serve(
+        wasm, prepared, start, listener, control, code, counters,
+    )) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("cairnd pool: {error:#}");
@@ -104,6 +126,7 @@ pub fn run(ids: Option<(u32, u32)>) -> i32 {
 
 async fn serve(
     runtime: Arc<Runtime>,
+    prepared: Option<crate::runtime::PreparedEngine>,
     start: ToPool,
     listener: OwnedFd,
     control: std::os::unix::net::UnixStream,
@@ -171,11 +194,14 @@ async fn serve(
         .collect();
     let (name, limits) = (spec.name.clone(), spec.limits.clone());
     let handle = tokio::runtime::Handle::current();
-    let loaded = tokio::task::spawn_blocking(move || {
+    // On this thread (the runtime's `block_on`, not a worker): it built the prepared engine,
+    // and a blocking-pool thread would have to be started first.
+    let loaded = tokio::task::block_in_place(move || {
         let _entered = handle.enter();
-        runtime.load(&name, &code, &facts, &limits, env, reporter, probe)
-    })
-    .await?;
+        runtime.load(
+            &name, &code, &facts, &limits, env, reporter, probe, prepared,
+        )
+    });
     let loaded = match loaded {
         Ok(loaded) => loaded,
         Err(error) => {
@@ -224,6 +250,7 @@ async fn serve(
                 return Ok(0);
             }
             Some(ToPool::Start { .. }) => anyhow::bail!("Start sent twice"),
+            Some(ToPool::Prepare { .. }) => anyhow::bail!("Prepare sent after Start"),
         }
     }
     let listener = std::net::TcpListener::from(listener);
@@ -258,41 +285,52 @@ async fn serve(
     Ok(exit_code)
 }
 
-/// Writes the app's name over a spare's placeholder in this process's command line (the
-/// memory the kernel shows as /proc/PID/cmdline), so `ps` says whose pool this is. Best
-/// effort: where the kernel does not say where that memory is (qemu-user's emulated /proc), or
-/// it does not hold the placeholder, nothing is written.
-fn retitle(name: &str) {
+/// Where a spare's placeholder title is in this process's command line (the memory the
+/// kernel shows as /proc/PID/cmdline), found before the spare is given an app so that naming
+/// it costs no reads then. `None` where the kernel does not say where that memory is
+/// (qemu-user's emulated /proc) or it does not hold the placeholder.
+fn title_area() -> Option<TitleArea> {
     let placeholder = protocol::spare_title();
-    let Some((start, end)) = argument_area() else {
-        return;
-    };
-    let Ok(cmdline) = std::fs::read("/proc/self/cmdline") else {
-        return;
-    };
+    let (start, end) = argument_area()?;
+    let cmdline = std::fs::read("/proc/self/cmdline").ok()?;
     if cmdline.len() as u64 != end - start {
-        return;
+        return None;
     }
     let mut wanted = placeholder.clone().into_bytes();
     wanted.push(0);
-    let Some(offset) = cmdline
+    let offset = cmdline
         .windows(wanted.len())
         .position(|window| window == wanted.as_slice())
-        .filter(|offset| *offset > 0 && cmdline[offset - 1] == 0)
-    else {
-        return;
-    };
-    let mut title = name.as_bytes().to_vec();
-    title.truncate(placeholder.len());
-    title.resize(placeholder.len(), 0);
-    let at = (start as usize + offset) as *mut u8;
-    // SAFETY: the kernel says this process's arguments live at `start..end` of its own address
-    // space and /proc/self/cmdline (read from that very memory) matched them in length and holds
-    // the placeholder at `offset`; the bytes written stay inside the placeholder. Nothing in
-    // this process reads its original argv after argument parsing.
-    unsafe {
-        if std::slice::from_raw_parts(at, placeholder.len()) == placeholder.as_bytes() {
-            std::ptr::copy_nonoverlapping(title.as_ptr(), at, title.len());
+        .filter(|offset| *offset > 0 && cmdline[offset - 1] == 0)?;
+    Some(TitleArea {
+        at: start as usize + offset,
+        placeholder,
+    })
+}
+
+/// The placeholder's address in this process's arguments (`title_area`).
+struct TitleArea {
+    at: usize,
+    placeholder: String,
+}
+
+impl TitleArea {
+    /// Writes the app's name over the placeholder, so `ps` says whose pool this is.
+    fn write(&self, name: &str) {
+        let length = self.placeholder.len();
+        let mut title = name.as_bytes().to_vec();
+        title.truncate(length);
+        title.resize(length, 0);
+        let at = self.at as *mut u8;
+        // SAFETY: the kernel said this process's arguments live at `start..end` of its own
+        // address space and /proc/self/cmdline (read from that very memory) matched them in
+        // length and held the placeholder at `at` (`title_area`); the bytes written stay
+        // inside the placeholder. Nothing in this process reads its original argv after
+        // argument parsing.
+        unsafe {
+            if std::slice::from_raw_parts(at, length) == self.placeholder.as_bytes() {
+                std::ptr::copy_nonoverlapping(title.as_ptr(), at, length);
+            }
         }
     }
 }

@@ -9,7 +9,7 @@
 //! will run: the supervisor keeps one spare process ready and hands it the next app to start.
 
 use crate::runtime::CodeFacts;
-use crate::spec::AppSpec;
+use crate::spec::{AppSpec, Limits};
 use serde::{Deserialize, Serialize};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +34,10 @@ const MAX_FRAME: u32 = 4 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToPool {
+    /// A hint to a spare, before any `Start`: the next app will likely have these limits and
+    /// code sizes (the last one started did), so the spare builds its engine for them while it
+    /// waits. A `Start` of another sizing builds its own.
+    Prepare { limits: Limits, facts: CodeFacts },
     /// The first message: what to run. `facts` size the pooling allocator; `probe`: make one
     /// instance before saying `Loaded`; `serve`: start accepting right after, without waiting
     /// for `Serve` (a generation that already served: restart, wake, boot); `confined`: the
@@ -110,6 +114,9 @@ pub fn send_with_fds<M: Serialize>(
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     use std::io::Write;
     let frame = frame(message)?;
+    if fds.is_empty() {
+        return (&*socket).write_all(&frame);
+    }
     let rights = [ControlMessage::ScmRights(fds)];
     let sent = loop {
         match sendmsg::<()>(
@@ -127,11 +134,14 @@ pub fn send_with_fds<M: Serialize>(
     (&*socket).write_all(&frame[sent..])
 }
 
-/// Receives one frame and the descriptors sent with it, on a blocking socket (the pool, before
-/// it starts its runtime's work). `None` when the other side closed the socket first.
+/// Receives what one read brings, on a blocking socket (the pool, before it starts its
+/// runtime's work): every frame the read began, completed, and the descriptors that came with
+/// them. The kernel ends a read right after the data descriptors were sent with, so they
+/// belong to the last frame; frames sent before it without descriptors may come in the same
+/// read. `None` when the other side closed the socket first.
 pub fn receive_with_fds<M>(
     socket: &std::os::unix::net::UnixStream,
-) -> std::io::Result<Option<(M, Vec<OwnedFd>)>>
+) -> std::io::Result<Option<(Vec<M>, Vec<OwnedFd>)>>
 where
     M: for<'de> Deserialize<'de>,
 {
@@ -170,27 +180,33 @@ where
         return Ok(None);
     }
     let mut bytes = first[..received].to_vec();
-    if bytes.len() < 4 {
-        let mut rest = vec![0u8; 4 - bytes.len()];
-        (&*socket).read_exact(&mut rest)?;
-        bytes.extend_from_slice(&rest);
+    // Reads exactly up to `end`, never into a frame this read did not begin.
+    let fill = |bytes: &mut Vec<u8>, end: usize| -> std::io::Result<()> {
+        if bytes.len() < end {
+            let mut rest = vec![0u8; end - bytes.len()];
+            (&*socket).read_exact(&mut rest)?;
+            bytes.extend_from_slice(&rest);
+        }
+        Ok(())
+    };
+    let mut messages = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        fill(&mut bytes, at + 4)?;
+        let length = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("four bytes")) as usize;
+        if length > MAX_FRAME as usize {
+            return Err(std::io::Error::other(format!(
+                "a {length}-byte frame is over the {MAX_FRAME}-byte bound"
+            )));
+        }
+        fill(&mut bytes, at + 4 + length)?;
+        messages.push(
+            serde_json::from_slice(&bytes[at + 4..at + 4 + length])
+                .map_err(std::io::Error::other)?,
+        );
+        at += 4 + length;
     }
-    let length = u32::from_be_bytes(bytes[..4].try_into().expect("four bytes")) as usize;
-    if length > MAX_FRAME as usize {
-        return Err(std::io::Error::other(format!(
-            "a {length}-byte frame is over the {MAX_FRAME}-byte bound"
-        )));
-    }
-    if bytes.len() > 4 + length {
-        return Err(std::io::Error::other(
-            "more than one frame arrived before the first was handled",
-        ));
-    }
-    let mut rest = vec![0u8; 4 + length - bytes.len()];
-    (&*socket).read_exact(&mut rest)?;
-    bytes.extend_from_slice(&rest);
-    let message = serde_json::from_slice(&bytes[4..]).map_err(std::io::Error::other)?;
-    Ok(Some((message, fds)))
+    Ok(Some((messages, fds)))
 }
 
 /// Reads one frame; `None` when the other side closed the socket.
@@ -354,8 +370,8 @@ mod tests {
             drop(files);
             supervisor
         });
-        let (message, fds) = receive_with_fds::<ToPool>(&pool).unwrap().unwrap();
-        assert!(matches!(message, ToPool::Probe { path } if path.len() == 200 << 10));
+        let (messages, fds) = receive_with_fds::<ToPool>(&pool).unwrap().unwrap();
+        assert!(matches!(&messages[..], [ToPool::Probe { path }] if path.len() == 200 << 10));
         assert_eq!(fds.len(), START_FDS);
         for (i, fd) in fds.into_iter().enumerate() {
             let size = std::fs::File::from(fd).metadata().unwrap().len();
@@ -363,6 +379,35 @@ mod tests {
         }
         drop(sender.join().unwrap());
         assert!(receive_with_fds::<ToPool>(&pool).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_hint_read_with_start_comes_before_it_and_later_frames_wait() {
+        let (supervisor, pool) = std::os::unix::net::UnixStream::pair().unwrap();
+        let counters = Counters::create("test").unwrap();
+        // The hint and Start are both sent before the pool reads (a spare taken at once), and
+        // a message after Start is already waiting too.
+        let facts = CodeFacts {
+            memories: 1,
+            tables: 1,
+            max_initial_table_size: None,
+        };
+        let hint = ToPool::Prepare {
+            limits: Limits::default(),
+            facts,
+        };
+        send_with_fds(&supervisor, &hint, &[]).unwrap();
+        send_with_fds(&supervisor, &ToPool::Serve, &[counters.raw_fd()]).unwrap();
+        send_with_fds(&supervisor, &ToPool::Confined, &[]).unwrap();
+        let (messages, fds) = receive_with_fds::<ToPool>(&pool).unwrap().unwrap();
+        assert!(
+            matches!(&messages[..], [ToPool::Prepare { .. }, ToPool::Serve]),
+            "{messages:?}"
+        );
+        assert_eq!(fds.len(), 1);
+        let (messages, fds) = receive_with_fds::<ToPool>(&pool).unwrap().unwrap();
+        assert!(matches!(&messages[..], [ToPool::Confined]), "{messages:?}");
+        assert!(fds.is_empty());
     }
 
     #[test]
