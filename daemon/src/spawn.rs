@@ -267,7 +267,7 @@ struct Process {
     control: std::os::unix::net::UnixStream,
     /// A spare's own cgroup (v1), which becomes the app's (`AppCgroup::take_over`).
     cgroup: Option<AppCgroup>,
-    /// The limits that cgroup holds already, if any.
+    /// The limits that cgroup holds already, if any (only with `cgroup`).
     limits: Option<PoolLimits>,
 }
 
@@ -403,44 +403,7 @@ impl Spawner {
             if missing && !spawner.closed.load(Ordering::Acquire) {
                 match spawner.start_process(None) {
                     Ok(mut process) => {
-                        // Made ready for what the last start was given: its engine built
-                        // (`ToPool::Prepare`), its cgroup holding the same limits.
-                        let last = spawner
-                            .last_start
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .clone();
-                        if let Some(last) = &last {
-                            // A few hundred bytes into an empty socket: it does not block.
-                            let hint = ToPool::Prepare {
-                                limits: last.limits.clone(),
-                                facts: last.facts,
-                            };
-                            if let Err(error) =
-                                protocol::send_with_fds(&process.control, &hint, &[])
-                            {
-                                tracing::debug!(%error, "cannot send a spare its Prepare hint");
-                            }
-                        }
-                        // Its own cgroup now, off any pool start's path (see `for_spare`).
-                        let (cgroups, pid) = (Arc::clone(&spawner.cgroups), process.pid);
-                        let limits = last.map(|last| last.cgroup);
-                        (process.cgroup, process.limits) = tokio::task::spawn_blocking(move || {
-                            let cgroup = cgroups.for_spare(pid)?;
-                            let applied = limits.filter(|limits| cgroup.apply(limits).is_ok());
-                            match cgroup.add(pid) {
-                                Ok(()) => Some((Some(cgroup), applied)),
-                                Err(error) => {
-                                    tracing::debug!(%error, "a spare pool process stays in the supervisor's cgroup");
-                                    cgroup.remove();
-                                    None
-                                }
-                            }
-                        })
-                        .await
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default();
+                        spawner.make_ready(&mut process).await;
                         *spawner.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(process)
                     }
                     Err(error) => {
@@ -450,6 +413,48 @@ impl Spawner {
             }
             spawner.refilling.store(false, Ordering::Release);
         });
+    }
+
+    /// Makes a new spare ready for what the last start was given (the likeliest next start):
+    /// its engine built (`ToPool::Prepare`), and a cgroup of its own, off any pool start's path
+    /// (see `Cgroups::for_spare`), holding the same limits.
+    async fn make_ready(&self, process: &mut Process) {
+        let last = self
+            .last_start
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(last) = &last {
+            // A few hundred bytes into an empty socket: it does not block.
+            let hint = ToPool::Prepare {
+                limits: last.limits.clone(),
+                facts: last.facts,
+            };
+            if let Err(error) = protocol::send_with_fds(&process.control, &hint, &[]) {
+                tracing::debug!(%error, "cannot send a spare its Prepare hint");
+            }
+        }
+        let (cgroups, pid) = (Arc::clone(&self.cgroups), process.pid);
+        let limits = last.map(|last| last.cgroup);
+        let confined = tokio::task::spawn_blocking(move || {
+            let cgroup = cgroups.for_spare(pid)?;
+            let held = limits.filter(|limits| cgroup.apply(limits).is_ok());
+            match cgroup.add(pid) {
+                Ok(()) => Some((cgroup, held)),
+                Err(error) => {
+                    tracing::debug!(%error, "a spare pool process stays in the supervisor's cgroup");
+                    cgroup.remove();
+                    None
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some((cgroup, held)) = confined {
+            process.cgroup = Some(cgroup);
+            process.limits = held;
+        }
     }
 
     /// Starts a pool (on the spare when there is one) and waits until it has loaded the
