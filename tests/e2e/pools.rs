@@ -58,6 +58,9 @@ fn apps_run_in_their_own_pool_process() {
         daemon.pid(),
         "the supervisor must not serve the app itself"
     );
+    // `top` names it after its app, not after the /proc/self/exe it was started through.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim(), "cairn:apart");
     assert_eq!(pid, spare_pid, "the spare became the app's pool");
     if cairn_tests::cross_target().is_none() {
         // `ps` says whose pool it is. (Under qemu-user the emulator's /proc does not say where

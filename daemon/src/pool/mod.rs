@@ -108,8 +108,11 @@ pub fn run(ids: Option<(u32, u32)>) -> i32 {
             }
         }
     };
-    if let (ToPool::Start { spec, .. }, Some(title)) = (&start, &title) {
-        title.write(spec.name.as_str());
+    if let ToPool::Start { spec, .. } = &start {
+        if let Some(title) = &title {
+            title.write(spec.name.as_str());
+        }
+        name_process(spec.name.as_str());
     }
     let [listener, code, counters]: [OwnedFd; protocol::START_FDS] =
         fds.try_into().expect("the count was checked above");
@@ -283,6 +286,17 @@ async fn serve(
     drop(outgoing);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
     Ok(exit_code)
+}
+
+/// Names this process after its app where `top` and `ps -o comm` look (the kernel keeps 15
+/// bytes: `cairn:` and the app name, cut), instead of `exe` (pools are exec'd through
+/// /proc/self/exe). Best effort.
+fn name_process(app: &str) {
+    let mut name = format!("cairn:{app}").into_bytes();
+    name.truncate(15);
+    if let Ok(name) = std::ffi::CString::new(name) {
+        let _ = nix::sys::prctl::set_name(&name);
+    }
 }
 
 /// Where a spare's placeholder title is in this process's command line (the memory the
