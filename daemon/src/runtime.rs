@@ -239,17 +239,15 @@ impl Runtime {
     /// The pooled engine and linker for an app: `prepared` when it was built for the same
     /// sizing, else new ones.
     fn pooled_engine(
+        &self,
         limits: &Limits,
         facts: &CodeFacts,
         prepared: Option<PreparedEngine>,
-    ) -> Result<(Engine, Linker<Host>), String> {
-        if let Some(prepared) = prepared.filter(|p| p.sizing == Sizing::of(limits, facts)) {
-            return Ok((prepared.engine, prepared.linker));
+    ) -> Result<PreparedEngine, RuntimeError> {
+        match prepared.filter(|p| p.sizing == Sizing::of(limits, facts)) {
+            Some(prepared) => Ok(prepared),
+            None => self.prepare_engine(limits, facts),
         }
-        let engine =
-            Engine::new(&Self::pooled_config(limits, facts)).map_err(|e| format!("{e:#}"))?;
-        let linker = host_linker(&engine).map_err(|e| e.to_string())?;
-        Ok((engine, linker))
     }
 
     /// Loads precompiled code (a file, mapped rather than copied) into an engine of the app's
@@ -276,13 +274,18 @@ impl Runtime {
             timeout: limits.timeout.0,
             reporter,
         };
-        let (pooled_attempt, fallback_reason) = match Self::pooled_engine(limits, facts, prepared) {
-            Ok((engine, linker)) => match self.prepare(&engine, linker, code, &settings, probe) {
-                Ok(loaded) => (Some(loaded), None),
-                Err(RuntimeError::Instantiate(reason)) => (None, Some(reason)),
-                Err(other) => return Err(other),
-            },
-            Err(reason) => (None, Some(reason)),
+        // Where the pooling allocator cannot be had (its engine or its first instance), the
+        // app still runs, with on-demand allocation.
+        let (pooled_attempt, fallback_reason) = match self.pooled_engine(limits, facts, prepared) {
+            Ok(pooled) => {
+                match self.prepare(&pooled.engine, pooled.linker, code, &settings, probe) {
+                    Ok(loaded) => (Some(loaded), None),
+                    Err(RuntimeError::Instantiate(reason)) => (None, Some(reason)),
+                    Err(other) => return Err(other),
+                }
+            }
+            Err(RuntimeError::Engine(reason)) => (None, Some(reason)),
+            Err(other) => return Err(other),
         };
         let mut loaded = match pooled_attempt {
             Some(loaded) => loaded,
@@ -454,10 +457,10 @@ impl CodeFacts {
 /// resetting only those. Call it before a pool switches to its unprivileged user: from then on
 /// the process is not dumpable, its /proc files belong to root, the open is refused, and every
 /// freed slot would be reset by memset of its whole memory (and a fresh pool would fault in
-/// every page of it). wasmtime keeps the file open for the life of the process. Returns
-/// whether the kernel answers the scan (it may not: older kernels, qemu-user).
-pub fn open_page_map() -> bool {
-    PoolingAllocationConfig::is_pagemap_scan_available()
+/// every page of it). wasmtime keeps the file open for the life of the process; where the
+/// kernel does not answer the scan (older kernels, qemu-user) slots are reset by memset.
+pub fn open_page_map() {
+    PoolingAllocationConfig::is_pagemap_scan_available();
 }
 
 /// A pool holding exactly what `instances` concurrent requests of this component need. What
@@ -821,9 +824,11 @@ mod tests {
         };
         let prepared = runtime.prepare_engine(&limits, &facts).unwrap();
         let engine = prepared.engine.clone();
-        let (used, _) = Runtime::pooled_engine(&limits, &facts, Some(prepared)).unwrap();
+        let used = runtime
+            .pooled_engine(&limits, &facts, Some(prepared))
+            .unwrap();
         assert!(
-            Engine::same(&used, &engine),
+            Engine::same(&used.engine, &engine),
             "the prepared engine fits and is used"
         );
 
@@ -847,9 +852,10 @@ mod tests {
         ] {
             let prepared = runtime.prepare_engine(&limits, &facts).unwrap();
             let engine = prepared.engine.clone();
-            let (used, _) =
-                Runtime::pooled_engine(other_limits, other_facts, Some(prepared)).unwrap();
-            assert!(!Engine::same(&used, &engine));
+            let used = runtime
+                .pooled_engine(other_limits, other_facts, Some(prepared))
+                .unwrap();
+            assert!(!Engine::same(&used.engine, &engine));
         }
         // Limits that only the cgroup enforces do not change the engine.
         let capped = Limits {
@@ -859,8 +865,10 @@ mod tests {
         };
         let prepared = runtime.prepare_engine(&limits, &facts).unwrap();
         let engine = prepared.engine.clone();
-        let (used, _) = Runtime::pooled_engine(&capped, &facts, Some(prepared)).unwrap();
-        assert!(Engine::same(&used, &engine));
+        let used = runtime
+            .pooled_engine(&capped, &facts, Some(prepared))
+            .unwrap();
+        assert!(Engine::same(&used.engine, &engine));
     }
 
     #[test]
