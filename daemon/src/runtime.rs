@@ -11,6 +11,7 @@
 use crate::spec::{AppName, Limits};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -622,7 +623,7 @@ impl LoadedApp {
             .map_err(|e| RequestFailure::Host(format!("{e:#}")))?;
         let pre = self.pre.clone();
         let settings = Arc::clone(&self.settings);
-        let task = tokio::spawn(async move {
+        let guest = async move {
             let run = async {
                 let proxy = pre.instantiate_async(&mut store).await?;
                 proxy
@@ -650,16 +651,90 @@ impl LoadedApp {
                 path,
             });
             outcome
-        });
-        match receiver.await {
+        };
+        // The guest runs right here, in the connection's task: most guests answer and finish
+        // in one go, and a task of its own would cost a spawn and a hand-off per request. Only
+        // a guest still running once it has answered (a streamed body) moves to a task, so
+        // that hyper can send its answer meanwhile.
+        let mut guest = Detached::new(guest);
+        let mut receiver = receiver;
+        let first = std::future::poll_fn(|cx| {
+            if let Poll::Ready(outcome) = guest.poll(cx) {
+                return Poll::Ready(Err(outcome));
+            }
+            Pin::new(&mut receiver).poll(cx).map(Ok)
+        })
+        .await;
+        let answer = match first {
+            Ok(Ok(answer)) => {
+                guest.detach();
+                Ok(answer)
+            }
+            // The guest dropped its outparam unanswered and runs on: its outcome says why.
+            Ok(Err(_unanswered)) => Err(std::future::poll_fn(|cx| guest.poll(cx)).await),
+            Err(outcome) => receiver.try_recv().map_err(|_| outcome),
+        };
+        match answer {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(code)) => Err(RequestFailure::ErrorCode(format!("{code:?}"))),
-            Err(_) => match task.await {
-                Ok(Outcome::Ok) => Err(RequestFailure::Guest(Outcome::NoResponse)),
-                Ok(outcome) => Err(RequestFailure::Guest(outcome)),
-                Err(join) => Err(RequestFailure::Guest(Outcome::Trap(join.to_string()))),
-            },
+            Err(Outcome::Ok) => Err(RequestFailure::Guest(Outcome::NoResponse)),
+            Err(outcome) => Err(RequestFailure::Guest(outcome)),
         }
+    }
+}
+
+/// A guest's run, polled in place until it is finished or detached. Dropped unfinished (the
+/// client went away, the connection closed) it is detached too: a guest always runs to its
+/// end, so its slot is freed, and its output and outcome reported, as if it had a task of its
+/// own from the start.
+struct Detached<F: Future<Output = Outcome> + Send + 'static> {
+    run: Option<Pin<Box<F>>>,
+}
+
+impl<F: Future<Output = Outcome> + Send + 'static> Detached<F> {
+    fn new(run: F) -> Self {
+        Detached {
+            run: Some(Box::pin(run)),
+        }
+    }
+
+    /// Polls the run; a panic in it ends it as a trap would (a task would have caught it).
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let Some(run) = self.run.as_mut() else {
+            return Poll::Pending;
+        };
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.as_mut().poll(cx)));
+        let outcome = match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(outcome)) => outcome,
+            Err(panic) => Outcome::Trap(format!(
+                "the host panicked while running it: {}",
+                panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or(panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("(no message)")
+            )),
+        };
+        self.run = None;
+        Poll::Ready(outcome)
+    }
+
+    /// Lets the run go on in a task of its own.
+    fn detach(&mut self) {
+        if let Some(run) = self.run.take() {
+            // Outside a runtime (it is shutting down) there is nothing left to run it on.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(run);
+            }
+        }
+    }
+}
+
+impl<F: Future<Output = Outcome> + Send + 'static> Drop for Detached<F> {
+    fn drop(&mut self) {
+        self.detach();
     }
 }
 

@@ -49,6 +49,8 @@ fn apps_run_in_their_own_pool_process() {
     let daemon = Daemon::start();
     // A spare process waits for the next app to start; it becomes that app's pool.
     let spare_pid = spare(&daemon, &[]);
+    let comm = std::fs::read_to_string(format!("/proc/{spare_pid}/comm")).unwrap();
+    assert_eq!(comm.trim(), "cairn:(spare)");
     let addr = daemon.deploy_hello("apart", &[]);
     assert_eq!(get(addr, "/").unwrap().status, 200);
     let pid = pool_pid(&daemon, "apart");

@@ -49,6 +49,42 @@ fn a_request_past_its_timeout_answers_500_and_the_next_is_served() {
 }
 
 #[test]
+fn a_guest_runs_to_its_end_when_its_client_goes_away() {
+    use std::io::Write;
+    let daemon = Daemon::start();
+    let addr = daemon.deploy_hello("deserted", &["--instances", "1", "--timeout", "500ms"]);
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+    // The client asks for something slow, then hangs up before any answer.
+    let mut client = std::net::TcpStream::connect(addr).unwrap();
+    client
+        .write_all(b"GET /sleep?3000 HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .unwrap();
+    wait_for(
+        "the request to hold the instance",
+        Duration::from_secs(10),
+        || daemon.app_status("deserted")["in_flight"] == 1,
+    )
+    .unwrap();
+    drop(client);
+    // The guest is not cut off with its client: it holds its slot until its timeout ends it,
+    // and that outcome is counted and logged like any other.
+    wait_for(
+        "the guest to reach its timeout",
+        Duration::from_secs(10),
+        || daemon.app_status("deserted")["timeouts"] == 1,
+    )
+    .unwrap();
+    wait_for("the timeout to be logged", Duration::from_secs(10), || {
+        daemon
+            .ctl_ok(&["logs", "deserted"])
+            .contains("GET /sleep stopped at its timeout")
+    })
+    .unwrap();
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+    assert_eq!(daemon.app_status("deserted")["in_flight"], 0);
+}
+
+#[test]
 fn memory_is_capped_per_instance() {
     let daemon = Daemon::start();
     let addr = daemon.deploy_hello("hungry", &["--memory", "16MiB"]);

@@ -48,6 +48,8 @@ fn drop_privileges(ids: Option<(u32, u32)>) -> Result<(), String> {
 pub fn run(ids: Option<(u32, u32)>) -> i32 {
     // Before the privilege drop, which makes this process's /proc files root's.
     crate::runtime::open_page_map();
+    // A spare until it is given an app (then `cairn:APP`).
+    name_process("(spare)");
     if let Err(error) = drop_privileges(ids) {
         eprintln!("cairnd pool: {error}");
         return 77;
