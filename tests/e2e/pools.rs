@@ -49,8 +49,12 @@ fn apps_run_in_their_own_pool_process() {
     let daemon = Daemon::start();
     // A spare process waits for the next app to start; it becomes that app's pool.
     let spare_pid = spare(&daemon, &[]);
-    let comm = std::fs::read_to_string(format!("/proc/{spare_pid}/comm")).unwrap();
-    assert_eq!(comm.trim(), "cairn:(spare)");
+    // (It names itself once running, a moment after its exec, which set its command line.)
+    wait_for("the spare to name itself", Duration::from_secs(30), || {
+        std::fs::read_to_string(format!("/proc/{spare_pid}/comm"))
+            .is_ok_and(|comm| comm.trim() == "cairn:(spare)")
+    })
+    .unwrap();
     let addr = daemon.deploy_hello("apart", &[]);
     assert_eq!(get(addr, "/").unwrap().status, 200);
     let pid = pool_pid(&daemon, "apart");
