@@ -656,23 +656,31 @@ impl LoadedApp {
         // in one go, and a task of its own would cost a spawn and a hand-off per request. Only
         // a guest still running once it has answered (a streamed body) moves to a task, so
         // that hyper can send its answer meanwhile.
+        enum First<A> {
+            Finished(Outcome),
+            /// Answered (or gave up its outparam unanswered) and still running.
+            Answered(A),
+        }
         let mut guest = Detached::new(guest);
         let mut receiver = receiver;
         let first = std::future::poll_fn(|cx| {
             if let Poll::Ready(outcome) = guest.poll(cx) {
-                return Poll::Ready(Err(outcome));
+                return Poll::Ready(First::Finished(outcome));
             }
-            Pin::new(&mut receiver).poll(cx).map(Ok)
+            Pin::new(&mut receiver).poll(cx).map(First::Answered)
         })
         .await;
+        // The answer, or the outcome of a guest that gave none.
         let answer = match first {
-            Ok(Ok(answer)) => {
+            First::Answered(Ok(answer)) => {
                 guest.detach();
                 Ok(answer)
             }
             // The guest dropped its outparam unanswered and runs on: its outcome says why.
-            Ok(Err(_unanswered)) => Err(std::future::poll_fn(|cx| guest.poll(cx)).await),
-            Err(outcome) => receiver.try_recv().map_err(|_| outcome),
+            First::Answered(Err(_unanswered)) => {
+                Err(std::future::poll_fn(|cx| guest.poll(cx)).await)
+            }
+            First::Finished(outcome) => receiver.try_recv().map_err(|_| outcome),
         };
         match answer {
             Ok(Ok(response)) => Ok(response),
