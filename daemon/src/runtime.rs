@@ -897,6 +897,63 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_host_panic_while_running_a_guest_ends_it_as_a_trap() {
+        let mut run = Detached::new(async { panic!("a host function broke") });
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match run.poll(&mut cx) {
+            Poll::Ready(Outcome::Trap(message)) => assert_eq!(
+                message,
+                "the host panicked while running it: a host function broke"
+            ),
+            Poll::Ready(_) => panic!("a panic must end the run as a trap"),
+            Poll::Pending => panic!("a run that panicked is finished"),
+        }
+        // Finished: polled again it stays quiet instead of polling a panicked future.
+        assert!(run.poll(&mut cx).is_pending());
+    }
+
+    #[test]
+    fn a_run_dropped_unfinished_goes_on_to_its_end() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        runtime.block_on(async move {
+            let mut run = Detached::new(async move {
+                let _ = wait.await;
+                let _ = done.send(());
+                Outcome::Ok
+            });
+            // Started, waiting; then the connection that ran it goes away.
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            assert!(run.poll(&mut cx).is_pending());
+            drop(run);
+            go.send(())
+                .expect("the dropped run is still alive, moved to a task");
+            tokio::time::timeout(Duration::from_secs(10), finished)
+                .await
+                .expect("the run reaches its end")
+                .expect("the run finished rather than being dropped");
+        });
+
+        // Outside a runtime there is nothing to run it on: it is dropped, without a panic.
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let mut run = Detached::new(async move {
+            let _ = wait.await;
+            Outcome::Ok
+        });
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(run.poll(&mut cx).is_pending());
+        drop(run);
+        assert!(
+            go.send(()).is_err(),
+            "the run was dropped with its receiver"
+        );
+    }
+
+    #[test]
     fn a_prepared_engine_is_used_only_for_its_own_sizing() {
         let runtime = Runtime::new();
         let limits = Limits::default();
