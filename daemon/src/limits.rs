@@ -13,7 +13,7 @@ use cgroups_rs::pid::PidController;
 use cgroups_rs::{hierarchies, Cgroup, CgroupPid, MaxValue};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The CFS period cpu quotas are expressed in.
 const CPU_PERIOD_US: u64 = 100_000;
@@ -169,6 +169,7 @@ impl Cgroups {
             path: parent.to_string(),
             v2,
             carried_cpu_nanos: Arc::default(),
+            changing: Arc::default(),
         };
         if let Err(error) = manager.apply_to(&cgroup, total) {
             return Cgroups::NotEnforced {
@@ -207,6 +208,7 @@ impl Cgroups {
             path,
             v2: *v2,
             carried_cpu_nanos: Arc::default(),
+            changing: Arc::default(),
         }))
     }
 
@@ -224,6 +226,7 @@ impl Cgroups {
             path,
             v2: false,
             carried_cpu_nanos: Arc::default(),
+            changing: Arc::default(),
         })
     }
 
@@ -282,11 +285,16 @@ fn v1_roots() -> Vec<PathBuf> {
 /// One app's cgroup. Holds only its path (cgroups-rs handles are loaded per operation, which
 /// keeps this type `Send` and always in step with the filesystem) and the CPU time counted by
 /// cgroups it replaced (`take_over`).
+///
+/// Clones share one lock, taken by every operation: `take_over` removes the directory and
+/// renames another into its place, and two starts of one app at once (a deploy during the
+/// background start of the restored app) must not see it missing in between.
 #[derive(Debug, Clone)]
 pub struct AppCgroup {
     path: String,
     v2: bool,
     carried_cpu_nanos: Arc<AtomicU64>,
+    changing: Arc<Mutex<()>>,
 }
 
 impl AppCgroup {
@@ -307,7 +315,12 @@ impl AppCgroup {
 
     /// Writes `limits` to the cgroup.
     pub fn apply(&self, limits: &PoolLimits) -> Result<(), LimitsError> {
+        let _changing = self.lock();
         self.apply_to(&self.load(), limits)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.changing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn apply_to(&self, cgroup: &Cgroup, limits: &PoolLimits) -> Result<(), LimitsError> {
@@ -338,6 +351,11 @@ impl AppCgroup {
 
     /// Moves process `pid` (all its threads) into the cgroup.
     pub fn add(&self, pid: u32) -> Result<(), LimitsError> {
+        let _changing = self.lock();
+        self.add_locked(pid)
+    }
+
+    fn add_locked(&self, pid: u32) -> Result<(), LimitsError> {
         self.load()
             .add_task_by_tgid(CgroupPid::from(pid as u64))
             .map_err(|e| self.error(format!("cannot move process {pid} in: {e}")))
@@ -357,8 +375,9 @@ impl AppCgroup {
         limits: &PoolLimits,
         held: Option<&PoolLimits>,
     ) -> Result<(), LimitsError> {
+        let _changing = self.lock();
         if self.v2 || spare.v2 || (held != Some(limits) && spare.apply(limits).is_err()) {
-            let moved = self.add(pid);
+            let moved = self.add_locked(pid);
             spare.remove();
             return moved;
         }
@@ -396,12 +415,13 @@ impl AppCgroup {
             let _ = std::fs::remove_dir(&from);
         }
         if recreated {
-            self.apply(limits)?;
+            self.apply_to(&self.load(), limits)?;
         }
         Ok(())
     }
 
     pub fn usage(&self) -> Usage {
+        let _changing = self.lock();
         let cgroup = self.load();
         let mut usage = Usage::default();
         if let Some(memory) = cgroup.controller_of::<MemController>() {
@@ -441,6 +461,7 @@ impl AppCgroup {
 
     /// Deletes the cgroup (its processes must have exited).
     pub fn remove(&self) {
+        let _changing = self.lock();
         if let Err(error) = self.load().delete() {
             tracing::warn!(cgroup = %self.path, %error, "could not remove cgroup");
         }
@@ -482,6 +503,98 @@ mod tests {
             "cairn"
         );
         assert_eq!(parent_for("", true), "cairn");
+    }
+
+    /// A start renaming a spare's cgroup into the app's place while another start of the same
+    /// app moves its process in (a deploy during the restored app's background start): the
+    /// move must never find the app's cgroup missing. Real cgroups, so root and v1 only.
+    #[test]
+    fn a_move_racing_a_take_over_never_finds_the_apps_cgroup_missing() {
+        const TEST: &str =
+            "limits::tests::a_move_racing_a_take_over_never_finds_the_apps_cgroup_missing";
+        if !nix::unistd::geteuid().is_root() {
+            return skip(TEST, "needs root for real cgroups");
+        }
+        if !std::path::Path::new("/sys/fs/cgroup").exists() || hierarchies::auto().v2() {
+            return skip(
+                TEST,
+                "cgroup v1 only (a take-over renames there; on v2 a start moves the process)",
+            );
+        }
+        let parent = format!("cairn-unit-race-{}", std::process::id());
+        let cgroups = Cgroups::detect(&parent, &PoolLimits::default());
+        if !matches!(cgroups, Cgroups::Enforced { .. }) {
+            return skip(TEST, &format!("no cgroups here: {}", cgroups.describe()));
+        }
+        let outside = AppCgroup {
+            path: parent.clone(),
+            v2: false,
+            carried_cpu_nanos: Arc::default(),
+            changing: Arc::default(),
+        };
+        let app = cgroups.for_app("app").unwrap().unwrap();
+        let sleeper = || {
+            std::process::Command::new("sleep")
+                .arg("120")
+                .spawn()
+                .unwrap()
+        };
+        let (mut renamed, mut moved) = (sleeper(), sleeper());
+        let limits = PoolLimits::default();
+
+        let racer = {
+            let (app, outside, pid) = (app.clone(), outside.clone(), moved.id());
+            std::thread::spawn(move || -> Result<(), LimitsError> {
+                for _ in 0..300 {
+                    app.add(pid)?;
+                    outside.add(pid)?;
+                }
+                Ok(())
+            })
+        };
+        let took_over = (|| -> Result<u32, LimitsError> {
+            let mut takeovers = 0;
+            while !racer.is_finished() {
+                let spare = cgroups.for_spare(renamed.id()).expect("a spare cgroup");
+                spare.add(renamed.id())?;
+                app.take_over(&spare, renamed.id(), &limits, None)?;
+                outside.add(renamed.id())?;
+                takeovers += 1;
+            }
+            Ok(takeovers)
+        })();
+        let raced = racer.join().unwrap();
+
+        for child in [&mut renamed, &mut moved] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        app.remove();
+        outside.remove();
+        raced.expect("the app's cgroup was there for every move");
+        let takeovers = took_over.expect("every take-over succeeded");
+        assert!(
+            takeovers > 10,
+            "only {takeovers} take-overs ran beside the moves"
+        );
+    }
+
+    /// A test that cannot run here says why, also in `target/test-skips.log` (which `just test`
+    /// prints at the end: cargo hides a passing test's output).
+    fn skip(test: &str, reason: &str) {
+        use std::io::Write;
+        let line = format!("SKIPPED {test}: {reason}");
+        eprintln!("{line}");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+        if let Ok(mut file) = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(target.join("test-skips.log"))
+        {
+            let _ = writeln!(file, "{line}");
+        }
     }
 
     #[test]
