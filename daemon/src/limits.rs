@@ -165,12 +165,7 @@ impl Cgroups {
                 };
             }
         };
-        let manager = AppCgroup {
-            path: parent.to_string(),
-            v2,
-            carried_cpu_nanos: Arc::default(),
-            changing: Arc::default(),
-        };
+        let manager = AppCgroup::at(parent.to_string(), v2);
         if let Err(error) = manager.apply_to(&cgroup, total) {
             return Cgroups::NotEnforced {
                 why: format!("cannot set limits on cgroup {parent}: {error}"),
@@ -204,12 +199,7 @@ impl Cgroups {
             path: path.clone(),
             message,
         })?;
-        Ok(Some(AppCgroup {
-            path,
-            v2: *v2,
-            carried_cpu_nanos: Arc::default(),
-            changing: Arc::default(),
-        }))
+        Ok(Some(AppCgroup::at(path, *v2)))
     }
 
     /// A cgroup for a spare pool process (no app yet), named so no app can have the name, on
@@ -222,12 +212,7 @@ impl Cgroups {
         };
         let path = format!("{parent}/{SPARE_PREFIX}{pid}");
         create(hierarchies::auto(), &path).ok()?;
-        Some(AppCgroup {
-            path,
-            v2: false,
-            carried_cpu_nanos: Arc::default(),
-            changing: Arc::default(),
-        })
+        Some(AppCgroup::at(path, false))
     }
 
     /// Removes the (empty) cgroups of spare pool processes an earlier cairnd left behind.
@@ -298,6 +283,15 @@ pub struct AppCgroup {
 }
 
 impl AppCgroup {
+    fn at(path: String, v2: bool) -> AppCgroup {
+        AppCgroup {
+            path,
+            v2,
+            carried_cpu_nanos: Arc::default(),
+            changing: Arc::default(),
+        }
+    }
+
     fn load(&self) -> Cgroup {
         Cgroup::load_with_specified_controllers(
             hierarchies::auto(),
@@ -526,12 +520,7 @@ mod tests {
         if !matches!(cgroups, Cgroups::Enforced { .. }) {
             return skip(TEST, &format!("no cgroups here: {}", cgroups.describe()));
         }
-        let outside = AppCgroup {
-            path: parent.clone(),
-            v2: false,
-            carried_cpu_nanos: Arc::default(),
-            changing: Arc::default(),
-        };
+        let outside = AppCgroup::at(parent.clone(), false);
         let app = cgroups.for_app("app").unwrap().unwrap();
         let sleeper = || {
             std::process::Command::new("sleep")
