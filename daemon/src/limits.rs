@@ -541,16 +541,30 @@ mod tests {
                 Ok(())
             })
         };
-        let took_over = (|| -> Result<u32, LimitsError> {
-            let mut takeovers = 0;
+        // A take-over while the racer's process is inside moves instead of renaming; count
+        // the renames (the app's directory is a new one after each) so the test shows it raced
+        // the removal and rename, not only moves.
+        let memory_dir = PathBuf::from("/sys/fs/cgroup/memory")
+            .join(&parent)
+            .join("app");
+        let inode = || {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&memory_dir).map(|m| m.ino()).ok()
+        };
+        let took_over = (|| -> Result<(u32, u32), LimitsError> {
+            let (mut takeovers, mut renames) = (0, 0);
             while !racer.is_finished() {
                 let spare = cgroups.for_spare(renamed.id()).expect("a spare cgroup");
                 spare.add(renamed.id())?;
+                let before = inode();
                 app.take_over(&spare, renamed.id(), &limits, None)?;
+                if inode() != before {
+                    renames += 1;
+                }
                 outside.add(renamed.id())?;
                 takeovers += 1;
             }
-            Ok(takeovers)
+            Ok((takeovers, renames))
         })();
         let raced = racer.join().unwrap();
 
@@ -558,13 +572,14 @@ mod tests {
             let _ = child.kill();
             let _ = child.wait();
         }
+        cgroups.remove_stale_spares(); // one a failed take-over left
         app.remove();
         outside.remove();
         raced.expect("the app's cgroup was there for every move");
-        let takeovers = took_over.expect("every take-over succeeded");
+        let (takeovers, renames) = took_over.expect("every take-over succeeded");
         assert!(
-            takeovers > 10,
-            "only {takeovers} take-overs ran beside the moves"
+            takeovers > 10 && renames > 0,
+            "{takeovers} take-overs ({renames} by renaming) ran beside the moves: too few to race"
         );
     }
 
