@@ -10,8 +10,9 @@
 //! - `spawn` (starting pool processes), `logs` (output pipeline).
 //! - `pool`: the pool process (`cairnd pool`), with `http` (listener, hyper) and `runtime`.
 //! - `runtime` (wasmtime), `store` (SQLite), `spec` (typed manifests), `digest`, `config`,
-//!   `systemd`.
+//!   `systemd`, `alloc` (the memory allocator, per role).
 
+mod alloc;
 mod config;
 mod control;
 mod http;
@@ -83,6 +84,7 @@ enum Mode {
 }
 
 fn main() {
+    alloc::configure();
     let args = Args::parse();
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| args.log.clone());
     tracing_subscriber::fmt()
@@ -134,6 +136,7 @@ fn main() {
             config.control.socket = Some(socket);
         }
         let socket = config.socket();
+        alloc::return_freed_memory_at_once();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
