@@ -76,6 +76,15 @@ fn apps_run_in_their_own_pool_process() {
             "{}",
             cmdline(pid)
         );
+        // No transparent huge pages for the supervisor or its pools (alloc.rs): memory use stays
+        // what was touched. (qemu-user does not pass this prctl on to the kernel.)
+        for process in [daemon.pid() as u64, pid] {
+            let status = std::fs::read_to_string(format!("/proc/{process}/status")).unwrap();
+            assert!(
+                status.lines().any(|line| line == "THP_enabled:\t0"),
+                "process {process} may get transparent huge pages:\n{status}"
+            );
+        }
     }
     // And the next spare is started.
     assert_ne!(spare(&daemon, &[pid]), 0);

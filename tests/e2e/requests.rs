@@ -52,12 +52,14 @@ fn a_request_past_its_timeout_answers_500_and_the_next_is_served() {
 fn a_guest_runs_to_its_end_when_its_client_goes_away() {
     use std::io::Write;
     let daemon = Daemon::start();
-    let addr = daemon.deploy_hello("deserted", &["--instances", "1", "--timeout", "500ms"]);
+    // The guest holds its instance only until its timeout: long enough for status polls to see
+    // it, each a cairnctl run (slow under qemu-user on a busy machine; 500 ms was missed there).
+    let addr = daemon.deploy_hello("deserted", &["--instances", "1", "--timeout", "3s"]);
     assert_eq!(get(addr, "/").unwrap().status, 200);
     // The client asks for something slow, then hangs up before any answer.
     let mut client = std::net::TcpStream::connect(addr).unwrap();
     client
-        .write_all(b"GET /sleep?3000 HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .write_all(b"GET /sleep?6000 HTTP/1.1\r\nhost: localhost\r\n\r\n")
         .unwrap();
     wait_for(
         "the request to hold the instance",
