@@ -1,6 +1,6 @@
 //! cairnd's memory allocator: mimalloc, set up per role.
 //!
-//! A pool allocates and frees a few hundred small objects per request (the store, the WASI
+//! A pool allocates and frees many small objects per request (the store, the WASI
 //! context, hyper's request and response, wasmtime's instance bookkeeping), on whichever worker
 //! thread runs the request. With glibc's malloc that was ~8% of a pool's CPU time; with mimalloc
 //! a pool serves a few percent more requests per second (+3% over 12 alternating rounds,
