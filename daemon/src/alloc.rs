@@ -9,7 +9,7 @@
 //! Left at its defaults, mimalloc would cost memory: it asks for transparent huge pages for its
 //! arenas, and keeps freed pages for a while before returning them. The supervisor's RSS with
 //! 1,000 idle apps went from 51 to 108 MiB. So it is built without that advice (`no_thp`),
-//! this process never gets huge pages at all (see [`configure`]), and the supervisor, which
+//! this process never gets huge pages at all (see [`refuse_huge_pages`]), and the supervisor, which
 //! mostly idles between bursts of work, returns freed pages at once (46 MiB with 1,000 apps).
 //! Pools keep mimalloc's delay (a second): returning pages between requests would cost a system
 //! call and a TLB flush on every core per request.
@@ -26,7 +26,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// touched a few bytes of (mimalloc's arenas, and in pools the instances' memories), which makes
 /// memory use, and so cgroup limits, unpredictable. Inherited by the pool processes this one
 /// starts. Best effort: a kernel without the setting gives no huge pages unasked anyway.
-pub fn configure() {
+pub fn refuse_huge_pages() {
     let _ = nix::sys::prctl::set_thp_disable(true);
 }
 

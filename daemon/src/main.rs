@@ -84,7 +84,7 @@ enum Mode {
 }
 
 fn main() {
-    alloc::configure();
+    alloc::refuse_huge_pages();
     let args = Args::parse();
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| args.log.clone());
     tracing_subscriber::fmt()
