@@ -10,9 +10,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -161,7 +164,7 @@ async fn accept_loop(
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(TokioIo::new(YieldAfterWrite(stream)), service);
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => return,
@@ -255,4 +258,63 @@ fn plain(status: u16, text: &str) -> hyper::Response<HyperOutgoingBody> {
         );
     }
     response
+}
+
+/// A connection that gives up its core after each write that sent something.
+///
+/// A response written on loopback wakes the client, and on a device its clients often share
+/// the cores with the pool. The kernel lets a busy thread run on to the end of its time slice
+/// before a woken one gets the core, so the client would read the response up to a tick
+/// later (4 ms at HZ=250). Yielding lets it run now; with no one else runnable the call
+/// returns at once. Measured under wrk sharing the cores: p99 at -c32 ~14% lower, req/s no
+/// lower (BENCHMARKS.md, session 11).
+struct YieldAfterWrite(tokio::net::TcpStream);
+
+impl YieldAfterWrite {
+    fn after(written: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            std::thread::yield_now();
+        }
+        written
+    }
+}
+
+impl AsyncRead for YieldAfterWrite {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for YieldAfterWrite {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Self::after(Pin::new(&mut self.0).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Self::after(Pin::new(&mut self.0).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
