@@ -29,6 +29,7 @@ const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 pub struct Serving {
     pub app: LoadedApp,
     slots: Arc<Semaphore>,
+    instances: u32,
     counters: Arc<Counters>,
     started: std::time::Instant,
 }
@@ -40,6 +41,7 @@ impl Serving {
         Serving {
             app,
             slots: Arc::new(Semaphore::new(instances as usize)),
+            instances,
             counters,
             started: std::time::Instant::now(),
         }
@@ -84,12 +86,19 @@ impl Serving {
         let since_start = self.started.elapsed();
         Some(since_start.saturating_sub(last.min(since_start)))
     }
+
+    /// Returns once no guest runs: every slot is back. A guest whose client left, or that runs
+    /// on after its answer was sent, holds its slot to its end without a connection.
+    async fn guests_finished(&self) {
+        let _all = self.slots.acquire_many(self.instances).await;
+    }
 }
 
 pub struct HttpServer {
     stop: CancellationToken,
     accepting: tokio::task::JoinHandle<()>,
     connections: TaskTracker,
+    serving: Arc<Serving>,
 }
 
 impl HttpServer {
@@ -98,7 +107,7 @@ impl HttpServer {
         let connections = TaskTracker::new();
         let accepting = tokio::spawn(accept_loop(
             listener,
-            serving,
+            Arc::clone(&serving),
             stop.clone(),
             connections.clone(),
         ));
@@ -106,6 +115,7 @@ impl HttpServer {
             stop,
             accepting,
             connections,
+            serving,
         }
     }
 
@@ -124,10 +134,13 @@ impl HttpServer {
         self.connections.close();
     }
 
-    /// Stops accepting and waits up to `grace` for the requests in flight.
+    /// Stops accepting and waits up to `grace` for the requests in flight: their connections,
+    /// then guests still running without one, so their output and outcome are reported.
     pub async fn shutdown(mut self, grace: Duration) {
         self.stop_accepting().await;
-        let _ = tokio::time::timeout(grace, self.connections.wait()).await;
+        let deadline = tokio::time::Instant::now() + grace;
+        let _ = tokio::time::timeout_at(deadline, self.connections.wait()).await;
+        let _ = tokio::time::timeout_at(deadline, self.serving.guests_finished()).await;
     }
 }
 

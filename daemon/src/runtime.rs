@@ -641,8 +641,6 @@ impl LoadedApp {
                 Err(_elapsed) => Outcome::Timeout,
             };
             drop(store);
-            drop(permit);
-            drop(in_flight);
             (settings.reporter)(RequestReport {
                 outcome: outcome.clone(),
                 stdout: stdout.take(),
@@ -650,6 +648,9 @@ impl LoadedApp {
                 method,
                 path,
             });
+            // Only now, so a drain that waits for the slots finds the report queued.
+            drop(permit);
+            drop(in_flight);
             outcome
         };
         // The guest runs right here, in the connection's task: most guests answer and finish

@@ -87,6 +87,53 @@ fn a_guest_runs_to_its_end_when_its_client_goes_away() {
 }
 
 #[test]
+fn a_drained_generation_lets_a_deserted_guest_finish() {
+    use std::io::Write;
+    let daemon = Daemon::start();
+    let addr = daemon.deploy_hello("leftover", &["--instances", "1", "--timeout", "2s"]);
+    let mut client = std::net::TcpStream::connect(addr).unwrap();
+    client
+        .write_all(b"GET /sleep?6000 HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .unwrap();
+    wait_for(
+        "the request to hold the instance",
+        Duration::from_secs(10),
+        || daemon.app_status("leftover")["in_flight"] == 1,
+    )
+    .unwrap();
+    drop(client);
+    // A new generation: the old pool drains with no connection left, but its guest still
+    // runs. It must not be cut off with the pool; its outcome is reported like any other.
+    let hello = cairn_tests::component("hello");
+    let listen = addr.to_string();
+    daemon.ctl_ok(&[
+        "deploy",
+        "leftover",
+        "--component",
+        hello.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--instances",
+        "1",
+        "--timeout",
+        "2s",
+        "--env",
+        "GREETING=again",
+    ]);
+    assert_eq!(get(addr, "/").unwrap().body, "again from cairn\n");
+    wait_for(
+        "the old guest's timeout to be logged",
+        Duration::from_secs(15),
+        || {
+            daemon
+                .ctl_ok(&["logs", "leftover"])
+                .contains("GET /sleep stopped at its timeout")
+        },
+    )
+    .unwrap();
+}
+
+#[test]
 fn memory_is_capped_per_instance() {
     let daemon = Daemon::start();
     let addr = daemon.deploy_hello("hungry", &["--memory", "16MiB"]);
