@@ -18,6 +18,10 @@ pub struct Upstream {
     /// A NATS credentials file.
     #[arg(long, value_name = "FILE")]
     creds: Option<PathBuf>,
+    /// A CA certificate (PEM) to verify the server's TLS certificate with; TLS is then
+    /// required. Without it a server that asks for TLS is verified against the system's roots.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -70,13 +74,36 @@ async fn connect(upstream: &Upstream) -> Result<async_nats::Client> {
             .await
             .with_context(|| format!("cannot read the NATS credentials {}", creds.display()))?;
     }
+    if let Some(ca) = &upstream.tls_ca {
+        // Read here, so a wrong path is named as such rather than as a failed connection.
+        std::fs::metadata(ca)
+            .with_context(|| format!("cannot read the CA certificate {}", ca.display()))?;
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
     tokio::time::timeout(
         Duration::from_secs(15),
         options.connect(upstream.nats.as_str()),
     )
     .await
     .map_err(|_| anyhow!("no answer from {} within 15s", upstream.nats))?
-    .with_context(|| format!("cannot connect to {}", upstream.nats))
+    .map_err(|error| {
+        use async_nats::ConnectErrorKind;
+        let url = &upstream.nats;
+        match error.kind() {
+            ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => anyhow!(
+                "cannot connect to {url}: the server refused these credentials ({error}); \
+                 give the right ones with --creds"
+            ),
+            // A certificate rustls rejects comes back as an I/O error.
+            kind if kind == ConnectErrorKind::Tls || error.to_string().contains("certificate") => {
+                anyhow!(
+                    "cannot connect to {url}: TLS failed ({error}); give the CA that signed the \
+                     server's certificate with --tls-ca"
+                )
+            }
+            _ => anyhow!(error).context(format!("cannot connect to {url}")),
+        }
+    })
 }
 
 pub async fn run(command: FleetCommand, json_output: bool) -> Result<()> {

@@ -703,3 +703,167 @@ fn a_download_cut_halfway_leaves_nothing_and_completes_after_the_link_returns() 
     assert_eq!(stored, std::fs::read(&big).unwrap());
     assert_eq!(daemon.app_status("big")["digest"], digest.as_str());
 }
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in `dir`: (CA
+/// certificate, server certificate, server key).
+fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "cairn test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let mut server_params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    server_params
+        .distinguished_name
+        .push(DnType::CommonName, "cairn test lattice");
+    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server = server_params.signed_by(&server_key, &ca, &ca_key).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, server.pem()).unwrap();
+    std::fs::write(&paths.2, server_key.serialize_pem()).unwrap();
+    paths
+}
+
+#[test]
+fn a_device_syncs_over_tls_with_a_password_and_says_why_it_is_refused() {
+    let test = "a_device_syncs_over_tls_with_a_password_and_says_why_it_is_refused";
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_files(dir.path());
+    // TLS for every client; the device logs in, the operator's tools get the no-auth user.
+    let config = format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n\
+         authorization {{\n  users = [\n    {{ user: edge, password: \"right-horse\" }}\n    \
+         {{ user: operator, password: \"operator-only\" }}\n  ]\n}}\nno_auth_user: operator\n",
+        cert.display(),
+        key.display()
+    );
+    let Some(nats) = Nats::start_with_config(test, Some(&config)) else {
+        return;
+    };
+    let url = nats.url();
+    let ca_arg = ca.to_str().unwrap();
+
+    // The operator's tools: without the CA the server's certificate is not trusted, and
+    // cairnctl says so; with it they work.
+    let untrusted = fleet(&[
+        "upload",
+        "--nats",
+        &url,
+        component("hello").to_str().unwrap(),
+    ]);
+    assert_ne!(untrusted.code, 0);
+    assert!(
+        untrusted.stderr.contains("TLS failed") && untrusted.stderr.contains("--tls-ca"),
+        "{}",
+        untrusted.stderr
+    );
+    let fleet_key = dir.path().join("fleet.key");
+    let public = fleet_ok(&["keygen", "--out", fleet_key.to_str().unwrap()])
+        .trim()
+        .to_string();
+    let digest = fleet_ok(&[
+        "upload",
+        "--nats",
+        &url,
+        "--tls-ca",
+        ca_arg,
+        component("hello").to_str().unwrap(),
+    ])
+    .trim()
+    .to_string();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let state = dir.path().join("state.toml");
+    std::fs::write(
+        &state,
+        format!(
+            "[[app]]\nname = \"secure-web\"\ncomponent = \"{digest}\"\n[app.http]\nlisten = \"{listen}\"\n[app.env]\nGREETING = \"tls\"\n"
+        ),
+    )
+    .unwrap();
+    fleet_ok(&[
+        "publish",
+        "--nats",
+        &url,
+        "--tls-ca",
+        ca_arg,
+        "--key",
+        fleet_key.to_str().unwrap(),
+        "--device",
+        "edge-tls",
+        state.to_str().unwrap(),
+    ]);
+
+    // Without the CA, then with a wrong password: the device runs on, and its sync status
+    // says what to fix each time.
+    let device_config = format!(
+        "[upstream]\nnats = \"{url}\"\ndevice = \"edge-tls\"\ntrusted_keys = [\"{public}\"]\n\
+         user = \"edge\"\npassword = \"wrong-horse\"\n"
+    );
+    let mut daemon = Daemon::start_with(Some(&device_config), &[]);
+    wait_for(
+        "the untrusted certificate in the sync status",
+        Duration::from_secs(30),
+        || {
+            sync_status(&daemon)["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("TLS failed") && e.contains("tls_ca"))
+        },
+    )
+    .unwrap();
+    daemon.stop();
+    let config_path = daemon.dir.join("cairnd.toml");
+    let mut config = std::fs::read_to_string(&config_path).unwrap();
+    config.push_str(&format!("tls_ca = \"{}\"\n", ca.display()));
+    std::fs::write(&config_path, &config).unwrap();
+    daemon.restart();
+    wait_for(
+        "the refused login in the sync status",
+        Duration::from_secs(30),
+        || {
+            sync_status(&daemon)["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("refused this device's credentials"))
+        },
+    )
+    .unwrap();
+    let status = sync_status(&daemon);
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("[upstream] user and password"),
+        "{status}"
+    );
+    assert_eq!(
+        daemon.ctl(&["-o", "json", "ls"]).json(),
+        serde_json::json!([])
+    );
+
+    // The right one: the device converges over TLS.
+    daemon.stop();
+    std::fs::write(&config_path, config.replace("wrong-horse", "right-horse")).unwrap();
+    daemon.restart();
+    let addr = listen.parse().unwrap();
+    wait_for(
+        "the device to converge over TLS",
+        Duration::from_secs(30),
+        || {
+            get(addr, "/")
+                .map(|r| r.body == "tls from cairn\n")
+                .unwrap_or(false)
+        },
+    )
+    .unwrap();
+    assert_eq!(sync_status(&daemon)["state"], "connected");
+}

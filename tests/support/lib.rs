@@ -723,6 +723,8 @@ pub struct Nats {
     pub monitor: u16,
     dir: tempfile::TempDir,
     binary: PathBuf,
+    /// A configuration file (TLS, users) given with `-c`; the flags still set ports and store.
+    config: Option<PathBuf>,
 }
 
 /// Where the test command installed nats-server (see ./bootstrap), if anywhere.
@@ -746,6 +748,11 @@ pub fn nats_server_binary() -> Option<PathBuf> {
 impl Nats {
     /// Starts a server, or `None` (after recording the skip) when none is installed.
     pub fn start(test: &str) -> Option<Nats> {
+        Nats::start_with_config(test, None)
+    }
+
+    /// Starts a server with `config` (nats-server's configuration syntax) as its config file.
+    pub fn start_with_config(test: &str, config: Option<&str>) -> Option<Nats> {
         let Some(binary) = nats_server_binary() else {
             skip(
                 test,
@@ -759,7 +766,13 @@ impl Nats {
             monitor: free_port(),
             dir: tempfile::tempdir().unwrap(),
             binary,
+            config: None,
         };
+        if let Some(text) = config {
+            let path = nats.dir.path().join("nats.conf");
+            std::fs::write(&path, text).unwrap();
+            nats.config = Some(path);
+        }
         nats.restart();
         Some(nats)
     }
@@ -771,7 +784,11 @@ impl Nats {
     /// Starts the server (again) on the same port and store.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the server first");
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args([
                 "-js",
                 "-a",

@@ -30,6 +30,25 @@ const DOWNLOAD_STALL: Duration = Duration::from_secs(15);
 /// Outbox rows published per batch before waiting for their acks.
 const FLUSH_BATCH: u64 = 256;
 
+/// What a failed connection means for this device's `[upstream]` settings.
+fn connect_failure(error: &async_nats::ConnectError) -> String {
+    use async_nats::ConnectErrorKind;
+    match error.kind() {
+        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => format!(
+            "the server refused this device's credentials ({error}); check [upstream] user and \
+             password, or credentials"
+        ),
+        // A certificate rustls rejects comes back as an I/O error.
+        _ if error.kind() == ConnectErrorKind::Tls || error.to_string().contains("certificate") => {
+            format!(
+                "TLS failed ({error}); set [upstream] tls_ca to the CA that signed the server's \
+                 certificate"
+            )
+        }
+        _ => error.to_string(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum SyncError {
     #[error("cannot reach {url}: {message}")]
@@ -242,7 +261,7 @@ impl Sync {
         tokio::time::timeout(CONNECT_TIMEOUT * 2, options.connect(config.nats.as_str()))
             .await
             .map_err(|_| connect_error("no answer".into()))?
-            .map_err(|e| connect_error(e.to_string()))
+            .map_err(|e| connect_error(connect_failure(&e)))
     }
 
     /// One connected session: report, apply the latest desired state, then watch until the
