@@ -48,15 +48,10 @@ fn a_request_past_its_timeout_answers_500_and_the_next_is_served() {
     .unwrap();
 }
 
-#[test]
-fn a_guest_runs_to_its_end_when_its_client_goes_away() {
+/// Asks `app` at `addr` for something slow (`/sleep?6000`), waits until that request holds
+/// an instance, then hangs up before any answer.
+fn desert_a_slow_request(daemon: &Daemon, app: &str, addr: std::net::SocketAddr) {
     use std::io::Write;
-    let daemon = Daemon::start();
-    // The guest holds its instance only until its timeout: long enough for status polls to see
-    // it, each a cairnctl run (slow under qemu-user on a busy machine; 500 ms was missed there).
-    let addr = daemon.deploy_hello("deserted", &["--instances", "1", "--timeout", "3s"]);
-    assert_eq!(get(addr, "/").unwrap().status, 200);
-    // The client asks for something slow, then hangs up before any answer.
     let mut client = std::net::TcpStream::connect(addr).unwrap();
     client
         .write_all(b"GET /sleep?6000 HTTP/1.1\r\nhost: localhost\r\n\r\n")
@@ -64,10 +59,19 @@ fn a_guest_runs_to_its_end_when_its_client_goes_away() {
     wait_for(
         "the request to hold the instance",
         Duration::from_secs(10),
-        || daemon.app_status("deserted")["in_flight"] == 1,
+        || daemon.app_status(app)["in_flight"] == 1,
     )
     .unwrap();
-    drop(client);
+}
+
+#[test]
+fn a_guest_runs_to_its_end_when_its_client_goes_away() {
+    let daemon = Daemon::start();
+    // The guest holds its instance only until its timeout: long enough for status polls to see
+    // it, each a cairnctl run (slow under qemu-user on a busy machine; 500 ms was missed there).
+    let addr = daemon.deploy_hello("deserted", &["--instances", "1", "--timeout", "3s"]);
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+    desert_a_slow_request(&daemon, "deserted", addr);
     // The guest is not cut off with its client: it holds its slot until its timeout ends it,
     // and that outcome is counted and logged like any other.
     wait_for(
@@ -88,20 +92,10 @@ fn a_guest_runs_to_its_end_when_its_client_goes_away() {
 
 #[test]
 fn a_drained_generation_lets_a_deserted_guest_finish() {
-    use std::io::Write;
     let daemon = Daemon::start();
-    let addr = daemon.deploy_hello("leftover", &["--instances", "1", "--timeout", "2s"]);
-    let mut client = std::net::TcpStream::connect(addr).unwrap();
-    client
-        .write_all(b"GET /sleep?6000 HTTP/1.1\r\nhost: localhost\r\n\r\n")
-        .unwrap();
-    wait_for(
-        "the request to hold the instance",
-        Duration::from_secs(10),
-        || daemon.app_status("leftover")["in_flight"] == 1,
-    )
-    .unwrap();
-    drop(client);
+    // 3 s, as above: long enough for the status polls to see the guest under qemu-user.
+    let addr = daemon.deploy_hello("leftover", &["--instances", "1", "--timeout", "3s"]);
+    desert_a_slow_request(&daemon, "leftover", addr);
     // A new generation: the old pool drains with no connection left, but its guest still
     // runs. It must not be cut off with the pool; its outcome is reported like any other.
     let hello = cairn_tests::component("hello");
@@ -116,7 +110,7 @@ fn a_drained_generation_lets_a_deserted_guest_finish() {
         "--instances",
         "1",
         "--timeout",
-        "2s",
+        "3s",
         "--env",
         "GREETING=again",
     ]);
