@@ -21,6 +21,8 @@ fn fleet_ok(args: &[&str]) -> String {
 
 struct Lattice {
     nats: Nats,
+    /// What cairnctl fleet is given to reach the server: `--nats URL`, and `--tls-ca` if set.
+    upstream: Vec<String>,
     key: PathBuf,
     public: String,
     digest: String,
@@ -29,23 +31,32 @@ struct Lattice {
 
 impl Lattice {
     fn start(test: &str) -> Option<Lattice> {
-        let nats = Nats::start(test)?;
+        Lattice::start_with(test, None, None)
+    }
+
+    /// A lattice whose server runs with `config` (nats-server's syntax), reached by cairnctl
+    /// with `tls_ca` when given.
+    fn start_with(test: &str, config: Option<&str>, tls_ca: Option<&Path>) -> Option<Lattice> {
+        let nats = Nats::start_with_config(test, config)?;
+        let mut upstream = vec!["--nats".to_string(), nats.url()];
+        if let Some(ca) = tls_ca {
+            upstream.extend(["--tls-ca".to_string(), ca.to_str().unwrap().to_string()]);
+        }
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("fleet.key");
         let public = fleet_ok(&["keygen", "--out", key.to_str().unwrap()])
             .trim()
             .to_string();
-        let url = nats.url();
-        let digest = fleet_ok(&[
-            "upload",
-            "--nats",
-            &url,
-            component("hello").to_str().unwrap(),
-        ])
-        .trim()
-        .to_string();
+        let hello = component("hello");
+        let upload: Vec<&str> = ["upload"]
+            .into_iter()
+            .chain(upstream.iter().map(String::as_str))
+            .chain([hello.to_str().unwrap()])
+            .collect();
+        let digest = fleet_ok(&upload).trim().to_string();
         Some(Lattice {
             nats,
+            upstream,
             key,
             public,
             digest,
@@ -98,23 +109,24 @@ impl Lattice {
             ),
         )
         .unwrap();
-        let url = self.nats.url();
         let (flag, target) = match target.strip_prefix("group:") {
             Some(group) => ("--group", group),
             None => ("--device", target),
         };
-        fleet(&[
-            "publish",
-            "--nats",
-            &url,
-            "--key",
-            key.to_str().unwrap(),
-            flag,
-            target,
-            "--expires",
-            expires,
-            state.to_str().unwrap(),
-        ])
+        let publish: Vec<&str> = ["publish"]
+            .into_iter()
+            .chain(self.upstream.iter().map(String::as_str))
+            .chain([
+                "--key",
+                key.to_str().unwrap(),
+                flag,
+                target,
+                "--expires",
+                expires,
+                state.to_str().unwrap(),
+            ])
+            .collect();
+        fleet(&publish)
     }
 
     fn publish(&self, device: &str, app: &str, listen: &str, greeting: &str) {
@@ -748,14 +760,12 @@ fn a_device_syncs_over_tls_with_a_password_and_says_why_it_is_refused() {
         cert.display(),
         key.display()
     );
-    let Some(nats) = Nats::start_with_config(test, Some(&config)) else {
+    let Some(lattice) = Lattice::start_with(test, Some(&config), Some(&ca)) else {
         return;
     };
-    let url = nats.url();
-    let ca_arg = ca.to_str().unwrap();
+    let url = lattice.nats.url();
 
-    // The operator's tools: without the CA the server's certificate is not trusted, and
-    // cairnctl says so; with it they work.
+    // Without the CA the server's certificate is not trusted, and cairnctl says what to give.
     let untrusted = fleet(&[
         "upload",
         "--nats",
@@ -768,41 +778,18 @@ fn a_device_syncs_over_tls_with_a_password_and_says_why_it_is_refused() {
         "{}",
         untrusted.stderr
     );
-    let fleet_key = dir.path().join("fleet.key");
-    let public = fleet_ok(&["keygen", "--out", fleet_key.to_str().unwrap()])
-        .trim()
-        .to_string();
-    let digest = fleet_ok(&[
-        "upload",
-        "--nats",
-        &url,
-        "--tls-ca",
-        ca_arg,
-        component("hello").to_str().unwrap(),
-    ])
-    .trim()
-    .to_string();
+    // With it (the lattice's upload went through already), publishing works too.
     let listen = format!("127.0.0.1:{}", free_port());
-    let state = dir.path().join("state.toml");
-    std::fs::write(
-        &state,
-        format!(
-            "[[app]]\nname = \"secure-web\"\ncomponent = \"{digest}\"\n[app.http]\nlisten = \"{listen}\"\n[app.env]\nGREETING = \"tls\"\n"
-        ),
-    )
-    .unwrap();
-    fleet_ok(&[
-        "publish",
-        "--nats",
-        &url,
-        "--tls-ca",
-        ca_arg,
-        "--key",
-        fleet_key.to_str().unwrap(),
-        "--device",
+    let published = lattice.publish_with(
+        &lattice.key,
         "edge-tls",
-        state.to_str().unwrap(),
-    ]);
+        "secure-web",
+        &listen,
+        "tls",
+        "30d",
+    );
+    assert_eq!(published.code, 0, "publish: {}", published.stderr);
+    let public = &lattice.public;
 
     // Without the CA, then with a wrong password: the device runs on, and its sync status
     // says what to fix each time.
