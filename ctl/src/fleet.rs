@@ -21,6 +21,31 @@ pub const REPORT_SUBJECTS: &str = "cairn.report.>";
 /// The largest signed document a device reads.
 pub const MAX_DOCUMENT: usize = 1 << 20;
 
+/// Why the lattice turned a connection away, when the fix is a setting of whoever connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectRefusal {
+    /// The server refused the credentials given (or the lack of any).
+    Credentials,
+    /// TLS failed: most often a server certificate signed by a CA that is not trusted.
+    Tls,
+}
+
+/// Sorts a failed connection for its error message; `None` for anything else (no answer, a
+/// wrong address). The device's sync and `cairnctl fleet` each say which of their settings to
+/// fix.
+pub fn connect_refusal(error: &async_nats::ConnectError) -> Option<ConnectRefusal> {
+    use async_nats::ConnectErrorKind;
+    match error.kind() {
+        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+            Some(ConnectRefusal::Credentials)
+        }
+        ConnectErrorKind::Tls => Some(ConnectRefusal::Tls),
+        // A certificate rustls rejects comes back as an I/O error.
+        _ if error.to_string().contains("certificate") => Some(ConnectRefusal::Tls),
+        _ => None,
+    }
+}
+
 pub fn device_key(device: &str) -> String {
     format!("device.{device}")
 }

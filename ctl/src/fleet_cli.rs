@@ -87,21 +87,17 @@ async fn connect(upstream: &Upstream) -> Result<async_nats::Client> {
     .await
     .map_err(|_| anyhow!("no answer from {} within 15s", upstream.nats))?
     .map_err(|error| {
-        use async_nats::ConnectErrorKind;
         let url = &upstream.nats;
-        match error.kind() {
-            ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => anyhow!(
+        match fleet::connect_refusal(&error) {
+            Some(fleet::ConnectRefusal::Credentials) => anyhow!(
                 "cannot connect to {url}: the server refused these credentials ({error}); \
                  give the right ones with --creds"
             ),
-            // A certificate rustls rejects comes back as an I/O error.
-            kind if kind == ConnectErrorKind::Tls || error.to_string().contains("certificate") => {
-                anyhow!(
-                    "cannot connect to {url}: TLS failed ({error}); give the CA that signed the \
-                     server's certificate with --tls-ca"
-                )
-            }
-            _ => anyhow!(error).context(format!("cannot connect to {url}")),
+            Some(fleet::ConnectRefusal::Tls) => anyhow!(
+                "cannot connect to {url}: TLS failed ({error}); give the CA that signed the \
+                 server's certificate with --tls-ca"
+            ),
+            None => anyhow!(error).context(format!("cannot connect to {url}")),
         }
     })
 }

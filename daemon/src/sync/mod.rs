@@ -32,20 +32,16 @@ const FLUSH_BATCH: u64 = 256;
 
 /// What a failed connection means for this device's `[upstream]` settings.
 fn connect_failure(error: &async_nats::ConnectError) -> String {
-    use async_nats::ConnectErrorKind;
-    match error.kind() {
-        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => format!(
+    match fleet::connect_refusal(error) {
+        Some(fleet::ConnectRefusal::Credentials) => format!(
             "the server refused this device's credentials ({error}); check [upstream] user and \
              password, or credentials"
         ),
-        // A certificate rustls rejects comes back as an I/O error.
-        _ if error.kind() == ConnectErrorKind::Tls || error.to_string().contains("certificate") => {
-            format!(
-                "TLS failed ({error}); set [upstream] tls_ca to the CA that signed the server's \
-                 certificate"
-            )
-        }
-        _ => error.to_string(),
+        Some(fleet::ConnectRefusal::Tls) => format!(
+            "TLS failed ({error}); set [upstream] tls_ca to the CA that signed the server's \
+             certificate"
+        ),
+        None => error.to_string(),
     }
 }
 
