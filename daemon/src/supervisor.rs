@@ -18,7 +18,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-/// How often failed apps are retried when no watchdog asks for more.
+/// How often failed apps are retried, and the status line refreshed when there is no watchdog.
 const LOOP_PERIOD: Duration = Duration::from_secs(10);
 
 /// `overlay`: how laying the import folder's config.toml over the config file went (`None`:
@@ -123,24 +123,25 @@ pub async fn run(
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let period = systemd::watchdog_interval()
-        .map(|w| w.min(LOOP_PERIOD))
-        .unwrap_or(LOOP_PERIOD);
-    let watchdog = systemd::watchdog_interval().is_some();
-    let mut tick = tokio::time::interval(period);
+    // The watchdog is fed from this loop alone: its pings say the supervisor's runtime and
+    // main loop are alive, whatever any app is doing (a deploy compiling a big component or
+    // waiting on a slow health check holds only that app's lock). Retries run beside it.
+    let watchdog = systemd::watchdog_interval();
+    let mut watchdog_tick = tokio::time::interval(watchdog.unwrap_or(LOOP_PERIOD));
+    watchdog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry_tick = tokio::time::interval(LOOP_PERIOD);
+    retry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            _ = tick.tick() => {
-                // The watchdog is fed from here, after the reconciler answered: a wedged
-                // reconciler stops the pings and systemd restarts the daemon.
-                reconciler.retry_failed().await;
-                if watchdog {
+            _ = watchdog_tick.tick() => {
+                if watchdog.is_some() {
                     systemd::watchdog();
                 }
                 systemd::status(&status_line(&reconciler).await);
             }
+            _ = retry_tick.tick() => reconciler.retry_failed(),
         }
     }
 

@@ -1,7 +1,7 @@
 //! systemd integration over a real notify socket: readiness, status, watchdog, stopping.
 
-use cairn_tests::Daemon;
-use std::time::Duration;
+use cairn_tests::{wait_for, Daemon};
+use std::time::{Duration, Instant};
 
 #[test]
 fn notifies_ready_status_watchdog_and_stopping() {
@@ -75,4 +75,68 @@ fn a_failing_app_does_not_stop_the_others_from_starting() {
         },
     )
     .unwrap();
+}
+
+/// A deploy whose health check answers only after several watchdog periods holds nothing the
+/// supervisor's loop or another app needs: the watchdog pings keep their rate throughout (as
+/// systemd would check them), and an app scaled to zero wakes and answers while it waits.
+#[test]
+fn a_slow_deploy_stops_neither_the_watchdog_nor_another_apps_wake() {
+    const WATCHDOG: Duration = Duration::from_millis(1500);
+    let mut daemon = Daemon::start_with(None, &[("WATCHDOG_USEC", "1500000")]);
+    let sleepy = daemon.deploy_hello("sleepy", &["--idle", "500ms"]);
+    wait_for("sleepy to go idle", Duration::from_secs(30), || {
+        daemon.app_status("sleepy")["status"] == "idle"
+    })
+    .unwrap();
+    daemon.notifications();
+    let recorder = daemon.record_notifications();
+    let started = Instant::now();
+    let (woke_at, deployed_at) = std::thread::scope(|scope| {
+        let deploy = scope.spawn(|| {
+            // The health check sleeps 5 s: over three watchdog periods.
+            daemon.deploy_hello("slow", &["--health", "/sleep?5000", "--timeout", "20s"]);
+            Instant::now()
+        });
+        // The new generation's pool has taken its name: the deploy is loading or probing.
+        wait_for(
+            "the slow app's pool to start",
+            Duration::from_secs(60),
+            || daemon.child_named("cairn:slow").is_some() || deploy.is_finished(),
+        )
+        .unwrap();
+        let response = cairn_tests::get(sleepy, "/").expect("the idle app answers");
+        assert_eq!(response.status, 200);
+        let woke_at = Instant::now();
+        (woke_at, deploy.join().expect("the deploy succeeds"))
+    });
+    let pings: Vec<Instant> = recorder
+        .finish()
+        .into_iter()
+        .filter(|(_, line)| line == "WATCHDOG=1")
+        .map(|(at, _)| at)
+        .collect();
+    assert!(
+        woke_at < deployed_at,
+        "the idle app answered only after the slow deploy ended"
+    );
+    let deploy_took = deployed_at - started;
+    assert!(
+        deploy_took >= 3 * WATCHDOG,
+        "the deploy took {deploy_took:?}: its health check did not wait"
+    );
+    let mut times = vec![started];
+    times.extend(
+        pings
+            .iter()
+            .filter(|at| **at > started && **at < deployed_at),
+    );
+    times.push(deployed_at);
+    let longest = times.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(
+        longest < WATCHDOG,
+        "no watchdog ping for {longest:?} during the deploy ({} pings in {deploy_took:?}); systemd would have killed cairnd",
+        times.len() - 2
+    );
+    assert_eq!(daemon.app_status("slow")["status"], "running");
 }

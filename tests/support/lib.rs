@@ -386,6 +386,39 @@ impl Daemon {
         &self.notifications
     }
 
+    /// Starts recording, each with the time it arrived, what cairnd sends to its notify
+    /// socket from now on (`notifications` sees none of it until the recorder is finished).
+    pub fn record_notifications(&self) -> NotificationRecorder {
+        let socket = self.notify.try_clone().expect("the notify socket clones");
+        socket.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let mut buffer = [0u8; 4096];
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                match socket.recv(&mut buffer) {
+                    Ok(n) => {
+                        let at = Instant::now();
+                        let message = String::from_utf8_lossy(&buffer[..n]).to_string();
+                        seen.extend(message.lines().map(|line| (at, line.to_string())));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+            seen
+        });
+        NotificationRecorder { stop, thread }
+    }
+
+    /// The pid of the daemon's child process whose name (comm) is `comm`, such as `cairn:APP`.
+    pub fn child_named(&self, comm: &str) -> Option<u64> {
+        self.children().into_iter().find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|name| name.trim() == comm)
+        })
+    }
+
     /// Waits until cairnd sends `line` to its notify socket.
     pub fn wait_notification(&mut self, line: &str, deadline: Duration) -> Result<()> {
         let start = Instant::now();
@@ -537,6 +570,20 @@ impl Daemon {
         let result = self.ctl(&["-o", "json", "status", app]);
         assert_eq!(result.code, 0, "status {app}: {}", result.stderr);
         result.json()
+    }
+}
+
+/// What cairnd sent to its notify socket while recording (`Daemon::record_notifications`).
+pub struct NotificationRecorder {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(Instant, String)>>,
+}
+
+impl NotificationRecorder {
+    /// Stops recording; every line with the time it arrived.
+    pub fn finish(self) -> Vec<(Instant, String)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("the recorder thread ends")
     }
 }
 

@@ -1,0 +1,239 @@
+//! Making a generation current (a deploy, a rollback, a crashloop's restore): prepared
+//! completely in a new pool (code loaded, one instance made, health checked) before it is
+//! written to the store and told to serve; then the old pool drains. If any step fails, the
+//! store and the running app are exactly as before. Runs under the app's operation lock only.
+
+use super::apps::{AppLock, Running, State};
+use super::code::{pool_limits, Attempt};
+use super::exits::Failures;
+use super::listen::bind_patiently;
+use super::views::{view, AppView};
+use super::{new_counters, oom_kills, ReconcileError, Reconciler};
+use crate::spawn::{Pool, Start};
+use crate::spec::AppSpec;
+use crate::store::{now_unix, Owner};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+impl Reconciler {
+    /// Starts a pool for `spec` (binding its address unless this app already listens there),
+    /// records it in the store (a new generation, or `existing` made current), tells it to
+    /// serve and stops the previous pool.
+    pub(super) async fn activate(
+        &self,
+        lock: &AppLock,
+        spec: AppSpec,
+        owner: Owner,
+        existing: Option<u64>,
+    ) -> Result<(AppView, bool), ReconcileError> {
+        let name = spec.name.clone();
+        let next_generation = match existing {
+            Some(generation) => generation,
+            None => {
+                let app = name.clone();
+                self.store
+                    .call(move |store| {
+                        Ok(store
+                            .generations(&app)?
+                            .last()
+                            .map(|g| g.generation)
+                            .unwrap_or(0)
+                            + 1)
+                    })
+                    .await?
+            }
+        };
+        let (reusable, counters, existing_cgroup) = lock
+            .running(|r| {
+                let reusable = r
+                    .listener
+                    .as_ref()
+                    .filter(|l| l.local_addr().ok() == Some(spec.http.listen))
+                    .cloned();
+                (reusable, Some(Arc::clone(&r.counters)), r.cgroup.clone())
+            })
+            .unwrap_or((None, None, None));
+        let listener = match reusable {
+            Some(listener) => listener,
+            None => Arc::new(bind_patiently(spec.http.listen, Duration::ZERO).await?),
+        };
+        let counters = match counters {
+            Some(counters) => counters,
+            None => Arc::new(new_counters(&name)?),
+        };
+        // An app new to this daemon gets its cgroup now (removed again if the deploy fails); an
+        // existing one keeps its cgroup, whose limits change once the generation is recorded.
+        let (cgroup, fresh_cgroup) = match existing_cgroup {
+            Some(cgroup) => (Some(cgroup), false),
+            None => (self.app_cgroup(&spec)?, true),
+        };
+        let prepared = self
+            .prepare(
+                &spec,
+                owner,
+                existing,
+                next_generation,
+                &listener,
+                &counters,
+                cgroup.as_ref(),
+            )
+            .await;
+        let (pool, generation) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                // Every failure before the generation is recorded leaves no cgroup made for it.
+                if let (true, Some(cgroup)) = (fresh_cgroup, &cgroup) {
+                    cgroup.remove();
+                }
+                return Err(error);
+            }
+        };
+        if let Some(cgroup) = &cgroup {
+            if let Err(error) = cgroup.apply(&pool_limits(&spec)) {
+                tracing::warn!(app = %name, %error, "the new generation's limits could not be written");
+            }
+        }
+        if let Err(error) = pool.serve().await {
+            // The new pool died between loading and serving; the store already says this
+            // generation, so leave it to the restart logic like any other pool death.
+            tracing::warn!(app = %name, %error, "new pool went away before serving");
+        }
+        let verb = if existing.is_some() {
+            "rolled back to"
+        } else {
+            "deployed"
+        };
+        self.logs.note(
+            name.as_str(),
+            generation,
+            &format!("{verb} generation {generation} ({})", spec.component),
+        );
+        let (app_view, previous) = lock.with(|slot| {
+            let previous = slot.running.take();
+            let running = Running {
+                owner,
+                generation,
+                spec,
+                allocator: pool.allocator.clone(),
+                state: State::Running {
+                    pool,
+                    since: Instant::now(),
+                },
+                listener: Some(listener),
+                counters,
+                started_unix: now_unix(),
+                restarts: previous.as_ref().map(|p| p.restarts).unwrap_or(0),
+                failures: Failures::default(),
+                last_exit: previous
+                    .as_ref()
+                    .map(|p| p.last_exit.clone())
+                    .unwrap_or_default(),
+                // A pool start may have given the app a new cgroup (a spare's, renamed into
+                // place), whose count starts again.
+                oom_kills_seen: {
+                    let now = oom_kills(cgroup.as_ref());
+                    previous.as_ref().map_or(now, |p| p.oom_kills_seen.min(now))
+                },
+                cgroup,
+                // The generation this one replaces served well if it was serving (or idle) and
+                // not in a crashloop; otherwise keep the one it remembered.
+                last_good: previous.as_ref().and_then(|p| {
+                    let served = matches!(
+                        p.state,
+                        State::Running { .. } | State::Idle { .. } | State::Starting { .. }
+                    ) && !p.failures.crashloop;
+                    if served {
+                        Some(p.generation)
+                    } else {
+                        p.last_good
+                    }
+                }),
+            };
+            let app_view = view(&name, &running);
+            slot.running = Some(running);
+            (app_view, previous)
+        });
+        if let Some(Running {
+            state: State::Running { pool: old, .. },
+            ..
+        }) = previous
+        {
+            // The deploy returns once the old pool has stopped accepting: from then on every
+            // new connection reaches the new generation. Its requests in flight finish behind.
+            let drain = self.drain;
+            let asked = old.drain(drain).await;
+            tokio::spawn(async move { old.finish(drain, asked).await });
+        }
+        Ok((app_view, false))
+    }
+
+    /// Starts the generation's pool (one proving instance), runs its health check and records
+    /// the generation: the pool, ready to serve, and the generation recorded. On failure the
+    /// pool is stopped and nothing was recorded.
+    #[allow(clippy::too_many_arguments)] // one call site; the parts of one activation
+    async fn prepare(
+        &self,
+        spec: &AppSpec,
+        owner: Owner,
+        existing: Option<u64>,
+        next_generation: u64,
+        listener: &std::net::TcpListener,
+        counters: &crate::pool::protocol::Counters,
+        cgroup: Option<&crate::limits::AppCgroup>,
+    ) -> Result<(Pool, u64), ReconcileError> {
+        let pool = self
+            .launch(Attempt {
+                spec,
+                generation: next_generation,
+                listener,
+                counters,
+                cgroup,
+                start: Start::Prepare,
+            })
+            .await?;
+        if let Some(path) = &spec.http.health {
+            let answer = pool
+                .probe(path, spec.limits.timeout.0 + Duration::from_secs(5))
+                .await;
+            let unhealthy = match answer {
+                Ok(status) if (200..300).contains(&status) => None,
+                Ok(status) => Some(format!("answered {status}")),
+                Err(error) => Some(format!("got no answer: {error}")),
+            };
+            if let Some(answer) = unhealthy {
+                pool.stop(Duration::ZERO).await;
+                return Err(ReconcileError::Unhealthy {
+                    path: path.clone(),
+                    answer,
+                });
+            }
+        }
+        let stored_spec = spec.clone();
+        let name = spec.name.clone();
+        let recorded = match existing {
+            Some(generation) => self
+                .store
+                .call(move |store| store.set_current_generation(&name, generation))
+                .await
+                .map(|_| generation),
+            None => {
+                self.store
+                    .call(move |store| store.commit_generation(&stored_spec, owner))
+                    .await
+            }
+        };
+        match recorded {
+            Ok(generation) if generation == next_generation => Ok((pool, generation)),
+            Ok(other) => {
+                pool.stop(Duration::ZERO).await;
+                Err(ReconcileError::Internal(format!(
+                    "generation {other} was written where {next_generation} was expected"
+                )))
+            }
+            Err(error) => {
+                pool.stop(Duration::ZERO).await;
+                Err(error.into())
+            }
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The app table and its locks. The table maps each app's name to a slot and is held only for
+//! moments. A slot has two locks:
+//!
+//! - the **operation lock** (async), held across the long work of one change to the app
+//!   (compiling, a pool's load, a health check, a drain): operations on one app are serialised,
+//!   and nothing waits for another app's work;
+//! - the **state lock** (a plain mutex), held for moments and never across an await: views,
+//!   status and the address check read through it while a change is under way.
+//!
+//! Lock order: table, then a slot's state. The operation lock is taken with neither held.
+
+use super::listen::Waker;
+use super::ReconcileError;
+use crate::limits::AppCgroup;
+use crate::pool::protocol::Counters;
+use crate::spawn::Pool;
+use crate::spec::{AppName, AppSpec};
+use crate::store::Owner;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+use tokio::sync::OwnedMutexGuard;
+
+pub(super) enum State {
+    Running {
+        pool: Pool,
+        since: Instant,
+    },
+    /// The pool died; a restart is scheduled.
+    Restarting {
+        reason: String,
+    },
+    /// No pool: it exited for lack of traffic. The supervisor holds the listener and starts a
+    /// pool when a connection arrives.
+    Idle {
+        _waker: Waker,
+    },
+    /// Restored at start-up, its pool not started yet: the listener is bound, and the pool is
+    /// started in the background, or sooner by the waker when a connection arrives.
+    Starting {
+        _waker: Waker,
+    },
+    /// The app could not be started at all.
+    Failed {
+        reason: String,
+    },
+}
+
+/// An app the reconciler runs (or tries to).
+pub(super) struct Running {
+    pub owner: Owner,
+    pub generation: u64,
+    pub spec: AppSpec,
+    pub state: State,
+    /// Bound by the supervisor and kept across pool restarts.
+    pub listener: Option<Arc<std::net::TcpListener>>,
+    pub counters: Arc<Counters>,
+    pub allocator: String,
+    pub started_unix: i64,
+    pub restarts: u64,
+    pub failures: super::exits::Failures,
+    pub last_exit: String,
+    pub cgroup: Option<AppCgroup>,
+    /// OOM kills in the cgroup already accounted for, to tell an OOM kill from a plain kill.
+    pub oom_kills_seen: u64,
+    /// The last generation that served well, restored on a crashloop.
+    pub last_good: Option<u64>,
+}
+
+/// One app's entry in the table.
+pub(super) struct Slot {
+    /// Serialises changes to this app; see the module comment.
+    operations: Arc<tokio::sync::Mutex<()>>,
+    /// Held for moments only.
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+pub(super) struct SlotState {
+    /// `None` while the app's first deploy is under way: not shown, not yet the app's.
+    pub running: Option<Running>,
+    /// The address a change under way will listen on, so that two deploys of different apps
+    /// cannot both take it.
+    pub claim: Option<SocketAddr>,
+}
+
+impl Slot {
+    fn new(running: Option<Running>) -> Arc<Slot> {
+        Arc::new(Slot {
+            operations: Arc::default(),
+            state: Mutex::new(SlotState {
+                running,
+                claim: None,
+            }),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, SlotState> {
+        // Nothing under this lock leaves the state half-changed on a panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Proof that the holder is the only one changing this app (its operation lock is held).
+pub(super) struct AppLock {
+    pub name: AppName,
+    slot: Arc<Slot>,
+    _operation: OwnedMutexGuard<()>,
+}
+
+impl AppLock {
+    /// Runs `change` on the app's state, for a moment.
+    pub fn with<R>(&self, change: impl FnOnce(&mut SlotState) -> R) -> R {
+        change(&mut self.slot.state())
+    }
+
+    /// Runs `change` on the app, if it exists yet.
+    pub fn running<R>(&self, change: impl FnOnce(&mut Running) -> R) -> Option<R> {
+        self.slot.state().running.as_mut().map(change)
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Table {
+    slots: Mutex<BTreeMap<AppName, Arc<Slot>>>,
+}
+
+impl Table {
+    fn slots(&self) -> MutexGuard<'_, BTreeMap<AppName, Arc<Slot>>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the app's operation lock, waiting for a change under way to end. `create`: make
+    /// an empty slot for an app not in the table (a first deploy); else `None` for one that is
+    /// not there (or was removed while this waited).
+    pub async fn lock(&self, name: &AppName, create: bool) -> Option<AppLock> {
+        loop {
+            let slot = {
+                let mut slots = self.slots();
+                match slots.get(name) {
+                    Some(slot) => Arc::clone(slot),
+                    None if create => {
+                        let slot = Slot::new(None);
+                        slots.insert(name.clone(), Arc::clone(&slot));
+                        slot
+                    }
+                    None => return None,
+                }
+            };
+            let operation = Arc::clone(&slot.operations).lock_owned().await;
+            // The slot may have been removed (the app removed, or a failed first deploy
+            // forgotten) while this waited: then look again.
+            let current = self
+                .slots()
+                .get(name)
+                .is_some_and(|now| Arc::ptr_eq(now, &slot));
+            if current {
+                return Some(AppLock {
+                    name: name.clone(),
+                    slot,
+                    _operation: operation,
+                });
+            }
+        }
+    }
+
+    /// Puts apps restored at start-up into the table.
+    pub fn restore(&self, apps: impl IntoIterator<Item = (AppName, Running)>) {
+        let mut slots = self.slots();
+        for (name, running) in apps {
+            slots.insert(name, Slot::new(Some(running)));
+        }
+    }
+
+    /// Ends a change: drops its address claim, and forgets the slot if the app never came to
+    /// exist (a first deploy that failed).
+    pub fn settle(&self, lock: &AppLock) {
+        let mut slots = self.slots();
+        let mut state = lock.slot.state();
+        state.claim = None;
+        if state.running.is_none() {
+            if let Some(slot) = slots.get(&lock.name) {
+                if Arc::ptr_eq(slot, &lock.slot) {
+                    slots.remove(&lock.name);
+                }
+            }
+        }
+    }
+
+    /// Takes the app out of the table (it is being removed).
+    pub fn remove(&self, lock: &AppLock) -> Option<Running> {
+        let mut slots = self.slots();
+        if slots
+            .get(&lock.name)
+            .is_some_and(|slot| Arc::ptr_eq(slot, &lock.slot))
+        {
+            slots.remove(&lock.name);
+        }
+        lock.slot.state().running.take()
+    }
+
+    /// Checks that no other app listens (or is about to) on an address overlapping `spec`'s,
+    /// and claims it for the change `lock` holds.
+    pub fn claim_address(&self, lock: &AppLock, spec: &AppSpec) -> Result<(), ReconcileError> {
+        let wanted = spec.http.listen;
+        let slots = self.slots();
+        for (name, slot) in slots.iter() {
+            if *name == spec.name {
+                continue;
+            }
+            let state = slot.state();
+            let theirs = state
+                .running
+                .as_ref()
+                .map(|running| running.spec.http.listen)
+                .into_iter()
+                .chain(state.claim);
+            for theirs in theirs {
+                if super::listen::overlaps(theirs, wanted) {
+                    return Err(ReconcileError::AddressTaken {
+                        addr: wanted,
+                        app: name.to_string(),
+                    });
+                }
+            }
+        }
+        lock.slot.state().claim = Some(wanted);
+        Ok(())
+    }
+
+    /// `each` over every app that exists, in name order, each under its state lock for a
+    /// moment.
+    pub fn each<R>(&self, mut each: impl FnMut(&AppName, &Running) -> R) -> Vec<R> {
+        let slots: Vec<(AppName, Arc<Slot>)> = self
+            .slots()
+            .iter()
+            .map(|(name, slot)| (name.clone(), Arc::clone(slot)))
+            .collect();
+        slots
+            .iter()
+            .filter_map(|(name, slot)| slot.state().running.as_ref().map(|r| each(name, r)))
+            .collect()
+    }
+
+    /// `read` on one app, under its state lock for a moment.
+    pub fn read<R>(&self, name: &AppName, read: impl FnOnce(&Running) -> R) -> Option<R> {
+        let slot = self.slots().get(name).cloned()?;
+        let state = slot.state();
+        state.running.as_ref().map(read)
+    }
+
+    pub fn names(&self) -> Vec<AppName> {
+        self.slots().keys().cloned().collect()
+    }
+}

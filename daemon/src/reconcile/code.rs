@@ -1,0 +1,258 @@
+//! An app's native code on its way to a pool: taken from memory (`CodeCache`), else from the
+//! store's precompiled code, else compiled now and kept in both; then a pool is launched with
+//! it. Reading and compiling are blocking work and run on the blocking pool, holding no lock
+//! but the app's own operation lock (held by the caller).
+
+use super::{ReconcileError, Reconciler};
+use crate::digest::Digest;
+use crate::limits::{AppCgroup, PoolLimits};
+use crate::pool::protocol::Counters;
+use crate::runtime::CodeFacts;
+use crate::spawn::{self, Code, Pool, SpawnError, Start};
+use crate::spec::AppSpec;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// How much precompiled code the supervisor keeps in memory for pool starts. The pages are
+/// shared with the pools that map the code, so this costs memory only for code no running
+/// pool uses (idle or removed apps'): a wake from idle of a recently used app reads no SQLite.
+pub(super) const CODE_CACHE_BYTES: usize = 32 << 20;
+
+/// Code by (component digest, engine fingerprint), least recently used dropped first once
+/// the total is over its budget.
+pub(super) struct CodeCache {
+    budget: usize,
+    entries: std::sync::Mutex<CodeEntries>,
+}
+
+/// A use counter, and each entry with the count at its last use.
+#[derive(Default)]
+struct CodeEntries {
+    clock: u64,
+    map: HashMap<CodeKey, (Arc<Code>, u64)>,
+}
+
+/// Component digest and engine fingerprint.
+type CodeKey = (Digest, String);
+
+impl CodeCache {
+    pub fn new(budget: usize) -> CodeCache {
+        CodeCache {
+            budget,
+            entries: std::sync::Mutex::default(),
+        }
+    }
+
+    fn get(&self, key: &CodeKey) -> Option<Arc<Code>> {
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let CodeEntries { clock, map } = &mut *guard;
+        *clock += 1;
+        let (code, used) = map.get_mut(key)?;
+        *used = *clock;
+        Some(Arc::clone(code))
+    }
+
+    fn put(&self, key: CodeKey, code: Arc<Code>) {
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let CodeEntries {
+            clock,
+            map: entries,
+        } = &mut *guard;
+        *clock += 1;
+        entries.insert(key.clone(), (code, *clock));
+        let mut total: usize = entries.values().map(|(code, _)| code.len).sum();
+        while total > self.budget && entries.len() > 1 {
+            let oldest = entries
+                .iter()
+                .filter(|(k, _)| **k != key)
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone());
+            let Some(oldest) = oldest else { break };
+            if let Some((code, _)) = entries.remove(&oldest) {
+                total -= code.len;
+            }
+        }
+    }
+}
+
+/// One pool start's arguments (kept together for the retry with recompiled code).
+#[derive(Clone, Copy)]
+pub(super) struct Attempt<'a> {
+    pub spec: &'a AppSpec,
+    pub generation: u64,
+    pub listener: &'a std::net::TcpListener,
+    pub counters: &'a Counters,
+    pub cgroup: Option<&'a AppCgroup>,
+    pub start: Start,
+}
+
+impl Reconciler {
+    /// Loads the app's code (precompiled from the store, or compiled now and cached) and starts
+    /// a pool with it. Cached code a pool cannot load is recompiled once.
+    pub(super) async fn launch(&self, attempt: Attempt<'_>) -> Result<Pool, ReconcileError> {
+        let spec = attempt.spec;
+        let (code, cached) = self.code(spec, false).await?;
+        match self.launch_with(&attempt, &code).await {
+            Err(ReconcileError::Load { message, .. }) if cached => {
+                tracing::warn!(app = %spec.name, %message, "precompiled code was not usable; recompiling");
+                let (code, _) = self.code(spec, true).await?;
+                self.launch_with(&attempt, &code).await
+            }
+            other => other,
+        }
+    }
+
+    async fn launch_with(
+        &self,
+        attempt: &Attempt<'_>,
+        code: &Code,
+    ) -> Result<Pool, ReconcileError> {
+        let spec = attempt.spec;
+        self.spawner
+            .launch(spawn::Launch {
+                limits: pool_limits(spec),
+                spec,
+                generation: attempt.generation,
+                code,
+                start: attempt.start,
+                listener: attempt.listener,
+                counters: attempt.counters,
+                cgroup: attempt.cgroup,
+                logs: Arc::clone(&self.logs),
+                exits: self.exits.clone(),
+            })
+            .await
+            .map_err(|error| match error {
+                SpawnError::Load(message) => ReconcileError::Load {
+                    digest: spec.component.clone(),
+                    message,
+                },
+                other => ReconcileError::Pool(other.to_string()),
+            })
+    }
+
+    /// The app's native code, ready for pools, and whether it was compiled before (in memory
+    /// or in the store).
+    async fn code(
+        &self,
+        spec: &AppSpec,
+        force_compile: bool,
+    ) -> Result<(Arc<Code>, bool), ReconcileError> {
+        let store = Arc::clone(&self.store);
+        let runtime = Arc::clone(&self.runtime);
+        let memory = Arc::clone(&self.code_cache);
+        let spec = spec.clone();
+        tokio::task::spawn_blocking(move || {
+            let digest = spec.component.clone();
+            let component_error = |source| ReconcileError::Component {
+                digest: digest.clone(),
+                source,
+            };
+            let fingerprint = runtime.fingerprint(&spec.limits).map_err(component_error)?;
+            let key = (digest.clone(), fingerprint.clone());
+            if !force_compile {
+                if let Some(code) = memory.get(&key) {
+                    runtime.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok((code, true));
+                }
+            }
+            let ready = |code: &[u8], facts| {
+                let code = Arc::new(Code::new(code, facts).map_err(|e| {
+                    ReconcileError::Internal(format!("cannot hold the code in memory: {e}"))
+                })?);
+                memory.put(key.clone(), Arc::clone(&code));
+                Ok::<_, ReconcileError>(code)
+            };
+            if !force_compile {
+                if let Some((code, facts)) = store.get_compiled(&digest, &fingerprint)? {
+                    runtime.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    let known = facts.and_then(|facts| serde_json::from_str(&facts).ok());
+                    let facts = match known {
+                        Some(facts) => facts,
+                        // Cached by an older cairnd (or unreadable): learn them once.
+                        None => {
+                            let facts = runtime
+                                .inspect(&code, &spec.limits)
+                                .map_err(component_error)?;
+                            store.set_compiled_facts(&digest, &fingerprint, &facts_text(&facts))?;
+                            facts
+                        }
+                    };
+                    return Ok((ready(&code, facts)?, true));
+                }
+            }
+            let wasm = store
+                .get_blob(&digest)?
+                .ok_or_else(|| ReconcileError::UnknownComponent(digest.clone()))?;
+            let code = runtime
+                .compile(&wasm, &spec.limits)
+                .map_err(component_error)?;
+            let facts = runtime
+                .inspect(&code, &spec.limits)
+                .map_err(component_error)?;
+            store.put_compiled(&digest, &fingerprint, &code, &facts_text(&facts))?;
+            Ok((ready(&code, facts)?, false))
+        })
+        .await
+        .map_err(|e| ReconcileError::Internal(format!("preparing the app failed: {e}")))?
+    }
+
+    /// The app's cgroup with the spec's limits written, or `None` where limits are not enforced.
+    pub(super) fn app_cgroup(&self, spec: &AppSpec) -> Result<Option<AppCgroup>, ReconcileError> {
+        let Some(cgroup) = self.cgroups.for_app(spec.name.as_str())? else {
+            return Ok(None);
+        };
+        cgroup.apply(&pool_limits(spec))?;
+        Ok(Some(cgroup))
+    }
+}
+
+pub(super) fn pool_limits(spec: &AppSpec) -> PoolLimits {
+    PoolLimits {
+        memory: Some(spec.limits.pool_memory().0),
+        cpu: spec.limits.cpu,
+        pids: Some(spec.limits.pool_pids() as u64),
+    }
+}
+
+fn facts_text(facts: &CodeFacts) -> String {
+    serde_json::to_string(facts).expect("CodeFacts serialise")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_code_cache_drops_the_least_recently_used_over_its_budget() {
+        let facts = CodeFacts {
+            memories: 1,
+            tables: 1,
+            max_initial_table_size: None,
+        };
+        let code = |size: usize| Arc::new(Code::new(&vec![7u8; size], facts).unwrap());
+        let key = |name: &str| (Digest::of(name.as_bytes()), "engine".to_string());
+        let cache = CodeCache::new(300);
+        cache.put(key("a"), code(100));
+        cache.put(key("b"), code(100));
+        cache.put(key("c"), code(100));
+        assert!(cache.get(&key("a")).is_some()); // a is now the most recently used
+        cache.put(key("d"), code(100));
+        assert!(
+            cache.get(&key("b")).is_none(),
+            "b was the least recently used"
+        );
+        for kept in ["a", "c", "d"] {
+            assert!(cache.get(&key(kept)).is_some(), "{kept}");
+        }
+        // Code larger than the whole budget is still kept, alone, for the start that asked.
+        cache.put(key("huge"), code(1000));
+        assert_eq!(cache.get(&key("huge")).unwrap().len, 1000);
+        assert!(cache.get(&key("a")).is_none());
+        // The same code under another engine is another entry.
+        assert!(cache
+            .get(&(Digest::of(b"huge"), "other-engine".to_string()))
+            .is_none());
+    }
+}

@@ -1,0 +1,347 @@
+//! The reconciler: the only thing that changes what runs. Deploys, rollbacks and removals from
+//! the control API and fleet sync come here; so does start-up, which brings every app in the
+//! store back at its current generation, and so do pool exits and wakes.
+//!
+//! The policy: a new generation is prepared completely (code loaded from the cache or compiled
+//! and cached, a pool process started that linked it and made one instance, the address bound)
+//! before it is written to the store and told to serve. If any step fails, the store and the
+//! running app are left exactly as they were and the caller is told why. A pool that dies is
+//! restarted with exponential backoff on the listener the supervisor kept, so connections
+//! queue instead of being refused. An app that cannot start from the store (at boot) is marked
+//! failed with its reason and retried by `retry_failed`; the others serve regardless.
+//!
+//! Changes to one app are serialised by that app's lock (`apps`); no lock is held across one
+//! app's long work (compiling, a pool's load, a health check) that another app's change, wake
+//! or restart, or any view, needs.
+//!
+//! Layout: `apps` (the table and its locks), `activate` (a generation made current), `code`
+//! (code cache, compile, launch), `boot` (restore at start, retries), `exits` (pool exits,
+//! backoff, crashloop), `listen` (binding, wake on connection), `views` (what `ls` and
+//! `status` show).
+
+mod activate;
+mod apps;
+mod boot;
+mod code;
+mod exits;
+mod listen;
+mod views;
+
+pub use views::AppView;
+
+use crate::digest::Digest;
+use crate::limits::{AppCgroup, Cgroups, LimitsError};
+use crate::logs::LogHub;
+use crate::pool::protocol::Counters;
+use crate::runtime::{Runtime, RuntimeError};
+use crate::spawn::{Pool, PoolExit, Spawner};
+use crate::spec::{AppName, AppSpec, SpecError};
+use crate::store::{now_unix, Owner, Store, StoreError};
+use apps::{AppLock, Running, State};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("no app named `{0}`; `cairnctl ls` lists the apps")]
+    UnknownApp(String),
+    #[error("no component {0} in the store; push it first with `cairnctl push FILE`")]
+    UnknownComponent(Digest),
+    #[error("app `{app}` has no generation {generation}; it has {available}")]
+    UnknownGeneration {
+        app: String,
+        generation: u64,
+        available: String,
+    },
+    #[error("app `{0}` has no generation before the current one to roll back to")]
+    NoPreviousGeneration(String),
+    #[error("address {addr} is already used by app `{app}`; choose another [http] listen address or remove that app")]
+    AddressTaken { addr: SocketAddr, app: String },
+    #[error("cannot listen on {addr}: {reason}; choose another [http] listen address")]
+    AddressUnavailable { addr: SocketAddr, reason: String },
+    #[error("component {digest}: {source}")]
+    Component {
+        digest: Digest,
+        source: RuntimeError,
+    },
+    #[error("component {digest}: {message}")]
+    Load { digest: Digest, message: String },
+    #[error("the app's pool could not start: {0}")]
+    Pool(String),
+    #[error("the new generation failed its health check: GET {path} {answer}; the previous generation keeps serving")]
+    Unhealthy { path: String, answer: String },
+    #[error(transparent)]
+    Limits(#[from] LimitsError),
+    #[error("app `{app}` is owned by the {owner}; change it there")]
+    OwnedElsewhere { app: String, owner: &'static str },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub struct Reconciler {
+    store: Arc<Store>,
+    runtime: Arc<Runtime>,
+    logs: Arc<LogHub>,
+    /// Every app, each behind its own lock.
+    apps: apps::Table,
+    drain: Duration,
+    exits: mpsc::Sender<PoolExit>,
+    cgroups: Arc<Cgroups>,
+    spawner: Arc<Spawner>,
+    /// Checked code recently handed to pools, so a restart or a wake does not read the store.
+    code_cache: Arc<code::CodeCache>,
+    /// Restarts that are due (sent after their backoff) and wakes (sent on a connection).
+    restarts: mpsc::Sender<(AppName, u64)>,
+    /// A `retry_failed` round is under way.
+    retrying: AtomicBool,
+}
+
+impl Reconciler {
+    /// Creates the reconciler and starts the task that handles pool exits, restarts and
+    /// wakes: each is handled in a task of its own, so one app's slow start never holds up
+    /// another's.
+    pub fn start(
+        store: Arc<Store>,
+        runtime: Arc<Runtime>,
+        logs: Arc<LogHub>,
+        cgroups: Arc<Cgroups>,
+        pool_user: Option<(u32, u32)>,
+        drain: Duration,
+    ) -> Arc<Reconciler> {
+        let (exits, mut exit_events) = mpsc::channel(256);
+        let (restarts, mut due_restarts) = mpsc::channel(256);
+        let reconciler = Arc::new(Reconciler {
+            store,
+            runtime,
+            logs,
+            apps: apps::Table::default(),
+            drain,
+            exits,
+            spawner: Spawner::new(pool_user, Arc::clone(&cgroups)),
+            code_cache: Arc::new(code::CodeCache::new(code::CODE_CACHE_BYTES)),
+            cgroups,
+            restarts,
+            retrying: AtomicBool::new(false),
+        });
+        reconciler.spawner.refill(Duration::ZERO);
+        let weak = Arc::downgrade(&reconciler);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(exit) = exit_events.recv() => {
+                        let Some(reconciler) = weak.upgrade() else { return };
+                        tokio::spawn(async move { reconciler.pool_exited(exit).await });
+                    }
+                    Some((app, generation)) = due_restarts.recv() => {
+                        let Some(reconciler) = weak.upgrade() else { return };
+                        tokio::spawn(async move { reconciler.restart(&app, generation).await });
+                    }
+                    else => return,
+                }
+            }
+        });
+        reconciler
+    }
+
+    /// Deploys `spec` as the app's next generation. Returns the app as it now runs and whether
+    /// the spec equalled the current generation (then nothing changed).
+    pub async fn deploy(
+        &self,
+        spec: AppSpec,
+        owner: Owner,
+    ) -> Result<(AppView, bool), ReconcileError> {
+        let lock = self
+            .apps
+            .lock(&spec.name, true)
+            .await
+            .expect("a slot is made for a new app");
+        let result = self.deploy_locked(&lock, spec, owner).await;
+        self.apps.settle(&lock);
+        result
+    }
+
+    async fn deploy_locked(
+        &self,
+        lock: &AppLock,
+        spec: AppSpec,
+        owner: Owner,
+    ) -> Result<(AppView, bool), ReconcileError> {
+        let current = lock.running(|running| {
+            if running.owner != owner {
+                return Err(ReconcileError::OwnedElsewhere {
+                    app: spec.name.to_string(),
+                    owner: if running.owner == Owner::Fleet {
+                        "fleet"
+                    } else {
+                        "local operator"
+                    },
+                });
+            }
+            let unchanged = running.spec == spec
+                && matches!(
+                    running.state,
+                    State::Running { .. } | State::Starting { .. }
+                );
+            Ok(unchanged.then(|| views::view(&spec.name, running)))
+        });
+        if let Some(Some(view)) = current.transpose()? {
+            return Ok((view, true));
+        }
+        self.apps.claim_address(lock, &spec)?;
+        let digest = spec.component.clone();
+        if !self
+            .store
+            .call(move |store| store.has_blob(&digest))
+            .await?
+        {
+            return Err(ReconcileError::UnknownComponent(spec.component.clone()));
+        }
+        self.activate(lock, spec, owner, None).await
+    }
+
+    /// Makes generation `to` (or the one before the current) current again.
+    pub async fn rollback(
+        &self,
+        name: &AppName,
+        to: Option<u64>,
+    ) -> Result<AppView, ReconcileError> {
+        let lock = self
+            .apps
+            .lock(name, false)
+            .await
+            .ok_or_else(|| ReconcileError::UnknownApp(name.to_string()))?;
+        let result = self.rollback_locked(&lock, to).await;
+        self.apps.settle(&lock);
+        result
+    }
+
+    async fn rollback_locked(
+        &self,
+        lock: &AppLock,
+        to: Option<u64>,
+    ) -> Result<AppView, ReconcileError> {
+        let name = &lock.name;
+        let (owner, current) = lock
+            .running(|running| (running.owner, running.generation))
+            .ok_or_else(|| ReconcileError::UnknownApp(name.to_string()))?;
+        let app = name.clone();
+        let generations = self
+            .store
+            .call(move |store| store.generations(&app))
+            .await?;
+        let target = match to {
+            Some(wanted) => generations
+                .iter()
+                .find(|g| g.generation == wanted)
+                .ok_or_else(|| ReconcileError::UnknownGeneration {
+                    app: name.to_string(),
+                    generation: wanted,
+                    available: generations
+                        .iter()
+                        .map(|g| g.generation.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?,
+            None => generations
+                .iter()
+                .rev()
+                .find(|g| g.generation < current)
+                .ok_or_else(|| ReconcileError::NoPreviousGeneration(name.to_string()))?,
+        };
+        let spec = target.spec.clone();
+        self.apps.claim_address(lock, &spec)?;
+        let (view, _) = self
+            .activate(lock, spec, owner, Some(target.generation))
+            .await?;
+        Ok(view)
+    }
+
+    /// Removes the app only if `owner` owns it (fleet state never removes a local app).
+    pub async fn remove_owned(&self, name: &AppName, owner: Owner) -> Result<(), ReconcileError> {
+        let Some(lock) = self.apps.lock(name, false).await else {
+            return Ok(());
+        };
+        match lock.running(|running| running.owner) {
+            Some(current) if current == owner => self.remove_locked(lock).await,
+            Some(_) => Err(ReconcileError::OwnedElsewhere {
+                app: name.to_string(),
+                owner: "local operator",
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the app and forgets it.
+    pub async fn remove(&self, name: &AppName) -> Result<(), ReconcileError> {
+        let lock = self
+            .apps
+            .lock(name, false)
+            .await
+            .ok_or_else(|| ReconcileError::UnknownApp(name.to_string()))?;
+        self.remove_locked(lock).await
+    }
+
+    async fn remove_locked(&self, lock: AppLock) -> Result<(), ReconcileError> {
+        let app = lock.name.clone();
+        self.store.call(move |store| store.remove_app(&app)).await?;
+        let Some(running) = self.apps.remove(&lock) else {
+            return Ok(());
+        };
+        if let State::Running { pool, .. } = running.state {
+            pool.stop(self.drain).await;
+        }
+        if let Some(cgroup) = running.cgroup {
+            cgroup.remove();
+        }
+        Ok(())
+    }
+
+    /// Stops every app, draining requests in flight (side by side; each after a change under
+    /// way to it has ended).
+    pub async fn shutdown(&self) {
+        let stops = self.apps.names().into_iter().map(|name| async move {
+            let lock = self.apps.lock(&name, false).await?;
+            let running = self.apps.remove(&lock)?;
+            if let State::Running { pool, .. } = running.state {
+                pool.stop(self.drain).await;
+            }
+            running.cgroup
+        });
+        let cgroups = futures_util::future::join_all(stops).await;
+        for cgroup in cgroups.into_iter().flatten() {
+            cgroup.remove();
+        }
+        self.spawner.shutdown().await;
+    }
+}
+
+fn new_counters(app: &AppName) -> Result<Counters, ReconcileError> {
+    Counters::create(app.as_str())
+        .map_err(|e| ReconcileError::Internal(format!("cannot create the counters page: {e}")))
+}
+
+/// OOM kills counted so far in the app's cgroup. Read after each pool start: the start may
+/// have given the app a new cgroup (a spare's, renamed into place), whose count starts again.
+fn oom_kills(cgroup: Option<&AppCgroup>) -> u64 {
+    cgroup.map(|c| c.usage().oom_kills).unwrap_or(0)
+}
+
+impl Running {
+    /// Records `pool`, just started for the app's current generation, as serving it.
+    fn serving_with(&mut self, pool: Pool) {
+        self.oom_kills_seen = oom_kills(self.cgroup.as_ref());
+        self.allocator = pool.allocator.clone();
+        self.state = State::Running {
+            pool,
+            since: Instant::now(),
+        };
+        self.started_unix = now_unix();
+    }
+}

@@ -1,0 +1,114 @@
+//! What the operator sees of the apps: `cairnctl ls` (`AppView`) and `cairnctl status APP`
+//! (`AppDetailView`). Views read each app under its state lock for a moment, so they never
+//! wait for a change under way (a deploy compiling, a pool loading, a health check).
+
+use super::apps::{Running, State};
+use super::{ReconcileError, Reconciler};
+use crate::digest::Digest;
+use crate::limits::{AppCgroup, Usage};
+use crate::pool::protocol::Counter;
+use crate::spec::{AppName, AppSpec};
+use std::net::SocketAddr;
+
+/// What `cairnctl ls` shows of an app.
+#[derive(Debug, Clone)]
+pub struct AppView {
+    pub name: String,
+    pub owner: &'static str,
+    pub generation: u64,
+    pub status: &'static str,
+    pub listen: SocketAddr,
+    pub digest: Digest,
+    pub error: String,
+}
+
+/// What `cairnctl status APP` adds.
+pub struct AppDetailView {
+    pub view: AppView,
+    pub spec: AppSpec,
+    pub allocator: String,
+    pub requests: u64,
+    pub in_flight: u64,
+    pub traps: u64,
+    pub timeouts: u64,
+    pub rejected: u64,
+    pub started_unix: i64,
+    pub pid: u32,
+    pub restarts: u64,
+    pub last_exit: String,
+    /// Where the app's limits live, or why there are none.
+    pub cgroup: String,
+    pub usage: Usage,
+}
+
+pub(super) fn view(name: &AppName, running: &Running) -> AppView {
+    let (status, error) = match &running.state {
+        State::Running { .. } => ("running", String::new()),
+        State::Restarting { reason } if running.failures.crashloop => ("crashloop", reason.clone()),
+        State::Restarting { reason } => ("restarting", reason.clone()),
+        State::Idle { .. } => ("idle", String::new()),
+        State::Starting { .. } => ("starting", String::new()),
+        State::Failed { reason } => ("failed", reason.clone()),
+    };
+    AppView {
+        name: name.to_string(),
+        owner: running.owner.as_str(),
+        generation: running.generation,
+        status,
+        listen: running.spec.http.listen,
+        digest: running.spec.component.clone(),
+        error,
+    }
+}
+
+impl Reconciler {
+    pub async fn list(&self) -> Vec<AppView> {
+        self.apps.each(view)
+    }
+
+    pub async fn detail(&self, name: &AppName) -> Result<AppDetailView, ReconcileError> {
+        let (detail, cgroup) = self
+            .apps
+            .read(name, |running| {
+                let counters = &running.counters;
+                let detail = AppDetailView {
+                    view: view(name, running),
+                    spec: running.spec.clone(),
+                    allocator: running.allocator.clone(),
+                    requests: counters.get(Counter::Requests),
+                    in_flight: counters.get(Counter::InFlight),
+                    traps: counters.get(Counter::Traps),
+                    timeouts: counters.get(Counter::Timeouts),
+                    rejected: counters.get(Counter::Rejected),
+                    started_unix: running.started_unix,
+                    pid: match &running.state {
+                        State::Running { pool, .. } => pool.pid,
+                        _ => 0,
+                    },
+                    restarts: running.restarts,
+                    last_exit: running.last_exit.clone(),
+                    cgroup: String::new(),
+                    usage: Usage::default(),
+                };
+                (detail, running.cgroup.clone())
+            })
+            .ok_or_else(|| ReconcileError::UnknownApp(name.to_string()))?;
+        // cgroupfs is read outside the app's lock.
+        Ok(AppDetailView {
+            cgroup: match &cgroup {
+                Some(cgroup) => cgroup.describe(),
+                None => self.cgroups.describe(),
+            },
+            usage: cgroup.as_ref().map(AppCgroup::usage).unwrap_or_default(),
+            ..detail
+        })
+    }
+
+    /// Log lines the pools had to drop because their queue to the supervisor was full.
+    pub async fn pool_log_lines_dropped(&self) -> u64 {
+        self.apps
+            .each(|_, running| running.counters.get(Counter::LogLinesDropped))
+            .into_iter()
+            .sum()
+    }
+}
