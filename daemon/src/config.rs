@@ -272,10 +272,13 @@ impl Config {
     }
 }
 
+/// A config file is a few KiB; this bounds what a wrong path (a device, a log) costs.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// Reads a TOML file into a table; the error names the file and, for syntax, the line.
 fn read_table(path: &Path) -> Result<toml::Table, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read the config file {}: {e}", path.display()))?;
+    let text = crate::regular_file::read_text(path, MAX_CONFIG_BYTES)
+        .map_err(|e| format!("config file: {e}"))?;
     toml::from_str(&text).map_err(|e: toml::de::Error| {
         let line = e
             .span()

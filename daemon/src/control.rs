@@ -5,17 +5,17 @@
 //! Who may do what: root, the daemon's own user and members of the control group may change
 //! state; with `read_access = "any"` everyone else may read (ls, status, components, logs).
 
+use crate::admission::{self, AdmitError};
 use crate::config::{Config, ReadAccess};
 use crate::digest::Digest;
 use crate::logs::LogHub;
 use crate::reconcile::{AppView, ReconcileError, Reconciler};
-use crate::runtime::{self, Runtime};
+use crate::runtime::Runtime;
 use crate::spec::{AppName, AppSpec, SpecError};
 use crate::store::{Owner, Store, StoreError};
 use cairn_ctl::proto::control_server::{Control, ControlServer};
 use cairn_ctl::proto::{self, push_chunk::Part, status_reply::Detail};
 use nix::unistd::{Gid, Group, Uid, User};
-use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::fs::PermissionsExt;
@@ -47,14 +47,31 @@ pub fn status_of(error: &ReconcileError) -> Status {
         | ReconcileError::Pool(_)
         | ReconcileError::Unhealthy { .. }
         | ReconcileError::Limits(_) => Status::failed_precondition(message),
-        ReconcileError::Store(StoreError::Full { .. }) => Status::resource_exhausted(message),
-        ReconcileError::Store(StoreError::Corrupt { .. }) => Status::data_loss(message),
-        ReconcileError::Store(_) | ReconcileError::Internal(_) => Status::internal(message),
+        ReconcileError::Store(error) => store_status(error),
+        ReconcileError::Internal(_) => Status::internal(message),
     }
 }
 
-fn store_status(error: StoreError) -> Status {
-    status_of(&ReconcileError::Store(error))
+fn store_status(error: &StoreError) -> Status {
+    let message = error.to_string();
+    match error {
+        StoreError::Full { .. } => Status::resource_exhausted(message),
+        StoreError::Corrupt { .. } => Status::data_loss(message),
+        StoreError::Open { .. } | StoreError::Sqlite(_) => Status::internal(message),
+    }
+}
+
+/// Why a component was not admitted, as a status.
+fn admission_status(error: &AdmitError) -> Status {
+    let message = error.to_string();
+    match error {
+        AdmitError::TooLarge { .. } => Status::resource_exhausted(message),
+        AdmitError::File(_) | AdmitError::Mismatch { .. } | AdmitError::Invalid(_) => {
+            Status::invalid_argument(message)
+        }
+        AdmitError::Store(error) => store_status(error),
+        AdmitError::Internal(_) => Status::internal(message),
+    }
 }
 
 /// Who may change state and who may read.
@@ -202,7 +219,7 @@ impl ControlService {
                 ))
             })
             .await
-            .map_err(store_status)?;
+            .map_err(|e| store_status(&e))?;
         Ok(proto::SyncStatusReply {
             state: link.state.to_string(),
             upstream: self.sync.upstream(),
@@ -264,10 +281,14 @@ impl Control for ControlService {
                 ))
             }
         };
-        if meta.size > self.max_component_size {
+        let limit = admission::Limit {
+            bytes: self.max_component_size,
+            setting: "max_component_size",
+        };
+        if meta.size > limit.bytes {
             return Err(Status::resource_exhausted(format!(
                 "the component is {} bytes, over this device's limit of {} bytes (max_component_size in the config)",
-                meta.size, self.max_component_size
+                meta.size, limit.bytes
             )));
         }
         let declared: Option<Digest> = if meta.digest.is_empty() {
@@ -281,47 +302,28 @@ impl Control for ControlService {
                     })?,
             )
         };
-        let mut bytes = Vec::with_capacity(meta.size as usize);
-        let mut hasher = Sha256::new();
+        let mut intake = admission::Intake::new(limit, Some(meta.size));
         while let Some(chunk) = stream.message().await? {
             let Some(Part::Data(data)) = chunk.part else {
                 return Err(Status::invalid_argument(
                     "only data may follow the push metadata",
                 ));
             };
-            if bytes.len() as u64 + data.len() as u64
-                > meta.size.max(1).min(self.max_component_size)
-            {
+            if intake.len() + data.len() as u64 > meta.size {
                 return Err(Status::invalid_argument(format!(
                     "the upload is longer than the {} bytes it announced",
                     meta.size
                 )));
             }
-            hasher.update(&data);
-            bytes.extend_from_slice(&data);
+            intake.push(&data).map_err(|e| admission_status(&e))?;
         }
-        if bytes.len() as u64 != meta.size {
+        if intake.len() != meta.size {
             return Err(Status::invalid_argument(format!(
                 "the upload ended after {} of the {} bytes it announced; nothing was stored",
-                bytes.len(),
+                intake.len(),
                 meta.size
             )));
         }
-        let digest = Digest::of(&bytes);
-        debug_assert_eq!(hex::encode(hasher.finalize()), digest.hex());
-        if let Some(declared) = declared {
-            if declared != digest {
-                return Err(Status::invalid_argument(format!(
-                    "the upload hashes to {digest}, not the {declared} the client announced; it was damaged on the way and was not stored"
-                )));
-            }
-        }
-        // Validation is CPU work on up to max_component_size bytes: keep it off the async threads.
-        let (checked, bytes) =
-            tokio::task::spawn_blocking(move || (runtime::check_component(&bytes), bytes))
-                .await
-                .map_err(|e| Status::internal(format!("validating the upload failed: {e}")))?;
-        checked.map_err(|e| Status::invalid_argument(e.to_string()))?;
         // An unnamed push (what `deploy FILE` makes) is not tagged: it is kept only while a
         // generation uses it.
         let name = meta.name;
@@ -330,19 +332,15 @@ impl Control for ControlService {
         } else {
             meta.tag
         };
-        let size = bytes.len() as u64;
-        let (stored_digest, stored_name, stored_tag) = (digest.clone(), name.clone(), tag.clone());
-        let inserted = self
-            .store
-            .call(move |store| {
-                let inserted = store.put_blob(&stored_digest, &bytes)?;
-                if !stored_name.is_empty() {
-                    store.tag_component(&stored_name, &stored_tag, &stored_digest, "local")?;
-                }
-                Ok(inserted)
-            })
+        let naming = (!name.is_empty()).then(|| admission::Tag {
+            name: name.clone(),
+            tag: tag.clone(),
+            source: "local",
+        });
+        let admitted = admission::admit(&self.store, intake, declared.as_ref(), naming)
             .await
-            .map_err(store_status)?;
+            .map_err(|e| admission_status(&e))?;
+        let (digest, size, inserted) = (admitted.digest, admitted.size, admitted.inserted);
         Ok(Response::new(proto::PushReply {
             digest: digest.to_string(),
             size,
@@ -429,7 +427,7 @@ impl Control for ControlService {
             .store
             .call(|store| store.components())
             .await
-            .map_err(store_status)?;
+            .map_err(|e| store_status(&e))?;
         let mut used_by: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for app in self.reconciler.list().await {
             used_by
@@ -467,7 +465,7 @@ impl Control for ControlService {
                 .store
                 .call(|store| store.components())
                 .await
-                .map_err(store_status)?;
+                .map_err(|e| store_status(&e))?;
             let distinct: std::collections::BTreeSet<String> =
                 components.iter().map(|c| c.digest.to_string()).collect();
             let fingerprint = self
@@ -512,7 +510,7 @@ impl Control for ControlService {
             .store
             .call(move |store| store.generations(&generations_of))
             .await
-            .map_err(store_status)?;
+            .map_err(|e| store_status(&e))?;
         let limits = &detail.spec.limits;
         let mut limit_rows = vec![
             proto::Limit {
@@ -627,7 +625,7 @@ impl Control for ControlService {
             .store
             .call(move |store| store.tail_logs(&tail_of, tail))
             .await
-            .map_err(store_status)?;
+            .map_err(|e| store_status(&e))?;
         let last_seen = recorded.last().map(|r| r.id).unwrap_or(0);
         let line = |record: crate::store::LogRecord| proto::LogLine {
             id: record.id,
@@ -732,7 +730,7 @@ mod tests {
             (
                 ReconcileError::Component {
                     digest: digest.clone(),
-                    source: runtime::RuntimeError::CoreModule,
+                    source: crate::runtime::RuntimeError::CoreModule,
                 },
                 Code::InvalidArgument,
             ),
@@ -808,6 +806,47 @@ mod tests {
         ];
         for (error, code) in table {
             let status = status_of(&error);
+            assert_eq!(status.code(), code, "{error}");
+            assert_eq!(status.message(), error.to_string());
+        }
+    }
+
+    #[test]
+    fn every_refused_component_maps_to_a_status_a_client_can_act_on() {
+        let table: Vec<(AdmitError, Code)> = vec![
+            (
+                AdmitError::TooLarge {
+                    limit: 1,
+                    setting: "max_component_size",
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                AdmitError::Mismatch {
+                    actual: Digest::of(b"a"),
+                    expected: Digest::of(b"b"),
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                AdmitError::Invalid(crate::runtime::RuntimeError::NotWasm),
+                Code::InvalidArgument,
+            ),
+            (
+                AdmitError::File(crate::regular_file::FileError::NotRegular {
+                    path: "/dev/zero".into(),
+                    kind: "a character device",
+                }),
+                Code::InvalidArgument,
+            ),
+            (
+                AdmitError::Store(StoreError::Full { path: "/x".into() }),
+                Code::ResourceExhausted,
+            ),
+            (AdmitError::Internal("x".into()), Code::Internal),
+        ];
+        for (error, code) in table {
+            let status = admission_status(&error);
             assert_eq!(status.code(), code, "{error}");
             assert_eq!(status.message(), error.to_string());
         }

@@ -7,9 +7,10 @@
 //! left it. A bad file is reported (stdout, which the packaged unit sends to the console;
 //! `cairnctl status`; `report.txt` in the folder) and skipped: the rest still starts.
 
+use crate::admission;
 use crate::digest::Digest;
 use crate::reconcile::Reconciler;
-use crate::runtime;
+use crate::regular_file;
 use crate::spec::AppSpec;
 use crate::store::{Owner, Store};
 use sha2::{Digest as _, Sha256};
@@ -57,7 +58,7 @@ pub async fn run(
         Ok(entries) => {
             for entry in entries.flatten() {
                 let path = entry.path();
-                if path.extension().is_some_and(|e| e == "toml") && path.is_file() {
+                if path.extension().is_some_and(|e| e == "toml") {
                     manifests.push(path);
                 }
             }
@@ -76,7 +77,11 @@ pub async fn run(
             "apps/{}",
             path.file_name().unwrap_or_default().to_string_lossy()
         );
-        match import_manifest(&path, &file, store, reconciler, max_component_size).await {
+        let limit = admission::Limit {
+            bytes: max_component_size,
+            setting: "max_component_size",
+        };
+        match import_manifest(dir, &path, &file, store, reconciler, limit).await {
             Ok(line) => report.lines.push(line),
             Err(problem) => report.problems.push(problem),
         }
@@ -93,14 +98,20 @@ pub async fn run(
     report
 }
 
+/// Manifests are a few KiB; this bounds what a wrong file costs.
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
 async fn import_manifest(
+    dir: &Path,
     path: &Path,
     file: &str,
     store: &Arc<Store>,
     reconciler: &Reconciler,
-    max_component_size: u64,
+    limit: admission::Limit,
 ) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{file}: cannot read it: {e}"))?;
+    let inside = inside_folder(dir, path).map_err(|e| format!("{file}: {e}"))?;
+    let text =
+        regular_file::read_text(&inside, MAX_MANIFEST_BYTES).map_err(|e| format!("{file}: {e}"))?;
     let mut table: toml::Table = toml::from_str(&text).map_err(|e: toml::de::Error| {
         let line = e
             .span()
@@ -115,30 +126,26 @@ async fn import_manifest(
             format!("{file}: no `component` (a file beside the manifest, or sha256:<hex>)")
         })?
         .to_string();
-    let (digest, bytes) = if component.starts_with("sha256:") {
+    let (digest, intake) = if component.starts_with("sha256:") {
         let digest: Digest = component
             .parse()
             .map_err(|e: crate::digest::DigestParseError| format!("{file}: {e}"))?;
         (digest, None)
     } else {
-        let component_path = path.parent().unwrap_or(Path::new(".")).join(&component);
-        let size = std::fs::metadata(&component_path)
-            .map_err(|e| {
-                format!(
-                    "{file}: cannot read the component {component} (paths are relative to the \
-                     manifest): {e}"
-                )
-            })?
-            .len();
-        if size > max_component_size {
-            return Err(format!(
-                "{file}: the component {component} is {size} bytes, over max_component_size \
-                 ({max_component_size} bytes)"
-            ));
-        }
-        let bytes = std::fs::read(&component_path)
-            .map_err(|e| format!("{file}: cannot read the component {component}: {e}"))?;
-        (Digest::of(&bytes), Some(bytes))
+        let relative = plain_relative(&component).map_err(|e| {
+            format!("{file}: the component {component} {e} (paths are relative to the manifest)")
+        })?;
+        let component_path = path.parent().unwrap_or(Path::new(".")).join(relative);
+        let inside = inside_folder(dir, &component_path)
+            .map_err(|e| format!("{file}: the component {component}: {e}"))?;
+        // Read (bounded, hashed as it comes) on the blocking pool; validated only when the
+        // manifest is to be imported: an unchanged one costs a hash per start.
+        let intake =
+            tokio::task::spawn_blocking(move || admission::Intake::from_file(&inside, limit))
+                .await
+                .map_err(|e| format!("{file}: reading {component} failed: {e}"))?
+                .map_err(|e| format!("{file}: the component {component}: {e}"))?;
+        (intake.digest(), Some(intake))
     };
     table.insert("component".into(), digest.to_string().into());
     let manifest = toml::to_string(&table).map_err(|e| format!("{file}: {e}"))?;
@@ -174,33 +181,26 @@ async fn import_manifest(
         });
     }
 
-    // Validated only when it is to be imported: an unchanged file costs a hash per start.
-    let bytes = match bytes {
-        Some(bytes) => {
-            let (checked, bytes) =
-                tokio::task::spawn_blocking(move || (runtime::check_component(&bytes), bytes))
-                    .await
-                    .map_err(|e| format!("{file}: validating {component} failed: {e}"))?;
-            checked.map_err(|e| format!("{file}: the component {component}: {e}"))?;
-            Some(bytes)
+    match intake {
+        Some(intake) => {
+            admission::admit(store, intake, Some(&digest), None)
+                .await
+                .map_err(|e| format!("{file}: the component {component}: {e}"))?;
         }
-        None => None,
-    };
-    let stored_digest = digest.clone();
-    store
-        .call(move |store| match bytes {
-            Some(bytes) => store.put_blob(&stored_digest, &bytes).map(|_| true),
-            None => store.has_blob(&stored_digest),
-        })
-        .await
-        .map_err(|e| format!("{file}: {e}"))?
-        .then_some(())
-        .ok_or_else(|| {
-            format!(
-                "{file}: the component {digest} is not in the store; put the file beside the \
-                 manifest and name it instead"
-            )
-        })?;
+        None => {
+            let wanted = digest.clone();
+            let present = store
+                .call(move |store| store.has_blob(&wanted))
+                .await
+                .map_err(|e| format!("{file}: {e}"))?;
+            if !present {
+                return Err(format!(
+                    "{file}: the component {digest} is not in the store; put the file beside the \
+                     manifest and name it instead"
+                ));
+            }
+        }
+    }
     match reconciler.deploy(spec, Owner::Local).await {
         Ok((view, unchanged)) => {
             let (app, file_key, tagged) = (name.to_string(), file.to_string(), digest.clone());
@@ -236,6 +236,43 @@ async fn import_manifest(
     }
 }
 
+/// `component` as a path relative to its manifest, if it is one that cannot leave the folder by
+/// its words alone: not absolute, no `..`. (A symlink is checked by `inside_folder`.)
+fn plain_relative(component: &str) -> Result<&Path, &'static str> {
+    let path = Path::new(component);
+    if path.is_absolute() {
+        return Err("is an absolute path; name a file inside the import folder");
+    }
+    if path
+        .components()
+        .any(|part| matches!(part, std::path::Component::ParentDir))
+    {
+        return Err("goes up with `..`; name a file inside the import folder");
+    }
+    if path.as_os_str().is_empty() {
+        return Err("is empty");
+    }
+    Ok(path)
+}
+
+/// `path` with its symlinks resolved, if it stays inside the import folder `dir`.
+fn inside_folder(dir: &Path, path: &Path) -> Result<PathBuf, String> {
+    let folder = dir
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve the import folder {}: {e}", dir.display()))?;
+    let resolved = path
+        .canonicalize()
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if resolved.starts_with(&folder) {
+        Ok(resolved)
+    } else {
+        Err(format!(
+            "is a link to {}, outside the import folder; copy the file into the folder instead",
+            resolved.display()
+        ))
+    }
+}
+
 /// Best effort: the folder may be read-only, and the import itself already happened.
 fn write_report(dir: &Path, report: &ImportReport) {
     let mut text = format!(
@@ -255,5 +292,42 @@ fn write_report(dir: &Path, report: &ImportReport) {
     let written = std::fs::write(&temporary, text).and_then(|_| std::fs::rename(&temporary, &path));
     if let Err(error) = written {
         tracing::warn!(%error, "could not write the import report {}", path.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_component_path_must_stay_in_the_folder_by_its_words() {
+        let cases = [
+            ("hello.wasm", true),
+            ("sub/hello.wasm", true),
+            ("./hello.wasm", true),
+            ("", false),
+            ("/dev/zero", false),
+            ("../hello.wasm", false),
+            ("sub/../../etc/passwd", false),
+            ("sub/..", false),
+        ];
+        for (component, allowed) in cases {
+            assert_eq!(plain_relative(component).is_ok(), allowed, "{component}");
+        }
+    }
+
+    #[test]
+    fn a_symlink_out_of_the_folder_is_refused() {
+        let folder = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"x").unwrap();
+        std::fs::write(folder.path().join("inside"), b"x").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), folder.path().join("out"))
+            .unwrap();
+        std::os::unix::fs::symlink("inside", folder.path().join("alias")).unwrap();
+        assert!(inside_folder(folder.path(), &folder.path().join("inside")).is_ok());
+        assert!(inside_folder(folder.path(), &folder.path().join("alias")).is_ok());
+        let refused = inside_folder(folder.path(), &folder.path().join("out")).unwrap_err();
+        assert!(refused.contains("outside the import folder"), "{refused}");
     }
 }

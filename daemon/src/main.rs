@@ -12,6 +12,7 @@
 //! - `runtime` (wasmtime), `store` (SQLite), `spec` (typed manifests), `digest`, `config`,
 //!   `systemd`, `alloc` (the memory allocator, per role).
 
+mod admission;
 mod alloc;
 mod config;
 mod control;
@@ -21,6 +22,7 @@ mod limits;
 mod logs;
 mod pool;
 mod reconcile;
+mod regular_file;
 mod runtime;
 mod spawn;
 mod store;

@@ -168,3 +168,74 @@ fn a_malformed_config_in_the_import_folder_leaves_the_config_file_in_charge() {
     assert_ne!(sync["state"], "connected", "{sync}");
     assert!(sync["upstream"].as_str().unwrap_or("").is_empty(), "{sync}");
 }
+
+/// What a hostile or mistaken import folder can hold: a component that is a device (named
+/// outright, or through a link), a FIFO, a link out of the folder, a path with `..`, and a
+/// manifest that is itself a FIFO. cairnd reads none of them, reaches READY, imports the rest,
+/// and reports each problem.
+#[test]
+fn devices_fifos_links_out_and_dotdot_are_refused_and_the_rest_imports() {
+    let folder = tempfile::tempdir().unwrap();
+    let dir = folder.path();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    write_app(dir, "hello", addr, "still here");
+    let apps = dir.join("apps");
+    let manifest = |name: &str, component: &str| {
+        std::fs::write(
+            apps.join(format!("{name}.toml")),
+            format!(
+                "name = \"{name}\"\ncomponent = \"{component}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n",
+                free_port()
+            ),
+        )
+        .unwrap();
+    };
+    let fifo = |path: &Path| {
+        nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap()
+    };
+    manifest("zero", "/dev/zero");
+    std::os::unix::fs::symlink("/dev/zero", apps.join("zero-link.wasm")).unwrap();
+    manifest("zerolink", "zero-link.wasm");
+    fifo(&apps.join("pipe.wasm"));
+    manifest("pipe", "pipe.wasm");
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::copy(component("hello"), outside.path().join("hello.wasm")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("hello.wasm"), apps.join("out.wasm")).unwrap();
+    manifest("out", "out.wasm");
+    std::fs::copy(component("hello"), dir.join("up.wasm")).unwrap();
+    manifest("up", "../up.wasm");
+    fifo(&apps.join("waiting.toml"));
+
+    let daemon = Daemon::start_with(None, &[("CAIRN_IMPORT_DIR", dir.to_str().unwrap())]);
+    assert_eq!(greeting(addr), "still here from cairn");
+    let problems = import_status(&daemon)["problems"].clone();
+    let problems: Vec<&str> = problems
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    for (file, needle) in [
+        ("apps/zero.toml", "is an absolute path"),
+        ("apps/zerolink.toml", "outside the import folder"),
+        ("apps/pipe.toml", "is a FIFO, not a regular file"),
+        ("apps/out.toml", "outside the import folder"),
+        ("apps/up.toml", "goes up with `..`"),
+        ("apps/waiting.toml", "is a FIFO, not a regular file"),
+    ] {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with(&format!("{file}:")) && p.contains(needle)),
+            "no problem `{needle}` for {file} in {problems:#?}"
+        );
+    }
+    let apps = daemon.ctl(&["-o", "json", "ls"]).json();
+    let names: Vec<&str> = apps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["hello"]);
+}

@@ -18,6 +18,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// Names a digest `name:tag`, moving the tag if it named another digest.
+const TAG_COMPONENT: &str =
+    "INSERT INTO components (name, tag, digest, source, created_unix) VALUES (?1, ?2, ?3, ?4, ?5)
+     ON CONFLICT (name, tag) DO UPDATE SET digest = excluded.digest, source = excluded.source,
+     created_unix = excluded.created_unix";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the disk holding {path} is full: free some space, then retry")]
@@ -173,25 +179,32 @@ impl Store {
 
     // ---- blobs and components ----
 
-    /// Stores `bytes` under `digest` after checking they match. Returns false if already present.
-    pub fn put_blob(&self, digest: &Digest, bytes: &[u8]) -> Result<bool, StoreError> {
-        if !digest.verify(bytes) {
-            return Err(StoreError::Corrupt {
-                what: digest.to_string(),
-                detail: format!(
-                    "the {} bytes given hash to {}",
-                    bytes.len(),
-                    Digest::of(bytes)
-                ),
-            });
-        }
-        let connection = self.lock();
-        let inserted = connection
+    /// Stores a component's `bytes` under `digest` and, with `tag` (name, tag, source), names
+    /// it, in one transaction. `digest` must be of these very bytes: only `admission` calls
+    /// this, having hashed them as they arrived. Returns false if the bytes were present.
+    pub fn put_component(
+        &self,
+        digest: &Digest,
+        bytes: &[u8],
+        tag: Option<(&str, &str, &str)>,
+    ) -> Result<bool, StoreError> {
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(|e| self.error(e))?;
+        let inserted = transaction
             .execute(
                 "INSERT OR IGNORE INTO blobs (digest, size, data, created_unix) VALUES (?1, ?2, ?3, ?4)",
                 params![digest.to_string(), bytes.len() as i64, bytes, now_unix()],
             )
             .map_err(|e| self.error(e))?;
+        if let Some((name, tag, source)) = tag {
+            transaction
+                .execute(
+                    TAG_COMPONENT,
+                    params![name, tag, digest.to_string(), source, now_unix()],
+                )
+                .map_err(|e| self.error(e))?;
+        }
+        transaction.commit().map_err(|e| self.error(e))?;
         Ok(inserted == 1)
     }
 
@@ -269,9 +282,7 @@ impl Store {
         let connection = self.lock();
         connection
             .execute(
-                "INSERT INTO components (name, tag, digest, source, created_unix) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (name, tag) DO UPDATE SET digest = excluded.digest, source = excluded.source,
-                 created_unix = excluded.created_unix",
+                TAG_COMPONENT,
                 params![name, tag, digest.to_string(), source, now_unix()],
             )
             .map_err(|e| self.error(e))?;
@@ -888,16 +899,18 @@ mod tests {
     }
 
     #[test]
-    fn blobs_are_verified_on_write_and_read() {
+    fn blobs_are_stored_once_and_verified_on_read() {
+        // (Bytes are verified on their way in by `admission`, the only caller of
+        // put_component.)
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("cairn.db")).unwrap();
         let digest = Digest::of(b"component bytes");
-        assert!(store.put_blob(&digest, b"component bytes").unwrap());
-        assert!(!store.put_blob(&digest, b"component bytes").unwrap());
-        assert!(matches!(
-            store.put_blob(&digest, b"other bytes"),
-            Err(StoreError::Corrupt { .. })
-        ));
+        assert!(store
+            .put_component(&digest, b"component bytes", None)
+            .unwrap());
+        assert!(!store
+            .put_component(&digest, b"component bytes", None)
+            .unwrap());
         assert_eq!(
             store.get_blob(&digest).unwrap().unwrap(),
             b"component bytes"
@@ -922,7 +935,7 @@ mod tests {
         let digest = Digest::of(b"x");
         {
             let store = Store::open(&path).unwrap();
-            store.put_blob(&digest, b"x").unwrap();
+            store.put_component(&digest, b"x", None).unwrap();
             assert_eq!(
                 store
                     .commit_generation(&spec("web", &digest, "one"), Owner::Local)
@@ -957,7 +970,7 @@ mod tests {
         // A blob in use, or named, is kept; one nothing refers to goes.
         assert!(!store.drop_blob_if_unused(&digest).unwrap());
         let loose = Digest::of(b"loose");
-        store.put_blob(&loose, b"loose").unwrap();
+        store.put_component(&loose, b"loose", None).unwrap();
         store.put_compiled(&loose, "engine", b"code", "{}").unwrap();
         assert!(store.drop_blob_if_unused(&loose).unwrap());
         assert!(!store.has_blob(&loose).unwrap());

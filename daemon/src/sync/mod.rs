@@ -6,6 +6,9 @@
 //! publishes the reports waiting in the outbox with publish acks and `Nats-Msg-Id`
 //! de-duplication, deleting each row only after its ack. All NATS access lives here.
 
+mod precedence;
+
+use crate::admission;
 use crate::config::UpstreamConfig;
 use crate::digest::Digest;
 use crate::reconcile::{ReconcileError, Reconciler};
@@ -437,54 +440,10 @@ impl Sync {
                 return Ok(());
             }
         };
-        // Precedence: the device key wins an app name over group keys, and groups win in the
-        // order the config lists them. A document may name an app a better key holds (it is
-        // shadowed, not deployed), and when the winning key lets an app go, the next key that
-        // lists it takes over with its own spec.
-        let targets = self.targets();
-        let rank = |key: &str| targets.iter().position(|t| t == key).unwrap_or(usize::MAX);
-        let mine = rank(key);
-        let others: Vec<&crate::store::AppliedRecord> = applied
-            .iter()
-            .filter(|a| a.key != key && rank(&a.key) != usize::MAX)
-            .collect();
-        let winner_above = |name: &str| {
-            others
-                .iter()
-                .filter(|o| rank(&o.key) < mine && o.apps.iter().any(|a| a == name))
-                .min_by_key(|o| rank(&o.key))
-                .map(|o| o.key.clone())
-        };
-        let listed: Vec<String> = document.apps.iter().map(|a| a.name.to_string()).collect();
-        let mut handovers = Vec::new();
-        let mut removals = Vec::new();
-        for gone in previous.map(|p| p.apps.clone()).unwrap_or_default() {
-            if listed.contains(&gone) || winner_above(&gone).is_some() {
-                continue;
-            }
-            let next = others
-                .iter()
-                .filter(|o| rank(&o.key) > mine)
-                .filter_map(|o| {
-                    o.specs
-                        .iter()
-                        .find(|s| s.name.as_str() == gone)
-                        .map(|s| (rank(&o.key), o.key.clone(), s.clone()))
-                })
-                .min_by_key(|(r, _, _)| *r);
-            match next {
-                Some((_, from, spec)) => handovers.push((from, spec)),
-                None => removals.push(gone),
-            }
-        }
+        let plan = precedence::plan(&self.targets(), key, &document.apps, &applied);
         // Every artifact first (shadowed apps too, so a later handover works offline): nothing
         // changes unless all of them are here.
-        let needed = document
-            .apps
-            .iter()
-            .map(|a| &a.component)
-            .chain(handovers.iter().map(|(_, s)| &s.component));
-        for digest in needed {
+        for digest in plan.artifacts() {
             if let Err(error) = self.fetch_artifact(context, digest).await {
                 // Not applied; the next attempt tries again.
                 self.set_link(|link| link.last_error = error.to_string());
@@ -492,34 +451,29 @@ impl Sync {
                 return Err(error);
             }
         }
+        for (app, by) in &plan.shadowed {
+            tracing::info!(app = %app.name, key, by, "fleet app shadowed by a key that wins it");
+            self.report(OutboxKind::Event, serde_json::json!({"device": self.device, "unix": now_unix(), "event": "shadowed", "key": key, "app": app.name.to_string(), "by": by})).await;
+        }
         let mut problems = Vec::new();
-        let deploys = document
-            .apps
-            .iter()
-            .map(|app| (key.to_string(), app))
-            .chain(handovers.iter().map(|(from, spec)| (from.clone(), spec)));
-        for (from, app) in deploys {
-            if let Some(by) = winner_above(app.name.as_str()) {
-                tracing::info!(app = %app.name, key, by, "fleet app shadowed by a key that wins it");
-                self.report(OutboxKind::Event, serde_json::json!({"device": self.device, "unix": now_unix(), "event": "shadowed", "key": key, "app": app.name.to_string(), "by": by})).await;
-                continue;
-            }
+        for (from, app) in plan.deploys {
             if from != key {
                 tracing::info!(app = %app.name, key, from, "handing a fleet app to the next key that lists it");
             }
+            let name = app.name.clone();
             match self
                 .reconciler
-                .deploy(app.clone(), crate::store::Owner::Fleet)
+                .deploy(app, crate::store::Owner::Fleet)
                 .await
             {
                 Ok(_) => {}
                 Err(error @ ReconcileError::OwnedElsewhere { .. }) => {
                     problems.push(format!("conflict: {error}"))
                 }
-                Err(error) => problems.push(format!("app `{}`: {error}", app.name)),
+                Err(error) => problems.push(format!("app `{name}`: {error}")),
             }
         }
-        for gone in removals {
+        for gone in plan.removals {
             if let Ok(name) = gone.parse::<AppName>() {
                 if let Err(error) = self
                     .reconciler
@@ -609,21 +563,25 @@ impl Sync {
         // a reconnection that may never come, so give up at once (or when nothing arrives for
         // DOWNLOAD_STALL) and start over on the next connection.
         let client = context.client();
-        let mut bytes = Vec::with_capacity(info.size);
+        let limit = admission::Limit {
+            bytes: max,
+            setting: "max_artifact_size",
+        };
+        let mut intake = admission::Intake::new(limit, Some(info.size as u64));
         let mut chunk = vec![0u8; 256 << 10];
         let mut last_progress = tokio::time::Instant::now();
         loop {
             if client.connection_state() != async_nats::connection::State::Connected {
                 return Err(SyncError::Upstream(format!(
                     "downloading {digest} was interrupted after {} of {} bytes: the link dropped; nothing was stored and the download starts over on the next connection",
-                    bytes.len(),
+                    intake.len(),
                     info.size
                 )));
             }
             if last_progress.elapsed() > DOWNLOAD_STALL {
                 return Err(SyncError::Upstream(format!(
                     "downloading {digest} stalled after {} of {} bytes; nothing was stored and the download starts over on the next connection (`cairnctl sync now` tries at once)",
-                    bytes.len(),
+                    intake.len(),
                     info.size
                 )));
             }
@@ -639,30 +597,22 @@ impl Sync {
             if read == 0 {
                 break;
             }
-            if (bytes.len() + read) as u64 > max {
-                return Err(SyncError::Upstream(format!(
-                    "artifact {digest} is larger than announced and over this device's max_artifact_size of {max}"
-                )));
-            }
-            bytes.extend_from_slice(&chunk[..read]);
+            intake.push(&chunk[..read]).map_err(|e| {
+                SyncError::Upstream(format!("artifact {digest} is larger than announced: {e}"))
+            })?;
             last_progress = tokio::time::Instant::now();
         }
-        if !digest.verify(&bytes) {
-            return Err(SyncError::Upstream(format!(
-                "artifact {digest} arrived as {} bytes hashing to {}; not stored",
-                bytes.len(),
-                Digest::of(&bytes)
-            )));
-        }
-        crate::runtime::check_component(&bytes)
-            .map_err(|e| SyncError::Upstream(format!("artifact {digest}: {e}")))?;
-        let stored = digest.clone();
-        self.store
-            .call(move |store| {
-                store.put_blob(&stored, &bytes)?;
-                store.tag_component("fleet", &stored.to_string(), &stored, "fleet")
-            })
-            .await?;
+        let tag = admission::Tag {
+            name: "fleet".into(),
+            tag: digest.to_string(),
+            source: "fleet",
+        };
+        admission::admit(&self.store, intake, Some(digest), Some(tag))
+            .await
+            .map_err(|e| match e {
+                admission::AdmitError::Store(error) => SyncError::Store(error),
+                other => SyncError::Upstream(format!("artifact {digest}: {other}")),
+            })?;
         Ok(())
     }
 }
