@@ -1,6 +1,6 @@
 //! Connecting to cairnd: gRPC over the daemon's unix socket.
 
-use crate::proto::control_client::ControlClient;
+use cairn_core::proto::control_client::ControlClient;
 use hyper_util::rt::TokioIo;
 use std::path::{Path, PathBuf};
 use tonic::transport::{Channel, Endpoint};

@@ -3,7 +3,7 @@
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use async_nats::jetstream::{self, kv, object_store};
-use cairn_ctl::fleet;
+use cairn_core::fleet;
 use clap::{Args, Subcommand};
 use sha2::{Digest as _, Sha256};
 use std::io::IsTerminal;
@@ -206,7 +206,7 @@ async fn publish(
     let text = std::fs::read_to_string(state)
         .with_context(|| format!("cannot read {}", state.display()))?;
     let apps = fleet::parse_state(&text).map_err(|e| anyhow!("{}: {e}", state.display()))?;
-    let lifetime: cairn_ctl::spec::HumanDuration = parse_lifetime(expires)?;
+    let lifetime: cairn_core::spec::HumanDuration = parse_lifetime(expires)?;
     let client = connect(upstream).await?;
     let context = jetstream::new(client);
     let bucket = match context.get_key_value(fleet::DESIRED_BUCKET).await {
@@ -266,18 +266,18 @@ async fn publish(
             "published version {} for {target}: {} app(s), valid until {} UTC",
             document.version,
             document.apps.len(),
-            cairn_ctl::time::utc(document.expires_unix)
+            cairn_core::time::utc(document.expires_unix)
         );
     }
     Ok(())
 }
 
-fn parse_lifetime(text: &str) -> Result<cairn_ctl::spec::HumanDuration> {
+fn parse_lifetime(text: &str) -> Result<cairn_core::spec::HumanDuration> {
     if let Some(days) = text.strip_suffix('d') {
         let days: u64 = days
             .parse()
             .map_err(|_| anyhow!("`{text}` is not a lifetime such as 30d or 12h"))?;
-        return Ok(cairn_ctl::spec::HumanDuration(Duration::from_secs(
+        return Ok(cairn_core::spec::HumanDuration(Duration::from_secs(
             days * 86_400,
         )));
     }
@@ -364,7 +364,7 @@ async fn status(upstream: &Upstream, device: Option<&str>, json_output: bool) ->
             })
             .unwrap_or_default();
         let seen = match report["unix"].as_i64() {
-            Some(unix) => format!("{} ({} ago)", cairn_ctl::time::utc(unix), ago(now - unix)),
+            Some(unix) => format!("{} ({} ago)", cairn_core::time::utc(unix), ago(now - unix)),
             None => "?".to_string(),
         };
         println!(

@@ -6,10 +6,10 @@ mod fleet_cli;
 
 use anyhow::Context as _;
 use cairn_ctl::exit;
-use cairn_ctl::proto::{
+use cairn_core::proto::{
     self, control_client::ControlClient, push_chunk::Part, status_reply::Detail,
 };
-use cairn_ctl::time::utc;
+use cairn_core::time::utc;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
@@ -27,7 +27,7 @@ const CHUNK: usize = 256 << 10;
 struct Cli {
     /// The daemon's control socket [default: /run/cairn/cairnd.sock as root, else
     /// $XDG_RUNTIME_DIR/cairn/cairnd.sock]
-    #[arg(long, global = true, value_name = "PATH", env = cairn_ctl::paths::SOCKET_ENV)]
+    #[arg(long, global = true, value_name = "PATH", env = cairn_core::paths::SOCKET_ENV)]
     socket: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
@@ -229,7 +229,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let socket = cli
         .socket
         .clone()
-        .unwrap_or_else(cairn_ctl::paths::default_socket);
+        .unwrap_or_else(cairn_core::paths::default_socket);
     let mut client = cairn_ctl::client::connect(&socket)
         .await
         .map_err(|error| Failure {

@@ -108,7 +108,7 @@ impl UpstreamConfig {
             .trusted_keys
             .iter()
             .map(|key| {
-                cairn_ctl::fleet::parse_public_key(key)
+                cairn_core::fleet::parse_public_key(key)
                     .map_err(|e| format!("upstream.trusted_keys: {e}"))
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -188,7 +188,7 @@ impl Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
-            state_dir: cairn_ctl::paths::default_state_dir(),
+            state_dir: cairn_core::paths::default_state_dir(),
             control: ControlConfig::default(),
             max_component_size: ByteSize(256 << 20),
             log_lines_per_app: 10_000,
@@ -268,7 +268,7 @@ impl Config {
         self.control
             .socket
             .clone()
-            .unwrap_or_else(cairn_ctl::paths::default_socket)
+            .unwrap_or_else(cairn_core::paths::default_socket)
     }
 }
 

@@ -279,7 +279,7 @@ fn write_report(dir: &Path, report: &ImportReport) {
         "cairnd {} import of {} at {} (UTC)\n",
         env!("CARGO_PKG_VERSION"),
         dir.display(),
-        cairn_ctl::time::utc_now()
+        cairn_core::time::utc_now()
     );
     for line in &report.lines {
         text.push_str(&format!("ok: {line}\n"));

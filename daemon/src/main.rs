@@ -30,7 +30,7 @@ mod supervisor;
 mod sync;
 mod systemd;
 
-use cairn_ctl::{digest, spec};
+use cairn_core::{digest, spec};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -50,7 +50,7 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// The control socket's path (overrides the config file).
-    #[arg(long, value_name = "PATH", env = cairn_ctl::paths::SOCKET_ENV)]
+    #[arg(long, value_name = "PATH", env = cairn_core::paths::SOCKET_ENV)]
     socket: Option<PathBuf>,
     /// A folder to import at start (on images: the boot partition's cairn/): its config.toml
     /// is laid over the config file, and its apps/*.toml manifests (with the components they

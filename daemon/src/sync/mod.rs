@@ -1,7 +1,7 @@
 //! Fleet sync: the device's link to the upstream NATS JetStream lattice. It never blocks
 //! anything local: serving, local deploys and rollbacks go on whether or not a link exists.
 //! When one does, it reads the signed desired state for this device and its groups (latest
-//! value first, then watching), refuses what it should not trust (`cairn_ctl::fleet::verify`),
+//! value first, then watching), refuses what it should not trust (`cairn_core::fleet::verify`),
 //! fetches missing artifacts by digest, hands apps to the reconciler as fleet-owned, and
 //! publishes the reports waiting in the outbox with publish acks and `Nats-Msg-Id`
 //! de-duplication, deleting each row only after its ack. All NATS access lives here.
@@ -15,7 +15,7 @@ use crate::reconcile::{ReconcileError, Reconciler};
 use crate::spec::AppName;
 use crate::store::{now_unix, OutboxBounds, OutboxKind, Store};
 use async_nats::jetstream::{self, stream};
-use cairn_ctl::fleet;
+use cairn_core::fleet;
 use ed25519_dalek::VerifyingKey;
 use futures_util::StreamExt;
 use std::sync::{Arc, Mutex};
