@@ -5,11 +5,11 @@
 mod fleet_cli;
 
 use anyhow::Context as _;
-use cairn_ctl::exit;
 use cairn_core::proto::{
     self, control_client::ControlClient, push_chunk::Part, status_reply::Detail,
 };
 use cairn_core::time::utc;
+use cairn_ctl::exit;
 use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use sha2::{Digest as _, Sha256};

@@ -5,8 +5,8 @@
 //! component is validated), and stores and tags it in one transaction.
 
 use crate::digest::Digest;
+use crate::engine::{self, RuntimeError};
 use crate::regular_file::{self, FileError};
-use crate::runtime::{self, RuntimeError};
 use crate::store::{Store, StoreError};
 use sha2::{Digest as _, Sha256};
 use std::path::Path;
@@ -138,7 +138,7 @@ pub async fn admit(
     let store = Arc::clone(store);
     tokio::task::spawn_blocking(move || {
         let bytes = intake.bytes;
-        runtime::check_component(&bytes)?;
+        engine::check_component(&bytes)?;
         let tag = tag
             .as_ref()
             .map(|t| (t.name.as_str(), t.tag.as_str(), t.source));

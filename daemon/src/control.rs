@@ -8,9 +8,9 @@
 use crate::admission::{self, AdmitError};
 use crate::config::{Config, ReadAccess};
 use crate::digest::Digest;
+use crate::engine::Compiler;
 use crate::logs::LogHub;
 use crate::reconcile::{AppView, ReconcileError, Reconciler};
-use crate::runtime::Runtime;
 use crate::spec::{AppName, AppSpec, SpecError};
 use crate::store::{Owner, Store, StoreError};
 use cairn_core::proto::control_server::{Control, ControlServer};
@@ -152,7 +152,7 @@ impl Access {
 pub struct ControlService {
     store: Arc<Store>,
     reconciler: Arc<Reconciler>,
-    runtime: Arc<Runtime>,
+    compiler: Arc<Compiler>,
     logs: Arc<LogHub>,
     access: Access,
     max_component_size: u64,
@@ -170,7 +170,7 @@ impl ControlService {
     pub fn new(
         store: Arc<Store>,
         reconciler: Arc<Reconciler>,
-        runtime: Arc<Runtime>,
+        compiler: Arc<Compiler>,
         logs: Arc<LogHub>,
         config: &Config,
         socket: PathBuf,
@@ -181,7 +181,7 @@ impl ControlService {
         ControlService {
             store,
             reconciler,
-            runtime,
+            compiler,
             logs,
             access: Access::from_config(config),
             max_component_size: config.max_component_size.0,
@@ -469,7 +469,7 @@ impl Control for ControlService {
             let distinct: std::collections::BTreeSet<String> =
                 components.iter().map(|c| c.digest.to_string()).collect();
             let fingerprint = self
-                .runtime
+                .compiler
                 .fingerprint(&Default::default())
                 .unwrap_or_else(|e| format!("unavailable: {e}"));
             return Ok(Response::new(proto::StatusReply {
@@ -482,8 +482,8 @@ impl Control for ControlService {
                     components: distinct.len() as u64,
                     uptime_seconds: self.started.elapsed().as_secs(),
                     engine_fingerprint: fingerprint,
-                    compiled: self.runtime.compiled.load(Ordering::Relaxed),
-                    cache_hits: self.runtime.cache_hits.load(Ordering::Relaxed),
+                    compiled: self.compiler.compiled.load(Ordering::Relaxed),
+                    cache_hits: self.compiler.cache_hits.load(Ordering::Relaxed),
                     limits: self.limits_note.clone(),
                     pool_user: self.pool_user.clone(),
                     import_dir: self
@@ -730,7 +730,7 @@ mod tests {
             (
                 ReconcileError::Component {
                     digest: digest.clone(),
-                    source: crate::runtime::RuntimeError::CoreModule,
+                    source: crate::engine::RuntimeError::CoreModule,
                 },
                 Code::InvalidArgument,
             ),
@@ -829,7 +829,7 @@ mod tests {
                 Code::InvalidArgument,
             ),
             (
-                AdmitError::Invalid(crate::runtime::RuntimeError::NotWasm),
+                AdmitError::Invalid(crate::engine::RuntimeError::NotWasm),
                 Code::InvalidArgument,
             ),
             (

@@ -6,24 +6,27 @@
 //! - `supervisor`: wiring, systemd readiness and watchdog, signals, shutdown.
 //! - `control`: the gRPC control server and its authorisation.
 //! - `import`: the import folder (an image's boot partition): config overlay and preloaded apps.
+//! - `sync`: the link to the upstream lattice.
 //! - `reconcile`: the only code that changes what runs (deploy, rollback, remove, start-up).
+//! - `admission`: the one way in for components (push, import, fleet).
 //! - `spawn` (starting pool processes), `logs` (output pipeline).
-//! - `pool`: the pool process (`cairnd pool`), with `http` (listener, hyper) and `runtime`.
-//! - `runtime` (wasmtime), `store` (SQLite), `spec` (typed manifests), `digest`, `config`,
-//!   `systemd`, `alloc` (the memory allocator, per role).
+//! - `pool`: the pool process (`cairnd pool`): its protocol, runtime, guest host and HTTP front.
+//! - `engine` (wasmtime settings, compiling), `store` (SQLite), `counters` (the shared request
+//!   counters), `limits` (cgroups), `config`, `systemd`, `regular_file`, `alloc` (the memory
+//!   allocator, per role); `spec` and `digest` come from `cairn-core`.
 
 mod admission;
 mod alloc;
 mod config;
 mod control;
-mod http;
+mod counters;
+mod engine;
 mod import;
 mod limits;
 mod logs;
 mod pool;
 mod reconcile;
 mod regular_file;
-mod runtime;
 mod spawn;
 mod store;
 mod supervisor;

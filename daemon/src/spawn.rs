@@ -9,10 +9,11 @@
 //! Raw `dup2` is called between fork and exec (`pre_exec`) because that is the only place the
 //! child's descriptor table can be arranged; nothing else happens there.
 
+use crate::counters::Counters;
+use crate::engine::CodeFacts;
 use crate::limits::{AppCgroup, Cgroups, PoolLimits};
 use crate::logs::LogHub;
-use crate::pool::protocol::{self, Counters, FromPool, ToPool};
-use crate::runtime::CodeFacts;
+use crate::pool::protocol::{self, FromPool, ToPool};
 use crate::spec::{AppName, AppSpec, Limits};
 use std::fmt;
 use std::io::Write;

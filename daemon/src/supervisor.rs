@@ -1,13 +1,13 @@
-//! The supervisor: wires the store, runtime, log pipeline, reconciler and control server, tells
+//! The supervisor: wires the store, compiler, log pipeline, reconciler and control server, tells
 //! systemd when it is ready, runs the main loop (watchdog, retries) and shuts down cleanly on
 //! SIGTERM or SIGINT, draining requests in flight.
 
 use crate::config::Config;
 use crate::control::{self, ControlService};
+use crate::engine::Compiler;
 use crate::limits::{Cgroups, PoolLimits};
 use crate::logs::LogHub;
 use crate::reconcile::Reconciler;
-use crate::runtime::Runtime;
 use crate::store::Store;
 use crate::systemd;
 use anyhow::Context as _;
@@ -41,7 +41,7 @@ pub async fn run(
         .with_context(|| format!("cannot set permissions on {}", config.state_dir.display()))?;
     let db = config.state_dir.join("cairn.db");
     let store = Arc::new(Store::open(&db)?);
-    let runtime = Runtime::new();
+    let compiler = Compiler::new();
     let outbox = config.upstream.as_ref().map(|upstream| {
         (
             crate::sync::device_id(upstream),
@@ -67,7 +67,7 @@ pub async fn run(
     tracing::info!("resource limits {}", cgroups.describe());
     let reconciler = Reconciler::start(
         Arc::clone(&store),
-        Arc::clone(&runtime),
+        Arc::clone(&compiler),
         Arc::clone(&logs),
         Arc::clone(&cgroups),
         pool_user.ids,
@@ -95,13 +95,13 @@ pub async fn run(
         Arc::clone(&store),
         Arc::clone(&reconciler),
     )?;
-    drop_unused_compiled_code(&store, &runtime).await;
+    drop_unused_compiled_code(&store, &compiler).await;
 
     let incoming = control::bind_socket(&socket, &config)?;
     let service = ControlService::new(
         Arc::clone(&store),
         Arc::clone(&reconciler),
-        Arc::clone(&runtime),
+        Arc::clone(&compiler),
         Arc::clone(&logs),
         &config,
         socket.clone(),
@@ -175,13 +175,13 @@ async fn status_line(reconciler: &Reconciler) -> String {
 }
 
 /// Precompiled code for specs no app uses, or from another wasmtime or CPU, is dead weight.
-async fn drop_unused_compiled_code(store: &Arc<Store>, runtime: &Arc<Runtime>) {
-    let runtime = Arc::clone(runtime);
+async fn drop_unused_compiled_code(store: &Arc<Store>, compiler: &Arc<Compiler>) {
+    let compiler = Arc::clone(compiler);
     let result = store
         .call(move |store| {
             let mut fingerprints: Vec<String> = Vec::new();
             for app in store.apps()? {
-                if let Ok(fingerprint) = runtime.fingerprint(&app.spec.limits) {
+                if let Ok(fingerprint) = compiler.fingerprint(&app.spec.limits) {
                     fingerprints.push(fingerprint);
                 }
             }

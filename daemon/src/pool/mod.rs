@@ -10,11 +10,15 @@
 //! `Serve` (a new generation) or serve at once (a resumed one) → accept until `Drain` (or the
 //! supervisor goes away) → drain → exit 0.
 
+mod host;
+mod http;
 pub mod protocol;
+mod runtime;
 
-use crate::http::{HttpServer, Serving};
-use crate::runtime::{Outcome, RequestReport, Runtime};
-use protocol::{Counter, Counters, FromPool, LogChunk, ToPool};
+use crate::counters::{Counter, Counters};
+use http::{HttpServer, Serving};
+use protocol::{FromPool, LogChunk, ToPool};
+use runtime::{Outcome, RequestReport, Runtime};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,7 +51,7 @@ fn drop_privileges(ids: Option<(u32, u32)>) -> Result<(), String> {
 /// Runs the pool; returns the process exit code.
 pub fn run(ids: Option<(u32, u32)>) -> i32 {
     // Before the privilege drop, which makes this process's /proc files root's.
-    crate::runtime::open_page_map();
+    runtime::open_page_map();
     // A spare until it is given an app (then `cairn:APP`).
     name_process("(spare)");
     if let Err(error) = drop_privileges(ids) {
@@ -131,7 +135,7 @@ pub fn run(ids: Option<(u32, u32)>) -> i32 {
 
 async fn serve(
     runtime: Arc<Runtime>,
-    prepared: Option<crate::runtime::PreparedEngine>,
+    prepared: Option<runtime::PreparedEngine>,
     start: ToPool,
     listener: OwnedFd,
     control: std::os::unix::net::UnixStream,
@@ -378,7 +382,7 @@ async fn idle_for(idle: Option<Duration>, serving: &Serving) {
 }
 
 /// Turns what a request left behind into log chunks and counters.
-fn reporter(logs: mpsc::Sender<LogChunk>, counters: Arc<Counters>) -> crate::runtime::Reporter {
+fn reporter(logs: mpsc::Sender<LogChunk>, counters: Arc<Counters>) -> runtime::Reporter {
     Arc::new(move |report: RequestReport| {
         let send = |stream: &str, text: String| {
             if logs

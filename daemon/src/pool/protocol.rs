@@ -8,11 +8,10 @@
 //! socket (SCM_RIGHTS), because a pool process may be started before anyone knows which app it
 //! will run: the supervisor keeps one spare process ready and hands it the next app to start.
 
-use crate::runtime::CodeFacts;
+use crate::engine::CodeFacts;
 use crate::spec::{AppSpec, Limits};
 use serde::{Deserialize, Serialize};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The control socketpair, the only descriptor a pool process inherits.
@@ -232,104 +231,10 @@ where
         .map_err(std::io::Error::other)
 }
 
-/// Request counters of one app, in a shared page: the pool adds, the supervisor reads. They
-/// survive pool restarts because the supervisor keeps the page and hands it to each new pool.
-pub struct Counters {
-    base: *mut AtomicU64,
-    fd: OwnedFd,
-}
-
-// SAFETY: the mapping is only ever accessed through atomics and lives as long as `Counters`.
-unsafe impl Send for Counters {}
-unsafe impl Sync for Counters {}
-
-#[derive(Debug, Clone, Copy)]
-#[repr(usize)]
-pub enum Counter {
-    Requests = 0,
-    Traps = 1,
-    Timeouts = 2,
-    Rejected = 3,
-    InFlight = 4,
-    LogLinesDropped = 5,
-    /// Milliseconds since the pool's start when a request last finished.
-    LastActive = 6,
-}
-
-const PAGE: usize = 4096;
-
-impl Counters {
-    /// A new, zeroed page (supervisor side).
-    pub fn create(name: &str) -> std::io::Result<Counters> {
-        let label = std::ffi::CString::new(format!("cairn-counters-{name}"))
-            .map_err(std::io::Error::other)?;
-        let fd = nix::sys::memfd::memfd_create(
-            label.as_c_str(),
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )?;
-        nix::unistd::ftruncate(&fd, PAGE as i64)?;
-        Counters::map(fd)
-    }
-
-    /// Maps an inherited page (pool side).
-    pub fn map(fd: OwnedFd) -> std::io::Result<Counters> {
-        // SAFETY: a fresh shared mapping of a PAGE-sized memfd; nothing else aliases it in this
-        // process, and other processes only touch it through atomic operations too.
-        let base = unsafe {
-            nix::sys::mman::mmap(
-                None,
-                std::num::NonZeroUsize::new(PAGE).expect("PAGE is not zero"),
-                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
-                nix::sys::mman::MapFlags::MAP_SHARED,
-                &fd,
-                0,
-            )?
-        };
-        Ok(Counters {
-            base: base.as_ptr().cast(),
-            fd,
-        })
-    }
-
-    fn slot(&self, counter: Counter) -> &AtomicU64 {
-        // SAFETY: every Counter index is inside the page, and the page is 8-byte aligned.
-        unsafe { &*self.base.add(counter as usize) }
-    }
-
-    pub fn add(&self, counter: Counter, value: u64) {
-        self.slot(counter).fetch_add(value, Ordering::Relaxed);
-    }
-
-    pub fn sub(&self, counter: Counter, value: u64) {
-        self.slot(counter).fetch_sub(value, Ordering::Relaxed);
-    }
-
-    pub fn get(&self, counter: Counter) -> u64 {
-        self.slot(counter).load(Ordering::Relaxed)
-    }
-
-    pub fn set(&self, counter: Counter, value: u64) {
-        self.slot(counter).store(value, Ordering::Relaxed);
-    }
-
-    pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
-impl Drop for Counters {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `map`.
-        unsafe {
-            let _ =
-                nix::sys::mman::munmap(std::ptr::NonNull::new_unchecked(self.base.cast()), PAGE);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::counters::Counters;
 
     #[tokio::test]
     async fn frames_round_trip_and_end_cleanly() {
@@ -408,17 +313,5 @@ mod tests {
         let (messages, fds) = receive_with_fds::<ToPool>(&pool).unwrap().unwrap();
         assert!(matches!(&messages[..], [ToPool::Confined]), "{messages:?}");
         assert!(fds.is_empty());
-    }
-
-    #[test]
-    fn counters_are_shared_through_the_page() {
-        let counters = Counters::create("test").unwrap();
-        let duplicate = nix::unistd::dup(&counters.fd).unwrap();
-        let other_view = Counters::map(duplicate).unwrap();
-        counters.add(Counter::Requests, 3);
-        other_view.add(Counter::Requests, 1);
-        other_view.set(Counter::InFlight, 2);
-        assert_eq!(counters.get(Counter::Requests), 4);
-        assert_eq!(counters.get(Counter::InFlight), 2);
     }
 }

@@ -5,7 +5,7 @@
 
 use super::apps::{AppLock, Running, State};
 use super::code::{pool_limits, Attempt};
-use super::exits::Failures;
+use super::crashloop::Failures;
 use super::listen::bind_patiently;
 use super::views::{view, AppView};
 use super::{new_counters, oom_kills, ReconcileError, Reconciler};
@@ -178,7 +178,7 @@ impl Reconciler {
         existing: Option<u64>,
         next_generation: u64,
         listener: &std::net::TcpListener,
-        counters: &crate::pool::protocol::Counters,
+        counters: &crate::counters::Counters,
         cgroup: Option<&crate::limits::AppCgroup>,
     ) -> Result<(Pool, u64), ReconcileError> {
         let pool = self

@@ -11,8 +11,8 @@
 
 use super::listen::Waker;
 use super::ReconcileError;
+use crate::counters::Counters;
 use crate::limits::AppCgroup;
-use crate::pool::protocol::Counters;
 use crate::spawn::Pool;
 use crate::spec::{AppName, AppSpec};
 use crate::store::Owner;
@@ -59,7 +59,7 @@ pub(super) struct Running {
     pub allocator: String,
     pub started_unix: i64,
     pub restarts: u64,
-    pub failures: super::exits::Failures,
+    pub failures: super::crashloop::Failures,
     pub last_exit: String,
     pub cgroup: Option<AppCgroup>,
     /// OOM kills in the cgroup already accounted for, to tell an OOM kill from a plain kill.

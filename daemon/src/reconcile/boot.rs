@@ -5,7 +5,7 @@
 //! from the supervisor's loop.
 
 use super::apps::{AppLock, Running, State};
-use super::exits::Failures;
+use super::crashloop::Failures;
 use super::listen::{bind_patiently, wake_on_connection};
 use super::{new_counters, ReconcileError, Reconciler};
 use crate::spec::AppName;

@@ -4,10 +4,10 @@
 //! but the app's own operation lock (held by the caller).
 
 use super::{ReconcileError, Reconciler};
+use crate::counters::Counters;
 use crate::digest::Digest;
+use crate::engine::CodeFacts;
 use crate::limits::{AppCgroup, PoolLimits};
-use crate::pool::protocol::Counters;
-use crate::runtime::CodeFacts;
 use crate::spawn::{self, Code, Pool, SpawnError, Start};
 use crate::spec::AppSpec;
 use std::collections::HashMap;
@@ -140,7 +140,7 @@ impl Reconciler {
         force_compile: bool,
     ) -> Result<(Arc<Code>, bool), ReconcileError> {
         let store = Arc::clone(&self.store);
-        let runtime = Arc::clone(&self.runtime);
+        let compiler = Arc::clone(&self.compiler);
         let memory = Arc::clone(&self.code_cache);
         let spec = spec.clone();
         tokio::task::spawn_blocking(move || {
@@ -149,11 +149,13 @@ impl Reconciler {
                 digest: digest.clone(),
                 source,
             };
-            let fingerprint = runtime.fingerprint(&spec.limits).map_err(component_error)?;
+            let fingerprint = compiler
+                .fingerprint(&spec.limits)
+                .map_err(component_error)?;
             let key = (digest.clone(), fingerprint.clone());
             if !force_compile {
                 if let Some(code) = memory.get(&key) {
-                    runtime.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    compiler.cache_hits.fetch_add(1, Ordering::Relaxed);
                     return Ok((code, true));
                 }
             }
@@ -166,13 +168,13 @@ impl Reconciler {
             };
             if !force_compile {
                 if let Some((code, facts)) = store.get_compiled(&digest, &fingerprint)? {
-                    runtime.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    compiler.cache_hits.fetch_add(1, Ordering::Relaxed);
                     let known = facts.and_then(|facts| serde_json::from_str(&facts).ok());
                     let facts = match known {
                         Some(facts) => facts,
                         // Cached by an older cairnd (or unreadable): learn them once.
                         None => {
-                            let facts = runtime
+                            let facts = compiler
                                 .inspect(&code, &spec.limits)
                                 .map_err(component_error)?;
                             store.set_compiled_facts(&digest, &fingerprint, &facts_text(&facts))?;
@@ -185,10 +187,10 @@ impl Reconciler {
             let wasm = store
                 .get_blob(&digest)?
                 .ok_or_else(|| ReconcileError::UnknownComponent(digest.clone()))?;
-            let code = runtime
+            let code = compiler
                 .compile(&wasm, &spec.limits)
                 .map_err(component_error)?;
-            let facts = runtime
+            let facts = compiler
                 .inspect(&code, &spec.limits)
                 .map_err(component_error)?;
             store.put_compiled(&digest, &fingerprint, &code, &facts_text(&facts))?;

@@ -15,25 +15,26 @@
 //! or restart, or any view, needs.
 //!
 //! Layout: `apps` (the table and its locks), `activate` (a generation made current), `code`
-//! (code cache, compile, launch), `boot` (restore at start, retries), `exits` (pool exits,
-//! backoff, crashloop), `listen` (binding, wake on connection), `views` (what `ls` and
-//! `status` show).
+//! (code cache, compile, launch), `boot` (restore at start, retries), `exits` (pool exits and
+//! restarts), `crashloop` (the policy after a failure, pure), `listen` (binding, wake on
+//! connection), `views` (what `ls` and `status` show).
 
 mod activate;
 mod apps;
 mod boot;
 mod code;
+mod crashloop;
 mod exits;
 mod listen;
 mod views;
 
 pub use views::AppView;
 
+use crate::counters::Counters;
 use crate::digest::Digest;
+use crate::engine::{Compiler, RuntimeError};
 use crate::limits::{AppCgroup, Cgroups, LimitsError};
 use crate::logs::LogHub;
-use crate::pool::protocol::Counters;
-use crate::runtime::{Runtime, RuntimeError};
 use crate::spawn::{Pool, PoolExit, Spawner};
 use crate::spec::{AppName, AppSpec, SpecError};
 use crate::store::{now_unix, Owner, Store, StoreError};
@@ -87,7 +88,7 @@ pub enum ReconcileError {
 
 pub struct Reconciler {
     store: Arc<Store>,
-    runtime: Arc<Runtime>,
+    compiler: Arc<Compiler>,
     logs: Arc<LogHub>,
     /// Every app, each behind its own lock.
     apps: apps::Table,
@@ -109,7 +110,7 @@ impl Reconciler {
     /// another's.
     pub fn start(
         store: Arc<Store>,
-        runtime: Arc<Runtime>,
+        compiler: Arc<Compiler>,
         logs: Arc<LogHub>,
         cgroups: Arc<Cgroups>,
         pool_user: Option<(u32, u32)>,
@@ -119,7 +120,7 @@ impl Reconciler {
         let (restarts, mut due_restarts) = mpsc::channel(256);
         let reconciler = Arc::new(Reconciler {
             store,
-            runtime,
+            compiler,
             logs,
             apps: apps::Table::default(),
             drain,

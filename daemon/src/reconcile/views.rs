@@ -4,9 +4,9 @@
 
 use super::apps::{Running, State};
 use super::{ReconcileError, Reconciler};
+use crate::counters::Counter;
 use crate::digest::Digest;
 use crate::limits::{AppCgroup, Usage};
-use crate::pool::protocol::Counter;
 use crate::spec::{AppName, AppSpec};
 use std::net::SocketAddr;
 

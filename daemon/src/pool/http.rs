@@ -3,8 +3,8 @@
 //! is answered 503 at once (no unbounded queue), then runs on a fresh instance. Shutdown stops
 //! accepting (closing the listener at once) and drains requests in flight.
 
-use crate::pool::protocol::{Counter, Counters};
-use crate::runtime::{LoadedApp, Outcome, RequestFailure};
+use super::runtime::{LoadedApp, Outcome, RequestFailure};
+use crate::counters::{Counter, Counters, InFlight};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -233,23 +233,6 @@ async fn handle(
             plain(500, &format!("the app answered with an error: {code}\n"))
         }
         Err(RequestFailure::Host(reason)) => plain(400, &format!("bad request: {reason}\n")),
-    }
-}
-
-/// Counts a request as in flight from the moment it holds a slot until its instance is gone
-/// (which may be after the response was sent).
-pub struct InFlight(Arc<Counters>);
-
-impl InFlight {
-    fn enter(counters: Arc<Counters>) -> InFlight {
-        counters.add(Counter::InFlight, 1);
-        InFlight(counters)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.sub(Counter::InFlight, 1);
     }
 }
 

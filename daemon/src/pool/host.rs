@@ -1,0 +1,177 @@
+//! What a request's guest sees of its host (the `T` of every request's `Store`): WASI with
+//! every capability the app was not granted denied, `wasi:http` with outgoing requests
+//! denied, and its stdout and stderr captured in memory up to a bound.
+
+use bytes::{Bytes, BytesMut};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use wasmtime::component::ResourceTable;
+use wasmtime::StoreLimits;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+/// Output kept per stream per request; the rest is cut and the cut is marked.
+const OUTPUT_LIMIT: usize = 64 << 10;
+
+/// The `T` of every request's `Store`.
+pub struct Host {
+    pub wasi: WasiCtx,
+    pub http: WasiHttpCtx,
+    pub table: ResourceTable,
+    pub limits: StoreLimits,
+    pub hooks: DenyOutgoingHttp,
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for Host {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// Outgoing HTTP is a capability no app has been granted yet: requests fail with
+/// `HTTP-request-denied`, which guests see as an ordinary error.
+pub struct DenyOutgoingHttp;
+
+impl WasiHttpHooks for DenyOutgoingHttp {
+    fn send_request(
+        &mut self,
+        _request: http::Request<wasmtime_wasi_http::WasiBody>,
+        _options: Option<wasmtime_wasi_http::RequestOptions>,
+        _fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
+    ) -> Box<
+        dyn std::future::Future<
+                Output = Result<
+                    (
+                        http::Response<wasmtime_wasi_http::WasiBody>,
+                        Box<
+                            dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>>
+                                + Send,
+                        >,
+                    ),
+                    wasmtime_wasi_http::Error,
+                >,
+            > + Send,
+    > {
+        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
+    }
+}
+
+/// A guest's stdout or stderr for one request: kept in memory up to `OUTPUT_LIMIT`, then cut.
+#[derive(Clone)]
+pub struct OutputCapture {
+    buffer: Arc<Mutex<(BytesMut, bool)>>,
+}
+
+impl OutputCapture {
+    pub fn new() -> OutputCapture {
+        OutputCapture {
+            buffer: Arc::new(Mutex::new((BytesMut::new(), false))),
+        }
+    }
+
+    pub fn append(&self, bytes: &[u8]) {
+        let mut guard = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        let (buffer, cut) = &mut *guard;
+        let room = OUTPUT_LIMIT.saturating_sub(buffer.len());
+        if bytes.len() > room {
+            *cut = true;
+        }
+        buffer.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    pub fn take(&self) -> Bytes {
+        let mut guard = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        let (buffer, cut) = &mut *guard;
+        if std::mem::take(cut) {
+            buffer.extend_from_slice(b"\n[cairn: output of this request cut at 64KiB]\n");
+        }
+        std::mem::take(buffer).freeze()
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for OutputCapture {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for OutputCapture {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::OutputStream> {
+        Box::new(self.clone())
+    }
+}
+
+impl wasmtime_wasi::p2::OutputStream for OutputCapture {
+    fn write(&mut self, bytes: Bytes) -> wasmtime_wasi::p2::StreamResult<()> {
+        self.append(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> wasmtime_wasi::p2::StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> wasmtime_wasi::p2::StreamResult<usize> {
+        // Always writable: output past the limit is dropped (and marked), never an error that
+        // would make a chatty guest fail.
+        Ok(OUTPUT_LIMIT)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl wasmtime_wasi::p2::Pollable for OutputCapture {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for OutputCapture {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.append(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_cut_at_the_limit_and_marked() {
+        let capture = OutputCapture::new();
+        capture.append(&vec![b'x'; OUTPUT_LIMIT - 1]);
+        capture.append(b"yz");
+        let taken = capture.take();
+        assert!(taken.starts_with(&vec![b'x'; OUTPUT_LIMIT - 1]));
+        assert!(String::from_utf8_lossy(&taken).contains("cut at 64KiB"));
+        assert!(capture.take().is_empty());
+    }
+}
