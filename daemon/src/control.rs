@@ -209,7 +209,7 @@ impl ControlService {
 impl ControlService {
     async fn sync_reply(&self) -> Result<proto::SyncStatusReply, Status> {
         let link = self.sync.link();
-        let (applied, rejections, (backlog, dropped)) = self
+        let (applied, rejections, outbox) = self
             .store
             .call(|store| {
                 Ok((
@@ -226,8 +226,8 @@ impl ControlService {
             device: self.sync.device().to_string(),
             last_success_unix: link.last_success_unix,
             last_error: link.last_error,
-            backlog,
-            dropped,
+            backlog: outbox.waiting,
+            dropped: outbox.dropped,
             applied: applied
                 .into_iter()
                 .map(|a| proto::AppliedVersion {
@@ -238,7 +238,11 @@ impl ControlService {
                 .collect(),
             rejections: rejections
                 .into_iter()
-                .map(|(key, reason, unix)| proto::SyncRejection { key, reason, unix })
+                .map(|r| proto::SyncRejection {
+                    key: r.key,
+                    reason: r.reason,
+                    unix: r.unix,
+                })
                 .collect(),
         })
     }

@@ -10,6 +10,7 @@ use crate::engine::CodeFacts;
 use crate::limits::{AppCgroup, PoolLimits};
 use crate::spawn::{self, Code, Pool, SpawnError, Start};
 use crate::spec::AppSpec;
+use crate::store::Compiled;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -167,7 +168,7 @@ impl Reconciler {
                 Ok::<_, ReconcileError>(code)
             };
             if !force_compile {
-                if let Some((code, facts)) = store.get_compiled(&digest, &fingerprint)? {
+                if let Some(Compiled { code, facts }) = store.get_compiled(&digest, &fingerprint)? {
                     compiler.cache_hits.fetch_add(1, Ordering::Relaxed);
                     let known = facts.and_then(|facts| serde_json::from_str(&facts).ok());
                     let facts = match known {

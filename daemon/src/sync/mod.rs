@@ -204,7 +204,7 @@ impl Sync {
                 "owner": a.owner, "digest": a.digest.to_string(), "error": a.error,
             })).collect::<Vec<_>>(),
             "applied": applied.iter().map(|a| serde_json::json!({"key": a.key, "version": a.version})).collect::<Vec<_>>(),
-            "errors": rejections.iter().map(|(key, reason, _)| format!("{key}: {reason}")).collect::<Vec<_>>(),
+            "errors": rejections.iter().map(|r| format!("{}: {}", r.key, r.reason)).collect::<Vec<_>>(),
         })
     }
 
@@ -383,14 +383,17 @@ impl Sync {
                 return Ok(());
             }
             let mut acks = Vec::with_capacity(rows.len());
-            for (id, payload) in &rows {
+            for row in &rows {
                 let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", format!("{}-{id}", self.device).as_str());
+                headers.insert(
+                    "Nats-Msg-Id",
+                    format!("{}-{}", self.device, row.id).as_str(),
+                );
                 let ack = context
-                    .publish_with_headers(subject.clone(), headers, payload.clone().into())
+                    .publish_with_headers(subject.clone(), headers, row.payload.clone().into())
                     .await
                     .map_err(upstream_error)?;
-                acks.push((*id, ack));
+                acks.push((row.id, ack));
             }
             let mut acked = Vec::with_capacity(acks.len());
             for (id, ack) in acks {

@@ -1,0 +1,161 @@
+//! Apps and their generations: each deploy commits a generation; a rollback makes an older
+//! one current; a generation is never changed once written.
+
+use super::{now_unix, Owner, Store, StoreError};
+use crate::digest::Digest;
+use crate::spec::{AppName, AppSpec};
+use rusqlite::params;
+
+/// An app's desired state: its current generation's spec.
+#[derive(Debug, Clone)]
+pub struct AppRecord {
+    pub name: AppName,
+    pub owner: Owner,
+    pub generation: u64,
+    pub spec: AppSpec,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationRecord {
+    pub generation: u64,
+    pub digest: Digest,
+    pub created_unix: i64,
+    pub spec: AppSpec,
+}
+
+impl Store {
+    /// Records `spec` as the app's next generation and makes it current, in one transaction.
+    pub fn commit_generation(&self, spec: &AppSpec, owner: Owner) -> Result<u64, StoreError> {
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(|e| self.error(e))?;
+        let next: u64 = transaction
+            .query_row(
+                "SELECT COALESCE(MAX(generation), 0) + 1 FROM generations WHERE app = ?1",
+                [spec.name.as_str()],
+                |row| row.get::<_, i64>(0),
+            )
+            .map_err(|e| self.error(e))? as u64;
+        transaction
+            .execute(
+                "INSERT INTO generations (app, generation, spec, digest, created_unix) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![spec.name.as_str(), next as i64, spec.to_stored_json(), spec.component.to_string(), now_unix()],
+            )
+            .map_err(|e| self.error(e))?;
+        transaction
+            .execute(
+                "INSERT INTO apps (name, owner, generation, updated_unix) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (name) DO UPDATE SET generation = excluded.generation, updated_unix = excluded.updated_unix",
+                params![spec.name.as_str(), owner.as_str(), next as i64, now_unix()],
+            )
+            .map_err(|e| self.error(e))?;
+        transaction.commit().map_err(|e| self.error(e))?;
+        Ok(next)
+    }
+
+    /// Makes an existing generation current again.
+    pub fn set_current_generation(&self, app: &AppName, generation: u64) -> Result<(), StoreError> {
+        let connection = self.lock();
+        connection
+            .execute(
+                "UPDATE apps SET generation = ?2, updated_unix = ?3 WHERE name = ?1",
+                params![app.as_str(), generation as i64, now_unix()],
+            )
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    #[cfg(test)]
+    pub(super) fn app(&self, name: &AppName) -> Result<Option<AppRecord>, StoreError> {
+        Ok(self.apps_where(Some(name))?.into_iter().next())
+    }
+
+    pub fn apps(&self) -> Result<Vec<AppRecord>, StoreError> {
+        self.apps_where(None)
+    }
+
+    fn apps_where(&self, name: Option<&AppName>) -> Result<Vec<AppRecord>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare(
+                "SELECT a.name, a.owner, a.generation, g.spec FROM apps a
+                 JOIN generations g ON g.app = a.name AND g.generation = a.generation
+                 WHERE ?1 IS NULL OR a.name = ?1 ORDER BY a.name",
+            )
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map([name.map(|n| n.as_str().to_string())], |row| {
+                Ok((
+                    row.get::<_, String>(1)?,
+                    row.get::<_, i64>(2)?,
+                    row.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(|e| self.error(e))?;
+        let mut records = Vec::new();
+        for row in rows {
+            let (owner, generation, spec) = row.map_err(|e| self.error(e))?;
+            let spec = AppSpec::from_stored_json(&spec).map_err(|e| StoreError::Corrupt {
+                what: "an app generation".into(),
+                detail: e.to_string(),
+            })?;
+            records.push(AppRecord {
+                name: spec.name.clone(),
+                owner: Owner::parse(&owner),
+                generation: generation as u64,
+                spec,
+            });
+        }
+        Ok(records)
+    }
+
+    /// Every generation of `app`, oldest first.
+    pub fn generations(&self, app: &AppName) -> Result<Vec<GenerationRecord>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare("SELECT generation, spec, created_unix FROM generations WHERE app = ?1 ORDER BY generation")
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map([app.as_str()], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(|e| self.error(e))?;
+        let mut records = Vec::new();
+        for row in rows {
+            let (generation, spec, created_unix) = row.map_err(|e| self.error(e))?;
+            let spec = AppSpec::from_stored_json(&spec).map_err(|e| StoreError::Corrupt {
+                what: format!("generation {generation} of {app}"),
+                detail: e.to_string(),
+            })?;
+            records.push(GenerationRecord {
+                generation: generation as u64,
+                digest: spec.component.clone(),
+                created_unix,
+                spec,
+            });
+        }
+        Ok(records)
+    }
+
+    /// Forgets an app: its generations and its logs. Component blobs stay.
+    pub fn remove_app(&self, app: &AppName) -> Result<bool, StoreError> {
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(|e| self.error(e))?;
+        let removed = transaction
+            .execute("DELETE FROM apps WHERE name = ?1", [app.as_str()])
+            .map_err(|e| self.error(e))?;
+        for sql in [
+            "DELETE FROM generations WHERE app = ?1",
+            "DELETE FROM logs WHERE app = ?1",
+        ] {
+            transaction
+                .execute(sql, [app.as_str()])
+                .map_err(|e| self.error(e))?;
+        }
+        transaction.commit().map_err(|e| self.error(e))?;
+        Ok(removed == 1)
+    }
+}

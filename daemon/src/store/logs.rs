@@ -1,0 +1,90 @@
+//! Apps' log lines, kept per app up to a count (`prune_logs`).
+
+use super::{Store, StoreError};
+use rusqlite::params;
+
+#[derive(Debug, Clone)]
+pub struct NewLogLine {
+    pub app: String,
+    pub generation: u64,
+    pub unix_millis: i64,
+    pub stream: &'static str,
+    pub line: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogRecord {
+    pub id: u64,
+    pub app: String,
+    pub generation: u64,
+    pub unix_millis: i64,
+    pub stream: String,
+    pub line: String,
+}
+
+impl Store {
+    /// Appends lines in one transaction and returns their ids, in order.
+    pub fn append_logs(&self, lines: &[NewLogLine]) -> Result<Vec<u64>, StoreError> {
+        let mut connection = self.lock();
+        let transaction = connection.transaction().map_err(|e| self.error(e))?;
+        let mut ids = Vec::with_capacity(lines.len());
+        {
+            let mut statement = transaction
+                .prepare_cached(
+                    "INSERT INTO logs (app, generation, unix_millis, stream, line) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(|e| self.error(e))?;
+            for line in lines {
+                statement
+                    .execute(params![
+                        line.app,
+                        line.generation as i64,
+                        line.unix_millis,
+                        line.stream,
+                        line.line
+                    ])
+                    .map_err(|e| self.error(e))?;
+                ids.push(transaction.last_insert_rowid() as u64);
+            }
+        }
+        transaction.commit().map_err(|e| self.error(e))?;
+        Ok(ids)
+    }
+
+    /// The last `tail` lines of `app` (all kept lines when `tail` is 0), oldest first.
+    pub fn tail_logs(&self, app: &str, tail: u64) -> Result<Vec<LogRecord>, StoreError> {
+        let connection = self.lock();
+        let limit = if tail == 0 { -1 } else { tail as i64 };
+        let mut statement = connection
+            .prepare(
+                "SELECT id, app, generation, unix_millis, stream, line FROM
+                   (SELECT * FROM logs WHERE app = ?1 ORDER BY id DESC LIMIT ?2) ORDER BY id",
+            )
+            .map_err(|e| self.error(e))?;
+        let rows = statement
+            .query_map(params![app, limit], |row| {
+                Ok(LogRecord {
+                    id: row.get::<_, i64>(0)? as u64,
+                    app: row.get(1)?,
+                    generation: row.get::<_, i64>(2)? as u64,
+                    unix_millis: row.get(3)?,
+                    stream: row.get(4)?,
+                    line: row.get(5)?,
+                })
+            })
+            .map_err(|e| self.error(e))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.error(e))
+    }
+
+    /// Keeps the newest `keep` lines of `app`.
+    pub fn prune_logs(&self, app: &str, keep: u64) -> Result<usize, StoreError> {
+        let connection = self.lock();
+        connection
+            .execute(
+                "DELETE FROM logs WHERE app = ?1 AND id <= (SELECT id FROM logs WHERE app = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                params![app, keep as i64],
+            )
+            .map_err(|e| self.error(e))
+    }
+}
