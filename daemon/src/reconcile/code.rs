@@ -7,7 +7,7 @@ use super::{ReconcileError, Reconciler};
 use crate::counters::Counters;
 use crate::digest::Digest;
 use crate::engine::CodeFacts;
-use crate::limits::{AppCgroup, PoolLimits};
+use crate::limits::{AppCgroup, Cgroups, PoolLimits};
 use crate::spawn::{self, Code, Pool, SpawnError, Start};
 use crate::spec::AppSpec;
 use crate::store::Compiled;
@@ -203,12 +203,17 @@ impl Reconciler {
 
     /// The app's cgroup with the spec's limits written, or `None` where limits are not enforced.
     pub(super) fn app_cgroup(&self, spec: &AppSpec) -> Result<Option<AppCgroup>, ReconcileError> {
-        let Some(cgroup) = self.cgroups.for_app(spec.name.as_str())? else {
-            return Ok(None);
-        };
-        cgroup.apply(&pool_limits(spec))?;
-        Ok(Some(cgroup))
+        app_cgroup(&self.cgroups, spec)
     }
+}
+
+/// See `Reconciler::app_cgroup`.
+fn app_cgroup(cgroups: &Cgroups, spec: &AppSpec) -> Result<Option<AppCgroup>, ReconcileError> {
+    let Some(cgroup) = cgroups.for_app(spec.name.as_str())? else {
+        return Ok(None);
+    };
+    cgroup.apply(&pool_limits(spec))?;
+    Ok(Some(cgroup))
 }
 
 pub(super) fn pool_limits(spec: &AppSpec) -> PoolLimits {
@@ -226,6 +231,50 @@ fn facts_text(facts: &CodeFacts) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::Tree;
+
+    /// The limits an app's manifest sets reach its cgroup, on a fake v2 tree (a directory):
+    /// the pool's memory (given, or from the instance memory times instances), its CPU
+    /// quota, its pids; a redeploy without them lifts the CPU cap and restores the defaults.
+    #[test]
+    fn an_apps_manifest_limits_reach_its_cgroup() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
+        let tree = Tree::detect(dir.path()).unwrap();
+        let cgroups = Cgroups::with_tree(tree, "cairn", &PoolLimits::default());
+        let spec = |limits: &str| {
+            AppSpec::from_manifest(&format!(
+                "name = \"web\"\ncomponent = \"{}\"\n[http]\nlisten = \"127.0.0.1:8080\"\n[limits]\n{limits}",
+                Digest::of(b"web")
+            ))
+            .unwrap()
+        };
+        let read = |file: &str| {
+            std::fs::read_to_string(dir.path().join("cairn/web").join(file))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        let capped = spec("memory_total = \"200MiB\"\ncpu = 0.25\npids = 32\n");
+        app_cgroup(&cgroups, &capped).unwrap().expect("enforced");
+        assert_eq!(read("memory.max"), (200u64 << 20).to_string());
+        assert_eq!(read("cpu.max"), "25000 100000");
+        assert_eq!(read("pids.max"), "32");
+
+        let plain = spec("memory = \"16MiB\"\ninstances = 4\n");
+        app_cgroup(&cgroups, &plain).unwrap().expect("enforced");
+        assert_eq!(read("memory.max"), plain.limits.pool_memory().0.to_string());
+        assert_eq!(
+            plain.limits.pool_memory().0,
+            4 * (16 << 20) + crate::spec::POOL_BASELINE.0,
+            "four instances of 16 MiB and the runtime"
+        );
+        assert_eq!(read("cpu.max"), "max 100000");
+        assert_eq!(read("pids.max"), plain.limits.pool_pids().to_string());
+
+        let unenforced = Cgroups::NotEnforced { why: "test".into() };
+        assert!(app_cgroup(&unenforced, &plain).unwrap().is_none());
+    }
 
     #[test]
     fn the_code_cache_drops_the_least_recently_used_over_its_budget() {
