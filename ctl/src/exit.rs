@@ -19,6 +19,30 @@ pub const UNREACHABLE: i32 = 6;
 /// The device is out of a resource (disk full, size bound exceeded).
 pub const EXHAUSTED: i32 = 7;
 
+/// A failure with the exit code it deserves.
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Failure {
+        Failure {
+            code: from_code(status.code()),
+            message: status.message().to_string(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Failure {
+        Failure {
+            code: INVALID,
+            message: format!("{error:#}"),
+        }
+    }
+}
+
 pub fn from_code(code: Code) -> i32 {
     match code {
         Code::Ok => OK,

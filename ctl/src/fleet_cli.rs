@@ -1,6 +1,7 @@
 //! `cairnctl fleet …`: drive a fleet through the upstream NATS JetStream lattice, with nothing
 //! but NATS and this binary. Keys, artifacts, signed desired state, and device reports.
 
+use crate::output::{print_json, print_table, row};
 use anyhow::{anyhow, bail, Context as _, Result};
 use async_nats::jetstream::{self, kv, object_store};
 use cairn_core::fleet;
@@ -145,10 +146,7 @@ fn keygen(out: &Path, json_output: bool) -> Result<()> {
     file.write_all(fleet::key_file_text(&key).as_bytes())?;
     let public = hex::encode(key.verifying_key().as_bytes());
     if json_output {
-        println!(
-            "{}",
-            serde_json::json!({"public_key": public, "private_key_file": out})
-        );
+        print_json(&serde_json::json!({"public_key": public, "private_key_file": out}));
     } else {
         println!("{public}");
         eprintln!("private key written to {}; devices trust it with upstream.trusted_keys = [\"{public}\"]", out.display());
@@ -184,9 +182,8 @@ async fn upload(upstream: &Upstream, file: &Path, json_output: bool) -> Result<(
             .map_err(|e| anyhow!("uploading {digest} failed: {e}"))?;
     }
     if json_output {
-        println!(
-            "{}",
-            serde_json::json!({"digest": digest, "size": bytes.len(), "already_present": present})
+        print_json(
+            &serde_json::json!({"digest": digest, "size": bytes.len(), "already_present": present}),
         );
     } else {
         println!("{digest}");
@@ -257,9 +254,8 @@ async fn publish(
         .await
         .map_err(|e| anyhow!("publishing to {target} failed: {e}"))?;
     if json_output {
-        println!(
-            "{}",
-            serde_json::json!({"target": target, "version": document.version, "expires_unix": document.expires_unix, "apps": document.apps.len()})
+        print_json(
+            &serde_json::json!({"target": target, "version": document.version, "expires_unix": document.expires_unix, "apps": document.apps.len()}),
         );
     } else {
         println!(
@@ -329,53 +325,46 @@ async fn status(upstream: &Upstream, device: Option<&str>, json_output: bool) ->
         }
     }
     if json_output {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+        print_json(&serde_json::Value::Array(reports));
         return Ok(());
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs() as i64;
-    println!(
-        "{:<20} {:<32} {:<40} ERRORS",
-        "DEVICE", "LAST SEEN (UTC)", "APPS"
-    );
-    for report in reports {
-        let apps: Vec<String> = report["apps"]
-            .as_array()
-            .map(|apps| {
-                apps.iter()
-                    .map(|a| {
-                        format!(
-                            "{}@{} {}",
-                            a["name"].as_str().unwrap_or("?"),
-                            a["generation"],
-                            a["status"].as_str().unwrap_or("?")
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let errors: Vec<String> = report["errors"]
-            .as_array()
-            .map(|e| {
-                e.iter()
-                    .filter_map(|x| x.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let seen = match report["unix"].as_i64() {
-            Some(unix) => format!("{} ({} ago)", cairn_core::time::utc(unix), ago(now - unix)),
-            None => "?".to_string(),
-        };
-        println!(
-            "{:<20} {:<32} {:<40} {}",
-            report["device"].as_str().unwrap_or("?"),
-            seen,
-            apps.join(", "),
-            errors.join("; ")
-        );
-    }
+    let mut rows = vec![row(["DEVICE", "LAST SEEN (UTC)", "APPS", "ERRORS"])];
+    rows.extend(reports.iter().map(|report| device_row(report, now)));
+    print_table(&rows);
     Ok(())
+}
+
+/// One device's report as a row of `fleet status`.
+fn device_row(report: &serde_json::Value, now: i64) -> Vec<String> {
+    let strings = |value: &serde_json::Value,
+                   each: &dyn Fn(&serde_json::Value) -> Option<String>| {
+        value
+            .as_array()
+            .map(|items| items.iter().filter_map(each).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let apps = strings(&report["apps"], &|a| {
+        Some(format!(
+            "{}@{} {}",
+            a["name"].as_str().unwrap_or("?"),
+            a["generation"],
+            a["status"].as_str().unwrap_or("?")
+        ))
+    });
+    let errors = strings(&report["errors"], &|e| e.as_str().map(str::to_string));
+    let seen = match report["unix"].as_i64() {
+        Some(unix) => format!("{} ({} ago)", cairn_core::time::utc(unix), ago(now - unix)),
+        None => "?".to_string(),
+    };
+    vec![
+        report["device"].as_str().unwrap_or("?").to_string(),
+        seen,
+        apps.join(", "),
+        errors.join("; "),
+    ]
 }
 
 /// A short age: `42s`, `7m`, `3h`, `2d`.

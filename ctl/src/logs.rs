@@ -1,0 +1,49 @@
+//! `cairnctl logs`: an app's recorded output and cairn's notes about it.
+
+use crate::output::utc_millis;
+use cairn_core::proto::{self, control_client::ControlClient};
+use cairn_ctl::exit::Failure;
+use serde_json::json;
+use std::io::Write;
+use tonic::transport::Channel;
+
+/// `cairnctl logs`.
+pub async fn show(
+    client: &mut ControlClient<Channel>,
+    app: String,
+    follow: bool,
+    tail: Option<u64>,
+    json_output: bool,
+) -> Result<(), Failure> {
+    let mut stream = client
+        .logs(proto::LogsRequest {
+            app,
+            follow,
+            tail: tail.unwrap_or(0),
+        })
+        .await?
+        .into_inner();
+    let stdout = std::io::stdout();
+    while let Some(line) = stream.message().await? {
+        let mut out = stdout.lock();
+        let written = if json_output {
+            writeln!(
+                out,
+                "{}",
+                json!({"id": line.id, "time_ms": line.unix_millis, "stream": line.stream, "generation": line.generation, "line": line.line})
+            )
+        } else {
+            writeln!(
+                out,
+                "{} [{}] {}",
+                utc_millis(line.unix_millis),
+                line.stream,
+                line.line
+            )
+        };
+        if written.and_then(|_| out.flush()).is_err() {
+            break; // the reader went away (a closed pipe): stop quietly
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! `cairnctl status`: the daemon, or one app in detail.
+
+use crate::output::{app_json, human_size, print_json, print_table, row, short};
+use cairn_core::proto::{self, control_client::ControlClient, status_reply::Detail};
+use cairn_core::time::utc;
+use cairn_ctl::exit::{self, Failure};
+use serde_json::json;
+use tonic::transport::Channel;
+
+/// `cairnctl status [APP]`.
+pub async fn show(
+    client: &mut ControlClient<Channel>,
+    app: Option<String>,
+    json_output: bool,
+) -> Result<(), Failure> {
+    let reply = client
+        .status(proto::StatusRequest {
+            app: app.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    match reply.detail {
+        Some(Detail::Daemon(daemon)) => print_daemon(&daemon, json_output),
+        Some(Detail::App(detail)) => print_app(&detail, json_output),
+        None => {
+            return Err(Failure {
+                code: exit::FAILURE,
+                message: "the daemon sent an empty status".into(),
+            })
+        }
+    }
+    Ok(())
+}
+
+fn print_daemon(daemon: &proto::DaemonStatus, json_output: bool) {
+    if json_output {
+        print_json(&json!({
+            "version": daemon.version, "state_dir": daemon.state_dir, "socket": daemon.socket,
+            "apps": daemon.apps, "apps_running": daemon.apps_running, "components": daemon.components,
+            "uptime_seconds": daemon.uptime_seconds, "engine_fingerprint": daemon.engine_fingerprint,
+            "compiled": daemon.compiled, "cache_hits": daemon.cache_hits, "limits": daemon.limits,
+                        "log_lines_dropped": daemon.log_lines_dropped, "pool_user": daemon.pool_user,
+            "import": {"dir": daemon.import_dir, "lines": daemon.import_lines, "problems": daemon.import_problems},
+        }));
+        return;
+    }
+    let mut rows = vec![
+        row(["version", &daemon.version]),
+        row(["state", &daemon.state_dir]),
+        row(["socket", &daemon.socket]),
+        row([
+            "apps",
+            &format!("{} ({} running)", daemon.apps, daemon.apps_running),
+        ]),
+        row(["components", &daemon.components.to_string()]),
+        row(["uptime", &format!("{}s", daemon.uptime_seconds)]),
+        row(["engine", &daemon.engine_fingerprint]),
+        row([
+            "code",
+            &format!(
+                "{} compiled, {} loaded precompiled since start",
+                daemon.compiled, daemon.cache_hits
+            ),
+        ]),
+        row(["limits", &daemon.limits]),
+        row(["pools run as", &daemon.pool_user]),
+        row(["log lines dropped", &daemon.log_lines_dropped.to_string()]),
+    ];
+    if !daemon.import_dir.is_empty() {
+        rows.push(row(["import from", &daemon.import_dir]));
+        for line in &daemon.import_lines {
+            rows.push(row(["import", line]));
+        }
+        for problem in &daemon.import_problems {
+            rows.push(row(["IMPORT PROBLEM", problem]));
+        }
+    }
+    print_table(&rows);
+}
+
+fn print_app(detail: &proto::AppDetail, json_output: bool) {
+    let app = detail.summary.clone().unwrap_or_default();
+    if json_output {
+        let mut value = app_json(&app);
+        let object = value.as_object_mut().expect("app_json is an object");
+        object.insert(
+            "limits".into(),
+            json!(detail
+                .limits
+                .iter()
+                .map(|l| json!({"name": l.name, "value": l.value, "enforcement": l.enforcement}))
+                .collect::<Vec<_>>()),
+        );
+        object.insert("generations".into(), json!(detail.generations.iter().map(|g| json!({"generation": g.generation, "digest": g.digest, "created": g.created_unix, "current": g.current})).collect::<Vec<_>>()));
+        object.insert("env".into(), json!(detail.env));
+        object.insert("allocator".into(), json!(detail.allocator));
+        object.insert("requests".into(), json!(detail.requests));
+        object.insert("in_flight".into(), json!(detail.in_flight));
+        object.insert("traps".into(), json!(detail.traps));
+        object.insert("timeouts".into(), json!(detail.timeouts));
+        object.insert("rejected".into(), json!(detail.rejected));
+        object.insert("started".into(), json!(detail.started_unix));
+        object.insert("pid".into(), json!(detail.pid));
+        object.insert("restarts".into(), json!(detail.restarts));
+        object.insert("last_exit".into(), json!(detail.last_exit));
+        object.insert("cgroup".into(), json!(detail.cgroup));
+        object.insert("memory_bytes".into(), json!(detail.memory_bytes));
+        object.insert("cpu_usage_nanos".into(), json!(detail.cpu_usage_nanos));
+        object.insert("pids".into(), json!(detail.pids));
+        print_json(&value);
+        return;
+    }
+    let mut rows = vec![
+        row(["name", &app.name]),
+        row(["status", &app.status]),
+        row(["generation", &app.generation.to_string()]),
+        row(["owner", &app.owner]),
+        row(["listen", &format!("http://{}", app.listen)]),
+        row(["component", &app.digest]),
+        row(["allocator", &detail.allocator]),
+        row([
+            "pool",
+            &format!(
+                "pid {}, {} restart(s){}",
+                detail.pid,
+                detail.restarts,
+                if detail.last_exit.is_empty() {
+                    String::new()
+                } else {
+                    format!(", last exit: {}", detail.last_exit)
+                }
+            ),
+        ]),
+        row(["started", &utc(detail.started_unix)]),
+        row(["cgroup", &detail.cgroup]),
+        row([
+            "usage",
+            &format!(
+                "memory {}, cpu {:.2}s, {} pids",
+                human_size(detail.memory_bytes),
+                detail.cpu_usage_nanos as f64 / 1e9,
+                detail.pids
+            ),
+        ]),
+        row([
+            "requests",
+            &format!(
+                "{} served, {} in flight, {} trapped, {} timed out, {} rejected (503)",
+                detail.requests, detail.in_flight, detail.traps, detail.timeouts, detail.rejected
+            ),
+        ]),
+    ];
+    if !app.error.is_empty() {
+        rows.push(row(["error", &app.error]));
+    }
+    for limit in &detail.limits {
+        rows.push(row([
+            &format!("limit {}", limit.name),
+            &format!("{} ({})", limit.value, limit.enforcement),
+        ]));
+    }
+    for (key, value) in &detail.env {
+        rows.push(row([&format!("env {key}"), value]));
+    }
+    for generation in &detail.generations {
+        let marker = if generation.current { " (current)" } else { "" };
+        rows.push(row([
+            &format!("generation {}", generation.generation),
+            &format!(
+                "{} {}{marker}",
+                short(&generation.digest),
+                utc(generation.created_unix)
+            ),
+        ]));
+    }
+    print_table(&rows);
+}
