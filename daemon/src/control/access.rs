@@ -1,0 +1,84 @@
+//! Who may call what: every call is authorised from the peer's credentials (`SO_PEERCRED`).
+//! Root, the daemon's own user and members of the control group may change state; with
+//! `read_access = "any"` everyone else may read.
+
+use crate::config::{Config, ReadAccess};
+use nix::unistd::{Gid, Group, Uid, User};
+use std::ffi::CString;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Status};
+
+/// Who may change state and who may read.
+pub struct Access {
+    daemon_uid: Uid,
+    group: Option<(String, Gid)>,
+    read_access: ReadAccess,
+}
+
+impl Access {
+    pub fn from_config(config: &Config) -> Access {
+        let group = Group::from_name(&config.control.group)
+            .ok()
+            .flatten()
+            .map(|group| (group.name, group.gid));
+        Access {
+            daemon_uid: Uid::effective(),
+            group,
+            read_access: config.control.read_access,
+        }
+    }
+
+    fn in_group(&self, uid: Uid, gid: Gid) -> bool {
+        let Some((_, group_gid)) = &self.group else {
+            return false;
+        };
+        if gid == *group_gid {
+            return true;
+        }
+        // SO_PEERCRED carries the primary group only; supplementary groups come from the
+        // user database.
+        let Some(user) = User::from_uid(uid).ok().flatten() else {
+            return false;
+        };
+        let Ok(name) = CString::new(user.name) else {
+            return false;
+        };
+        nix::unistd::getgrouplist(&name, user.gid)
+            .map(|groups| groups.contains(group_gid))
+            .unwrap_or(false)
+    }
+
+    pub fn check<T>(
+        &self,
+        request: &Request<T>,
+        action: &str,
+        changes_state: bool,
+    ) -> Result<(), Status> {
+        let credentials = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred)
+            .ok_or_else(|| {
+                Status::permission_denied(
+                    "the caller's credentials could not be read from the socket",
+                )
+            })?;
+        let uid = Uid::from_raw(credentials.uid());
+        let gid = Gid::from_raw(credentials.gid());
+        if uid.is_root() || uid == self.daemon_uid || self.in_group(uid, gid) {
+            return Ok(());
+        }
+        if !changes_state && self.read_access == ReadAccess::Any {
+            return Ok(());
+        }
+        let group_hint = match &self.group {
+            Some((name, _)) => {
+                format!("members of group `{name}` (add the user with `usermod -aG {name} USER`)")
+            }
+            None => "members of the control group (none is configured on this device)".to_string(),
+        };
+        Err(Status::permission_denied(format!(
+            "uid {uid} may not {action}: only root, the daemon's user and {group_hint} may"
+        )))
+    }
+}

@@ -1,0 +1,194 @@
+//! Every internal error mapped to the gRPC status a client can act on, one function per error
+//! type, each with a table test; cairnctl maps the statuses to exit codes.
+
+use crate::admission::AdmitError;
+use crate::reconcile::ReconcileError;
+use crate::store::StoreError;
+use tonic::Status;
+
+/// Maps every internal error to the status a client can act on. One place, tested below.
+pub fn status_of(error: &ReconcileError) -> Status {
+    let message = error.to_string();
+    match error {
+        ReconcileError::Spec(_)
+        | ReconcileError::Component { .. }
+        | ReconcileError::Load { .. } => Status::invalid_argument(message),
+        ReconcileError::UnknownApp(_)
+        | ReconcileError::UnknownComponent(_)
+        | ReconcileError::UnknownGeneration { .. } => Status::not_found(message),
+        ReconcileError::NoPreviousGeneration(_)
+        | ReconcileError::AddressTaken { .. }
+        | ReconcileError::AddressUnavailable { .. }
+        | ReconcileError::OwnedElsewhere { .. }
+        | ReconcileError::Pool(_)
+        | ReconcileError::Unhealthy { .. }
+        | ReconcileError::Limits(_) => Status::failed_precondition(message),
+        ReconcileError::Store(error) => store_status(error),
+        ReconcileError::Internal(_) => Status::internal(message),
+    }
+}
+
+pub fn store_status(error: &StoreError) -> Status {
+    let message = error.to_string();
+    match error {
+        StoreError::Full { .. } => Status::resource_exhausted(message),
+        StoreError::Corrupt { .. } => Status::data_loss(message),
+        StoreError::Open { .. } | StoreError::Sqlite(_) => Status::internal(message),
+    }
+}
+
+/// Why a component was not admitted, as a status.
+pub fn admission_status(error: &AdmitError) -> Status {
+    let message = error.to_string();
+    match error {
+        AdmitError::TooLarge { .. } => Status::resource_exhausted(message),
+        AdmitError::File(_) | AdmitError::Mismatch { .. } | AdmitError::Invalid(_) => {
+            Status::invalid_argument(message)
+        }
+        AdmitError::Store(error) => store_status(error),
+        AdmitError::Internal(_) => Status::internal(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::Digest;
+    use crate::spec::SpecError;
+    use std::net::SocketAddr;
+    use tonic::Code;
+
+    #[test]
+    fn every_error_maps_to_a_status_a_client_can_act_on() {
+        let digest = Digest::of(b"x");
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let table: Vec<(ReconcileError, Code)> = vec![
+            (
+                ReconcileError::Spec(SpecError::Invalid("x".into())),
+                Code::InvalidArgument,
+            ),
+            (
+                ReconcileError::Component {
+                    digest: digest.clone(),
+                    source: crate::engine::RuntimeError::CoreModule,
+                },
+                Code::InvalidArgument,
+            ),
+            (ReconcileError::UnknownApp("a".into()), Code::NotFound),
+            (ReconcileError::UnknownComponent(digest), Code::NotFound),
+            (
+                ReconcileError::UnknownGeneration {
+                    app: "a".into(),
+                    generation: 9,
+                    available: "1".into(),
+                },
+                Code::NotFound,
+            ),
+            (
+                ReconcileError::NoPreviousGeneration("a".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                ReconcileError::AddressTaken {
+                    addr,
+                    app: "b".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                ReconcileError::AddressUnavailable {
+                    addr,
+                    reason: "in use".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                ReconcileError::OwnedElsewhere {
+                    app: "a".into(),
+                    owner: "fleet",
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                ReconcileError::Store(StoreError::Full { path: "/x".into() }),
+                Code::ResourceExhausted,
+            ),
+            (
+                ReconcileError::Store(StoreError::Corrupt {
+                    what: "x".into(),
+                    detail: "y".into(),
+                }),
+                Code::DataLoss,
+            ),
+            (
+                ReconcileError::Store(StoreError::Sqlite("x".into())),
+                Code::Internal,
+            ),
+            (ReconcileError::Internal("x".into()), Code::Internal),
+            (
+                ReconcileError::Load {
+                    digest: Digest::of(b"y"),
+                    message: "link".into(),
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                ReconcileError::Pool("died".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                ReconcileError::Unhealthy {
+                    path: "/health".into(),
+                    answer: "answered 500".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+        ];
+        for (error, code) in table {
+            let status = status_of(&error);
+            assert_eq!(status.code(), code, "{error}");
+            assert_eq!(status.message(), error.to_string());
+        }
+    }
+
+    #[test]
+    fn every_refused_component_maps_to_a_status_a_client_can_act_on() {
+        let table: Vec<(AdmitError, Code)> = vec![
+            (
+                AdmitError::TooLarge {
+                    limit: 1,
+                    setting: "max_component_size",
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                AdmitError::Mismatch {
+                    actual: Digest::of(b"a"),
+                    expected: Digest::of(b"b"),
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                AdmitError::Invalid(crate::engine::RuntimeError::NotWasm),
+                Code::InvalidArgument,
+            ),
+            (
+                AdmitError::File(crate::regular_file::FileError::NotRegular {
+                    path: "/dev/zero".into(),
+                    kind: "a character device",
+                }),
+                Code::InvalidArgument,
+            ),
+            (
+                AdmitError::Store(StoreError::Full { path: "/x".into() }),
+                Code::ResourceExhausted,
+            ),
+            (AdmitError::Internal("x".into()), Code::Internal),
+        ];
+        for (error, code) in table {
+            let status = admission_status(&error);
+            assert_eq!(status.code(), code, "{error}");
+            assert_eq!(status.message(), error.to_string());
+        }
+    }
+}

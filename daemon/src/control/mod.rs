@@ -1,0 +1,441 @@
+//! The control server: gRPC (tonic) on a unix socket. It authorises every call from the peer's
+//! credentials (`SO_PEERCRED`), turns requests into typed values, hands changes to the
+//! reconciler and answers with proper status codes. It never changes what runs by itself.
+//!
+//! Who may do what: root, the daemon's own user and members of the control group may change
+//! state; with `read_access = "any"` everyone else may read (ls, status, components, logs).
+
+mod access;
+mod errors;
+mod socket;
+mod views;
+
+pub use access::Access;
+pub use errors::status_of;
+pub use socket::{bind_socket, check_socket_free};
+
+use crate::admission;
+use crate::config::Config;
+use crate::digest::Digest;
+use crate::engine::Compiler;
+use crate::logs::LogHub;
+use crate::reconcile::{AppView, Reconciler};
+use crate::spec::{AppName, AppSpec, SpecError};
+use crate::store::{Owner, Store};
+use cairn_core::proto::control_server::{Control, ControlServer};
+use cairn_core::proto::{self, push_chunk::Part, status_reply::Detail};
+use errors::{admission_status, store_status};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct ControlService {
+    store: Arc<Store>,
+    reconciler: Arc<Reconciler>,
+    compiler: Arc<Compiler>,
+    logs: Arc<LogHub>,
+    access: Access,
+    max_component_size: u64,
+    state_dir: PathBuf,
+    socket: PathBuf,
+    limits_note: String,
+    pool_user: String,
+    sync: Arc<crate::sync::Sync>,
+    import: crate::import::ImportReport,
+    started: Instant,
+}
+
+impl ControlService {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<Store>,
+        reconciler: Arc<Reconciler>,
+        compiler: Arc<Compiler>,
+        logs: Arc<LogHub>,
+        config: &Config,
+        socket: PathBuf,
+        limits_note: String,
+        pool_user: String,
+        sync: Arc<crate::sync::Sync>,
+    ) -> ControlService {
+        ControlService {
+            store,
+            reconciler,
+            compiler,
+            logs,
+            access: Access::from_config(config),
+            max_component_size: config.max_component_size.0,
+            state_dir: config.state_dir.clone(),
+            socket,
+            limits_note,
+            pool_user,
+            sync,
+            import: crate::import::ImportReport::default(),
+            started: Instant::now(),
+        }
+    }
+
+    /// What the start-up import did, for `status`.
+    pub fn with_import(mut self, report: crate::import::ImportReport) -> ControlService {
+        self.import = report;
+        self
+    }
+
+    pub fn into_server(self) -> ControlServer<ControlService> {
+        ControlServer::new(self).max_decoding_message_size(8 << 20)
+    }
+}
+
+impl ControlService {
+    async fn sync_reply(&self) -> Result<proto::SyncStatusReply, Status> {
+        let link = self.sync.link();
+        let (applied, rejections, outbox) = self
+            .store
+            .call(|store| {
+                Ok((
+                    store.applied()?,
+                    store.rejections(20)?,
+                    store.outbox_stats()?,
+                ))
+            })
+            .await
+            .map_err(|e| store_status(&e))?;
+        Ok(proto::SyncStatusReply {
+            state: link.state.to_string(),
+            upstream: self.sync.upstream(),
+            device: self.sync.device().to_string(),
+            last_success_unix: link.last_success_unix,
+            last_error: link.last_error,
+            backlog: outbox.waiting,
+            dropped: outbox.dropped,
+            applied: applied
+                .into_iter()
+                .map(|a| proto::AppliedVersion {
+                    key: a.key,
+                    version: a.version,
+                    applied_unix: a.applied_unix,
+                })
+                .collect(),
+            rejections: rejections
+                .into_iter()
+                .map(|r| proto::SyncRejection {
+                    key: r.key,
+                    reason: r.reason,
+                    unix: r.unix,
+                })
+                .collect(),
+        })
+    }
+}
+
+fn summary(view: &AppView) -> proto::AppSummary {
+    proto::AppSummary {
+        name: view.name.clone(),
+        generation: view.generation,
+        status: view.status.to_string(),
+        listen: view.listen.to_string(),
+        digest: view.digest.to_string(),
+        owner: view.owner.to_string(),
+        error: view.error.clone(),
+    }
+}
+
+fn app_name(text: &str) -> Result<AppName, Status> {
+    text.parse()
+        .map_err(|e: SpecError| Status::invalid_argument(e.to_string()))
+}
+
+type LogStream = Pin<Box<dyn Stream<Item = Result<proto::LogLine, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn push(
+        &self,
+        request: Request<Streaming<proto::PushChunk>>,
+    ) -> Result<Response<proto::PushReply>, Status> {
+        self.access.check(&request, "push components", true)?;
+        let mut stream = request.into_inner();
+        let meta = match stream.message().await? {
+            Some(proto::PushChunk {
+                part: Some(Part::Meta(meta)),
+            }) => meta,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "a push must start with its metadata message",
+                ))
+            }
+        };
+        let limit = admission::Limit {
+            bytes: self.max_component_size,
+            setting: "max_component_size",
+        };
+        if meta.size > limit.bytes {
+            return Err(Status::resource_exhausted(format!(
+                "the component is {} bytes, over this device's limit of {} bytes (max_component_size in the config)",
+                meta.size, limit.bytes
+            )));
+        }
+        let declared: Option<Digest> = if meta.digest.is_empty() {
+            None
+        } else {
+            Some(
+                meta.digest
+                    .parse()
+                    .map_err(|e: crate::digest::DigestParseError| {
+                        Status::invalid_argument(e.to_string())
+                    })?,
+            )
+        };
+        let mut intake = admission::Intake::new(limit, Some(meta.size));
+        while let Some(chunk) = stream.message().await? {
+            let Some(Part::Data(data)) = chunk.part else {
+                return Err(Status::invalid_argument(
+                    "only data may follow the push metadata",
+                ));
+            };
+            if intake.len() + data.len() as u64 > meta.size {
+                return Err(Status::invalid_argument(format!(
+                    "the upload is longer than the {} bytes it announced",
+                    meta.size
+                )));
+            }
+            intake.push(&data).map_err(|e| admission_status(&e))?;
+        }
+        if intake.len() != meta.size {
+            return Err(Status::invalid_argument(format!(
+                "the upload ended after {} of the {} bytes it announced; nothing was stored",
+                intake.len(),
+                meta.size
+            )));
+        }
+        // An unnamed push (what `deploy FILE` makes) is not tagged: it is kept only while a
+        // generation uses it.
+        let name = meta.name;
+        let tag = if meta.tag.is_empty() {
+            "latest".to_string()
+        } else {
+            meta.tag
+        };
+        let naming = (!name.is_empty()).then(|| admission::Tag {
+            name: name.clone(),
+            tag: tag.clone(),
+            source: "local",
+        });
+        let admitted = admission::admit(&self.store, intake, declared.as_ref(), naming)
+            .await
+            .map_err(|e| admission_status(&e))?;
+        let (digest, size, inserted) = (admitted.digest, admitted.size, admitted.inserted);
+        Ok(Response::new(proto::PushReply {
+            digest: digest.to_string(),
+            size,
+            already_present: !inserted,
+            name,
+            tag,
+        }))
+    }
+
+    async fn deploy(
+        &self,
+        request: Request<proto::DeployRequest>,
+    ) -> Result<Response<proto::DeployReply>, Status> {
+        self.access.check(&request, "deploy apps", true)?;
+        let spec = AppSpec::from_manifest(&request.get_ref().manifest)
+            .map_err(|e| status_of(&e.into()))?;
+        let digest = spec.component.clone();
+        let (view, unchanged) = match self.reconciler.deploy(spec, Owner::Local).await {
+            Ok(deployed) => deployed,
+            Err(error) => {
+                // A failed deploy leaves no trace: an upload made only for it goes again.
+                let dropped = self
+                    .store
+                    .call(move |store| store.drop_blob_if_unused(&digest))
+                    .await;
+                if let Err(drop_error) = dropped {
+                    tracing::warn!(%drop_error, "an unused upload could not be dropped");
+                }
+                return Err(status_of(&error));
+            }
+        };
+        Ok(Response::new(proto::DeployReply {
+            app: Some(summary(&view)),
+            unchanged,
+        }))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<proto::RollbackRequest>,
+    ) -> Result<Response<proto::DeployReply>, Status> {
+        self.access.check(&request, "roll back apps", true)?;
+        let name = app_name(&request.get_ref().app)?;
+        let to = Some(request.get_ref().to_generation).filter(|g| *g != 0);
+        let view = self
+            .reconciler
+            .rollback(&name, to)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(proto::DeployReply {
+            app: Some(summary(&view)),
+            unchanged: false,
+        }))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<proto::RemoveRequest>,
+    ) -> Result<Response<proto::RemoveReply>, Status> {
+        self.access.check(&request, "remove apps", true)?;
+        let name = app_name(&request.get_ref().app)?;
+        self.reconciler
+            .remove(&name)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(proto::RemoveReply {}))
+    }
+
+    async fn list_apps(
+        &self,
+        request: Request<proto::ListAppsRequest>,
+    ) -> Result<Response<proto::ListAppsReply>, Status> {
+        self.access.check(&request, "list apps", false)?;
+        let apps = self.reconciler.list().await.iter().map(summary).collect();
+        Ok(Response::new(proto::ListAppsReply { apps }))
+    }
+
+    async fn list_components(
+        &self,
+        request: Request<proto::ListComponentsRequest>,
+    ) -> Result<Response<proto::ListComponentsReply>, Status> {
+        self.access.check(&request, "list components", false)?;
+        let records = self
+            .store
+            .call(|store| store.components())
+            .await
+            .map_err(|e| store_status(&e))?;
+        let mut used_by: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for app in self.reconciler.list().await {
+            used_by
+                .entry(app.digest.to_string())
+                .or_default()
+                .push(app.name);
+        }
+        let components = records
+            .into_iter()
+            .map(|record| proto::ComponentInfo {
+                used_by: used_by
+                    .get(&record.digest.to_string())
+                    .cloned()
+                    .unwrap_or_default(),
+                digest: record.digest.to_string(),
+                size: record.size,
+                name: record.name,
+                tag: record.tag,
+                source: record.source,
+                created_unix: record.created_unix,
+            })
+            .collect();
+        Ok(Response::new(proto::ListComponentsReply { components }))
+    }
+
+    async fn status(
+        &self,
+        request: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusReply>, Status> {
+        self.access.check(&request, "read status", false)?;
+        let app = request.get_ref().app.clone();
+        let detail = if app.is_empty() {
+            Detail::Daemon(self.daemon_status().await?)
+        } else {
+            Detail::App(self.app_detail(&app_name(&app)?).await?)
+        };
+        Ok(Response::new(proto::StatusReply {
+            detail: Some(detail),
+        }))
+    }
+
+    async fn sync_status(
+        &self,
+        request: Request<proto::SyncStatusRequest>,
+    ) -> Result<Response<proto::SyncStatusReply>, Status> {
+        self.access.check(&request, "read sync status", false)?;
+        self.sync_reply().await.map(Response::new)
+    }
+
+    async fn sync_now(
+        &self,
+        request: Request<proto::SyncNowRequest>,
+    ) -> Result<Response<proto::SyncStatusReply>, Status> {
+        self.access.check(&request, "trigger a sync", true)?;
+        self.sync.now().await;
+        self.sync_reply().await.map(Response::new)
+    }
+
+    type LogsStream = LogStream;
+
+    async fn logs(
+        &self,
+        request: Request<proto::LogsRequest>,
+    ) -> Result<Response<LogStream>, Status> {
+        self.access.check(&request, "read logs", false)?;
+        let proto::LogsRequest { app, follow, tail } = request.into_inner();
+        let name = app_name(&app)?;
+        self.reconciler
+            .detail(&name)
+            .await
+            .map_err(|e| status_of(&e))?;
+        // Subscribe before reading the tail so no line falls between the two.
+        let mut live = self.logs.subscribe();
+        let tail_of = app.clone();
+        let recorded = self
+            .store
+            .call(move |store| store.tail_logs(&tail_of, tail))
+            .await
+            .map_err(|e| store_status(&e))?;
+        let last_seen = recorded.last().map(|r| r.id).unwrap_or(0);
+        let line = |record: crate::store::LogRecord| proto::LogLine {
+            id: record.id,
+            unix_millis: record.unix_millis,
+            stream: record.stream,
+            line: record.line,
+            generation: record.generation,
+        };
+        let backlog = tokio_stream::iter(recorded.into_iter().map(line).map(Ok));
+        if !follow {
+            return Ok(Response::new(Box::pin(backlog)));
+        }
+        let (sender, receiver) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            loop {
+                match live.recv().await {
+                    Ok(record) if record.app == app && record.id > last_seen => {
+                        if sender.send(Ok(line(record))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        let note = proto::LogLine {
+                            id: 0,
+                            unix_millis: 0,
+                            stream: "cairn".into(),
+                            line: format!(
+                                "[{missed} lines were skipped because this reader fell behind]"
+                            ),
+                            generation: 0,
+                        };
+                        if sender.send(Ok(note)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        let live_stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
+        Ok(Response::new(Box::pin(backlog.chain(live_stream))))
+    }
+}

@@ -1,0 +1,142 @@
+//! What `cairnctl status` shows: the daemon, or one app in detail with its limits and where
+//! each is enforced.
+
+use super::errors::{status_of, store_status};
+use super::{summary, ControlService};
+use crate::spec::{AppName, Limits};
+use cairn_core::proto;
+use std::sync::atomic::Ordering;
+use tonic::Status;
+
+impl ControlService {
+    pub(super) async fn daemon_status(&self) -> Result<proto::DaemonStatus, Status> {
+        let apps = self.reconciler.list().await;
+        let components = self
+            .store
+            .call(|store| store.components())
+            .await
+            .map_err(|e| store_status(&e))?;
+        let distinct: std::collections::BTreeSet<String> =
+            components.iter().map(|c| c.digest.to_string()).collect();
+        let fingerprint = self
+            .compiler
+            .fingerprint(&Default::default())
+            .unwrap_or_else(|e| format!("unavailable: {e}"));
+        Ok(proto::DaemonStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            state_dir: self.state_dir.display().to_string(),
+            socket: self.socket.display().to_string(),
+            apps: apps.len() as u64,
+            apps_running: apps.iter().filter(|a| a.status == "running").count() as u64,
+            components: distinct.len() as u64,
+            uptime_seconds: self.started.elapsed().as_secs(),
+            engine_fingerprint: fingerprint,
+            compiled: self.compiler.compiled.load(Ordering::Relaxed),
+            cache_hits: self.compiler.cache_hits.load(Ordering::Relaxed),
+            limits: self.limits_note.clone(),
+            pool_user: self.pool_user.clone(),
+            import_dir: self
+                .import
+                .dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+            import_lines: self.import.lines.clone(),
+            import_problems: self.import.problems.clone(),
+            log_lines_dropped: self.logs.dropped() + self.reconciler.pool_log_lines_dropped().await,
+        })
+    }
+
+    pub(super) async fn app_detail(&self, name: &AppName) -> Result<proto::AppDetail, Status> {
+        let detail = self
+            .reconciler
+            .detail(name)
+            .await
+            .map_err(|e| status_of(&e))?;
+        let generations_of = name.clone();
+        let generations = self
+            .store
+            .call(move |store| store.generations(&generations_of))
+            .await
+            .map_err(|e| store_status(&e))?;
+        let limit_rows = limit_rows(&detail.spec.limits, &detail.cgroup);
+        Ok(proto::AppDetail {
+            summary: Some(summary(&detail.view)),
+            limits: limit_rows,
+            generations: generations
+                .iter()
+                .map(|g| proto::GenerationInfo {
+                    generation: g.generation,
+                    digest: g.digest.to_string(),
+                    created_unix: g.created_unix,
+                    current: g.generation == detail.view.generation,
+                })
+                .collect(),
+            env: detail.spec.env.clone().into_iter().collect(),
+            allocator: detail.allocator,
+            requests: detail.requests,
+            in_flight: detail.in_flight,
+            traps: detail.traps,
+            timeouts: detail.timeouts,
+            rejected: detail.rejected,
+            health: String::new(),
+            started_unix: detail.started_unix,
+            pid: detail.pid,
+            restarts: detail.restarts,
+            last_exit: detail.last_exit,
+            cgroup: detail.cgroup.clone(),
+            memory_bytes: detail.usage.memory_bytes,
+            cpu_usage_nanos: detail.usage.cpu_nanos,
+            pids: detail.usage.pids,
+        })
+    }
+}
+
+/// Each limit of an app, its value and what enforces it (`cgroup`: where the app's cgroup
+/// is, or why limits are not enforced).
+fn limit_rows(limits: &Limits, cgroup: &str) -> Vec<proto::Limit> {
+    let mut rows = vec![
+        proto::Limit {
+            name: "memory".into(),
+            value: limits.memory.to_string(),
+            enforcement: "per instance, by wasmtime (linear memory cap)".into(),
+        },
+        proto::Limit {
+            name: "instances".into(),
+            value: limits.instances.to_string(),
+            enforcement: "concurrent requests; more are answered 503".into(),
+        },
+        proto::Limit {
+            name: "timeout".into(),
+            value: limits.timeout.to_string(),
+            enforcement: "per request, by epoch interruption".into(),
+        },
+    ];
+    let enforced = !cgroup.starts_with("not enforced");
+    let by_cgroup = |what: &str| {
+        if enforced {
+            format!("for the whole pool, by its cgroup ({what})")
+        } else {
+            cgroup.to_string()
+        }
+    };
+    rows.push(proto::Limit {
+        name: "memory_total".into(),
+        value: limits.pool_memory().to_string(),
+        enforcement: by_cgroup("memory limit"),
+    });
+    rows.push(proto::Limit {
+        name: "cpu".into(),
+        value: match limits.cpu {
+            Some(cores) => format!("{cores} cores"),
+            None => "no cap".into(),
+        },
+        enforcement: by_cgroup("CFS quota"),
+    });
+    rows.push(proto::Limit {
+        name: "pids".into(),
+        value: limits.pool_pids().to_string(),
+        enforcement: by_cgroup("pids limit"),
+    });
+    rows
+}
