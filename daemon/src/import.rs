@@ -101,14 +101,25 @@ pub async fn run(
 /// Manifests are a few KiB; this bounds what a wrong file costs.
 const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
-async fn import_manifest(
+/// One manifest of the folder, read: its spec (the component named by digest), the
+/// component's bytes when it names a file, and the hash of both, which tells whether it
+/// changed since it was last imported.
+struct Manifest {
+    spec: AppSpec,
+    component: String,
+    digest: Digest,
+    intake: Option<admission::Intake>,
+    source: String,
+}
+
+/// Reads the manifest at `path` (`file` names it in messages) and the component it names,
+/// both only if they are regular files inside the folder `dir`, within their bounds.
+async fn read_manifest(
     dir: &Path,
     path: &Path,
     file: &str,
-    store: &Arc<Store>,
-    reconciler: &Reconciler,
     limit: admission::Limit,
-) -> Result<String, String> {
+) -> Result<Manifest, String> {
     let inside = inside_folder(dir, path).map_err(|e| format!("{file}: {e}"))?;
     let text =
         regular_file::read_text(&inside, MAX_MANIFEST_BYTES).map_err(|e| format!("{file}: {e}"))?;
@@ -150,14 +161,37 @@ async fn import_manifest(
     table.insert("component".into(), digest.to_string().into());
     let manifest = toml::to_string(&table).map_err(|e| format!("{file}: {e}"))?;
     let spec = AppSpec::from_manifest(&manifest).map_err(|e| format!("{file}: {e}"))?;
-    let name = spec.name.clone();
 
     let mut hasher = Sha256::new();
     hasher.update(text.as_bytes());
     hasher.update([0]);
     hasher.update(digest.to_string().as_bytes());
     let source = hex::encode(hasher.finalize());
+    Ok(Manifest {
+        spec,
+        component,
+        digest,
+        intake,
+        source,
+    })
+}
 
+async fn import_manifest(
+    dir: &Path,
+    path: &Path,
+    file: &str,
+    store: &Arc<Store>,
+    reconciler: &Reconciler,
+    limit: admission::Limit,
+) -> Result<String, String> {
+    let Manifest {
+        spec,
+        component,
+        digest,
+        intake,
+        source,
+    } = read_manifest(dir, path, file, limit).await?;
+    let name = spec.name.clone();
     let (lookup_file, lookup_source) = (file.to_string(), source.clone());
     let previous = store
         .call(move |store| store.import_source(&lookup_file))

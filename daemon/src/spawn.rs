@@ -45,6 +45,9 @@ pub enum SpawnError {
     Died(ExitReason),
     #[error("the pool process did not finish loading within {0:?}")]
     Stuck(Duration),
+    /// The pool said something out of turn while loading (it is killed).
+    #[error("{0}")]
+    OutOfTurn(String),
 }
 
 /// Why a pool process ended.
@@ -460,6 +463,7 @@ impl Spawner {
 
     /// Starts a pool (on the spare when there is one) and waits until it has loaded the
     /// component.
+    // Over 100 lines: one start's steps in the order the protocol needs them, each a few lines.
     pub async fn launch(self: &Arc<Self>, launch: Launch<'_>) -> Result<Pool, SpawnError> {
         let app = launch.spec.name.clone();
         *self.last_start.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastStart {
@@ -514,23 +518,7 @@ impl Spawner {
                 return Err(error);
             }
         }
-        let (exit_sender, exited) = watch::channel(None);
-        let exits = launch.exits.clone();
-        let waited_app = app.clone();
-        tokio::spawn(async move {
-            let reason = match child.wait().await {
-                Ok(status) => ExitReason::of(status),
-                Err(_) => ExitReason::Code(-1),
-            };
-            let _ = exit_sender.send(Some(reason.clone()));
-            let _ = exits
-                .send(PoolExit {
-                    app: waited_app,
-                    pid,
-                    reason,
-                })
-                .await;
-        });
+        let exited = watch_exit(child, pid, app.clone(), launch.exits.clone());
 
         let start = ToPool::Start {
             spec: Box::new(launch.spec.clone()),
@@ -558,62 +546,19 @@ impl Spawner {
             protocol::send(&mut writer, &ToPool::Confined).await?;
         }
 
-        let first = tokio::time::timeout(LOAD_DEADLINE, async {
-            loop {
-                match protocol::receive::<_, FromPool>(&mut reader).await {
-                    Ok(Some(FromPool::Logs { lines })) => {
-                        forward(&launch.logs, &app, launch.generation, lines)
+        let allocator =
+            match await_loaded(&mut reader, &launch.logs, &app, launch.generation, &exited).await {
+                Ok(allocator) => allocator,
+                Err(error) => {
+                    if !matches!(error, SpawnError::Load(_) | SpawnError::Died(_)) {
+                        kill();
                     }
-                    other => return other,
+                    return Err(error);
                 }
-            }
-        })
-        .await;
-        let allocator = match first {
-            Ok(Ok(Some(FromPool::Loaded { allocator }))) => allocator,
-            Ok(Ok(Some(FromPool::Failed { error }))) => return Err(SpawnError::Load(error)),
-            Ok(Ok(Some(FromPool::Logs { .. }))) => unreachable!("log frames are forwarded above"),
-            Ok(Ok(Some(unasked @ (FromPool::Probed { .. } | FromPool::Draining)))) => {
-                kill();
-                return Err(SpawnError::Load(format!(
-                    "the pool sent {unasked:?} before it had loaded"
-                )));
-            }
-            Ok(Ok(None)) | Ok(Err(_)) => {
-                let mut exited = exited.clone();
-                let reason =
-                    tokio::time::timeout(Duration::from_secs(5), exited.wait_for(Option::is_some))
-                        .await
-                        .ok()
-                        .and_then(|r| r.ok().and_then(|r| r.clone()))
-                        .unwrap_or(ExitReason::Code(-1));
-                return Err(SpawnError::Died(reason));
-            }
-            Err(_) => {
-                kill();
-                return Err(SpawnError::Stuck(LOAD_DEADLINE));
-            }
-        };
+            };
 
-        let logs = Arc::clone(&launch.logs);
-        let generation = launch.generation;
-        let (probe_answers, probes) = mpsc::channel(1);
-        let (draining_sender, draining) = watch::channel(false);
-        tokio::spawn(async move {
-            loop {
-                match protocol::receive::<_, FromPool>(&mut reader).await {
-                    Ok(Some(FromPool::Logs { lines })) => forward(&logs, &app, generation, lines),
-                    Ok(Some(FromPool::Probed { status, error })) => {
-                        let _ = probe_answers.send((status, error)).await;
-                    }
-                    Ok(Some(FromPool::Draining)) => {
-                        let _ = draining_sender.send(true);
-                    }
-                    Ok(Some(other)) => tracing::warn!(?other, "unexpected message from a pool"),
-                    Ok(None) | Err(_) => return,
-                }
-            }
-        });
+        let (probes, draining) =
+            route_messages(reader, Arc::clone(&launch.logs), app, launch.generation);
         Ok(Pool {
             pid,
             allocator,
@@ -623,6 +568,93 @@ impl Spawner {
             draining,
         })
     }
+}
+
+/// Reports the pool's exit, when it comes, to the returned watch and to the reconciler.
+fn watch_exit(
+    mut child: tokio::process::Child,
+    pid: u32,
+    app: AppName,
+    exits: mpsc::Sender<PoolExit>,
+) -> watch::Receiver<Option<ExitReason>> {
+    let (exit_sender, exited) = watch::channel(None);
+    tokio::spawn(async move {
+        let reason = match child.wait().await {
+            Ok(status) => ExitReason::of(status),
+            Err(_) => ExitReason::Code(-1),
+        };
+        let _ = exit_sender.send(Some(reason.clone()));
+        let _ = exits.send(PoolExit { app, pid, reason }).await;
+    });
+    exited
+}
+
+/// Waits (up to `LOAD_DEADLINE`) for the pool to say it loaded, forwarding its log lines
+/// meanwhile; its allocator, or why it did not load. On `Stuck` or a message out of turn
+/// the caller kills the pool.
+async fn await_loaded(
+    reader: &mut tokio::net::unix::OwnedReadHalf,
+    logs: &LogHub,
+    app: &AppName,
+    generation: u64,
+    exited: &watch::Receiver<Option<ExitReason>>,
+) -> Result<String, SpawnError> {
+    let first = tokio::time::timeout(LOAD_DEADLINE, async {
+        loop {
+            match protocol::receive::<_, FromPool>(reader).await {
+                Ok(Some(FromPool::Logs { lines })) => forward(logs, app, generation, lines),
+                other => return other,
+            }
+        }
+    })
+    .await;
+    match first {
+        Ok(Ok(Some(FromPool::Loaded { allocator }))) => Ok(allocator),
+        Ok(Ok(Some(FromPool::Failed { error }))) => Err(SpawnError::Load(error)),
+        Ok(Ok(Some(FromPool::Logs { .. }))) => unreachable!("log frames are forwarded above"),
+        Ok(Ok(Some(unasked @ (FromPool::Probed { .. } | FromPool::Draining)))) => Err(
+            SpawnError::OutOfTurn(format!("the pool sent {unasked:?} before it had loaded")),
+        ),
+        Ok(Ok(None)) | Ok(Err(_)) => {
+            let mut exited = exited.clone();
+            let reason =
+                tokio::time::timeout(Duration::from_secs(5), exited.wait_for(Option::is_some))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok().and_then(|r| r.clone()))
+                    .unwrap_or(ExitReason::Code(-1));
+            Err(SpawnError::Died(reason))
+        }
+        Err(_) => Err(SpawnError::Stuck(LOAD_DEADLINE)),
+    }
+}
+
+/// Reads a loaded pool's messages for as long as it runs: log lines to the log pipeline,
+/// health-check answers and the drain acknowledgement to the returned channels.
+fn route_messages(
+    mut reader: tokio::net::unix::OwnedReadHalf,
+    logs: Arc<LogHub>,
+    app: AppName,
+    generation: u64,
+) -> (mpsc::Receiver<(Option<u16>, String)>, watch::Receiver<bool>) {
+    let (probe_answers, probes) = mpsc::channel(1);
+    let (draining_sender, draining) = watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            match protocol::receive::<_, FromPool>(&mut reader).await {
+                Ok(Some(FromPool::Logs { lines })) => forward(&logs, &app, generation, lines),
+                Ok(Some(FromPool::Probed { status, error })) => {
+                    let _ = probe_answers.send((status, error)).await;
+                }
+                Ok(Some(FromPool::Draining)) => {
+                    let _ = draining_sender.send(true);
+                }
+                Ok(Some(other)) => tracing::warn!(?other, "unexpected message from a pool"),
+                Ok(None) | Err(_) => return,
+            }
+        }
+    });
+    (probes, draining)
 }
 
 fn forward(logs: &LogHub, app: &AppName, generation: u64, lines: Vec<protocol::LogChunk>) {

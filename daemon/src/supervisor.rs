@@ -12,7 +12,7 @@ use crate::store::Store;
 use crate::systemd;
 use anyhow::Context as _;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
@@ -31,16 +31,8 @@ pub async fn run(
     control::check_socket_free(&socket)?;
     let pool_user = config.pool_user()?;
     tracing::info!("pools run as {}", pool_user.description);
-    std::fs::create_dir_all(&config.state_dir).with_context(|| {
-        format!(
-            "cannot create the state directory {}",
-            config.state_dir.display()
-        )
-    })?;
-    std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o750))
-        .with_context(|| format!("cannot set permissions on {}", config.state_dir.display()))?;
     let db = config.state_dir.join("cairn.db");
-    let store = Arc::new(Store::open(&db)?);
+    let store = open_store(&config.state_dir, &db)?;
     let compiler = Compiler::new();
     let outbox = config.upstream.as_ref().map(|upstream| {
         (
@@ -52,19 +44,7 @@ pub async fn run(
         )
     });
     let logs = LogHub::start(Arc::clone(&store), config.log_lines_per_app, outbox);
-    let cgroup_parent = config
-        .cgroup_parent
-        .clone()
-        .unwrap_or_else(crate::limits::default_parent);
-    let cgroups = Arc::new(Cgroups::detect(
-        &cgroup_parent,
-        &PoolLimits {
-            memory: config.total_memory.map(|m| m.0),
-            cpu: config.total_cpu,
-            pids: None,
-        },
-    ));
-    tracing::info!("resource limits {}", cgroups.describe());
+    let cgroups = Arc::new(cgroups(&config));
     let reconciler = Reconciler::start(
         Arc::clone(&store),
         Arc::clone(&compiler),
@@ -121,6 +101,50 @@ pub async fn run(
     tracing::info!(socket = %socket.display(), state = %db.display(), "{summary}");
     systemd::ready(&summary);
 
+    serve_until_signal(&reconciler).await?;
+
+    tracing::info!("stopping: draining requests in flight");
+    systemd::stopping();
+    stop_control.cancel();
+    reconciler.shutdown().await;
+    cgroups.remove_parent();
+    let _ = tokio::time::timeout(Duration::from_secs(5), control_server).await;
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The state directory (made, mode 0750) and the store in it.
+fn open_store(state_dir: &Path, db: &Path) -> anyhow::Result<Arc<Store>> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("cannot create the state directory {}", state_dir.display()))?;
+    std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o750))
+        .with_context(|| format!("cannot set permissions on {}", state_dir.display()))?;
+    Ok(Arc::new(Store::open(db)?))
+}
+
+/// How limits are enforced here: the configured (or default) parent cgroup with the caps
+/// for all apps together.
+fn cgroups(config: &Config) -> Cgroups {
+    let parent = config
+        .cgroup_parent
+        .clone()
+        .unwrap_or_else(crate::limits::default_parent);
+    let cgroups = Cgroups::detect(
+        &parent,
+        &PoolLimits {
+            memory: config.total_memory.map(|m| m.0),
+            cpu: config.total_cpu,
+            pids: None,
+        },
+    );
+    tracing::info!("resource limits {}", cgroups.describe());
+    cgroups
+}
+
+/// The main loop, until SIGTERM or SIGINT: the watchdog and status line on one tick, retries
+/// of failed apps on another.
+async fn serve_until_signal(reconciler: &Arc<Reconciler>) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     // The watchdog is fed from this loop alone: its pings say the supervisor's runtime and
@@ -133,27 +157,17 @@ pub async fn run(
     retry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
             _ = watchdog_tick.tick() => {
                 if watchdog.is_some() {
                     systemd::watchdog();
                 }
-                systemd::status(&status_line(&reconciler).await);
+                systemd::status(&status_line(reconciler).await);
             }
             _ = retry_tick.tick() => reconciler.retry_failed(),
         }
     }
-
-    tracing::info!("stopping: draining requests in flight");
-    systemd::stopping();
-    stop_control.cancel();
-    reconciler.shutdown().await;
-    cgroups.remove_parent();
-    let _ = tokio::time::timeout(Duration::from_secs(5), control_server).await;
-    let _ = std::fs::remove_file(&socket);
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// The one-line summary systemd shows. Idle apps count as serving (their next connection

@@ -143,7 +143,7 @@ async fn serve(
     counters: OwnedFd,
 ) -> anyhow::Result<i32> {
     control.set_nonblocking(true)?;
-    let (mut reader, mut writer) = tokio::net::UnixStream::from_std(control)?.into_split();
+    let (mut reader, writer) = tokio::net::UnixStream::from_std(control)?.into_split();
     let counters = Arc::new(Counters::map(counters)?);
 
     let ToPool::Start {
@@ -160,40 +160,9 @@ async fn serve(
     let code = std::fs::File::from(code);
 
     // One writer task owns the socket's sending half; everything else queues to it.
-    let (outgoing, mut queue) = mpsc::channel::<FromPool>(64);
-    let (log_sender, mut log_queue) = mpsc::channel::<LogChunk>(LOG_QUEUE);
-    let writer_task = tokio::spawn(async move {
-        loop {
-            let message = tokio::select! {
-                biased;
-                message = queue.recv() => match message {
-                    Some(message) => message,
-                    None => break,
-                },
-                Some(first) = log_queue.recv() => {
-                    let mut lines = vec![first];
-                    while lines.len() < 256 {
-                        match log_queue.try_recv() {
-                            Ok(line) => lines.push(line),
-                            Err(_) => break,
-                        }
-                    }
-                    FromPool::Logs { lines }
-                }
-            };
-            if protocol::send(&mut writer, &message).await.is_err() {
-                break;
-            }
-        }
-        // Flush what is left of the logs before the socket closes.
-        let mut lines = Vec::new();
-        while let Ok(line) = log_queue.try_recv() {
-            lines.push(line);
-        }
-        if !lines.is_empty() {
-            let _ = protocol::send(&mut writer, &FromPool::Logs { lines }).await;
-        }
-    });
+    let (outgoing, queue) = mpsc::channel::<FromPool>(64);
+    let (log_sender, log_queue) = mpsc::channel::<LogChunk>(LOG_QUEUE);
+    let writer_task = tokio::spawn(write_messages(writer, queue, log_queue));
 
     let reporter = reporter(log_sender, Arc::clone(&counters));
     let env: Vec<(String, String)> = spec
@@ -237,9 +206,115 @@ async fn serve(
 
     // Before serving: health checks on request, then Serve (or Drain, if the supervisor
     // decided against this generation).
+    if !told_to_serve(
+        &mut reader,
+        &outgoing,
+        &serving,
+        serve_at_once,
+        confined_at_start,
+    )
+    .await?
+    {
+        drop(outgoing);
+        let _ = writer_task.await;
+        return Ok(0);
+    }
+    tracing::debug!(app = %spec.name, generation, "pool serving");
+    let exit_code = accept_until_told(listener, &serving, &mut reader, &outgoing, &spec).await?;
+    drop(outgoing);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+    Ok(exit_code)
+}
+
+/// Accepts and serves on `listener` until the supervisor says to drain (or goes away), or
+/// the app has been idle for its idle time; then drains. Returns the exit code.
+async fn accept_until_told(
+    listener: OwnedFd,
+    serving: &Arc<Serving>,
+    reader: &mut tokio::net::unix::OwnedReadHalf,
+    outgoing: &mpsc::Sender<FromPool>,
+    spec: &crate::spec::AppSpec,
+) -> anyhow::Result<i32> {
+    let listener = std::net::TcpListener::from(listener);
+    listener.set_nonblocking(true)?;
+    let mut server = HttpServer::start(
+        tokio::net::TcpListener::from_std(listener)?,
+        Arc::clone(serving),
+    );
+
+    let idle = spec.limits.idle.map(|idle| idle.0);
+    let (grace, exit_code) = loop {
+        tokio::select! {
+            message = protocol::receive(reader) => match message {
+                Ok(Some(ToPool::Drain { grace_ms })) => {
+                    // Say so once nothing new can arrive here: the supervisor returns a
+                    // deploy only then, so a request after it reaches the new generation.
+                    server.stop_accepting().await;
+                    outgoing.send(FromPool::Draining).await?;
+                    break (Duration::from_millis(grace_ms), 0);
+                }
+                Ok(Some(other)) => tracing::warn!(?other, "ignored while serving"),
+                // The supervisor is gone: stop soon rather than serve unsupervised.
+                Ok(None) | Err(_) => break (Duration::from_secs(1), 0),
+            },
+            _ = idle_for(idle, serving) => break (Duration::from_secs(1), protocol::IDLE_EXIT),
+        }
+    };
+    server.shutdown(grace).await;
+    Ok(exit_code)
+}
+
+/// The one task that owns the control socket's sending half: messages first, log lines
+/// batched behind them, and what is left of the logs flushed before the socket closes.
+async fn write_messages(
+    mut writer: tokio::net::unix::OwnedWriteHalf,
+    mut queue: mpsc::Receiver<FromPool>,
+    mut log_queue: mpsc::Receiver<LogChunk>,
+) {
+    loop {
+        let message = tokio::select! {
+            biased;
+            message = queue.recv() => match message {
+                Some(message) => message,
+                None => break,
+            },
+            Some(first) = log_queue.recv() => {
+                let mut lines = vec![first];
+                while lines.len() < 256 {
+                    match log_queue.try_recv() {
+                        Ok(line) => lines.push(line),
+                        Err(_) => break,
+                    }
+                }
+                FromPool::Logs { lines }
+            }
+        };
+        if protocol::send(&mut writer, &message).await.is_err() {
+            break;
+        }
+    }
+    // Flush what is left of the logs before the socket closes.
+    let mut lines = Vec::new();
+    while let Ok(line) = log_queue.try_recv() {
+        lines.push(line);
+    }
+    if !lines.is_empty() {
+        let _ = protocol::send(&mut writer, &FromPool::Logs { lines }).await;
+    }
+}
+
+/// Waits, before serving, until the supervisor says to serve and the pool is in its cgroup,
+/// answering health checks meanwhile. False: told to drain instead (or the supervisor left).
+async fn told_to_serve(
+    reader: &mut tokio::net::unix::OwnedReadHalf,
+    outgoing: &mpsc::Sender<FromPool>,
+    serving: &Serving,
+    serve_at_once: bool,
+    confined_at_start: bool,
+) -> anyhow::Result<bool> {
     let (mut told_to_serve, mut confined) = (serve_at_once, confined_at_start);
     while !(told_to_serve && confined) {
-        match protocol::receive(&mut reader).await? {
+        match protocol::receive(reader).await? {
             Some(ToPool::Confined) => confined = true,
             Some(ToPool::Probe { .. }) if !confined => {
                 anyhow::bail!("asked to run guest code before the pool was in its cgroup")
@@ -253,45 +328,12 @@ async fn serve(
                 outgoing.send(FromPool::Probed { status, error }).await?;
             }
             Some(ToPool::Serve) => told_to_serve = true,
-            Some(ToPool::Drain { .. }) | None => {
-                drop(outgoing);
-                let _ = writer_task.await;
-                return Ok(0);
-            }
+            Some(ToPool::Drain { .. }) | None => return Ok(false),
             Some(ToPool::Start { .. }) => anyhow::bail!("Start sent twice"),
             Some(ToPool::Prepare { .. }) => anyhow::bail!("Prepare sent after Start"),
         }
     }
-    let listener = std::net::TcpListener::from(listener);
-    listener.set_nonblocking(true)?;
-    let mut server = HttpServer::start(
-        tokio::net::TcpListener::from_std(listener)?,
-        Arc::clone(&serving),
-    );
-    tracing::debug!(app = %spec.name, generation, "pool serving");
-
-    let idle = spec.limits.idle.map(|idle| idle.0);
-    let (grace, exit_code) = loop {
-        tokio::select! {
-            message = protocol::receive(&mut reader) => match message {
-                Ok(Some(ToPool::Drain { grace_ms })) => {
-                    // Say so once nothing new can arrive here: the supervisor returns a
-                    // deploy only then, so a request after it reaches the new generation.
-                    server.stop_accepting().await;
-                    outgoing.send(FromPool::Draining).await?;
-                    break (Duration::from_millis(grace_ms), 0);
-                }
-                Ok(Some(other)) => tracing::warn!(?other, "ignored while serving"),
-                // The supervisor is gone: stop soon rather than serve unsupervised.
-                Ok(None) | Err(_) => break (Duration::from_secs(1), 0),
-            },
-            _ = idle_for(idle, &serving) => break (Duration::from_secs(1), protocol::IDLE_EXIT),
-        }
-    };
-    server.shutdown(grace).await;
-    drop(outgoing);
-    let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
-    Ok(exit_code)
+    Ok(true)
 }
 
 /// Names this process after its app where `top` and `ps -o comm` look (the kernel keeps 15

@@ -10,10 +10,18 @@ use super::listen::bind_patiently;
 use super::views::{view, AppView};
 use super::{new_counters, oom_kills, ReconcileError, Reconciler};
 use crate::spawn::{Pool, Start};
-use crate::spec::AppSpec;
+use crate::spec::{AppName, AppSpec};
 use crate::store::{now_unix, Owner};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// What a generation runs with (see `Reconciler::resources`).
+struct Resources {
+    listener: Arc<std::net::TcpListener>,
+    counters: Arc<crate::counters::Counters>,
+    cgroup: Option<crate::limits::AppCgroup>,
+    fresh_cgroup: bool,
+}
 
 impl Reconciler {
     /// Starts a pool for `spec` (binding its address unless this app already listens there),
@@ -29,44 +37,14 @@ impl Reconciler {
         let name = spec.name.clone();
         let next_generation = match existing {
             Some(generation) => generation,
-            None => {
-                let app = name.clone();
-                self.store
-                    .call(move |store| {
-                        Ok(store
-                            .generations(&app)?
-                            .last()
-                            .map(|g| g.generation)
-                            .unwrap_or(0)
-                            + 1)
-                    })
-                    .await?
-            }
+            None => self.next_generation(&name).await?,
         };
-        let (reusable, counters, existing_cgroup) = lock
-            .running(|r| {
-                let reusable = r
-                    .listener
-                    .as_ref()
-                    .filter(|l| l.local_addr().ok() == Some(spec.http.listen))
-                    .cloned();
-                (reusable, Some(Arc::clone(&r.counters)), r.cgroup.clone())
-            })
-            .unwrap_or((None, None, None));
-        let listener = match reusable {
-            Some(listener) => listener,
-            None => Arc::new(bind_patiently(spec.http.listen, Duration::ZERO).await?),
-        };
-        let counters = match counters {
-            Some(counters) => counters,
-            None => Arc::new(new_counters(&name)?),
-        };
-        // An app new to this daemon gets its cgroup now (removed again if the deploy fails); an
-        // existing one keeps its cgroup, whose limits change once the generation is recorded.
-        let (cgroup, fresh_cgroup) = match existing_cgroup {
-            Some(cgroup) => (Some(cgroup), false),
-            None => (self.app_cgroup(&spec)?, true),
-        };
+        let Resources {
+            listener,
+            counters,
+            cgroup,
+            fresh_cgroup,
+        } = self.resources(lock, &spec).await?;
         let prepared = self
             .prepare(
                 &spec,
@@ -110,45 +88,28 @@ impl Reconciler {
         );
         let (app_view, previous) = lock.with(|slot| {
             let previous = slot.running.take();
-            let running = Running {
-                owner,
-                generation,
-                spec,
-                allocator: pool.allocator.clone(),
-                state: State::Running {
-                    pool,
-                    since: Instant::now(),
+            let running = successor(
+                previous.as_ref(),
+                Running {
+                    owner,
+                    generation,
+                    spec,
+                    allocator: pool.allocator.clone(),
+                    state: State::Running {
+                        pool,
+                        since: Instant::now(),
+                    },
+                    listener: Some(listener),
+                    counters,
+                    started_unix: now_unix(),
+                    restarts: 0,
+                    failures: Failures::default(),
+                    last_exit: String::new(),
+                    oom_kills_seen: oom_kills(cgroup.as_ref()),
+                    cgroup,
+                    last_good: None,
                 },
-                listener: Some(listener),
-                counters,
-                started_unix: now_unix(),
-                restarts: previous.as_ref().map(|p| p.restarts).unwrap_or(0),
-                failures: Failures::default(),
-                last_exit: previous
-                    .as_ref()
-                    .map(|p| p.last_exit.clone())
-                    .unwrap_or_default(),
-                // A pool start may have given the app a new cgroup (a spare's, renamed into
-                // place), whose count starts again.
-                oom_kills_seen: {
-                    let now = oom_kills(cgroup.as_ref());
-                    previous.as_ref().map_or(now, |p| p.oom_kills_seen.min(now))
-                },
-                cgroup,
-                // The generation this one replaces served well if it was serving (or idle) and
-                // not in a crashloop; otherwise keep the one it remembered.
-                last_good: previous.as_ref().and_then(|p| {
-                    let served = matches!(
-                        p.state,
-                        State::Running { .. } | State::Idle { .. } | State::Starting { .. }
-                    ) && !p.failures.crashloop;
-                    if served {
-                        Some(p.generation)
-                    } else {
-                        p.last_good
-                    }
-                }),
-            };
+            );
             let app_view = view(&name, &running);
             slot.running = Some(running);
             (app_view, previous)
@@ -165,6 +126,57 @@ impl Reconciler {
             tokio::spawn(async move { old.finish(drain, asked).await });
         }
         Ok((app_view, false))
+    }
+
+    /// The number a new generation of `app` gets: one more than the last recorded.
+    async fn next_generation(&self, app: &AppName) -> Result<u64, ReconcileError> {
+        let app = app.clone();
+        Ok(self
+            .store
+            .call(move |store| {
+                Ok(store
+                    .generations(&app)?
+                    .last()
+                    .map(|g| g.generation)
+                    .unwrap_or(0)
+                    + 1)
+            })
+            .await?)
+    }
+
+    /// What a generation of `spec` runs with: the app's listener (reused if it listens on the
+    /// same address, else bound now), its counters, and its cgroup. An app new to this daemon
+    /// gets its cgroup now (`fresh_cgroup`: removed again if the deploy fails); an existing
+    /// one keeps its cgroup, whose limits change once the generation is recorded.
+    async fn resources(&self, lock: &AppLock, spec: &AppSpec) -> Result<Resources, ReconcileError> {
+        let (reusable, counters, existing_cgroup) = lock
+            .running(|r| {
+                let reusable = r
+                    .listener
+                    .as_ref()
+                    .filter(|l| l.local_addr().ok() == Some(spec.http.listen))
+                    .cloned();
+                (reusable, Some(Arc::clone(&r.counters)), r.cgroup.clone())
+            })
+            .unwrap_or((None, None, None));
+        let listener = match reusable {
+            Some(listener) => listener,
+            None => Arc::new(bind_patiently(spec.http.listen, Duration::ZERO).await?),
+        };
+        let counters = match counters {
+            Some(counters) => counters,
+            None => Arc::new(new_counters(&spec.name)?),
+        };
+        let (cgroup, fresh_cgroup) = match existing_cgroup {
+            Some(cgroup) => (Some(cgroup), false),
+            None => (self.app_cgroup(spec)?, true),
+        };
+        Ok(Resources {
+            listener,
+            counters,
+            cgroup,
+            fresh_cgroup,
+        })
     }
 
     /// Starts the generation's pool (one proving instance), runs its health check and records
@@ -235,5 +247,32 @@ impl Reconciler {
                 Err(error.into())
             }
         }
+    }
+}
+
+/// `next`, the app's new generation, with what it keeps of the `previous` one: its restart
+/// count and last exit, the OOM kills already seen, and which generation last served well.
+fn successor(previous: Option<&Running>, next: Running) -> Running {
+    let Some(previous) = previous else {
+        return next;
+    };
+    // The generation replaced served well if it was serving (or idle) and not in a crashloop;
+    // otherwise keep the one it remembered.
+    let served = matches!(
+        previous.state,
+        State::Running { .. } | State::Idle { .. } | State::Starting { .. }
+    ) && !previous.failures.crashloop;
+    Running {
+        restarts: previous.restarts,
+        last_exit: previous.last_exit.clone(),
+        // A pool start may have given the app a new cgroup (a spare's, renamed into place),
+        // whose count starts again.
+        oom_kills_seen: previous.oom_kills_seen.min(next.oom_kills_seen),
+        last_good: if served {
+            Some(previous.generation)
+        } else {
+            previous.last_good
+        },
+        ..next
     }
 }
