@@ -204,10 +204,11 @@ impl Default for Config {
 }
 
 impl Config {
-    pub fn load(path: &Path) -> anyhow::Result<Config> {
-        let table = read_table(path).map_err(anyhow::Error::msg)?;
-        Config::from_table(table)
-            .map_err(|e| anyhow::anyhow!("the config file {} is not valid: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::from_table(read_table(path)?).map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })
     }
 
     /// Lays the TOML file `overlay` over the config file `base` (or the defaults): tables merge
@@ -217,17 +218,16 @@ impl Config {
     pub fn load_with_overlay(
         base: Option<&Path>,
         overlay: &Path,
-    ) -> anyhow::Result<(Config, Result<(), String>)> {
+    ) -> Result<(Config, Result<(), ConfigError>), ConfigError> {
         let base_table = match base {
-            Some(path) => read_table(path).map_err(anyhow::Error::msg)?,
+            Some(path) => read_table(path)?,
             None => toml::Table::new(),
         };
-        let base_config = Config::from_table(base_table.clone()).map_err(|e| {
-            anyhow::anyhow!(
-                "the config file {} is not valid: {e}",
-                base.map(|p| p.display().to_string()).unwrap_or_default()
-            )
-        })?;
+        let base_config =
+            Config::from_table(base_table.clone()).map_err(|message| ConfigError::Invalid {
+                path: base.map(Path::to_path_buf).unwrap_or_default(),
+                message,
+            })?;
         let overlay_table = match read_table(overlay) {
             Ok(table) => table,
             Err(problem) => return Ok((base_config, Err(problem))),
@@ -235,25 +235,27 @@ impl Config {
         if overlay_table.contains_key("import_dir") {
             return Ok((
                 base_config,
-                Err(format!(
-                    "{}: `import_dir` cannot be set from the import folder itself; remove it",
-                    overlay.display()
-                )),
+                Err(ConfigError::ImportDirInOverlay {
+                    path: overlay.to_path_buf(),
+                }),
             ));
         }
         let mut merged = base_table;
         merge(&mut merged, overlay_table);
         match Config::from_table(merged) {
             Ok(config) => Ok((config, Ok(()))),
-            Err(e) => Ok((
+            Err(message) => Ok((
                 base_config,
-                Err(format!("{} is not valid: {e}", overlay.display())),
+                Err(ConfigError::Invalid {
+                    path: overlay.to_path_buf(),
+                    message,
+                }),
             )),
         }
     }
 
     /// Parses and checks what types alone cannot (the trusted keys), so a config that loads is
-    /// one the daemon can start with.
+    /// one the daemon can start with. The error is the parser's or the check's message.
     fn from_table(table: toml::Table) -> Result<Config, String> {
         let config: Config = toml::Value::Table(table)
             .try_into()
@@ -275,20 +277,34 @@ impl Config {
 /// A config file is a few KiB; this bounds what a wrong path (a device, a log) costs.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
+/// Why a config file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file: {0}")]
+    Read(#[from] crate::regular_file::FileError),
+    #[error("the config file {} is not valid TOML: {message}{line}", path.display())]
+    Syntax {
+        path: PathBuf,
+        message: String,
+        /// ` (line N)`, where the parser knew it.
+        line: String,
+    },
+    #[error("the config file {} is not valid: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+    #[error("{}: `import_dir` cannot be set from the import folder itself; remove it", path.display())]
+    ImportDirInOverlay { path: PathBuf },
+}
+
 /// Reads a TOML file into a table; the error names the file and, for syntax, the line.
-fn read_table(path: &Path) -> Result<toml::Table, String> {
-    let text = crate::regular_file::read_text(path, MAX_CONFIG_BYTES)
-        .map_err(|e| format!("config file: {e}"))?;
-    toml::from_str(&text).map_err(|e: toml::de::Error| {
-        let line = e
+fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = crate::regular_file::read_text(path, MAX_CONFIG_BYTES)?;
+    toml::from_str(&text).map_err(|e: toml::de::Error| ConfigError::Syntax {
+        path: path.to_path_buf(),
+        message: e.message().to_string(),
+        line: e
             .span()
             .map(|span| format!(" (line {})", text[..span.start].lines().count().max(1)))
-            .unwrap_or_default();
-        format!(
-            "the config file {} is not valid TOML: {}{line}",
-            path.display(),
-            e.message()
-        )
+            .unwrap_or_default(),
     })
 }
 
@@ -348,21 +364,25 @@ mod tests {
         let (config, outcome) = Config::load_with_overlay(Some(&base), &overlay).unwrap();
         let problem = outcome.unwrap_err();
         assert!(
-            problem.contains("not valid TOML") && problem.contains("line 1"),
+            matches!(&problem, ConfigError::Syntax { line, .. } if line == " (line 1)"),
             "{problem}"
         );
         assert!(config.upstream.unwrap().device.is_none());
 
         std::fs::write(&overlay, "[upstream]\ntrusted_keys = []\n").unwrap();
         let (config, outcome) = Config::load_with_overlay(Some(&base), &overlay).unwrap();
-        let problem = outcome.unwrap_err();
+        let problem = outcome.unwrap_err().to_string();
         assert!(problem.contains("trusted_keys is empty"), "{problem}");
         assert_eq!(config.upstream.unwrap().trusted_keys, vec![KEY.to_string()]);
 
         std::fs::write(&overlay, "drain_timeout = \"soon\"\n").unwrap();
         let (config, outcome) = Config::load_with_overlay(Some(&base), &overlay).unwrap();
         let problem = outcome.unwrap_err();
-        assert!(problem.contains("overlay.toml is not valid"), "{problem}");
+        assert!(matches!(problem, ConfigError::Invalid { .. }), "{problem}");
+        assert!(
+            problem.to_string().contains("overlay.toml is not valid"),
+            "{problem}"
+        );
         assert_eq!(config.drain_timeout.0, Duration::from_secs(3));
     }
 

@@ -34,7 +34,7 @@ pub struct ImportReport {
 /// there was none), decided before the daemon started.
 pub async fn run(
     dir: &Path,
-    overlay: Option<Result<(), String>>,
+    overlay: Option<Result<(), crate::config::ConfigError>>,
     store: &Arc<Store>,
     reconciler: &Reconciler,
     max_component_size: u64,

@@ -26,7 +26,7 @@ const LOOP_PERIOD: Duration = Duration::from_secs(10);
 pub async fn run(
     config: Config,
     socket: PathBuf,
-    overlay: Option<Result<(), String>>,
+    overlay: Option<Result<(), crate::config::ConfigError>>,
 ) -> anyhow::Result<()> {
     control::check_socket_free(&socket)?;
     let pool_user = config.pool_user()?;

@@ -30,22 +30,33 @@ const LOG_QUEUE: usize = 4096;
 /// Gives up every privilege the pool does not need, first thing, while the process has one
 /// thread: no new privileges ever (no setuid binaries, no file capabilities), and when started
 /// as root, the unprivileged user and group the supervisor chose, with no supplementary groups.
-fn drop_privileges(ids: Option<(u32, u32)>) -> Result<(), String> {
-    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("cannot set no_new_privs: {e}"))?;
+fn drop_privileges(ids: Option<(u32, u32)>) -> Result<(), PrivilegeError> {
+    let failed = |step: &'static str| move |errno| PrivilegeError::Failed { step, errno };
+    nix::sys::prctl::set_no_new_privs().map_err(failed("set no_new_privs"))?;
     if let Some((uid, gid)) = ids {
         let (uid, gid) = (
             nix::unistd::Uid::from_raw(uid),
             nix::unistd::Gid::from_raw(gid),
         );
-        nix::unistd::setgroups(&[])
-            .map_err(|e| format!("cannot drop supplementary groups: {e}"))?;
-        nix::unistd::setgid(gid).map_err(|e| format!("cannot switch to gid {gid}: {e}"))?;
-        nix::unistd::setuid(uid).map_err(|e| format!("cannot switch to uid {uid}: {e}"))?;
+        nix::unistd::setgroups(&[]).map_err(failed("drop supplementary groups"))?;
+        nix::unistd::setgid(gid).map_err(failed("switch to the pool's gid"))?;
+        nix::unistd::setuid(uid).map_err(failed("switch to the pool's uid"))?;
         if nix::unistd::setuid(nix::unistd::Uid::from_raw(0)).is_ok() {
-            return Err("root could be regained after dropping it".into());
+            return Err(PrivilegeError::RootRegained);
         }
     }
     Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PrivilegeError {
+    #[error("cannot {step}: {errno}")]
+    Failed {
+        step: &'static str,
+        errno: nix::errno::Errno,
+    },
+    #[error("root could be regained after dropping it")]
+    RootRegained,
 }
 
 /// Runs the pool; returns the process exit code.

@@ -91,19 +91,25 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE compiled ADD COLUMN facts TEXT;",
 ];
 
-pub fn run(connection: &mut Connection) -> Result<(), String> {
-    run_sql(connection).map_err(|e| e.to_string())?
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(
+        "the database is at schema version {found}, newer than this cairnd knows ({known}); \
+         run a cairnd at least as new as the one that last wrote it"
+    )]
+    Newer { found: usize, known: usize },
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
 }
 
-fn run_sql(connection: &mut Connection) -> rusqlite::Result<Result<(), String>> {
+pub fn run(connection: &mut Connection) -> Result<(), MigrationError> {
     let applied: usize =
         connection.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize;
     if applied > MIGRATIONS.len() {
-        return Ok(Err(format!(
-            "the database is at schema version {applied}, newer than this cairnd knows ({}); \
-             run a cairnd at least as new as the one that last wrote it",
-            MIGRATIONS.len()
-        )));
+        return Err(MigrationError::Newer {
+            found: applied,
+            known: MIGRATIONS.len(),
+        });
     }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
         let transaction = connection.transaction()?;
@@ -111,7 +117,7 @@ fn run_sql(connection: &mut Connection) -> rusqlite::Result<Result<(), String>> 
         transaction.pragma_update(None, "user_version", (index + 1) as i64)?;
         transaction.commit()?;
     }
-    Ok(Ok(()))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -129,6 +135,13 @@ mod tests {
         assert_eq!(version as usize, MIGRATIONS.len());
         connection.pragma_update(None, "user_version", 999).unwrap();
         let err = run(&mut connection).unwrap_err();
-        assert!(err.contains("newer than this cairnd knows"), "{err}");
+        assert!(
+            matches!(err, MigrationError::Newer { found: 999, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("newer than this cairnd knows"),
+            "{err}"
+        );
     }
 }
