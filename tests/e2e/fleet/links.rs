@@ -1,0 +1,243 @@
+//! The lattice over links that break or need credentials: a download cut halfway, TLS with
+//! a private CA and a password.
+
+use super::*;
+use cairn_tests::custom_section;
+
+/// The hello component with `pad` bytes of custom section appended: still a valid component
+/// that serves, with a new digest and a download that takes a while.
+fn padded_hello(dir: &Path, pad: usize) -> PathBuf {
+    let mut bytes = std::fs::read(component("hello")).unwrap();
+    bytes.extend(custom_section("cairn-test-padding", pad, 0x5a));
+    let path = dir.join("hello-padded.wasm");
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn blob_in_store(daemon: &Daemon, digest: &str) -> Option<Vec<u8>> {
+    let db = rusqlite::Connection::open_with_flags(
+        daemon.database(),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    db.query_row(
+        "SELECT data FROM blobs WHERE digest = ?1",
+        [digest],
+        |row| row.get(0),
+    )
+    .ok()
+}
+
+#[test]
+fn a_download_cut_halfway_leaves_nothing_and_completes_after_the_link_returns() {
+    let Some(mut lattice) = Lattice::start(
+        "a_download_cut_halfway_leaves_nothing_and_completes_after_the_link_returns",
+    ) else {
+        return;
+    };
+    const PAD: usize = 96 << 20;
+    let big = padded_hello(lattice.dir.path(), PAD);
+    let url = lattice.nats.url();
+    let digest = fleet_ok(&["upload", "--nats", &url, big.to_str().unwrap()])
+        .trim()
+        .to_string();
+    let daemon = Daemon::start_with(Some(&lattice.device_config("edge-5")), &[]);
+    wait_for("the device to connect", Duration::from_secs(30), || {
+        lattice.nats.bytes_sent_to("cairnd edge-5").is_some()
+    })
+    .unwrap();
+    let before = lattice.nats.bytes_sent_to("cairnd edge-5").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let published = lattice.publish_component(
+        &lattice.key,
+        "edge-5",
+        &digest,
+        "big",
+        &listen,
+        "big",
+        "30d",
+    );
+    assert_eq!(published.code, 0, "{}", published.stderr);
+
+    // Cut the link once a few MiB of the artifact have gone down, well short of all of it.
+    wait_for(
+        "the artifact download to be under way",
+        Duration::from_secs(30),
+        || {
+            lattice
+                .nats
+                .bytes_sent_to("cairnd edge-5")
+                .is_some_and(|sent| sent > before + (4 << 20))
+        },
+    )
+    .unwrap();
+    let sent = lattice.nats.bytes_sent_to("cairnd edge-5").unwrap_or(0) - before;
+    lattice.nats.stop();
+    assert!(
+        sent < PAD as u64,
+        "the whole artifact ({PAD} bytes) was sent before the cut ({sent} bytes): not a cut halfway"
+    );
+    wait_for("the device to notice", Duration::from_secs(30), || {
+        sync_status(&daemon)["state"] == "offline"
+    })
+    .unwrap();
+    assert!(
+        blob_in_store(&daemon, &digest).is_none(),
+        "an artifact entered the store although the link was cut after {sent} bytes"
+    );
+    let components = daemon.ctl(&["-o", "json", "components"]).json();
+    assert!(!components.to_string().contains(&digest), "{components}");
+    assert!(daemon
+        .ctl(&["-o", "json", "ls"])
+        .json()
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // The link returns: the download starts over and the app serves the whole artifact.
+    lattice.nats.restart();
+    daemon.ctl_ok(&["sync", "now"]);
+    wait_greeting(listen.parse().unwrap(), "big");
+    let stored = blob_in_store(&daemon, &digest).expect("the artifact is in the store");
+    assert_eq!(stored, std::fs::read(&big).unwrap());
+    assert_eq!(daemon.app_status("big")["digest"], digest.as_str());
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in `dir`: (CA
+/// certificate, server certificate, server key).
+fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "cairn test CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let mut server_params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    server_params
+        .distinguished_name
+        .push(DnType::CommonName, "cairn test lattice");
+    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server = server_params.signed_by(&server_key, &ca, &ca_key).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, server.pem()).unwrap();
+    std::fs::write(&paths.2, server_key.serialize_pem()).unwrap();
+    paths
+}
+
+#[test]
+fn a_device_syncs_over_tls_with_a_password_and_says_why_it_is_refused() {
+    let test = "a_device_syncs_over_tls_with_a_password_and_says_why_it_is_refused";
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = tls_files(dir.path());
+    // TLS for every client; the device logs in, the operator's tools get the no-auth user.
+    let config = format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n\
+         authorization {{\n  users = [\n    {{ user: edge, password: \"right-horse\" }}\n    \
+         {{ user: operator, password: \"operator-only\" }}\n  ]\n}}\nno_auth_user: operator\n",
+        cert.display(),
+        key.display()
+    );
+    let Some(lattice) = Lattice::start_with(test, Some(&config), Some(&ca)) else {
+        return;
+    };
+    let url = lattice.nats.url();
+
+    // Without the CA the server's certificate is not trusted, and cairnctl says what to give.
+    let untrusted = fleet(&[
+        "upload",
+        "--nats",
+        &url,
+        component("hello").to_str().unwrap(),
+    ]);
+    assert_ne!(untrusted.code, 0);
+    assert!(
+        untrusted.stderr.contains("TLS failed") && untrusted.stderr.contains("--tls-ca"),
+        "{}",
+        untrusted.stderr
+    );
+    // With it (the lattice's upload went through already), publishing works too.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let published = lattice.publish_with(
+        &lattice.key,
+        "edge-tls",
+        "secure-web",
+        &listen,
+        "tls",
+        "30d",
+    );
+    assert_eq!(published.code, 0, "publish: {}", published.stderr);
+    let public = &lattice.public;
+
+    // Without the CA, then with a wrong password: the device runs on, and its sync status
+    // says what to fix each time.
+    let device_config = format!(
+        "[upstream]\nnats = \"{url}\"\ndevice = \"edge-tls\"\ntrusted_keys = [\"{public}\"]\n\
+         user = \"edge\"\npassword = \"wrong-horse\"\n"
+    );
+    let mut daemon = Daemon::start_with(Some(&device_config), &[]);
+    wait_for(
+        "the untrusted certificate in the sync status",
+        Duration::from_secs(30),
+        || {
+            sync_status(&daemon)["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("TLS failed") && e.contains("tls_ca"))
+        },
+    )
+    .unwrap();
+    daemon.stop();
+    let config_path = daemon.dir.join("cairnd.toml");
+    let mut config = std::fs::read_to_string(&config_path).unwrap();
+    config.push_str(&format!("tls_ca = \"{}\"\n", ca.display()));
+    std::fs::write(&config_path, &config).unwrap();
+    daemon.restart();
+    wait_for(
+        "the refused login in the sync status",
+        Duration::from_secs(30),
+        || {
+            sync_status(&daemon)["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("refused this device's credentials"))
+        },
+    )
+    .unwrap();
+    let status = sync_status(&daemon);
+    assert!(
+        status["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("[upstream] user and password"),
+        "{status}"
+    );
+    assert_eq!(
+        daemon.ctl(&["-o", "json", "ls"]).json(),
+        serde_json::json!([])
+    );
+
+    // The right one: the device converges over TLS.
+    daemon.stop();
+    std::fs::write(&config_path, config.replace("wrong-horse", "right-horse")).unwrap();
+    daemon.restart();
+    let addr = listen.parse().unwrap();
+    wait_for(
+        "the device to converge over TLS",
+        Duration::from_secs(30),
+        || {
+            get(addr, "/")
+                .map(|r| r.body == "tls from cairn\n")
+                .unwrap_or(false)
+        },
+    )
+    .unwrap();
+    assert_eq!(sync_status(&daemon)["state"], "connected");
+}
