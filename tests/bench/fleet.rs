@@ -67,6 +67,7 @@ fn wait_greeting(addr: SocketAddr, greeting: &str) {
     .unwrap();
 }
 
+// Over 100 lines: the benchmark's rounds in the order they run, each one reported.
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let rounds = if quick { 1 } else { 3 };

@@ -207,6 +207,7 @@ fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
+// Over 100 lines: the benchmark's rounds in the order they run, each one reported.
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--native-server") {

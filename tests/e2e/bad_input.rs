@@ -9,6 +9,7 @@ fn write(daemon: &Daemon, name: &str, bytes: &[u8]) -> String {
     path.to_str().unwrap().to_string()
 }
 
+// Over 100 lines: one scenario against one daemon, step by step, each step checked.
 #[test]
 fn bad_input_is_refused_and_changes_nothing() {
     let daemon = Daemon::start();

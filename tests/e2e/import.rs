@@ -31,6 +31,7 @@ fn import_status(daemon: &Daemon) -> serde_json::Value {
     daemon.ctl(&["-o", "json", "status"]).json()["import"].clone()
 }
 
+// Over 100 lines: one scenario against one daemon, step by step, each step checked.
 #[test]
 fn preloaded_apps_serve_at_ready_and_bad_files_are_reported_not_fatal() {
     let folder = tempfile::tempdir().unwrap();

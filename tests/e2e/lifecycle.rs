@@ -3,6 +3,7 @@
 use cairn_tests::{component, get, is_listening, wait_for, Daemon};
 use std::time::Duration;
 
+// Over 100 lines: one scenario against one daemon, step by step, each step checked.
 #[test]
 fn push_deploy_from_a_manifest_and_inspect() {
     let daemon = Daemon::start();

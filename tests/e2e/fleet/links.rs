@@ -134,6 +134,7 @@ fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     paths
 }
 
+// Over 100 lines: one scenario against one daemon, step by step, each step checked.
 #[test]
 fn a_device_syncs_over_tls_with_a_password_and_says_why_it_is_refused() {
     let test = "a_device_syncs_over_tls_with_a_password_and_says_why_it_is_refused";

@@ -281,6 +281,7 @@ fn a_device_converges_stays_up_offline_and_catches_up_to_the_latest() {
     assert_eq!(get(local, "/").unwrap().body, "local from cairn\n");
 }
 
+// Over 100 lines: one scenario against one daemon, step by step, each step checked.
 #[test]
 fn untrusted_stale_tampered_and_expired_state_is_refused() {
     let Some(lattice) = Lattice::start("untrusted_stale_tampered_and_expired_state_is_refused")
