@@ -293,6 +293,8 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
     #[error("{}: `import_dir` cannot be set from the import folder itself; remove it", path.display())]
     ImportDirInOverlay { path: PathBuf },
+    #[error("{}: {reason}", path.display())]
+    Refused { path: PathBuf, reason: String },
 }
 
 /// Reads a TOML file into a table; the error names the file and, for syntax, the line.

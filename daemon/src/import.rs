@@ -290,7 +290,7 @@ fn plain_relative(component: &str) -> Result<&Path, &'static str> {
 }
 
 /// `path` with its symlinks resolved, if it stays inside the import folder `dir`.
-fn inside_folder(dir: &Path, path: &Path) -> Result<PathBuf, String> {
+pub fn inside_folder(dir: &Path, path: &Path) -> Result<PathBuf, String> {
     let folder = dir
         .canonicalize()
         .map_err(|e| format!("cannot resolve the import folder {}: {e}", dir.display()))?;

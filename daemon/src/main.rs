@@ -127,10 +127,17 @@ fn main() {
         if let Some(dir) = args.import_dir.clone().or(config.import_dir.clone()) {
             let file = dir.join("config.toml");
             if file.exists() {
-                let (merged, outcome) =
-                    config::Config::load_with_overlay(args.config.as_deref(), &file)?;
-                config = merged;
-                overlay = Some(outcome);
+                match import::inside_folder(&dir, &file) {
+                    Ok(_) => {
+                        let (merged, outcome) =
+                            config::Config::load_with_overlay(args.config.as_deref(), &file)?;
+                        config = merged;
+                        overlay = Some(outcome);
+                    }
+                    Err(reason) => {
+                        overlay = Some(Err(config::ConfigError::Refused { path: file, reason }))
+                    }
+                }
             }
             config.import_dir = Some(dir);
         }

@@ -21,12 +21,15 @@ pub enum FileError {
     },
 }
 
-/// Opens `path` for reading if it is a regular file (after following symlinks).
+/// Opens `path` for reading if it is a regular file (after following symlinks). Anything else
+/// is refused before it is opened (opening some devices acts: a watchdog starts, a serial
+/// line drops its carrier), and checked again once open, in case it was swapped between.
 pub fn open(path: &Path) -> Result<File, FileError> {
     let io = |source| FileError::Io {
         path: path.to_path_buf(),
         source,
     };
+    check_regular(path, std::fs::metadata(path).map_err(io)?.file_type())?;
     // O_NONBLOCK: opening a FIFO waits for a writer otherwise. It changes nothing for the
     // reads of a regular file, the only kind read on.
     let file = std::fs::OpenOptions::new()
@@ -34,7 +37,11 @@ pub fn open(path: &Path) -> Result<File, FileError> {
         .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
         .open(path)
         .map_err(io)?;
-    let kind = file.metadata().map_err(io)?.file_type();
+    check_regular(path, file.metadata().map_err(io)?.file_type())?;
+    Ok(file)
+}
+
+fn check_regular(path: &Path, kind: std::fs::FileType) -> Result<(), FileError> {
     let not = |kind| {
         Err(FileError::NotRegular {
             path: path.to_path_buf(),
@@ -42,7 +49,7 @@ pub fn open(path: &Path) -> Result<File, FileError> {
         })
     };
     if kind.is_file() {
-        Ok(file)
+        Ok(())
     } else if kind.is_dir() {
         not("a directory")
     } else if kind.is_fifo() {

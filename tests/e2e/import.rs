@@ -206,6 +206,8 @@ fn devices_fifos_links_out_and_dotdot_are_refused_and_the_rest_imports() {
     std::fs::copy(component("hello"), dir.join("up.wasm")).unwrap();
     manifest("up", "../up.wasm");
     fifo(&apps.join("waiting.toml"));
+    // The config overlay, linked out of the folder (to a device, even).
+    std::os::unix::fs::symlink("/dev/zero", dir.join("config.toml")).unwrap();
 
     let daemon = Daemon::start_with(None, &[("CAIRN_IMPORT_DIR", dir.to_str().unwrap())]);
     assert_eq!(greeting(addr), "still here from cairn");
@@ -223,6 +225,7 @@ fn devices_fifos_links_out_and_dotdot_are_refused_and_the_rest_imports() {
         ("apps/out.toml", "outside the import folder"),
         ("apps/up.toml", "goes up with `..`"),
         ("apps/waiting.toml", "is a FIFO, not a regular file"),
+        ("config.toml", "outside the import folder"),
     ] {
         assert!(
             problems

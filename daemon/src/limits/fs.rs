@@ -47,13 +47,31 @@ pub(super) fn create_dir(path: &Path) -> Result<(), LimitsError> {
     })
 }
 
-/// Removes an (empty) cgroup directory; one already gone is fine.
+/// Removes a cgroup directory and the (empty) cgroups below it; one already gone is fine. The
+/// kernel refuses a cgroup whose last process is still exiting (EBUSY) for a moment, so that
+/// is tried again a few times (10 to 80 ms apart) before it is reported.
 pub(super) fn remove_dir(path: &Path) -> Result<(), LimitsError> {
-    match std::fs::remove_dir(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(LimitsError {
-            path: path.display().to_string(),
-            message: format!("cannot remove it: {e}"),
-        }),
-        _ => Ok(()),
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                remove_dir(&entry.path())?;
+            }
+        }
+    }
+    let mut pause = std::time::Duration::from_millis(10);
+    loop {
+        match std::fs::remove_dir(path) {
+            Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) && pause.as_millis() <= 80 => {
+                std::thread::sleep(pause);
+                pause *= 2;
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(LimitsError {
+                    path: path.display().to_string(),
+                    message: format!("cannot remove it: {e}"),
+                })
+            }
+            _ => return Ok(()),
+        }
     }
 }

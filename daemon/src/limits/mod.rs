@@ -104,6 +104,24 @@ fn leave_room_for_children(root: &Path, parent: &str) -> Result<(), LimitsError>
     fs::write(&leaf.join("cgroup.procs"), &std::process::id().to_string())
 }
 
+/// `parent` as a path below the cgroup root: a leading `/` (as /proc/self/cgroup writes them)
+/// is dropped; an empty path or one with `.` or `..` parts is refused, so nothing is ever
+/// written outside the root.
+fn below_root(parent: &str) -> Result<String, String> {
+    let trimmed = parent.trim_matches('/');
+    let bad = trimmed.is_empty()
+        || trimmed
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == "..");
+    if bad {
+        return Err(format!(
+            "cgroup_parent `{parent}` must be a path below the cgroup root without empty, `.` \
+             or `..` parts, such as `cairn`"
+        ));
+    }
+    Ok(trimmed.to_string())
+}
+
 /// The cgroup filesystem, v1 or v2: chosen once at start-up.
 #[derive(Debug)]
 pub enum Tree {
@@ -195,18 +213,27 @@ impl Cgroups {
                 ),
             };
         };
+        let parent = match below_root(parent) {
+            Ok(parent) => parent,
+            Err(why) => return Cgroups::NotEnforced { why },
+        };
         if matches!(tree, Tree::V2(_)) && root == Path::new(SYSTEM_ROOT) {
-            if let Err(error) = leave_room_for_children(root, parent) {
+            if let Err(error) = leave_room_for_children(root, &parent) {
                 return Cgroups::NotEnforced {
                     why: error.to_string(),
                 };
             }
         }
-        Cgroups::with_tree(tree, parent, total)
+        Cgroups::with_tree(tree, &parent, total)
     }
 
     /// Limits enforced in `tree` under `parent`, which is created with the caps in `total`.
     pub fn with_tree(tree: Tree, parent: &str, total: &PoolLimits) -> Cgroups {
+        let parent = match below_root(parent) {
+            Ok(parent) => parent,
+            Err(why) => return Cgroups::NotEnforced { why },
+        };
+        let parent = parent.as_str();
         let who = if nix::unistd::geteuid().is_root() {
             ""
         } else {

@@ -160,6 +160,37 @@ fn v1_writes_each_controller_in_its_own_hierarchy() {
 }
 
 #[test]
+fn the_parent_stays_below_the_root() {
+    let cases = [
+        ("cairn", Some("cairn")),
+        (
+            "/system.slice/cairnd.service/apps",
+            Some("system.slice/cairnd.service/apps"),
+        ),
+        ("cairn/", Some("cairn")),
+        ("", None),
+        ("/", None),
+        ("../etc", None),
+        ("cairn/../..", None),
+        ("a//b", None),
+        ("./cairn", None),
+    ];
+    for (parent, expected) in cases {
+        assert_eq!(below_root(parent).ok().as_deref(), expected, "{parent}");
+    }
+    let (dir, tree) = fake_v2("cpu memory pids");
+    let cgroups = Cgroups::with_tree(tree, "../outside", &PoolLimits::default());
+    assert!(
+        cgroups
+            .describe()
+            .contains("must be a path below the cgroup root"),
+        "{}",
+        cgroups.describe()
+    );
+    assert!(!dir.path().parent().unwrap().join("outside").exists());
+}
+
+#[test]
 fn cpu_quotas_round_to_the_period_with_a_floor() {
     let quota = |cpu| {
         PoolLimits {

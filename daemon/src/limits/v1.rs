@@ -47,20 +47,32 @@ impl V1 {
         Ok(())
     }
 
+    /// Whether the kernel has this controller's hierarchy here (the memory one always is: the
+    /// tree is v1 only with it). A missing cpu or pids hierarchy leaves that limit unset, as
+    /// on kernels built without them.
+    fn has(&self, controller: &str) -> bool {
+        self.root.join(controller).is_dir()
+    }
+
     pub fn apply(&self, path: &str, limits: &PoolLimits) -> Result<(), LimitsError> {
         let memory = limits.memory.map_or("-1".to_string(), |m| m.to_string());
         write(
             &self.dir("memory", path).join("memory.limit_in_bytes"),
             &memory,
         )?;
-        let cpu = self.dir("cpu", path);
-        write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
-        let quota = limits
-            .cpu_quota_us()
-            .map_or("-1".to_string(), |q| q.to_string());
-        write(&cpu.join("cpu.cfs_quota_us"), &quota)?;
-        let pids = limits.pids.map_or("max".to_string(), |p| p.to_string());
-        write(&self.dir("pids", path).join("pids.max"), &pids)
+        if self.has("cpu") {
+            let cpu = self.dir("cpu", path);
+            write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+            let quota = limits
+                .cpu_quota_us()
+                .map_or("-1".to_string(), |q| q.to_string());
+            write(&cpu.join("cpu.cfs_quota_us"), &quota)?;
+        }
+        if self.has("pids") {
+            let pids = limits.pids.map_or("max".to_string(), |p| p.to_string());
+            write(&self.dir("pids", path).join("pids.max"), &pids)?;
+        }
+        Ok(())
     }
 
     /// Moves process `pid` (all its threads) into the cgroup, in every hierarchy.

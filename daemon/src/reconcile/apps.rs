@@ -103,10 +103,29 @@ impl Slot {
 }
 
 /// Proof that the holder is the only one changing this app (its operation lock is held).
+/// Dropped (the change done, failed or cancelled, as when a client goes away mid-deploy), it
+/// settles the slot: its address claim goes, and a slot whose app never came to exist (a
+/// first deploy that did not finish) leaves the table.
 pub(super) struct AppLock {
     pub name: AppName,
     slot: Arc<Slot>,
+    slots: Arc<Mutex<BTreeMap<AppName, Arc<Slot>>>>,
     _operation: OwnedMutexGuard<()>,
+}
+
+impl Drop for AppLock {
+    fn drop(&mut self) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.slot.state();
+        state.claim = None;
+        if state.running.is_none()
+            && slots
+                .get(&self.name)
+                .is_some_and(|slot| Arc::ptr_eq(slot, &self.slot))
+        {
+            slots.remove(&self.name);
+        }
+    }
 }
 
 impl AppLock {
@@ -123,7 +142,8 @@ impl AppLock {
 
 #[derive(Default)]
 pub(super) struct Table {
-    slots: Mutex<BTreeMap<AppName, Arc<Slot>>>,
+    /// Shared with every `AppLock`, which settles its slot when dropped.
+    slots: Arc<Mutex<BTreeMap<AppName, Arc<Slot>>>>,
 }
 
 impl Table {
@@ -159,6 +179,7 @@ impl Table {
                 return Some(AppLock {
                     name: name.clone(),
                     slot,
+                    slots: Arc::clone(&self.slots),
                     _operation: operation,
                 });
             }
@@ -173,31 +194,14 @@ impl Table {
         }
     }
 
-    /// Ends a change: drops its address claim, and forgets the slot if the app never came to
-    /// exist (a first deploy that failed).
-    pub fn settle(&self, lock: &AppLock) {
-        let mut slots = self.slots();
-        let mut state = lock.slot.state();
-        state.claim = None;
-        if state.running.is_none() {
-            if let Some(slot) = slots.get(&lock.name) {
-                if Arc::ptr_eq(slot, &lock.slot) {
-                    slots.remove(&lock.name);
-                }
-            }
-        }
-    }
-
-    /// Takes the app out of the table (it is being removed).
+    /// Takes the app out (it is being removed). Its slot stays in the table, claiming the
+    /// app's address, until `lock` is dropped: a deploy of the same name waits for the removal
+    /// to finish, and another app is told the address is still this one's meanwhile.
     pub fn remove(&self, lock: &AppLock) -> Option<Running> {
-        let mut slots = self.slots();
-        if slots
-            .get(&lock.name)
-            .is_some_and(|slot| Arc::ptr_eq(slot, &lock.slot))
-        {
-            slots.remove(&lock.name);
-        }
-        lock.slot.state().running.take()
+        let mut state = lock.slot.state();
+        let running = state.running.take();
+        state.claim = running.as_ref().map(|r| r.spec.http.listen);
+        running
     }
 
     /// Checks that no other app listens (or is about to) on an address overlapping `spec`'s,
@@ -252,5 +256,63 @@ impl Table {
 
     pub fn names(&self) -> Vec<AppName> {
         self.slots().keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, listen: &str) -> AppSpec {
+        AppSpec::from_manifest(&format!(
+            "name = \"{name}\"\ncomponent = \"{}\"\n[http]\nlisten = \"{listen}\"\n",
+            crate::digest::Digest::of(b"x")
+        ))
+        .unwrap()
+    }
+
+    /// A first deploy that never finishes (it fails, or its client goes away and the call is
+    /// dropped) leaves neither its slot nor its address claim behind.
+    #[tokio::test]
+    async fn an_unfinished_first_deploy_leaves_nothing_behind() {
+        let table = Table::default();
+        let web = spec("web", "127.0.0.1:8080");
+        let name = web.name.clone();
+        let lock = table.lock(&name, true).await.unwrap();
+        table.claim_address(&lock, &web).unwrap();
+        let other = spec("other", "0.0.0.0:8080");
+        let other_lock = table.lock(&other.name, true).await.unwrap();
+        let taken = table.claim_address(&other_lock, &other).unwrap_err();
+        assert!(
+            taken.to_string().contains("already used by app `web`"),
+            "{taken}"
+        );
+        // Cancelled: the lock is dropped without the app coming to exist.
+        drop(lock);
+        assert!(table.names().iter().all(|n| n != &name), "the slot is gone");
+        table.claim_address(&other_lock, &other).unwrap();
+        assert!(table.lock(&name, false).await.is_none());
+    }
+
+    /// A waiter on a slot that is removed meanwhile gets the app's new slot, not the old one.
+    #[tokio::test]
+    async fn a_waiter_never_gets_a_removed_slot() {
+        let table = Arc::new(Table::default());
+        let name: AppName = "web".parse().unwrap();
+        let first = table.lock(&name, true).await.unwrap();
+        let waiting = {
+            let (table, name) = (Arc::clone(&table), name.clone());
+            tokio::spawn(async move {
+                table
+                    .lock(&name, true)
+                    .await
+                    .map(|lock| Arc::clone(&lock.slot))
+            })
+        };
+        tokio::task::yield_now().await;
+        let old = Arc::clone(&first.slot);
+        drop(first); // never came to exist: removed from the table
+        let got = waiting.await.unwrap().unwrap();
+        assert!(!Arc::ptr_eq(&got, &old));
     }
 }

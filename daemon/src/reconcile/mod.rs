@@ -163,9 +163,7 @@ impl Reconciler {
             .lock(&spec.name, true)
             .await
             .expect("a slot is made for a new app");
-        let result = self.deploy_locked(&lock, spec, owner).await;
-        self.apps.settle(&lock);
-        result
+        self.deploy_locked(&lock, spec, owner).await
     }
 
     async fn deploy_locked(
@@ -218,9 +216,7 @@ impl Reconciler {
             .lock(name, false)
             .await
             .ok_or_else(|| ReconcileError::UnknownApp(name.to_string()))?;
-        let result = self.rollback_locked(&lock, to).await;
-        self.apps.settle(&lock);
-        result
+        self.rollback_locked(&lock, to).await
     }
 
     async fn rollback_locked(
