@@ -310,6 +310,14 @@ mod tests {
             })
         };
         tokio::task::yield_now().await;
+        // The waiter holds the old slot (the table, `first` and the waiter each count once) and
+        // waits on its operation lock: without that the test would prove nothing.
+        assert_eq!(
+            Arc::strong_count(&first.slot),
+            3,
+            "the waiter is not waiting yet"
+        );
+        assert!(!waiting.is_finished());
         let old = Arc::clone(&first.slot);
         drop(first); // never came to exist: removed from the table
         let got = waiting.await.unwrap().unwrap();
