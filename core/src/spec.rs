@@ -239,6 +239,95 @@ pub struct HttpSpec {
     /// A path the app answers 2xx on when healthy; a new generation goes live only then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
+    /// How long a client has to send a whole request head, counted from the connection's
+    /// start or from the first byte of a later request. Default: `DEFAULT_HEADER_TIMEOUT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_timeout: Option<HumanDuration>,
+    /// How long a kept-alive connection may wait for its next request. Default:
+    /// `DEFAULT_IDLE_TIMEOUT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<HumanDuration>,
+    /// How long a response may wait for the client to take any of it before the connection is
+    /// closed (a client that stops reading). Default: `DEFAULT_SEND_TIMEOUT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_timeout: Option<HumanDuration>,
+    /// Largest request head (request line and headers); larger ones are answered 431.
+    /// Default: `DEFAULT_MAX_HEADER_SIZE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_header_size: Option<ByteSize>,
+    /// Largest request body; a larger declared one is answered 413 without reading it, a
+    /// longer chunked one is cut off at the limit. Default: `DEFAULT_MAX_BODY`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body: Option<ByteSize>,
+    /// Connections the app holds open at once; further ones wait in the listen backlog until
+    /// one closes. Default: `DEFAULT_MAX_CONNECTIONS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+}
+
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_HEADER_SIZE: u64 = 16 << 10;
+pub const DEFAULT_MAX_BODY: u64 = 16 << 20;
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 512;
+
+/// An app's connection limits with every default filled in (`HttpSpec::connection_limits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub send_timeout: Duration,
+    pub max_header_size: usize,
+    pub max_body: u64,
+    pub max_connections: u32,
+}
+
+impl HttpSpec {
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        let duration = |value: Option<HumanDuration>, default| value.map_or(default, |d| d.0);
+        ConnectionLimits {
+            header_timeout: duration(self.header_timeout, DEFAULT_HEADER_TIMEOUT),
+            idle_timeout: duration(self.idle_timeout, DEFAULT_IDLE_TIMEOUT),
+            send_timeout: duration(self.send_timeout, DEFAULT_SEND_TIMEOUT),
+            max_header_size: self
+                .max_header_size
+                .map_or(DEFAULT_MAX_HEADER_SIZE, |size| size.0)
+                as usize,
+            max_body: self.max_body.map_or(DEFAULT_MAX_BODY, |size| size.0),
+            max_connections: self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        }
+    }
+
+    /// The range checks `AppSpec::validate` makes of the connection limits.
+    fn validate_limits(&self) -> Result<(), SpecError> {
+        let seconds = |key: &str, value: Option<HumanDuration>| match value {
+            Some(d) if d.0 < Duration::from_millis(100) || d.0 > Duration::from_secs(3600) => {
+                Err(invalid(format!(
+                    "[http] {key} = \"{d}\" is out of range: use between 100ms and 1h"
+                )))
+            }
+            _ => Ok(()),
+        };
+        seconds("header_timeout", self.header_timeout)?;
+        seconds("idle_timeout", self.idle_timeout)?;
+        seconds("send_timeout", self.send_timeout)?;
+        if let Some(size) = self.max_header_size {
+            if size.0 < 1 << 10 || size.0 > 1 << 20 {
+                return Err(invalid(format!(
+                    "[http] max_header_size = \"{size}\" is out of range: use between 1KiB and 1MiB"
+                )));
+            }
+        }
+        if let Some(connections) = self.max_connections {
+            if connections == 0 || connections > 100_000 {
+                return Err(invalid(format!(
+                    "[http] max_connections = {connections} is out of range: use between 1 and 100000"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -380,6 +469,7 @@ impl AppSpec {
                 )));
             }
         }
+        self.http.validate_limits()?;
         if let Some(health) = &self.http.health {
             if !health.starts_with('/') {
                 return Err(invalid(format!(
@@ -441,6 +531,29 @@ mod tests {
     }
 
     #[test]
+    fn connection_limits_have_defaults_and_take_the_manifest() {
+        let spec = AppSpec::from_manifest(&manifest("")).unwrap();
+        let limits = spec.http.connection_limits();
+        assert_eq!(limits.header_timeout, DEFAULT_HEADER_TIMEOUT);
+        assert_eq!(limits.max_body, DEFAULT_MAX_BODY);
+        assert_eq!(limits.max_connections, DEFAULT_MAX_CONNECTIONS);
+        // A spec without them stores as before (stored generations compare equal).
+        assert!(!spec.to_stored_json().contains("max_body"));
+
+        let spec = AppSpec::from_manifest(&manifest(
+            "header_timeout = \"2s\"\nidle_timeout = \"1m\"\nsend_timeout = \"3s\"\nmax_header_size = \"4KiB\"\nmax_body = \"1MiB\"\nmax_connections = 7\n",
+        ))
+        .unwrap();
+        let limits = spec.http.connection_limits();
+        assert_eq!(limits.header_timeout, Duration::from_secs(2));
+        assert_eq!(limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(limits.send_timeout, Duration::from_secs(3));
+        assert_eq!(limits.max_header_size, 4096);
+        assert_eq!(limits.max_body, 1 << 20);
+        assert_eq!(limits.max_connections, 7);
+    }
+
+    #[test]
     fn stored_json_round_trips() {
         let spec = AppSpec::from_manifest(&manifest(
             "[limits]\nmemory = \"1.5MiB\"\ntimeout = \"1500ms\"\n",
@@ -472,6 +585,12 @@ mod tests {
             ),
             (manifest("[limits]\npids = 2\n"), "at least 8 threads"),
             (manifest("[limits]\nidle = \"1ms\"\n"), "too short"),
+            (
+                manifest("header_timeout = \"5ms\"\n"),
+                "header_timeout = \"5ms\" is out of range",
+            ),
+            (manifest("max_header_size = \"100B\"\n"), "max_header_size"),
+            (manifest("max_connections = 0\n"), "max_connections = 0"),
             ("name = \"Hello World\"\n".to_string(), "not allowed"),
             (
                 "name = \"a\"\ncomponent = \"app.wasm\"\n[http]\nlisten = \"127.0.0.1:1\"\n"

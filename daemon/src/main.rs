@@ -148,6 +148,7 @@ fn main() {
             config.control.socket = Some(socket);
         }
         let socket = config.socket();
+        raise_open_file_limit();
         alloc::return_freed_memory_at_once();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -157,5 +158,25 @@ fn main() {
     if let Err(error) = result {
         eprintln!("cairnd: {error:#}");
         std::process::exit(1);
+    }
+}
+
+/// Raises the soft open-file limit to the hard one: every app holds a listener and a pool's
+/// control socket here, and each pool (which inherits the limit) one descriptor per open
+/// connection. A unit without `LimitNOFILE=` starts services at 1024 soft, which a few
+/// hundred apps or one busy app would exhaust.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= hard {
+        return;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
+        Err(error) => {
+            tracing::warn!(%error, soft, hard, "cannot raise the open-file limit to its hard limit")
+        }
     }
 }

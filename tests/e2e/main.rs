@@ -4,6 +4,7 @@
 mod access;
 mod bad_input;
 mod fleet;
+mod hostile;
 mod import;
 mod lifecycle;
 mod limits;

@@ -16,7 +16,8 @@ pub struct Daemon {
     notifications: Vec<String>,
     _temp: Option<tempfile::TempDir>,
     extra_env: Vec<(String, String)>,
-    address_space: Option<u64>,
+    /// Resource limits (soft, hard) set on cairnd before it starts.
+    rlimits: Vec<(nix::sys::resource::Resource, u64, u64)>,
     /// Run cairnd as this uid (the test must be root).
     run_as: Option<u32>,
 }
@@ -30,7 +31,15 @@ impl Daemon {
     /// Starts a daemon whose virtual address space is capped at `bytes` (RLIMIT_AS), as on a
     /// board with a small virtual address range.
     pub fn start_with_address_space(bytes: u64) -> Daemon {
-        Daemon::start_full(None, &[], Some(bytes))
+        let rlimit = (nix::sys::resource::Resource::RLIMIT_AS, bytes, bytes);
+        Daemon::start_full(None, &[], Some(rlimit))
+    }
+
+    /// Starts a daemon with `config` whose open-file limit is `soft` (and `hard`), as under
+    /// a systemd unit without `LimitNOFILE=` (1024 soft).
+    pub fn start_with_open_files(config: Option<&str>, soft: u64, hard: u64) -> Daemon {
+        let rlimit = (nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard);
+        Daemon::start_full(config, &[], Some(rlimit))
     }
 
     /// Starts a daemon keeping its state in `state` (a dir the test prepared, e.g. a mount).
@@ -55,15 +64,19 @@ impl Daemon {
     fn start_full(
         config: Option<&str>,
         env: &[(&str, &str)],
-        address_space: Option<u64>,
+        rlimit: Option<(nix::sys::resource::Resource, u64, u64)>,
     ) -> Daemon {
-        let mut daemon = Daemon::unstarted(config, env, address_space);
+        let mut daemon = Daemon::unstarted(config, env, rlimit);
         daemon.spawn();
         daemon.wait_ready().expect("cairnd becomes ready");
         daemon
     }
 
-    fn unstarted(config: Option<&str>, env: &[(&str, &str)], address_space: Option<u64>) -> Daemon {
+    fn unstarted(
+        config: Option<&str>,
+        env: &[(&str, &str)],
+        rlimit: Option<(nix::sys::resource::Resource, u64, u64)>,
+    ) -> Daemon {
         let temp = tempfile::Builder::new()
             .prefix("cairn-e2e")
             .tempdir()
@@ -101,7 +114,7 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            address_space,
+            rlimits: rlimit.into_iter().collect(),
             run_as: None,
         }
     }
@@ -160,16 +173,12 @@ impl Daemon {
         for (key, value) in &self.extra_env {
             command.env(key, value);
         }
-        if let Some(bytes) = self.address_space {
+        for &(resource, soft, hard) in &self.rlimits {
             // SAFETY: setrlimit is async-signal-safe; it runs in the child before exec.
             unsafe {
                 command.pre_exec(move || {
-                    nix::sys::resource::setrlimit(
-                        nix::sys::resource::Resource::RLIMIT_AS,
-                        bytes,
-                        bytes,
-                    )
-                    .map_err(std::io::Error::from)
+                    nix::sys::resource::setrlimit(resource, soft, hard)
+                        .map_err(std::io::Error::from)
                 });
             }
         }

@@ -1,21 +1,22 @@
 //! The HTTP front of one app, inside its pool process: an accept loop on the listener the
-//! supervisor passed down, and hyper serving HTTP/1.1. Each request takes a concurrency slot or
-//! is answered 503 at once (no unbounded queue), then runs on a fresh instance. Shutdown stops
-//! accepting (closing the listener at once) and drains requests in flight.
+//! supervisor passed down, and hyper serving HTTP/1.1. At most `max_connections` connections
+//! are open at once (further ones wait in the listen backlog), each under the deadlines of
+//! `connection`. Each request takes a concurrency slot or is answered 503 at once (no
+//! unbounded queue), then runs on a fresh instance. Shutdown stops accepting (closing the
+//! listener at once) and drains requests in flight.
 
+use super::connection::{Capped, Clock, Deadlined, Expired, Guarded, Tracked};
 use super::runtime::{LoadedApp, Outcome, RequestFailure};
 use crate::counters::{Counter, Counters, InFlight};
 use bytes::Bytes;
+use cairn_core::spec::ConnectionLimits;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -30,18 +31,25 @@ pub struct Serving {
     pub app: LoadedApp,
     slots: Arc<Semaphore>,
     instances: u32,
+    limits: ConnectionLimits,
     counters: Arc<Counters>,
     started: std::time::Instant,
 }
 
 impl Serving {
-    pub fn new(app: LoadedApp, instances: u32, counters: Arc<Counters>) -> Serving {
+    pub fn new(
+        app: LoadedApp,
+        instances: u32,
+        limits: ConnectionLimits,
+        counters: Arc<Counters>,
+    ) -> Serving {
         // The page outlives pools; this pool's idle clock starts now.
         counters.set(Counter::LastActive, 0);
         Serving {
             app,
             slots: Arc::new(Semaphore::new(instances as usize)),
             instances,
+            limits,
             counters,
             started: std::time::Instant::now(),
         }
@@ -144,60 +152,141 @@ impl HttpServer {
     }
 }
 
+/// How often a failing accept is logged: the first failure at once, then one line per
+/// interval saying how many there were.
+const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// The longest wait between accept attempts while they fail (out of file descriptors and the
+/// like); it starts at a millisecond and doubles.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 async fn accept_loop(
     listener: TcpListener,
     serving: Arc<Serving>,
     stop: CancellationToken,
     connections: TaskTracker,
 ) {
+    let open = Arc::new(Semaphore::new(serving.limits.max_connections as usize));
+    let mut failures = AcceptFailures::default();
     loop {
+        // At the cap, new connections wait in the listen backlog until one closes.
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            permit = Arc::clone(&open).acquire_owned() => permit.expect("never closed"),
+        };
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let (stream, _peer) = match accepted {
-            Ok(pair) => pair,
+        let stream = match accepted {
+            Ok((stream, _peer)) => {
+                failures.succeeded();
+                stream
+            }
             Err(error) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let pause = failures.failed(&error);
+                tokio::time::sleep(pause).await;
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         let serving = Arc::clone(&serving);
         let stop = stop.clone();
         connections.spawn(async move {
-            let requests = Arc::new(AtomicU64::new(0));
-            let counted = Arc::clone(&requests);
-            let service = service_fn(move |request| {
-                counted.fetch_add(1, Ordering::Relaxed);
-                let serving = Arc::clone(&serving);
-                async move { Ok::<_, std::convert::Infallible>(handle(serving, request).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(YieldAfterWrite(stream)), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => return,
-                _ = stop.cancelled() => {}
-            }
-            // A connection accepted just before the stop may not have sent its request yet,
-            // and hyper closes a connection with no request in progress at once: the client
-            // would see a reset. Give it a moment to send its first request.
-            let first_request = async {
-                while requests.load(Ordering::Relaxed) == 0 {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            };
-            tokio::select! {
-                _ = connection.as_mut() => return,
-                _ = tokio::time::timeout(FIRST_REQUEST_GRACE, first_request) => {}
-            }
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
+            serve_connection(stream, serving, stop).await;
+            drop(permit);
         });
+    }
+}
+
+/// Accept failures in a row: how long to pause before the next attempt and when to log.
+#[derive(Default)]
+struct AcceptFailures {
+    in_a_row: u32,
+    unlogged: u64,
+    last_logged: Option<Instant>,
+}
+
+impl AcceptFailures {
+    fn succeeded(&mut self) {
+        self.in_a_row = 0;
+    }
+
+    /// Notes a failure (logging it when the interval allows) and says how long to pause.
+    fn failed(&mut self, error: &std::io::Error) -> Duration {
+        self.in_a_row = self.in_a_row.saturating_add(1);
+        self.unlogged += 1;
+        let due = self
+            .last_logged
+            .is_none_or(|last| last.elapsed() >= ACCEPT_LOG_INTERVAL);
+        if due {
+            tracing::warn!(
+                %error,
+                failures = self.unlogged,
+                "accepting connections fails; retrying with backoff (out of file descriptors: raise LimitNOFILE or lower [http] max_connections)"
+            );
+            self.unlogged = 0;
+            self.last_logged = Some(Instant::now());
+        }
+        let exponent = self.in_a_row.min(11) - 1;
+        (Duration::from_millis(1) * (1u32 << exponent)).min(ACCEPT_BACKOFF_MAX)
+    }
+}
+
+/// Serves one connection under its clock's deadlines until it closes, expires, or the pool
+/// stops accepting (then it gets a moment for a first request and closes after the current one).
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    serving: Arc<Serving>,
+    stop: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let limits = serving.limits;
+    let clock = Clock::new(limits);
+    let requests = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&requests);
+    let service_clock = Arc::clone(&clock);
+    let service = service_fn(move |request| {
+        counted.fetch_add(1, Ordering::Relaxed);
+        service_clock.request_started();
+        let serving = Arc::clone(&serving);
+        let clock = Arc::clone(&service_clock);
+        async move {
+            let response = handle(serving, request).await;
+            Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, clock)))
+        }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .max_header_size(limits.max_header_size)
+        // What hyper buffers per connection, each way: a head and some body.
+        .max_buf_size(limits.max_header_size.max(8 << 10) + (64 << 10))
+        .serve_connection(
+            TokioIo::new(Guarded::new(stream, Arc::clone(&clock))),
+            service,
+        );
+    let mut connection = Deadlined::new(connection, clock);
+    tokio::select! {
+        ended = &mut connection => return log_expiry(ended),
+        _ = stop.cancelled() => {}
+    }
+    // A connection accepted just before the stop may not have sent its request yet,
+    // and hyper closes a connection with no request in progress at once: the client
+    // would see a reset. Give it a moment to send its first request.
+    let first_request = async {
+        while requests.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::select! {
+        ended = &mut connection => return log_expiry(ended),
+        _ = tokio::time::timeout(FIRST_REQUEST_GRACE, first_request) => {}
+    }
+    connection.inner().graceful_shutdown();
+    log_expiry(connection.await);
+}
+
+fn log_expiry<T>(ended: Result<T, Expired>) {
+    if let Err(expired) = ended {
+        tracing::debug!(?expired, "closed a connection at its deadline");
     }
 }
 
@@ -207,6 +296,24 @@ async fn handle(
 ) -> hyper::Response<HyperOutgoingBody> {
     let counters = &serving.counters;
     counters.add(Counter::Requests, 1);
+    let max_body = serving.limits.max_body;
+    let declared = request
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > max_body) {
+        let mut response = plain(
+            413,
+            &format!("the request body is larger than this app takes ([http] max_body = {max_body} bytes)\n"),
+        );
+        // The body is not read: the connection cannot carry another request.
+        response.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        return response;
+    }
+    let request = request.map(|body| Capped::new(body, max_body));
     let Ok(permit) = Arc::clone(&serving.slots).try_acquire_owned() else {
         counters.add(Counter::Rejected, 1);
         return plain(
@@ -254,63 +361,4 @@ fn plain(status: u16, text: &str) -> hyper::Response<HyperOutgoingBody> {
         );
     }
     response
-}
-
-/// A connection that gives up its core after each write that sent something.
-///
-/// A response written on loopback wakes the client, and on a device its clients often share
-/// the cores with the pool. The kernel lets a busy thread run on to the end of its time slice
-/// before a woken one gets the core, so the client would read the response up to a tick
-/// later (4 ms at HZ=250). Yielding lets it run now; with no one else runnable the call
-/// returns at once. Measured under wrk sharing the cores: p99 at -c32 ~14% lower, req/s no
-/// lower (BENCHMARKS.md, session 11).
-struct YieldAfterWrite(tokio::net::TcpStream);
-
-impl YieldAfterWrite {
-    fn after(written: Poll<std::io::Result<usize>>) -> Poll<std::io::Result<usize>> {
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            std::thread::yield_now();
-        }
-        written
-    }
-}
-
-impl AsyncRead for YieldAfterWrite {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for YieldAfterWrite {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Self::after(Pin::new(&mut self.0).poll_write(cx, buf))
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Self::after(Pin::new(&mut self.0).poll_write_vectored(cx, bufs))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
 }

@@ -10,6 +10,7 @@
 //! `Serve` (a new generation) or serve at once (a resumed one) → accept until `Drain` (or the
 //! supervisor goes away) → drain → exit 0.
 
+mod connection;
 mod host;
 mod http;
 pub mod protocol;
@@ -212,6 +213,7 @@ async fn serve(
     let serving = Arc::new(Serving::new(
         loaded,
         spec.limits.instances,
+        spec.http.connection_limits(),
         Arc::clone(&counters),
     ));
 

@@ -90,6 +90,12 @@ impl wasip2::exports::http::incoming_handler::Guest for Hello {
                 }
             }
             "/echo" => (200, read_body(request)),
+            "/big" => {
+                // N MiB streamed in 4 KiB writes; stops when the client is gone.
+                let mebibytes: usize = query.parse().unwrap_or(1);
+                stream_zeros(response_out, mebibytes << 20);
+                return;
+            }
             "/fs" => match std::fs::read_to_string("/etc/hostname") {
                 Ok(text) => (200, format!("read: {text}").into_bytes()),
                 Err(error) => (200, format!("denied: {error}\n").into_bytes()),
@@ -138,6 +144,24 @@ fn read_body(request: IncomingRequest) -> Vec<u8> {
     drop(stream);
     IncomingBody::finish(body);
     out
+}
+
+fn stream_zeros(response_out: ResponseOutparam, bytes: usize) {
+    let response = OutgoingResponse::new(Fields::new());
+    let outgoing = response.body().expect("body is taken once");
+    ResponseOutparam::set(response_out, Ok(response));
+    let stream = outgoing.write().expect("stream is taken once");
+    let chunk = [0u8; 4096];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        if stream.blocking_write_and_flush(&chunk[..n]).is_err() {
+            return;
+        }
+        left -= n;
+    }
+    drop(stream);
+    let _ = OutgoingBody::finish(outgoing, None);
 }
 
 fn respond(response_out: ResponseOutparam, status: u16, body: &[u8]) {

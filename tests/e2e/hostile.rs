@@ -1,0 +1,269 @@
+//! Attacks from the network on one app, each answered by its `[http]` connection limits:
+//! connections that never finish their request head, bodies and heads over the limits, and a
+//! client that stops reading its response. The neighbour app keeps answering throughout.
+
+use cairn_tests::{component, free_port, get, wait_for, Daemon};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Deploys the hello component as `name` from a manifest with `http` lines under `[http]` and
+/// `limits` under `[limits]`; returns its address.
+fn deploy(daemon: &Daemon, name: &str, http: &str, limits: &str) -> SocketAddr {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let manifest = daemon.dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"{name}\"\ncomponent = \"{}\"\n[http]\nlisten = \"{addr}\"\n{http}\n[limits]\n{limits}\n",
+            component("hello").display()
+        ),
+    )
+    .unwrap();
+    daemon.ctl_ok(&["deploy", "-f", manifest.to_str().unwrap()]);
+    addr
+}
+
+/// The soft open-file limit of process `pid`.
+fn open_file_limit(pid: i32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+/// Whether the server has closed `stream` (a read sees the end or a reset) within `wait`.
+fn closed_by_server(stream: &mut TcpStream, wait: Duration) -> bool {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            // A 408 or such before the close is fine; keep reading to the end.
+            Ok(_) => continue,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(error) if error.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn slowloris_connections_are_closed_at_their_deadline_and_the_app_keeps_answering() {
+    // What a systemd unit without LimitNOFILE= gives a service: 1024 soft. cairnd raises the
+    // soft limit to the hard one, and its pools inherit it.
+    let daemon = Daemon::start_with_open_files(None, 1024, 8192);
+    assert_eq!(open_file_limit(daemon.pid()), 8192);
+    let attacked = deploy(&daemon, "attacked", "header_timeout = \"2s\"", "");
+    let neighbour = daemon.deploy_hello("neighbour", &[]);
+    let pool = daemon.app_status("attacked")["pid"].as_u64().unwrap() as i32;
+    assert_eq!(
+        open_file_limit(pool),
+        8192,
+        "the pool inherits the raised limit"
+    );
+
+    // 1,100 connections that each send half a request head, reconnecting as soon as they are
+    // closed, for 12 seconds: more than the default 512 connections an app holds and more
+    // than the 1024 files the pool would have had.
+    let stop = Arc::new(AtomicBool::new(false));
+    let closed = Arc::new(AtomicU64::new(0));
+    let attackers: Vec<_> = (0..100)
+        .map(|_| {
+            let (stop, closed) = (Arc::clone(&stop), Arc::clone(&closed));
+            std::thread::spawn(move || {
+                let mut open: Vec<TcpStream> = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    while open.len() < 11 && !stop.load(Ordering::Relaxed) {
+                        let Ok(mut stream) =
+                            TcpStream::connect_timeout(&attacked, Duration::from_secs(5))
+                        else {
+                            continue;
+                        };
+                        if stream
+                            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                            .is_ok()
+                        {
+                            open.push(stream);
+                        }
+                    }
+                    open.retain_mut(|stream| {
+                        let gone = closed_by_server(stream, Duration::from_millis(50));
+                        if gone {
+                            closed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        !gone
+                    });
+                }
+                open
+            })
+        })
+        .collect();
+
+    // Meanwhile a real client gets answers from the attacked app (after waiting its turn in
+    // the backlog) and the neighbour answers every time.
+    let attack_end = Instant::now() + Duration::from_secs(12);
+    let mut answered = 0;
+    while Instant::now() < attack_end {
+        let response = get(attacked, "/").expect("the attacked app answers");
+        assert_eq!(response.status, 200, "{response:?}");
+        answered += 1;
+        let response = get(neighbour, "/").expect("the neighbour answers");
+        assert_eq!(response.status, 200, "{response:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut left: Vec<TcpStream> = attackers
+        .into_iter()
+        .flat_map(|attacker| attacker.join().unwrap())
+        .collect();
+    assert!(answered > 0);
+    assert!(
+        closed.load(Ordering::Relaxed) >= 1100,
+        "only {} half-open connections were closed by the server during the attack",
+        closed.load(Ordering::Relaxed)
+    );
+    // Every connection still open when the attack stopped is closed at its deadline (2 s
+    // after it is accepted; the last may wait one round in the backlog).
+    for stream in &mut left {
+        assert!(
+            closed_by_server(stream, Duration::from_secs(15)),
+            "a half-open connection was still open 15 s after the attack stopped"
+        );
+    }
+    assert!(
+        !daemon.log().contains("Too many open files"),
+        "the pool ran out of file descriptors:\n{}",
+        daemon.log()
+    );
+}
+
+#[test]
+fn oversized_heads_and_bodies_are_refused_without_being_read() {
+    let daemon = Daemon::start();
+    let addr = deploy(
+        &daemon,
+        "guarded",
+        "max_body = \"1MiB\"\nmax_header_size = \"4KiB\"",
+        "",
+    );
+
+    // A declared body over the limit: 413 at once, and the connection closes although the
+    // client sent only 64 KiB of its 100 MiB.
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 104857600\r\n\r\n")
+        .unwrap();
+    stream.write_all(&[b'a'; 64 << 10]).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("max_body"), "{answer}");
+    assert!(
+        read.is_ok()
+            || !matches!(
+                read.as_ref().unwrap_err().kind(),
+                std::io::ErrorKind::WouldBlock
+            ),
+        "the connection stayed open after the 413: {read:?}"
+    );
+
+    // A chunked body (no length declared) is cut off at the limit: the guest never sees more.
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ =
+        stream.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+    for _ in 0..32 {
+        let chunk = [b'b'; 64 << 10];
+        let sent = stream
+            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .and_then(|()| stream.write_all(&chunk))
+            .and_then(|()| stream.write_all(b"\r\n"));
+        if sent.is_err() {
+            break;
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let echoed = answer.iter().filter(|&&byte| byte == b'b').count();
+    assert!(
+        echoed <= 1 << 20,
+        "the guest read {echoed} bytes of a body limited to 1 MiB"
+    );
+
+    // A head over max_header_size: 431.
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "c".repeat(8 << 10)
+    );
+    let _ = stream.write_all(big.as_bytes());
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    // Within the limits everything passes.
+    let body = vec![b'd'; 1000];
+    let echoed = cairn_tests::http(addr, "POST", "/echo", &body).unwrap();
+    assert_eq!((echoed.status, echoed.body.len()), (200, 1000));
+}
+
+#[test]
+fn a_client_that_stops_reading_is_disconnected_and_frees_its_instance() {
+    let daemon = Daemon::start();
+    // One instance and a long guest timeout: only the send timeout can free the instance soon.
+    let addr = deploy(
+        &daemon,
+        "stalled",
+        "send_timeout = \"1s\"",
+        "instances = 1\ntimeout = \"120s\"",
+    );
+    let mut reader = TcpStream::connect(addr).unwrap();
+    reader
+        .write_all(b"GET /big?256 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    // The response fills the socket buffers and stalls; the client reads nothing.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        get(addr, "/").unwrap().status,
+        503,
+        "the stalled response should hold the only instance for now"
+    );
+    wait_for(
+        "the stalled response's instance to be freed",
+        Duration::from_secs(20),
+        || get(addr, "/").map(|r| r.status == 200).unwrap_or(false),
+    )
+    .unwrap();
+    // The server closed the stalled connection: what the client reads ends well short of
+    // the 256 MiB.
+    reader
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received += n,
+        }
+    }
+    assert!(received < 64 << 20, "received {received} bytes");
+}
