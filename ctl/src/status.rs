@@ -40,6 +40,7 @@ fn print_daemon(daemon: &proto::DaemonStatus, json_output: bool) {
             "uptime_seconds": daemon.uptime_seconds, "engine_fingerprint": daemon.engine_fingerprint,
             "compiled": daemon.compiled, "cache_hits": daemon.cache_hits, "limits": daemon.limits,
                         "log_lines_dropped": daemon.log_lines_dropped, "pool_user": daemon.pool_user,
+            "isolation_gaps": daemon.isolation_gaps,
             "import": {"dir": daemon.import_dir, "lines": daemon.import_lines, "problems": daemon.import_problems},
         }));
         return;
@@ -66,6 +67,9 @@ fn print_daemon(daemon: &proto::DaemonStatus, json_output: bool) {
         row(["pools run as", &daemon.pool_user]),
         row(["log lines dropped", &daemon.log_lines_dropped.to_string()]),
     ];
+    for gap in &daemon.isolation_gaps {
+        rows.push(row(["ISOLATION GAP", gap]));
+    }
     if !daemon.import_dir.is_empty() {
         rows.push(row(["import from", &daemon.import_dir]));
         for line in &daemon.import_lines {
@@ -107,6 +111,7 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
         object.insert("memory_bytes".into(), json!(detail.memory_bytes));
         object.insert("cpu_usage_nanos".into(), json!(detail.cpu_usage_nanos));
         object.insert("pids".into(), json!(detail.pids));
+        object.insert("pool_user".into(), json!(detail.pool_user));
         print_json(&value);
         return;
     }
@@ -131,6 +136,7 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
                 }
             ),
         ]),
+        row(["pool user", &detail.pool_user]),
         row(["started", &utc(detail.started_unix)]),
         row(["cgroup", &detail.cgroup]),
         row([

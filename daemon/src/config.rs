@@ -55,9 +55,13 @@ pub struct Config {
     pub total_memory: Option<ByteSize>,
     /// CPU cores all apps together may use. Default: no cap.
     pub total_cpu: Option<f64>,
-    /// The user pools run as when cairnd runs as root. Default: `cairn` (made by the package),
-    /// else `nobody`. Not root: pools run as cairnd's own user.
+    /// One user every pool runs as (when cairnd runs as root). Default: none, each app's pool
+    /// runs as a user and group of its own from `pool_ids` (see `pool_users`). Not root: pools
+    /// run as cairnd's own user.
     pub pool_user: Option<String>,
+    /// The ids (`FIRST-LAST`) apps' own pool users are given from. Default:
+    /// `pool_users::DEFAULT_RANGE`.
+    pub pool_ids: Option<String>,
     /// The upstream lattice; without it sync is off and nothing else changes.
     pub upstream: Option<UpstreamConfig>,
     /// A folder imported at every start (on images: the boot partition's `cairn/`): its
@@ -135,56 +139,6 @@ fn default_outbox_age() -> HumanDuration {
     HumanDuration(Duration::from_secs(7 * 24 * 3600))
 }
 
-/// Who pools run as, resolved once at start-up.
-#[derive(Debug, Clone)]
-pub struct PoolUser {
-    /// `None`: the daemon's own user (no switch).
-    pub ids: Option<(u32, u32)>,
-    pub description: String,
-}
-
-impl Config {
-    /// Resolves `pool_user` against the user database.
-    pub fn pool_user(&self) -> anyhow::Result<PoolUser> {
-        if !nix::unistd::geteuid().is_root() {
-            return Ok(PoolUser {
-                ids: None,
-                description: "the daemon's own user (cairnd is not root, so it cannot switch)"
-                    .into(),
-            });
-        }
-        let lookup = |name: &str| nix::unistd::User::from_name(name).ok().flatten();
-        let user = match &self.pool_user {
-            Some(name) => lookup(name).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "pool_user `{name}` does not exist on this system; create it or choose another"
-                )
-            })?,
-            None => match lookup("cairn") {
-                Some(user) => user,
-                None => lookup("nobody").ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "neither a `cairn` nor a `nobody` user exists; set pool_user in the config"
-                    )
-                })?,
-            },
-        };
-        if user.uid.is_root() {
-            anyhow::bail!(
-                "pool_user `{}` is root; pools must run unprivileged",
-                user.name
-            );
-        }
-        Ok(PoolUser {
-            ids: Some((user.uid.as_raw(), user.gid.as_raw())),
-            description: format!(
-                "{} (uid {}, gid {}), no_new_privs",
-                user.name, user.uid, user.gid
-            ),
-        })
-    }
-}
-
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -197,6 +151,7 @@ impl Default for Config {
             total_memory: None,
             total_cpu: None,
             pool_user: None,
+            pool_ids: None,
             upstream: None,
             import_dir: None,
         }

@@ -25,6 +25,7 @@ mod import;
 mod limits;
 mod logs;
 mod pool;
+mod pool_users;
 mod reconcile;
 mod regular_file;
 mod spawn;
@@ -80,11 +81,6 @@ enum Mode {
         /// The app's name, so `ps` says whose pool this is.
         #[arg(long)]
         app: String,
-        /// The user and group to drop to before anything else.
-        #[arg(long, requires = "gid")]
-        uid: Option<u32>,
-        #[arg(long, requires = "uid")]
-        gid: Option<u32>,
     },
 }
 
@@ -101,7 +97,7 @@ fn main() {
         .init();
 
     match args.mode {
-        Some(Mode::Pool { app: _, uid, gid }) => std::process::exit(pool::run(uid.zip(gid))),
+        Some(Mode::Pool { app: _ }) => std::process::exit(pool::run()),
         Some(Mode::Man { dir }) => {
             let page = clap_mangen::Man::new(<Args as clap::CommandFactory>::command())
                 .section("8")

@@ -117,6 +117,9 @@ pub struct Launch<'a> {
     pub limits: PoolLimits,
     pub logs: Arc<LogHub>,
     pub exits: mpsc::Sender<PoolExit>,
+    /// The uid and gid the pool switches to before it runs any of the app's code (`None`:
+    /// it stays cairnd's user).
+    pub user: Option<(u32, u32)>,
 }
 
 /// A running pool process, loaded and waiting for `serve` (or serving).
@@ -280,7 +283,6 @@ struct Process {
 /// app to start and starts the next spare in the background, so starting a pool, a wake from
 /// idle above all, does not wait for an exec.
 pub struct Spawner {
-    user: Option<(u32, u32)>,
     cgroups: Arc<Cgroups>,
     spare: std::sync::Mutex<Option<Process>>,
     refilling: AtomicBool,
@@ -300,11 +302,9 @@ struct LastStart {
 }
 
 impl Spawner {
-    /// `user`: the user and group pools drop to.
-    pub fn new(user: Option<(u32, u32)>, cgroups: Arc<Cgroups>) -> Arc<Spawner> {
+    pub fn new(cgroups: Arc<Cgroups>) -> Arc<Spawner> {
         cgroups.remove_stale_spares();
         Arc::new(Spawner {
-            user,
             cgroups,
             spare: std::sync::Mutex::new(None),
             refilling: AtomicBool::new(false),
@@ -339,14 +339,6 @@ impl Spawner {
         command
             .arg0("cairnd")
             .args(["pool", "--app", &title])
-            .args(self.user.iter().flat_map(|(uid, gid)| {
-                [
-                    "--uid".to_string(),
-                    uid.to_string(),
-                    "--gid".to_string(),
-                    gid.to_string(),
-                ]
-            }))
             .stdin(std::process::Stdio::null())
             .kill_on_drop(false);
         // SAFETY: only an async-signal-safe dup2 runs between fork and exec.
@@ -527,6 +519,7 @@ impl Spawner {
             probe: launch.start != Start::Resume { proven: true },
             serve: launch.start != Start::Prepare,
             confined: !overlap,
+            user: launch.user,
         };
         let fds = [
             launch.listener.as_raw_fd(),

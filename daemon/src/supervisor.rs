@@ -7,6 +7,7 @@ use crate::control::{self, ControlService};
 use crate::engine::Compiler;
 use crate::limits::{Cgroups, PoolLimits};
 use crate::logs::LogHub;
+use crate::pool_users::PoolUsers;
 use crate::reconcile::Reconciler;
 use crate::store::Store;
 use crate::systemd;
@@ -29,8 +30,15 @@ pub async fn run(
     overlay: Option<Result<(), crate::config::ConfigError>>,
 ) -> anyhow::Result<()> {
     control::check_socket_free(&socket)?;
-    let pool_user = config.pool_user()?;
-    tracing::info!("pools run as {}", pool_user.description);
+    let pool_users = Arc::new(PoolUsers::resolve(
+        nix::unistd::geteuid().is_root(),
+        config.pool_user.as_deref(),
+        config.pool_ids.as_deref(),
+    )?);
+    tracing::info!("pools run as {}", pool_users.describe());
+    for gap in pool_users.gaps() {
+        tracing::warn!("{gap}");
+    }
     let db = config.state_dir.join("cairn.db");
     let store = open_store(&config.state_dir, &db)?;
     let compiler = Compiler::new();
@@ -50,7 +58,7 @@ pub async fn run(
         Arc::clone(&compiler),
         Arc::clone(&logs),
         Arc::clone(&cgroups),
-        pool_user.ids,
+        Arc::clone(&pool_users),
         config.drain_timeout.0,
     );
 
@@ -86,7 +94,7 @@ pub async fn run(
         &config,
         socket.clone(),
         cgroups.describe(),
-        pool_user.description.clone(),
+        Arc::clone(&pool_users),
         Arc::clone(&sync),
     )
     .with_import(import);

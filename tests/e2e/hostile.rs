@@ -267,3 +267,157 @@ fn a_client_that_stops_reading_is_disconnected_and_frees_its_instance() {
     }
     assert!(received < 64 << 20, "received {received} bytes");
 }
+
+/// The ids of `pid`'s threads: each thread's real, effective, saved and filesystem uid.
+fn thread_uids(pid: u64) -> Vec<Vec<u32>> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| {
+            let status = std::fs::read_to_string(task.ok()?.path().join("status")).ok()?;
+            let line = status.lines().find(|l| l.starts_with("Uid:"))?.to_string();
+            Some(
+                line.split_whitespace()
+                    .skip(1)
+                    .map(|u| u.parse().unwrap())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+fn status_line(pid: u64, key: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix(key).map(|rest| rest.trim().to_string()))
+        .unwrap_or_default()
+}
+
+/// Runs `sh -c script` with exactly a pool's credentials: its uid and gid, no
+/// supplementary groups (std drops them when root changes uid).
+fn as_pool(uid: u32, script: &str) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new("sh")
+        .args(["-c", script])
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_pools_user_cannot_drive_the_daemon_nor_touch_another_pool() {
+    if !cairn_tests::is_root() {
+        cairn_tests::skip(
+            "a_pools_user_cannot_drive_the_daemon_nor_touch_another_pool",
+            "needs root to start pools as their own users",
+        );
+        return;
+    }
+    // The socket open to every local user for reading: the refusal cannot come from its mode.
+    let mut daemon = Daemon::start_with(Some("[control]\nread_access = \"any\"\n"), &[]);
+    let first = daemon.deploy_hello("first", &[]);
+    let second = daemon.deploy_hello("second", &[]);
+    let pid = |daemon: &Daemon, app: &str| daemon.app_status(app)["pid"].as_u64().unwrap();
+    let (first_pid, second_pid) = (pid(&daemon, "first"), pid(&daemon, "second"));
+
+    // Each pool has a user of its own, in every id of every thread, with no groups and no
+    // capabilities.
+    let uid_of = |pid: u64| {
+        let threads = thread_uids(pid);
+        assert!(threads.len() > 1, "a pool has threads");
+        let uid = threads[0][0];
+        for ids in &threads {
+            assert!(
+                ids.iter().all(|id| *id == uid),
+                "a thread kept another id: {threads:?}"
+            );
+        }
+        uid
+    };
+    let (first_uid, second_uid) = (uid_of(first_pid), uid_of(second_pid));
+    assert_ne!(first_uid, second_uid, "two apps share a pool user");
+    for (pid, uid) in [(first_pid, first_uid), (second_pid, second_uid)] {
+        assert!(
+            (4_000_000..=4_009_999).contains(&uid),
+            "uid {uid} is outside the range"
+        );
+        assert_eq!(
+            status_line(pid, "Gid:").split_whitespace().next().unwrap(),
+            uid.to_string()
+        );
+        assert_eq!(status_line(pid, "Groups:"), "", "supplementary groups");
+        for set in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"] {
+            assert_eq!(
+                status_line(pid, set),
+                "0000000000000000",
+                "{set} of pool {pid}"
+            );
+        }
+    }
+
+    // With the first pool's credentials: the control socket refuses every call, even a read
+    // that any other user may make…
+    for args in [&["rm", "second"][..], &["ls"][..]] {
+        let refused = daemon.ctl_as(Some(first_uid), args);
+        assert_ne!(
+            refused.code, 0,
+            "cairnctl {args:?} as a pool's user succeeded"
+        );
+        assert!(
+            refused
+                .stderr
+                .contains("pools may not use the control socket"),
+            "{}",
+            refused.stderr
+        );
+    }
+    assert_eq!(
+        get(second, "/").unwrap().status,
+        200,
+        "the second app was touched"
+    );
+    // …and the other pool cannot be signalled, nor its memory or environment read.
+    let signal = as_pool(first_uid, &format!("kill -0 {second_pid}"));
+    assert!(
+        !signal.status.success(),
+        "the first pool's user could signal the second pool"
+    );
+    let read = as_pool(
+        first_uid,
+        &format!("head -c 1 /proc/{second_pid}/environ || exit 1"),
+    );
+    assert!(
+        !read.status.success(),
+        "the first pool's user could read the second's environment"
+    );
+    // Its own pool it may signal (the test is not refused for another reason).
+    assert!(as_pool(first_uid, &format!("kill -0 {first_pid}"))
+        .status
+        .success());
+
+    // An app keeps its user when its pool is killed and restarted, and across a restart of
+    // cairnd.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for(
+        "the first pool to be restarted",
+        Duration::from_secs(20),
+        || {
+            let now = pid(&daemon, "first");
+            now != 0 && now != first_pid
+        },
+    )
+    .unwrap();
+    assert_eq!(uid_of(pid(&daemon, "first")), first_uid);
+    daemon.stop();
+    daemon.restart();
+    assert_eq!(get(first, "/").unwrap().status, 200);
+    assert_eq!(uid_of(pid(&daemon, "first")), first_uid);
+    assert_eq!(uid_of(pid(&daemon, "second")), second_uid);
+    let status = daemon.ctl(&["-o", "json", "status"]).json();
+    assert_eq!(status["isolation_gaps"], serde_json::json!([]), "{status}");
+}

@@ -286,10 +286,18 @@ fn without_privileges_limits_are_reported_as_not_enforced() {
             .starts_with("not enforced"),
         "{cpu}"
     );
-    assert!(daemon.ctl(&["-o", "json", "status"]).json()["pool_user"]
-        .as_str()
-        .unwrap()
-        .contains("not root"));
+    let status = daemon.ctl(&["-o", "json", "status"]).json();
+    assert!(status["pool_user"].as_str().unwrap().contains("not root"));
+    // What that gives up is spelled out.
+    let gaps = status["isolation_gaps"].as_array().unwrap();
+    assert!(
+        gaps.iter().any(|gap| gap
+            .as_str()
+            .unwrap()
+            .contains("could use the control socket")),
+        "{status}"
+    );
+    assert!(daemon.ctl_ok(&["status"]).contains("ISOLATION GAP"));
 }
 
 #[test]

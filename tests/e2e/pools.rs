@@ -228,7 +228,7 @@ fn pools_run_unprivileged_and_cannot_write_the_store() {
         .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
         .any(|target| target.ends_with("pagemap"));
     assert!(page_map_open, "the pool does not hold its page map open");
-    let status = daemon.ctl(&["-o", "json", "status"]).json();
+    let status = daemon.app_status("humble");
     assert!(
         status["pool_user"]
             .as_str()

@@ -1,10 +1,13 @@
 //! Who may call what: every call is authorised from the peer's credentials (`SO_PEERCRED`).
-//! Root, the daemon's own user and members of the control group may change state; with
-//! `read_access = "any"` everyone else may read.
+//! A pool's user may call nothing, whatever the socket's mode and groups. Root, the daemon's
+//! own user and members of the control group may change state; with `read_access = "any"`
+//! everyone else may read.
 
 use crate::config::{Config, ReadAccess};
+use crate::pool_users::PoolUsers;
 use nix::unistd::{Gid, Group, Uid, User};
 use std::ffi::CString;
+use std::sync::Arc;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Status};
 
@@ -13,10 +16,11 @@ pub struct Access {
     daemon_uid: Uid,
     group: Option<(String, Gid)>,
     read_access: ReadAccess,
+    pool_users: Arc<PoolUsers>,
 }
 
 impl Access {
-    pub fn from_config(config: &Config) -> Access {
+    pub fn from_config(config: &Config, pool_users: Arc<PoolUsers>) -> Access {
         let group = Group::from_name(&config.control.group)
             .ok()
             .flatten()
@@ -25,6 +29,7 @@ impl Access {
             daemon_uid: Uid::effective(),
             group,
             read_access: config.control.read_access,
+            pool_users,
         }
     }
 
@@ -65,6 +70,11 @@ impl Access {
             })?;
         let uid = Uid::from_raw(credentials.uid());
         let gid = Gid::from_raw(credentials.gid());
+        if self.pool_users.is_pool_uid(uid.as_raw()) {
+            return Err(Status::permission_denied(format!(
+                "uid {uid} is an app pool's user: pools may not use the control socket"
+            )));
+        }
         if uid.is_root() || uid == self.daemon_uid || self.in_group(uid, gid) {
             return Ok(());
         }

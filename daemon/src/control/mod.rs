@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::digest::Digest;
 use crate::engine::Compiler;
 use crate::logs::LogHub;
+use crate::pool_users::PoolUsers;
 use crate::reconcile::{AppView, Reconciler};
 use crate::spec::{AppName, AppSpec, SpecError};
 use crate::store::{Owner, Store};
@@ -43,7 +44,7 @@ pub struct ControlService {
     state_dir: PathBuf,
     socket: PathBuf,
     limits_note: String,
-    pool_user: String,
+    pool_users: Arc<PoolUsers>,
     sync: Arc<crate::sync::Sync>,
     import: crate::import::ImportReport,
     started: Instant,
@@ -59,7 +60,7 @@ impl ControlService {
         config: &Config,
         socket: PathBuf,
         limits_note: String,
-        pool_user: String,
+        pool_users: Arc<PoolUsers>,
         sync: Arc<crate::sync::Sync>,
     ) -> ControlService {
         ControlService {
@@ -67,12 +68,12 @@ impl ControlService {
             reconciler,
             compiler,
             logs,
-            access: Access::from_config(config),
+            access: Access::from_config(config, Arc::clone(&pool_users)),
             max_component_size: config.max_component_size.0,
             state_dir: config.state_dir.clone(),
             socket,
             limits_note,
-            pool_user,
+            pool_users,
             sync,
             import: crate::import::ImportReport::default(),
             started: Instant::now(),

@@ -6,6 +6,7 @@ use super::{summary, ControlService};
 use crate::spec::{AppName, Limits};
 use cairn_core::proto;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use tonic::Status;
 
 impl ControlService {
@@ -34,7 +35,8 @@ impl ControlService {
             compiled: self.compiler.compiled.load(Ordering::Relaxed),
             cache_hits: self.compiler.cache_hits.load(Ordering::Relaxed),
             limits: self.limits_note.clone(),
-            pool_user: self.pool_user.clone(),
+            pool_user: self.pool_users.describe(),
+            isolation_gaps: self.pool_users.gaps(),
             import_dir: self
                 .import
                 .dir
@@ -60,6 +62,12 @@ impl ControlService {
             .await
             .map_err(|e| store_status(&e))?;
         let limit_rows = limit_rows(&detail.spec.limits, &detail.cgroup);
+        let (users, app) = (Arc::clone(&self.pool_users), name.clone());
+        let pool_user = self
+            .store
+            .call(move |store| Ok(users.describe_app(store, &app)))
+            .await
+            .map_err(|e| store_status(&e))?;
         Ok(proto::AppDetail {
             summary: Some(summary(&detail.view)),
             limits: limit_rows,
@@ -88,6 +96,7 @@ impl ControlService {
             memory_bytes: detail.usage.memory_bytes,
             cpu_usage_nanos: detail.usage.cpu_nanos,
             pids: detail.usage.pids,
+            pool_user,
         })
     }
 }

@@ -5,8 +5,8 @@
 //! listener, code and counters page (see `protocol`); everything it reports goes back over the
 //! control socket (logs) or the shared counters page.
 //!
-//! Lifecycle: privileges dropped, runtime built → (a spare waits here for an app) → Start →
-//! load (link, one probe instance unless the code is proven) → `Loaded`/`Failed` → wait for
+//! Lifecycle: no_new_privs, runtime built → (a spare waits here for an app) → Start → the
+//! app's user (every thread), before anything of the app is read or run → load (link, one probe instance unless the code is proven) → `Loaded`/`Failed` → wait for
 //! `Serve` (a new generation) or serve at once (a resumed one) → accept until `Drain` (or the
 //! supervisor goes away) → drain → exit 0.
 
@@ -28,20 +28,21 @@ use tokio::sync::mpsc;
 /// Log chunks queued towards the supervisor before new ones are dropped (and counted).
 const LOG_QUEUE: usize = 4096;
 
-/// Gives up every privilege the pool does not need, first thing, while the process has one
-/// thread: no new privileges ever (no setuid binaries, no file capabilities), and when started
-/// as root, the unprivileged user and group the supervisor chose, with no supplementary groups.
-fn drop_privileges(ids: Option<(u32, u32)>) -> Result<(), PrivilegeError> {
+/// Switches to the app's user and group with no supplementary groups, once the spare knows
+/// its app (a spare is made before it is known whose it will be). The process has threads by
+/// then (tokio, the epoch ticker): glibc applies each of these calls to every thread, and a
+/// switch from root to another uid in all its ids empties every capability set. No new
+/// privileges ever (no setuid binaries, no file capabilities) was set at start.
+fn switch_user(ids: Option<(u32, u32)>) -> Result<(), PrivilegeError> {
     let failed = |step: &'static str| move |errno| PrivilegeError::Failed { step, errno };
-    nix::sys::prctl::set_no_new_privs().map_err(failed("set no_new_privs"))?;
     if let Some((uid, gid)) = ids {
         let (uid, gid) = (
             nix::unistd::Uid::from_raw(uid),
             nix::unistd::Gid::from_raw(gid),
         );
         nix::unistd::setgroups(&[]).map_err(failed("drop supplementary groups"))?;
-        nix::unistd::setgid(gid).map_err(failed("switch to the pool's gid"))?;
-        nix::unistd::setuid(uid).map_err(failed("switch to the pool's uid"))?;
+        nix::unistd::setresgid(gid, gid, gid).map_err(failed("switch to the pool's gid"))?;
+        nix::unistd::setresuid(uid, uid, uid).map_err(failed("switch to the pool's uid"))?;
         if nix::unistd::setuid(nix::unistd::Uid::from_raw(0)).is_ok() {
             return Err(PrivilegeError::RootRegained);
         }
@@ -61,13 +62,14 @@ enum PrivilegeError {
 }
 
 /// Runs the pool; returns the process exit code.
-pub fn run(ids: Option<(u32, u32)>) -> i32 {
-    // Before the privilege drop, which makes this process's /proc files root's.
+pub fn run() -> i32 {
+    // Before the switch to the app's user, which makes this process's /proc files root's.
     runtime::open_page_map();
     // A spare until it is given an app (then `cairn:APP`).
     name_process("(spare)");
-    if let Err(error) = drop_privileges(ids) {
-        eprintln!("cairnd pool: {error}");
+    // First, while the process has one thread.
+    if let Err(errno) = nix::sys::prctl::set_no_new_privs() {
+        eprintln!("cairnd pool: cannot set no_new_privs: {errno}");
         return 77;
     }
     // SAFETY: the supervisor started this process with its control socket open at this number
@@ -126,7 +128,11 @@ pub fn run(ids: Option<(u32, u32)>) -> i32 {
             }
         }
     };
-    if let ToPool::Start { spec, .. } = &start {
+    if let ToPool::Start { spec, user, .. } = &start {
+        if let Err(error) = switch_user(*user) {
+            eprintln!("cairnd pool: {error}");
+            return 77;
+        }
         if let Some(title) = &title {
             title.write(spec.name.as_str());
         }
@@ -165,6 +171,7 @@ async fn serve(
         probe,
         serve: serve_at_once,
         confined: confined_at_start,
+        ..
     } = start
     else {
         anyhow::bail!("the supervisor did not send Start first");

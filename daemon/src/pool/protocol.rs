@@ -49,6 +49,9 @@ pub enum ToPool {
         probe: bool,
         serve: bool,
         confined: bool,
+        /// The uid and gid to switch to, with no supplementary groups, before anything of the
+        /// app runs (`None`: stay as started).
+        user: Option<(u32, u32)>,
     },
     /// The process is now in the app's cgroup (after a `Start` that said it was not).
     Confined,

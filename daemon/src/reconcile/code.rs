@@ -110,8 +110,18 @@ impl Reconciler {
         code: &Code,
     ) -> Result<Pool, ReconcileError> {
         let spec = attempt.spec;
+        let (store, users, app) = (
+            Arc::clone(&self.store),
+            Arc::clone(&self.pool_users),
+            spec.name.clone(),
+        );
+        let user = tokio::task::spawn_blocking(move || users.ids_for(&store, &app))
+            .await
+            .map_err(|e| ReconcileError::Internal(e.to_string()))?
+            .map_err(|e| ReconcileError::Pool(e.to_string()))?;
         self.spawner
             .launch(spawn::Launch {
+                user,
                 limits: pool_limits(spec),
                 spec,
                 generation: attempt.generation,

@@ -35,6 +35,7 @@ use crate::digest::Digest;
 use crate::engine::{Compiler, RuntimeError};
 use crate::limits::{AppCgroup, Cgroups, LimitsError};
 use crate::logs::LogHub;
+use crate::pool_users::PoolUsers;
 use crate::spawn::{Pool, PoolExit, Spawner};
 use crate::spec::{AppName, AppSpec, SpecError};
 use crate::store::{now_unix, Owner, Store, StoreError};
@@ -102,6 +103,8 @@ pub struct Reconciler {
     restarts: mpsc::Sender<(AppName, u64)>,
     /// A `retry_failed` round is under way.
     retrying: AtomicBool,
+    /// Who each app's pool runs as.
+    pool_users: Arc<PoolUsers>,
 }
 
 impl Reconciler {
@@ -113,7 +116,7 @@ impl Reconciler {
         compiler: Arc<Compiler>,
         logs: Arc<LogHub>,
         cgroups: Arc<Cgroups>,
-        pool_user: Option<(u32, u32)>,
+        pool_users: Arc<PoolUsers>,
         drain: Duration,
     ) -> Arc<Reconciler> {
         let (exits, mut exit_events) = mpsc::channel(256);
@@ -125,7 +128,8 @@ impl Reconciler {
             apps: apps::Table::default(),
             drain,
             exits,
-            spawner: Spawner::new(pool_user, Arc::clone(&cgroups)),
+            spawner: Spawner::new(Arc::clone(&cgroups)),
+            pool_users,
             code_cache: Arc::new(code::CodeCache::new(code::CODE_CACHE_BYTES)),
             cgroups,
             restarts,

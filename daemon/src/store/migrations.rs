@@ -89,6 +89,11 @@ const MIGRATIONS: &[&str] = &[
     // 5: what the runtime learnt about precompiled code when it was made (the pool's sizing),
     // so a pool start does not deserialise the code a second time to find out.
     "ALTER TABLE compiled ADD COLUMN facts TEXT;",
+    // 6: the user and group id each app's pool runs as (`pool_users`), kept while the app is.
+    "CREATE TABLE pool_ids (
+        app TEXT PRIMARY KEY,
+        id INTEGER NOT NULL UNIQUE
+     );",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -20,6 +20,7 @@ mod imports;
 mod logs;
 mod migrations;
 mod outbox;
+mod pool_ids;
 
 pub use compiled::Compiled;
 pub use fleet::AppliedRecord;

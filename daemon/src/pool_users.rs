@@ -1,0 +1,232 @@
+//! Who each app's pool runs as. As root, cairnd gives every app a user and group of its own
+//! (the same number), taken from a configured range and recorded in the store, so an app keeps
+//! it across restarts and reboots, as systemd's DynamicUser does. Such a user is in no group
+//! (not the control group), so one pool cannot signal, trace or read another, nor use the
+//! control socket (which also refuses every id of the range outright, `is_pool_uid`).
+//! Without root there is nothing to switch to: pools run as cairnd's own user, and
+//! `gaps` says what that gives up.
+
+use crate::spec::AppName;
+use crate::store::{Store, StoreError};
+use std::ops::RangeInclusive;
+
+/// The default range of pool ids: 10,000 apps, above the 16-bit ids that systemd's dynamic
+/// users, regular users and the first containers' subordinate ranges take.
+pub const DEFAULT_RANGE: RangeInclusive<u32> = 4_000_000..=4_009_999;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolUsers {
+    /// cairnd is not root: every pool runs as cairnd's own user.
+    Own,
+    /// `pool_user` is set: every pool runs as that one user.
+    Shared { name: String, uid: u32, gid: u32 },
+    /// A user and group of its own per app, from this range.
+    PerApp { range: RangeInclusive<u32> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolUsersError {
+    #[error("pool_user `{0}` does not exist on this system; create it, or leave pool_user out to give each app a user of its own")]
+    NoSuchUser(String),
+    #[error("pool_user `{0}` is root; pools must run unprivileged")]
+    Root(String),
+    #[error("pool_ids = \"{0}\" is not a range: write FIRST-LAST, such as \"4000000-4009999\", with 1000 <= FIRST <= LAST")]
+    BadRange(String),
+    #[error("no free id left in pool_ids {first}-{last} for app `{app}` (every id is an app's or the system's); widen the range")]
+    Exhausted { app: String, first: u32, last: u32 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl PoolUsers {
+    /// Resolves the config's `pool_user` and `pool_ids` for a daemon running as `root` (or not).
+    pub fn resolve(
+        root: bool,
+        pool_user: Option<&str>,
+        pool_ids: Option<&str>,
+    ) -> Result<PoolUsers, PoolUsersError> {
+        if !root {
+            return Ok(PoolUsers::Own);
+        }
+        if let Some(name) = pool_user {
+            let user = nix::unistd::User::from_name(name)
+                .ok()
+                .flatten()
+                .ok_or_else(|| PoolUsersError::NoSuchUser(name.to_string()))?;
+            if user.uid.is_root() {
+                return Err(PoolUsersError::Root(name.to_string()));
+            }
+            return Ok(PoolUsers::Shared {
+                name: user.name,
+                uid: user.uid.as_raw(),
+                gid: user.gid.as_raw(),
+            });
+        }
+        let range = match pool_ids {
+            Some(text) => parse_range(text)?,
+            None => DEFAULT_RANGE,
+        };
+        Ok(PoolUsers::PerApp { range })
+    }
+
+    /// One line for the log and `cairnctl status`.
+    pub fn describe(&self) -> String {
+        match self {
+            PoolUsers::Own => "cairnd's own user (cairnd is not root, so it cannot switch)".into(),
+            PoolUsers::Shared { name, uid, gid } => {
+                format!("{name} (uid {uid}, gid {gid}) for every app, no supplementary groups, no_new_privs")
+            }
+            PoolUsers::PerApp { range } => format!(
+                "a user and group of its own per app (ids {}-{}; see `cairnctl status APP`), no supplementary groups, no_new_privs",
+                range.start(),
+                range.end()
+            ),
+        }
+    }
+
+    /// What does not hold between pools, and between a pool and cairnd, under this setting.
+    pub fn gaps(&self) -> Vec<String> {
+        match self {
+            PoolUsers::Own => vec![
+                "pools run as cairnd's own user: a pool that escaped its sandbox could use the control socket, signal cairnd and other pools, and read their memory".into(),
+                "pools share one user: they are not kept from signalling or tracing each other".into(),
+            ],
+            PoolUsers::Shared { name, .. } => vec![format!(
+                "every pool runs as `{name}` (pool_user): pools are not kept from signalling or tracing each other; leave pool_user out to give each app a user of its own"
+            )],
+            PoolUsers::PerApp { .. } => Vec::new(),
+        }
+    }
+
+    /// Whether `uid` is one pools run as (then it may not use the control socket). Under
+    /// `Own` no uid is told apart from cairnd's own: `gaps` says so.
+    pub fn is_pool_uid(&self, uid: u32) -> bool {
+        match self {
+            PoolUsers::Own => false,
+            PoolUsers::Shared { uid: pool, .. } => uid == *pool,
+            PoolUsers::PerApp { range } => range.contains(&uid),
+        }
+    }
+
+    /// Who `app`'s pool runs as, for `cairnctl status APP`, without giving it an id.
+    /// Blocking (the store).
+    pub fn describe_app(&self, store: &Store, app: &AppName) -> String {
+        match self {
+            PoolUsers::Own => "cairnd's own user".into(),
+            PoolUsers::Shared { name, uid, gid } => format!("{name} (uid {uid}, gid {gid})"),
+            PoolUsers::PerApp { .. } => match store.held_pool_id(app.as_str()) {
+                Ok(Some(id)) => format!("uid {id}, gid {id} (its own)"),
+                Ok(None) => "none yet (given at its first start)".into(),
+                Err(error) => format!("unknown ({error})"),
+            },
+        }
+    }
+
+    /// The uid and gid `app`'s pool switches to (`None`: no switch), allocating the app's
+    /// id on its first start. Blocking (the store).
+    pub fn ids_for(
+        &self,
+        store: &Store,
+        app: &AppName,
+    ) -> Result<Option<(u32, u32)>, PoolUsersError> {
+        match self {
+            PoolUsers::Own => Ok(None),
+            PoolUsers::Shared { uid, gid, .. } => Ok(Some((*uid, *gid))),
+            PoolUsers::PerApp { range } => {
+                let id = store
+                    .pool_id(app.as_str(), range.clone(), taken_by_the_system)?
+                    .ok_or_else(|| PoolUsersError::Exhausted {
+                        app: app.as_str().to_string(),
+                        first: *range.start(),
+                        last: *range.end(),
+                    })?;
+                Ok(Some((id, id)))
+            }
+        }
+    }
+}
+
+/// Whether the system's user or group database names `id` (it is then not given to a pool).
+fn taken_by_the_system(id: u32) -> bool {
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(id));
+    let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(id));
+    matches!(user, Ok(Some(_))) || matches!(group, Ok(Some(_)))
+}
+
+fn parse_range(text: &str) -> Result<RangeInclusive<u32>, PoolUsersError> {
+    let bad = || PoolUsersError::BadRange(text.to_string());
+    let (first, last) = text.split_once('-').ok_or_else(bad)?;
+    let first: u32 = first.trim().parse().map_err(|_| bad())?;
+    let last: u32 = last.trim().parse().map_err(|_| bad())?;
+    // Below 1000 are the system's own users; u32::MAX is "no id" to the kernel.
+    if first < 1000 || first > last || last == u32::MAX {
+        return Err(bad());
+    }
+    Ok(first..=last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_parse_and_bad_ones_say_how_to_write_them() {
+        assert_eq!(parse_range("5000-5009").unwrap(), 5000..=5009);
+        assert_eq!(parse_range(" 5000 - 5000 ").unwrap(), 5000..=5000);
+        for bad in ["", "5000", "10-20", "6000-5000", "a-b", "5000-4294967295"] {
+            let error = parse_range(bad).unwrap_err().to_string();
+            assert!(error.contains("FIRST-LAST"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn only_root_switches_and_per_app_is_the_default() {
+        assert_eq!(
+            PoolUsers::resolve(false, Some("root"), None).unwrap(),
+            PoolUsers::Own
+        );
+        assert_eq!(
+            PoolUsers::resolve(true, None, None).unwrap(),
+            PoolUsers::PerApp {
+                range: DEFAULT_RANGE
+            }
+        );
+        assert!(matches!(
+            PoolUsers::resolve(true, Some("root"), None),
+            Err(PoolUsersError::Root(_))
+        ));
+        assert!(matches!(
+            PoolUsers::resolve(true, Some("no-such-user-here"), None),
+            Err(PoolUsersError::NoSuchUser(_))
+        ));
+    }
+
+    #[test]
+    fn the_control_socket_tells_pool_ids_apart() {
+        let per_app = PoolUsers::PerApp { range: 5000..=5009 };
+        assert!(per_app.is_pool_uid(5000) && per_app.is_pool_uid(5009));
+        assert!(!per_app.is_pool_uid(4999) && !per_app.is_pool_uid(0));
+        assert!(per_app.gaps().is_empty());
+        assert!(!PoolUsers::Own.is_pool_uid(0));
+        assert_eq!(PoolUsers::Own.gaps().len(), 2);
+    }
+
+    #[test]
+    fn an_app_keeps_its_id_and_a_freed_id_is_given_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cairn.db")).unwrap();
+        let users = PoolUsers::PerApp { range: 5000..=5002 };
+        let name = |n: &str| n.parse::<AppName>().unwrap();
+        let a = users.ids_for(&store, &name("a")).unwrap();
+        let b = users.ids_for(&store, &name("b")).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(users.ids_for(&store, &name("a")).unwrap(), a, "stable");
+        users.ids_for(&store, &name("c")).unwrap();
+        assert!(matches!(
+            users.ids_for(&store, &name("d")),
+            Err(PoolUsersError::Exhausted { .. })
+        ));
+        store.remove_app(&name("b")).unwrap();
+        assert_eq!(users.ids_for(&store, &name("d")).unwrap(), b);
+    }
+}
