@@ -1,6 +1,6 @@
 //! `cairnctl logs`: an app's recorded output and cairn's notes about it.
 
-use crate::output::utc_millis;
+use crate::output::{for_terminal, stdout_is_terminal, utc_millis};
 use cairn_core::proto::{self, control_client::ControlClient};
 use cairn_ctl::exit::Failure;
 use serde_json::json;
@@ -24,6 +24,7 @@ pub async fn show(
         .await?
         .into_inner();
     let stdout = std::io::stdout();
+    let terminal = stdout_is_terminal();
     while let Some(line) = stream.message().await? {
         let mut out = stdout.lock();
         let written = if json_output {
@@ -38,7 +39,11 @@ pub async fn show(
                 "{} [{}] {}",
                 utc_millis(line.unix_millis),
                 line.stream,
-                line.line
+                if terminal {
+                    for_terminal(&line.line)
+                } else {
+                    line.line.as_str().into()
+                }
             )
         };
         if written.and_then(|_| out.flush()).is_err() {

@@ -16,7 +16,38 @@ pub fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {
     cells.iter().map(|c| c.to_string()).collect()
 }
 
+/// `text` as it may be written to a terminal: control characters (escape sequences above
+/// all, which can retitle, clear or rewrite an operator's screen) and the bidirectional
+/// overrides that reorder what is shown are written as escapes instead, such as `\x1b`.
+/// Guest text (logs, errors a guest caused) goes through this whenever stdout is a terminal.
+pub fn for_terminal(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        (c.is_control() && c != '\t')
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if !unsafe_char(c) {
+            out.push(c);
+        } else if (c as u32) < 0x80 {
+            out.push_str(&format!("\\x{:02x}", c as u32));
+        } else {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Whether stdout is a terminal (then guest text is escaped, see `for_terminal`).
+pub fn stdout_is_terminal() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stdout())
+}
+
 pub fn print_table(rows: &[Vec<String>]) {
+    let terminal = stdout_is_terminal();
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -28,6 +59,13 @@ pub fn print_table(rows: &[Vec<String>]) {
         })
         .collect();
     for r in rows {
+        let r: Vec<String> = if terminal {
+            r.iter()
+                .map(|cell| for_terminal(cell).into_owned())
+                .collect()
+        } else {
+            r.clone()
+        };
         let mut line = String::new();
         for (c, cell) in r.iter().enumerate() {
             if c + 1 == r.len() {
@@ -84,6 +122,25 @@ pub fn app_json(app: &proto::AppSummary) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_text_for_a_terminal_has_its_controls_escaped() {
+        let cases = [
+            (
+                "plain text, tabs\tand unicode é",
+                "plain text, tabs\tand unicode é",
+            ),
+            ("\x1b]0;owned\x07title", "\\x1b]0;owned\\x07title"),
+            ("\x1b[2Jclear", "\\x1b[2Jclear"),
+            ("carriage\rreturn", "carriage\\x0dreturn"),
+            ("bell\x7f", "bell\\x7f"),
+            ("c1 \u{9b}31m", "c1 \\u{9b}31m"),
+            ("bidi \u{202e}txt.exe", "bidi \\u{202e}txt.exe"),
+        ];
+        for (raw, shown) in cases {
+            assert_eq!(for_terminal(raw), shown, "{raw:?}");
+        }
+    }
 
     #[test]
     fn dates_print_in_utc() {

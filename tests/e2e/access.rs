@@ -44,11 +44,26 @@ fn readers_may_read_but_not_change_state() {
         Some("[control]\nread_access = \"any\"\ngroup = \"cairn-e2e-none\"\n"),
         &[],
     );
-    let addr = daemon.deploy_hello("guarded", &[]);
+    let addr = daemon.deploy_hello("guarded", &["--env", "API_TOKEN=s3cret-value"]);
 
     let read = daemon.ctl_as(Some(NOBODY), &["-o", "json", "ls"]);
     assert_eq!(read.code, 0, "{read:?}");
     assert_eq!(read.json()[0]["name"], "guarded");
+    // A reader sees which variables an app has, not their values (often secrets); those who
+    // may change state see them.
+    for args in [
+        &["-o", "json", "status", "guarded"][..],
+        &["status", "guarded"][..],
+    ] {
+        let status = daemon.ctl_as(Some(NOBODY), args);
+        assert_eq!(status.code, 0, "{status:?}");
+        assert!(status.stdout.contains("API_TOKEN"), "{}", status.stdout);
+        assert!(!status.stdout.contains("s3cret"), "{}", status.stdout);
+    }
+    assert_eq!(
+        daemon.app_status("guarded")["env"]["API_TOKEN"],
+        "s3cret-value"
+    );
 
     for args in [vec!["rm", "guarded"], vec!["rollback", "guarded"]] {
         let result = daemon.ctl_as(Some(NOBODY), &args);

@@ -421,3 +421,81 @@ fn a_pools_user_cannot_drive_the_daemon_nor_touch_another_pool() {
     let status = daemon.ctl(&["-o", "json", "status"]).json();
     assert_eq!(status["isolation_gaps"], serde_json::json!([]), "{status}");
 }
+
+#[test]
+fn guest_escape_sequences_reach_a_terminal_escaped_and_a_pipe_unchanged() {
+    let daemon = Daemon::start();
+    let addr = daemon.deploy_hello("noisy", &[]);
+    assert_eq!(get(addr, "/escape").unwrap().status, 200);
+    wait_for("the line to be logged", Duration::from_secs(10), || {
+        daemon
+            .ctl_ok(&["logs", "noisy"])
+            .contains("after the escapes")
+    })
+    .unwrap();
+    // Into a pipe (a file, another program) the bytes are the guest's own.
+    assert!(daemon
+        .ctl_ok(&["logs", "noisy"])
+        .contains("\x1b[2J\x1b]0;owned\x07"));
+
+    // On a terminal they are shown as text, so they cannot clear or retitle it.
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let status = {
+        let mut command = std::process::Command::new(&cairn_tests::binaries().1);
+        command
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args(["logs", "noisy"])
+            .stdout(std::process::Stdio::from(pty.slave));
+        command.status().unwrap()
+    };
+    assert!(status.success());
+    let mut shown = Vec::new();
+    let mut master = std::fs::File::from(pty.master);
+    let mut buf = [0u8; 4096];
+    // The pty reports EIO once the last writer is gone.
+    while let Ok(n) = master.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        shown.extend_from_slice(&buf[..n]);
+    }
+    let shown = String::from_utf8_lossy(&shown);
+    assert!(shown.contains("after the escapes"), "{shown:?}");
+    assert!(shown.contains("\\x1b[2J\\x1b]0;owned\\x07"), "{shown:?}");
+    assert!(
+        !shown.contains('\x1b'),
+        "a raw escape reached the terminal: {shown:?}"
+    );
+}
+
+#[test]
+fn a_pool_with_every_instance_spinning_still_answers_and_stops_them_on_time() {
+    let daemon = Daemon::start();
+    // More spinning instances than the pool has threads (one per core): without yielding
+    // they would hold every thread until their deadline.
+    let addr = deploy(&daemon, "spinner", "", "instances = 4\ntimeout = \"3s\"");
+    let neighbour = daemon.deploy_hello("calm", &[]);
+    let loops: Vec<_> = (0..4)
+        .map(|_| std::thread::spawn(move || get(addr, "/loop").unwrap().status))
+        .collect();
+    wait_for("every instance to be busy", Duration::from_secs(10), || {
+        daemon.app_status("spinner")["in_flight"] == 4
+    })
+    .unwrap();
+    // The pool still takes a connection and answers it: 503, the instance limit, which it
+    // could only say while all four still spin (after their deadline it would answer 200).
+    let refused = get(addr, "/").unwrap();
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(get(neighbour, "/").unwrap().status, 200);
+    for spinning in loops {
+        assert_eq!(
+            spinning.join().unwrap(),
+            500,
+            "a spinning guest was not stopped"
+        );
+    }
+    let status = daemon.app_status("spinner");
+    assert_eq!(status["timeouts"], 4, "{status}");
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+}

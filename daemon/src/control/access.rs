@@ -11,6 +11,12 @@ use std::sync::Arc;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Status};
 
+/// What a caller that passed `Access::check` may do besides what it asked.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub may_change_state: bool,
+}
+
 /// Who may change state and who may read.
 pub struct Access {
     daemon_uid: Uid,
@@ -58,7 +64,7 @@ impl Access {
         request: &Request<T>,
         action: &str,
         changes_state: bool,
-    ) -> Result<(), Status> {
+    ) -> Result<Caller, Status> {
         let credentials = request
             .extensions()
             .get::<UdsConnectInfo>()
@@ -76,10 +82,14 @@ impl Access {
             )));
         }
         if uid.is_root() || uid == self.daemon_uid || self.in_group(uid, gid) {
-            return Ok(());
+            return Ok(Caller {
+                may_change_state: true,
+            });
         }
         if !changes_state && self.read_access == ReadAccess::Any {
-            return Ok(());
+            return Ok(Caller {
+                may_change_state: false,
+            });
         }
         let group_hint = match &self.group {
             Some((name, _)) => {

@@ -346,12 +346,18 @@ impl Control for ControlService {
         &self,
         request: Request<proto::StatusRequest>,
     ) -> Result<Response<proto::StatusReply>, Status> {
-        self.access.check(&request, "read status", false)?;
+        let caller = self.access.check(&request, "read status", false)?;
         let app = request.get_ref().app.clone();
         let detail = if app.is_empty() {
             Detail::Daemon(self.daemon_status().await?)
         } else {
-            Detail::App(self.app_detail(&app_name(&app)?).await?)
+            // `[env]` values are often secrets: only those who could change them see them.
+            let env = if caller.may_change_state {
+                views::Env::Values
+            } else {
+                views::Env::KeysOnly
+            };
+            Detail::App(self.app_detail(&app_name(&app)?, env).await?)
         };
         Ok(Response::new(proto::StatusReply {
             detail: Some(detail),

@@ -9,6 +9,17 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tonic::Status;
 
+/// How much of an app's `[env]` a caller sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Env {
+    Values,
+    /// Keys, each with `HIDDEN` for its value.
+    KeysOnly,
+}
+
+/// What a reader who may not change state sees for an `[env]` value.
+pub(super) const HIDDEN: &str = "(hidden: only callers who may change state see values)";
+
 impl ControlService {
     pub(super) async fn daemon_status(&self) -> Result<proto::DaemonStatus, Status> {
         let apps = self.reconciler.list().await;
@@ -49,7 +60,11 @@ impl ControlService {
         })
     }
 
-    pub(super) async fn app_detail(&self, name: &AppName) -> Result<proto::AppDetail, Status> {
+    pub(super) async fn app_detail(
+        &self,
+        name: &AppName,
+        env: Env,
+    ) -> Result<proto::AppDetail, Status> {
         let detail = self
             .reconciler
             .detail(name)
@@ -80,7 +95,15 @@ impl ControlService {
                     current: g.generation == detail.view.generation,
                 })
                 .collect(),
-            env: detail.spec.env.clone().into_iter().collect(),
+            env: match env {
+                Env::Values => detail.spec.env.clone().into_iter().collect(),
+                Env::KeysOnly => detail
+                    .spec
+                    .env
+                    .keys()
+                    .map(|key| (key.clone(), HIDDEN.to_string()))
+                    .collect(),
+            },
             allocator: detail.allocator,
             requests: detail.requests,
             in_flight: detail.in_flight,

@@ -24,7 +24,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Engine, EngineWeak, PoolingAllocationConfig, Store, StoreLimitsBuilder, Trap};
+use wasmtime::{
+    Engine, EngineWeak, PoolingAllocationConfig, Store, StoreLimitsBuilder, Trap, UpdateDeadline,
+};
 use wasmtime_wasi::WasiCtx;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -165,7 +167,7 @@ impl Runtime {
                 loaded
             }
         };
-        loaded.deadline_ticks = (limits.timeout.0.as_millis() / EPOCH_TICK.as_millis()) as u64 + 1;
+        loaded.timeout = Some(limits.timeout.0);
         self.engines
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -195,7 +197,7 @@ impl Runtime {
             engine: engine.clone(),
             pre,
             allocator: POOLING_ALLOCATOR.to_string(),
-            deadline_ticks: u64::MAX,
+            timeout: None,
             settings: Arc::new(AppSettings {
                 name: settings.name.clone(),
                 env: settings.env.clone(),
@@ -291,7 +293,8 @@ pub struct LoadedApp {
     pre: ProxyPre<Host>,
     /// `pooling`, or `on-demand (why)`.
     pub allocator: String,
-    deadline_ticks: u64,
+    /// Each request's deadline; `None` while the proving instance is made (at load).
+    timeout: Option<Duration>,
     settings: Arc<AppSettings>,
 }
 
@@ -326,8 +329,27 @@ impl LoadedApp {
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|host| &mut host.limits);
-        store.set_epoch_deadline(self.deadline_ticks);
-        store.epoch_deadline_trap();
+        match self.timeout {
+            // Guest code that runs on without waiting gives its thread back at every epoch
+            // tick, so the pool's few threads still serve other connections (and the 503s
+            // past the instance limit) while every instance spins; at its deadline it is
+            // stopped (a trap, `Trap::Interrupt`).
+            Some(timeout) => {
+                let deadline = std::time::Instant::now() + timeout;
+                store.set_epoch_deadline(1);
+                store.epoch_deadline_callback(move |_| {
+                    Ok(if std::time::Instant::now() >= deadline {
+                        UpdateDeadline::Interrupt
+                    } else {
+                        UpdateDeadline::Yield(1)
+                    })
+                });
+            }
+            None => {
+                store.set_epoch_deadline(u64::MAX);
+                store.epoch_deadline_trap();
+            }
+        }
         store
     }
 

@@ -55,6 +55,11 @@ impl wasip2::exports::http::incoming_handler::Guest for Hello {
                 print!("{out}");
                 (200, format!("{count} lines\n").into_bytes())
             }
+            "/escape" => {
+                // Terminal escape sequences in the log: clear the screen, retitle the window.
+                println!("\x1b[2J\x1b]0;owned\x07 after the escapes");
+                (200, b"escaped\n".to_vec())
+            }
             "/log" => {
                 println!("log line to stdout");
                 eprintln!("log line to stderr");
