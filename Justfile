@@ -80,7 +80,7 @@ check: lint components
 # Everything, including what does not fit CI's budget: the whole suite, the arm64 image booted
 # under QEMU, and the Raspberry Pi image (about 40 minutes more the first time, for the cached
 # arm64 Debian root; about 10 after that).
-test-all: test (boot-test "arm64") test-rpi
+test-all: test (boot-test "arm64") test-rpi hostile
 
 # Release builds of cairnd and cairnctl for this machine (what packages ship, what tests run).
 release:
@@ -154,6 +154,23 @@ test-arm64: binfmt-arm64 components release-arm64
 # (outbox flush, time to converge) and serving (cairn vs `wasmtime serve` vs native hyper).
 # Installs wrk (apt) and wasmtime-cli at wasmtime_version (cargo install, into the tools dir) when
 # missing. `just bench --quick` does one round of each figure.
+# The hostile suite (about 3 minutes; `--quick` about 1): one app attacked (busy loops, a
+# memory bomb, recursion, a log flood, 100 MiB bodies and responses, 2,000 slowloris
+# connections, clients that never read, a pool's credentials) beside a well-behaved neighbour
+# under wrk; figures to BENCHMARKS.md. Root for the credentials part. Installs wrk.
+hostile *flags: components
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! command -v wrk >/dev/null; then
+        echo "hostile: installing wrk with apt-get" >&2
+        sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+        $sudo_cmd apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq wrk >/dev/null
+    fi
+    export CAIRN_PROFILE=release
+    cargo build --release --workspace --bins
+    cargo bench -p cairn-tests --bench hostile -- {{flags}}
+
 bench *flags: components
     #!/usr/bin/env bash
     set -euo pipefail

@@ -112,6 +112,7 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
         object.insert("cpu_usage_nanos".into(), json!(detail.cpu_usage_nanos));
         object.insert("pids".into(), json!(detail.pids));
         object.insert("pool_user".into(), json!(detail.pool_user));
+        object.insert("log_lines_dropped".into(), json!(detail.log_lines_dropped));
         print_json(&value);
         return;
     }
@@ -155,6 +156,7 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
                 detail.requests, detail.in_flight, detail.traps, detail.timeouts, detail.rejected
             ),
         ]),
+        row(["log lines dropped", &detail.log_lines_dropped.to_string()]),
     ];
     if !app.error.is_empty() {
         rows.push(row(["error", &app.error]));

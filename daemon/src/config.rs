@@ -45,6 +45,8 @@ pub struct Config {
     pub max_component_size: ByteSize,
     /// Log lines kept per app; older ones are pruned.
     pub log_lines_per_app: u64,
+    /// Bytes of log text kept per app; older lines are pruned.
+    pub log_bytes_per_app: ByteSize,
     /// How long shutdown waits for requests in flight.
     pub drain_timeout: HumanDuration,
     /// The cgroup (relative to the hierarchy root) under which each app gets its own.
@@ -146,6 +148,7 @@ impl Default for Config {
             control: ControlConfig::default(),
             max_component_size: ByteSize(256 << 20),
             log_lines_per_app: 10_000,
+            log_bytes_per_app: ByteSize(16 << 20),
             drain_timeout: HumanDuration(Duration::from_secs(10)),
             cgroup_parent: None,
             total_memory: None,

@@ -1,16 +1,19 @@
 //! The log pipeline: guest stdout/stderr and cairn's own notes about an app go through a
-//! bounded channel to one writer task that batches them into the store, then to live followers
-//! (`cairnctl logs -f`). The request path never waits on it: when the channel is full a line is
-//! dropped and counted, and the count is shown in `cairnctl status`.
+//! channel bounded in bytes to one writer task that batches them into the store, then to live
+//! followers (`cairnctl logs -f`). The request path never waits on it: when the channel is full
+//! a line is dropped and counted, and the count is shown in `cairnctl status`. Each app keeps
+//! its newest lines up to a count and a byte budget (`Keep`).
 
 use crate::store::{now_unix, LogRecord, NewLogLine, OutboxBounds, OutboxKind, Store};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc};
 
-/// Pending `emit` calls (each a batch of lines) before new ones are dropped and counted.
+/// Pending `emit` calls (each a batch of lines) before new ones are dropped and counted…
 const CHANNEL_BATCHES: usize = 1024;
+/// …and the bytes of line text they may hold together.
+pub const CHANNEL_BYTES: usize = 16 << 20;
 /// Lines written to the store in one transaction, at most (a little more when one emit is big).
 const BATCH_LINES: usize = 4096;
 /// Longest line kept; longer ones are cut (a line is a record, not a file transfer).
@@ -20,6 +23,27 @@ pub struct LogHub {
     sender: mpsc::Sender<Vec<NewLogLine>>,
     live: broadcast::Sender<LogRecord>,
     dropped: AtomicU64,
+    /// Bytes of line text in the channel now.
+    queued: AtomicUsize,
+}
+
+/// How much of each app's log the store keeps: its newest lines, up to both bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct Keep {
+    pub lines: u64,
+    pub bytes: u64,
+}
+
+/// What a line costs besides its text (the record, its app name), so a flood of empty lines
+/// is bounded too.
+const LINE_OVERHEAD: usize = 128;
+
+/// The bytes `lines` are counted as against `CHANNEL_BYTES`.
+fn text_bytes(lines: &[NewLogLine]) -> usize {
+    lines
+        .iter()
+        .map(|line| line.line.len() + LINE_OVERHEAD)
+        .sum()
 }
 
 impl LogHub {
@@ -28,7 +52,7 @@ impl LogHub {
     /// in the same transaction.
     pub fn start(
         store: Arc<Store>,
-        keep_per_app: u64,
+        keep: Keep,
         outbox: Option<(String, OutboxBounds)>,
     ) -> Arc<LogHub> {
         let (sender, receiver) = mpsc::channel(CHANNEL_BATCHES);
@@ -37,12 +61,13 @@ impl LogHub {
             sender,
             live: live.clone(),
             dropped: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
         });
         tokio::spawn(write_loop(
             store,
             receiver,
             live,
-            keep_per_app,
+            keep,
             outbox,
             Arc::clone(&hub),
         ));
@@ -76,7 +101,10 @@ impl LogHub {
             });
         }
         let count = lines.len() as u64;
-        if self.sender.try_send(lines).is_err() {
+        let bytes = text_bytes(&lines);
+        let before = self.queued.fetch_add(bytes, Ordering::AcqRel);
+        if before + bytes > CHANNEL_BYTES || self.sender.try_send(lines).is_err() {
+            self.queued.fetch_sub(bytes, Ordering::AcqRel);
             self.dropped.fetch_add(count, Ordering::Relaxed);
         }
     }
@@ -106,11 +134,12 @@ async fn write_loop(
     store: Arc<Store>,
     mut receiver: mpsc::Receiver<Vec<NewLogLine>>,
     live: broadcast::Sender<LogRecord>,
-    keep_per_app: u64,
+    keep: Keep,
     outbox: Option<(String, OutboxBounds)>,
     hub: Arc<LogHub>,
 ) {
-    let mut written_since_prune: HashMap<String, u64> = HashMap::new();
+    // Lines and bytes written per app since its last prune.
+    let mut written_since_prune: HashMap<String, (u64, u64)> = HashMap::new();
     while let Some(mut batch) = receiver.recv().await {
         while batch.len() < BATCH_LINES {
             match receiver.try_recv() {
@@ -118,6 +147,7 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
+        hub.queued.fetch_sub(text_bytes(&batch), Ordering::AcqRel);
         let count = batch.len() as u64;
         let forward = outbox.clone();
         let result = store
@@ -142,7 +172,9 @@ async fn write_loop(
         match result {
             Ok((batch, ids)) => {
                 for (line, id) in batch.into_iter().zip(ids) {
-                    *written_since_prune.entry(line.app.clone()).or_default() += 1;
+                    let written = written_since_prune.entry(line.app.clone()).or_default();
+                    written.0 += 1;
+                    written.1 += line.line.len() as u64;
                     let _ = live.send(LogRecord {
                         id,
                         app: line.app,
@@ -160,13 +192,15 @@ async fn write_loop(
         }
         let due: Vec<String> = written_since_prune
             .iter()
-            .filter(|(_, written)| **written >= (keep_per_app / 10).max(100))
+            .filter(|(_, (lines, bytes))| {
+                *lines >= (keep.lines / 10).max(100) || *bytes >= keep.bytes / 10
+            })
             .map(|(app, _)| app.clone())
             .collect();
         for app in due {
             written_since_prune.remove(&app);
             let pruned = store
-                .call(move |store| store.prune_logs(&app, keep_per_app))
+                .call(move |store| store.prune_logs(&app, keep.lines, keep.bytes))
                 .await;
             if let Err(error) = pruned {
                 tracing::warn!(%error, "old log lines could not be pruned");

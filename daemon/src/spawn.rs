@@ -643,6 +643,14 @@ fn route_messages(
                     let _ = draining_sender.send(true);
                 }
                 Ok(Some(other)) => tracing::warn!(?other, "unexpected message from a pool"),
+                // Read past, reported, and the pool's next messages still arrive.
+                Err(error) if protocol::refused(&error).is_some() => {
+                    logs.note(
+                        app.as_str(),
+                        generation,
+                        &format!("cairn refused {error} from this app's pool"),
+                    );
+                }
                 Ok(None) | Err(_) => return,
             }
         }

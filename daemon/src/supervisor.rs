@@ -51,7 +51,11 @@ pub async fn run(
             },
         )
     });
-    let logs = LogHub::start(Arc::clone(&store), config.log_lines_per_app, outbox);
+    let keep = crate::logs::Keep {
+        lines: config.log_lines_per_app,
+        bytes: config.log_bytes_per_app.0,
+    };
+    let logs = LogHub::start(Arc::clone(&store), keep, outbox);
     let cgroups = Arc::new(cgroups(&config));
     let reconciler = Reconciler::start(
         Arc::clone(&store),

@@ -4,65 +4,22 @@
 //! cancels out. Also cold start from scale-to-zero, start-to-READY with 100 apps, and memory.
 //! `just bench` runs it with release binaries; `--quick` does one short round of each figure.
 
-use cairn_tests::report::{machine, median, millis, write_section};
+use cairn_tests::report::{machine, median, millis, write_section, Load};
 use cairn_tests::{component, free_port, wait_for, Daemon};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// What one wrk run reports.
-#[derive(Debug, Clone, Copy)]
-struct Load {
-    requests_per_sec: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    avg_ms: f64,
-}
-
-fn parse_ms(text: &str) -> f64 {
-    let split = text
-        .find(|c: char| c.is_ascii_alphabetic())
-        .unwrap_or(text.len());
-    let value: f64 = text[..split].parse().unwrap_or(f64::NAN);
-    match &text[split..] {
-        "us" => value / 1000.0,
-        "ms" => value,
-        "s" => value * 1000.0,
-        "m" => value * 60_000.0,
-        other => panic!("unknown wrk unit `{other}` in `{text}`"),
-    }
-}
-
+/// wrk with the errors that would make its figures meaningless refused.
 fn wrk(addr: SocketAddr, threads: u32, connections: u32, seconds: u32) -> Load {
-    let output = Command::new("wrk")
-        .args([
-            &format!("-t{threads}"),
-            &format!("-c{connections}"),
-            &format!("-d{seconds}s"),
-            "--latency",
-            &format!("http://{addr}/"),
-        ])
-        .output()
-        .expect("wrk runs (just bench installs it)");
-    let text = String::from_utf8_lossy(&output.stdout);
+    let load = cairn_tests::report::wrk(addr, "/", threads, connections, seconds);
     assert!(
-        !text.contains("Non-2xx") && !text.contains("Socket errors"),
-        "wrk saw errors against {addr}:\n{text}"
+        load.errors.is_empty(),
+        "wrk saw errors against {addr}: {}",
+        load.errors
     );
-    let field = |prefix: &str, index: usize| -> &str {
-        text.lines()
-            .map(str::trim)
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.split_whitespace().nth(index))
-            .unwrap_or_else(|| panic!("no `{prefix}` in wrk's output:\n{text}"))
-    };
-    Load {
-        requests_per_sec: field("Requests/sec:", 1).parse().unwrap(),
-        avg_ms: parse_ms(field("Latency ", 1)),
-        p50_ms: parse_ms(field("50%", 1)),
-        p99_ms: parse_ms(field("99%", 1)),
-    }
+    load
 }
 
 /// One GET over a fresh raw socket, retried every 0.5 ms until it answers 200; the time it

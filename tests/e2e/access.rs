@@ -1,7 +1,8 @@
 //! The control socket authorises every call from the peer's credentials.
 
-use cairn_tests::{is_root, Daemon};
+use cairn_tests::{is_root, wait_for, Daemon};
 use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
 
 const NOBODY: u32 = 65534;
 
@@ -99,4 +100,55 @@ fn readers_may_read_but_not_change_state() {
             .len(),
         1
     );
+}
+
+#[test]
+fn one_uid_cannot_hold_every_control_connection() {
+    if !is_root() {
+        cairn_tests::skip(
+            "one_uid_cannot_hold_every_control_connection",
+            "needs root to run cairnctl as another uid",
+        );
+        return;
+    }
+    let daemon = Daemon::start_with(Some("[control]\nread_access = \"any\"\n"), &[]);
+    // Root opens 40 connections and sends nothing: the first 32 are held, the rest closed.
+    let mut held: Vec<std::os::unix::net::UnixStream> = (0..40)
+        .map(|_| std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap())
+        .collect();
+    let closed = held
+        .iter_mut()
+        .filter(|stream| {
+            use std::io::Read;
+            let mut stream: &std::os::unix::net::UnixStream = stream;
+            stream
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            // A timeout means still open; the end or a reset means closed by cairnd.
+            match stream.read(&mut [0u8; 1]) {
+                Ok(0) => true,
+                Err(e) => !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                Ok(_) => false,
+            }
+        })
+        .count();
+    assert_eq!(
+        closed, 8,
+        "connections over the per-uid bound were not closed"
+    );
+    // Root's slots are full, another uid's are not.
+    assert_ne!(daemon.ctl(&["ls"]).code, 0, "root got a 33rd connection");
+    let other = daemon.ctl_as(Some(NOBODY), &["ls"]);
+    assert_eq!(other.code, 0, "{other:?}");
+    // Closing them gives the slots back.
+    drop(held);
+    wait_for(
+        "root's slots to be free again",
+        Duration::from_secs(10),
+        || daemon.ctl(&["ls"]).code == 0,
+    )
+    .unwrap();
 }

@@ -499,3 +499,61 @@ fn a_pool_with_every_instance_spinning_still_answers_and_stops_them_on_time() {
     assert_eq!(status["timeouts"], 4, "{status}");
     assert_eq!(get(addr, "/").unwrap().status, 200);
 }
+
+#[test]
+fn a_log_flood_is_kept_within_the_apps_byte_budget_and_the_neighbour_still_logs() {
+    let daemon = Daemon::start_with(Some("log_bytes_per_app = \"1MiB\"\n"), &[]);
+    let flood = daemon.deploy_hello("flood", &[]);
+    let neighbour = daemon.deploy_hello("quiet", &[]);
+    // 200 requests, each writing 64 KiB (its cut) in 8 KiB lines: 12.5 MiB in ~1,600 lines,
+    // far under the 10,000-line bound, so only the byte budget holds it.
+    let path = format!("/lines?16-{}", "x".repeat(8 << 10));
+    let writers: Vec<_> = (0..8)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                for _ in 0..25 {
+                    assert_eq!(get(flood, &path).unwrap().status, 200);
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    assert_eq!(get(neighbour, "/log").unwrap().status, 200);
+    wait_for(
+        "the neighbour's line to be stored",
+        Duration::from_secs(20),
+        || {
+            daemon
+                .ctl_ok(&["logs", "quiet"])
+                .contains("log line to stdout")
+        },
+    )
+    .unwrap();
+    // One more prune comes with the next lines written; then the app's log is within budget
+    // (and a tenth: pruning runs after each tenth of the budget written).
+    let stored = || -> i64 {
+        let db = rusqlite::Connection::open(daemon.database()).unwrap();
+        db.query_row(
+            "SELECT COALESCE(SUM(length(CAST(line AS BLOB))), 0) FROM logs WHERE app = 'flood'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap()
+    };
+    wait_for(
+        "the flood's log to be pruned",
+        Duration::from_secs(20),
+        || stored() <= (1 << 20) + (1 << 20) / 10 + (64 << 10),
+    )
+    .unwrap();
+    assert!(
+        stored() > 512 << 10,
+        "the newest lines were pruned too: {}",
+        stored()
+    );
+    let status = daemon.app_status("flood");
+    assert!(status["log_lines_dropped"].is_u64(), "{status}");
+}

@@ -1,6 +1,7 @@
-//! Benchmark reporting: medians, the machine's description, and the sections of
+//! Benchmark reporting: wrk runs, medians, the machine's description, and the sections of
 //! BENCHMARKS.md that a benchmark owns (rewritten between its markers on every run).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -88,5 +89,65 @@ mod tests {
     fn medians() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
+
+/// What one wrk run reports.
+#[derive(Debug, Clone)]
+pub struct Load {
+    pub requests_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub avg_ms: f64,
+    /// wrk's lines about non-2xx answers and socket errors; empty when there were none.
+    pub errors: String,
+}
+
+fn parse_ms(text: &str) -> f64 {
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(text.len());
+    let value: f64 = text[..split].parse().unwrap_or(f64::NAN);
+    match &text[split..] {
+        "us" => value / 1000.0,
+        "ms" => value,
+        "s" => value * 1000.0,
+        "m" => value * 60_000.0,
+        other => panic!("unknown wrk unit `{other}` in `{text}`"),
+    }
+}
+
+/// Runs wrk (`just bench` installs it) against `http://addr{path}`.
+pub fn wrk(addr: SocketAddr, path: &str, threads: u32, connections: u32, seconds: u32) -> Load {
+    let output = std::process::Command::new("wrk")
+        .args([
+            &format!("-t{threads}"),
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            &format!("http://{addr}{path}"),
+        ])
+        .output()
+        .expect("wrk runs (just bench installs it)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let field = |prefix: &str, index: usize| -> &str {
+        text.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.split_whitespace().nth(index))
+            .unwrap_or_else(|| panic!("no `{prefix}` in wrk's output:\n{text}"))
+    };
+    let errors = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("Non-2xx") || l.starts_with("Socket errors"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Load {
+        requests_per_sec: field("Requests/sec:", 1).parse().unwrap(),
+        avg_ms: parse_ms(field("Latency ", 1)),
+        p50_ms: parse_ms(field("50%", 1)),
+        p99_ms: parse_ms(field("99%", 1)),
+        errors,
     }
 }

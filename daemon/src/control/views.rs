@@ -108,6 +108,7 @@ impl ControlService {
             requests: detail.requests,
             in_flight: detail.in_flight,
             traps: detail.traps,
+            log_lines_dropped: detail.log_lines_dropped,
             timeouts: detail.timeouts,
             rejected: detail.rejected,
             health: String::new(),

@@ -362,3 +362,23 @@ fn plain(status: u16, text: &str) -> hyper::Response<HyperOutgoingBody> {
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failing_accepts_back_off_to_a_second_and_log_once_per_interval() {
+        let mut failures = AcceptFailures::default();
+        let error = std::io::Error::from_raw_os_error(24); // EMFILE
+        let pauses: Vec<Duration> = (0..14).map(|_| failures.failed(&error)).collect();
+        assert_eq!(pauses[0], Duration::from_millis(1));
+        assert_eq!(pauses[1], Duration::from_millis(2));
+        assert_eq!(pauses[9], Duration::from_millis(512));
+        assert!(pauses[10..].iter().all(|p| *p == ACCEPT_BACKOFF_MAX));
+        // The first failure was logged; the 13 since wait for the interval to pass.
+        assert_eq!(failures.unlogged, 13);
+        failures.succeeded();
+        assert_eq!(failures.failed(&error), Duration::from_millis(1));
+    }
+}

@@ -25,8 +25,53 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Log chunks queued towards the supervisor before new ones are dropped (and counted).
+/// Log chunks queued towards the supervisor before new ones are dropped (and counted)…
 const LOG_QUEUE: usize = 4096;
+/// …and the bytes of text they may hold together. A request's output is at most 64 KiB per
+/// stream (`host::OUTPUT_LIMIT`).
+const LOG_QUEUE_BYTES: usize = 4 << 20;
+/// Text bytes in one `Logs` frame at most: JSON writes a control character in six bytes, so a
+/// frame stays well under `protocol::MAX_FRAME`.
+const LOG_FRAME_BYTES: usize = 64 << 10;
+
+/// The pool's side of its log queue: what is queued, in chunks and in bytes.
+#[derive(Clone)]
+struct LogQueue {
+    chunks: mpsc::Sender<LogChunk>,
+    bytes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl LogQueue {
+    fn new() -> (
+        LogQueue,
+        mpsc::Receiver<LogChunk>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        let (chunks, receiver) = mpsc::channel(LOG_QUEUE);
+        let bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        (
+            LogQueue {
+                chunks,
+                bytes: Arc::clone(&bytes),
+            },
+            receiver,
+            bytes,
+        )
+    }
+
+    /// Queues `chunk` unless the queue is full (in chunks or bytes); false when dropped.
+    fn offer(&self, chunk: LogChunk) -> bool {
+        use std::sync::atomic::Ordering::AcqRel;
+        let size = chunk.text.len();
+        if self.bytes.fetch_add(size, AcqRel) + size > LOG_QUEUE_BYTES
+            || self.chunks.try_send(chunk).is_err()
+        {
+            self.bytes.fetch_sub(size, AcqRel);
+            return false;
+        }
+        true
+    }
+}
 
 /// Switches to the app's user and group with no supplementary groups, once the spare knows
 /// its app (a spare is made before it is known whose it will be). The process has threads by
@@ -180,8 +225,8 @@ async fn serve(
 
     // One writer task owns the socket's sending half; everything else queues to it.
     let (outgoing, queue) = mpsc::channel::<FromPool>(64);
-    let (log_sender, log_queue) = mpsc::channel::<LogChunk>(LOG_QUEUE);
-    let writer_task = tokio::spawn(write_messages(writer, queue, log_queue));
+    let (log_sender, log_queue, log_bytes) = LogQueue::new();
+    let writer_task = tokio::spawn(write_messages(writer, queue, log_queue, log_bytes));
 
     let reporter = reporter(log_sender, Arc::clone(&counters));
     let env: Vec<(String, String)> = spec
@@ -290,7 +335,11 @@ async fn write_messages(
     mut writer: tokio::net::unix::OwnedWriteHalf,
     mut queue: mpsc::Receiver<FromPool>,
     mut log_queue: mpsc::Receiver<LogChunk>,
+    log_bytes: Arc<std::sync::atomic::AtomicUsize>,
 ) {
+    let taken = |chunk: &LogChunk| {
+        log_bytes.fetch_sub(chunk.text.len(), std::sync::atomic::Ordering::AcqRel);
+    };
     loop {
         let message = tokio::select! {
             biased;
@@ -299,10 +348,18 @@ async fn write_messages(
                 None => break,
             },
             Some(first) = log_queue.recv() => {
+                taken(&first);
+                let mut size = first.text.len();
                 let mut lines = vec![first];
-                while lines.len() < 256 {
+                // A chunk is at most 64 KiB, so a frame ends under 128 KiB of text: 768 KiB
+                // of JSON at worst, under protocol::MAX_FRAME.
+                while lines.len() < 256 && size < LOG_FRAME_BYTES {
                     match log_queue.try_recv() {
-                        Ok(line) => lines.push(line),
+                        Ok(line) => {
+                            taken(&line);
+                            size += line.text.len();
+                            lines.push(line);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -313,10 +370,21 @@ async fn write_messages(
             break;
         }
     }
-    // Flush what is left of the logs before the socket closes.
+    // Flush what is left of the logs before the socket closes, a frame at a time.
     let mut lines = Vec::new();
+    let mut size = 0;
     while let Ok(line) = log_queue.try_recv() {
+        size += line.text.len();
         lines.push(line);
+        if size >= LOG_FRAME_BYTES {
+            let batch = FromPool::Logs {
+                lines: std::mem::take(&mut lines),
+            };
+            if protocol::send(&mut writer, &batch).await.is_err() {
+                return;
+            }
+            size = 0;
+        }
     }
     if !lines.is_empty() {
         let _ = protocol::send(&mut writer, &FromPool::Logs { lines }).await;
@@ -444,17 +512,16 @@ async fn idle_for(idle: Option<Duration>, serving: &Serving) {
 }
 
 /// Turns what a request left behind into log chunks and counters.
-fn reporter(logs: mpsc::Sender<LogChunk>, counters: Arc<Counters>) -> runtime::Reporter {
+fn reporter(logs: LogQueue, counters: Arc<Counters>) -> runtime::Reporter {
     Arc::new(move |report: RequestReport| {
         let send = |stream: &str, text: String| {
-            if logs
-                .try_send(LogChunk {
-                    stream: stream.to_string(),
-                    text,
-                })
-                .is_err()
-            {
-                counters.add(Counter::LogLinesDropped, 1);
+            let lines = text.lines().count().max(1) as u64;
+            let chunk = LogChunk {
+                stream: stream.to_string(),
+                text,
+            };
+            if !logs.offer(chunk) {
+                counters.add(Counter::LogLinesDropped, lines);
             }
         };
         if !report.stdout.is_empty() {

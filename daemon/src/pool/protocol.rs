@@ -28,8 +28,25 @@ pub fn spare_title() -> String {
     format!("{:<width$}", "(spare)", width = crate::spec::MAX_APP_NAME)
 }
 
-/// Largest frame either side accepts; a log batch is the biggest thing sent.
-const MAX_FRAME: u32 = 4 << 20;
+/// Largest frame either side accepts; a log batch is the biggest thing sent (under 1 MiB
+/// even when every character needs escaping, see `pool::LOG_FRAME_BYTES`). A bigger one is read
+/// past and refused (`RefusedFrame`).
+const MAX_FRAME: u32 = 1 << 20;
+
+/// A frame read whole but refused (over `MAX_FRAME`, or not a message of the protocol): the
+/// stream is still in step, so the reader can report it and go on.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RefusedFrame(pub String);
+
+/// The refused frame `error` is, if it is one.
+pub fn refused(error: &std::io::Error) -> Option<&RefusedFrame> {
+    error.get_ref()?.downcast_ref::<RefusedFrame>()
+}
+
+fn refuse(reason: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, RefusedFrame(reason))
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToPool {
@@ -223,15 +240,24 @@ where
         Err(error) => return Err(error),
     };
     if length > MAX_FRAME {
-        return Err(std::io::Error::other(format!(
-            "a {length}-byte frame is over the {MAX_FRAME}-byte bound"
+        // Read past it in small pieces, so the next frame is read in step.
+        let skipped = tokio::io::copy(
+            &mut (&mut *reader).take(length as u64),
+            &mut tokio::io::sink(),
+        )
+        .await?;
+        if skipped < length as u64 {
+            return Ok(None);
+        }
+        return Err(refuse(format!(
+            "a {length}-byte message, over the {MAX_FRAME}-byte bound"
         )));
     }
     let mut body = vec![0u8; length as usize];
     reader.read_exact(&mut body).await?;
     serde_json::from_slice(&body)
         .map(Some)
-        .map_err(std::io::Error::other)
+        .map_err(|error| refuse(format!("a message that does not parse ({error})")))
 }
 
 #[cfg(test)]
@@ -254,6 +280,38 @@ mod tests {
             Some(ToPool::Drain { grace_ms: 7 })
         ));
         assert!(receive::<_, ToPool>(&mut b).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_or_garbled_frame_is_refused_and_the_next_one_read() {
+        let (mut a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        let writer = tokio::spawn(async move {
+            // A frame far over the bound (its body streamed, never held whole by the reader)…
+            let length = MAX_FRAME * 3;
+            a.write_all(&length.to_be_bytes()).await.unwrap();
+            let zeros = vec![0u8; 64 << 10];
+            let mut left = length as usize;
+            while left > 0 {
+                let n = left.min(zeros.len());
+                a.write_all(&zeros[..n]).await.unwrap();
+                left -= n;
+            }
+            // …one that is not a message…
+            a.write_all(&5u32.to_be_bytes()).await.unwrap();
+            a.write_all(b"{oops").await.unwrap();
+            // …and a good one.
+            send(&mut a, &ToPool::Serve).await.unwrap();
+        });
+        let oversized = receive::<_, ToPool>(&mut b).await.unwrap_err();
+        assert!(refused(&oversized).is_some(), "{oversized}");
+        assert!(oversized.to_string().contains("over the"), "{oversized}");
+        let garbled = receive::<_, ToPool>(&mut b).await.unwrap_err();
+        assert!(refused(&garbled).is_some(), "{garbled}");
+        assert!(matches!(
+            receive::<_, ToPool>(&mut b).await.unwrap(),
+            Some(ToPool::Serve)
+        ));
+        writer.await.unwrap();
     }
 
     #[test]

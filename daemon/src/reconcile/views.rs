@@ -30,6 +30,8 @@ pub struct AppDetailView {
     pub requests: u64,
     pub in_flight: u64,
     pub traps: u64,
+    /// Output lines the app's pool dropped (its log queue was full).
+    pub log_lines_dropped: u64,
     pub timeouts: u64,
     pub rejected: u64,
     pub started_unix: i64,
@@ -78,6 +80,7 @@ impl Reconciler {
                     requests: counters.get(Counter::Requests),
                     in_flight: counters.get(Counter::InFlight),
                     traps: counters.get(Counter::Traps),
+                    log_lines_dropped: counters.get(Counter::LogLinesDropped),
                     timeouts: counters.get(Counter::Timeouts),
                     rejected: counters.get(Counter::Rejected),
                     started_unix: running.started_unix,

@@ -1,4 +1,4 @@
-//! Apps' log lines, kept per app up to a count (`prune_logs`).
+//! Apps' log lines, kept per app up to a count and a byte budget (`prune_logs`).
 
 use super::{Store, StoreError};
 use rusqlite::params;
@@ -78,13 +78,25 @@ impl Store {
     }
 
     /// Keeps the newest `keep` lines of `app`.
-    pub fn prune_logs(&self, app: &str, keep: u64) -> Result<usize, StoreError> {
+    pub fn prune_logs(&self, app: &str, keep: u64, keep_bytes: u64) -> Result<usize, StoreError> {
         let connection = self.lock();
-        connection
+        let by_count = connection
             .execute(
                 "DELETE FROM logs WHERE app = ?1 AND id <= (SELECT id FROM logs WHERE app = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
                 params![app, keep as i64],
             )
-            .map_err(|e| self.error(e))
+            .map_err(|e| self.error(e))?;
+        // The newest lines whose text adds up to `keep_bytes` stay; older ones go.
+        let by_bytes = connection
+            .execute(
+                "DELETE FROM logs WHERE app = ?1 AND id <= (
+                     SELECT id FROM (
+                         SELECT id, SUM(length(CAST(line AS BLOB))) OVER (ORDER BY id DESC) AS newer
+                         FROM logs WHERE app = ?1
+                     ) WHERE newer > ?2 ORDER BY id DESC LIMIT 1)",
+                params![app, keep_bytes.min(i64::MAX as u64) as i64],
+            )
+            .map_err(|e| self.error(e))?;
+        Ok(by_count + by_bytes)
     }
 }

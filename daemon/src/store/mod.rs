@@ -396,10 +396,21 @@ mod tests {
             ["line 7", "line 8", "line 9"]
         );
         assert_eq!(store.tail_logs("web", 0).unwrap().len(), 10);
-        assert_eq!(store.prune_logs("web", 4).unwrap(), 6);
+        assert_eq!(store.prune_logs("web", 4, u64::MAX).unwrap(), 6);
         assert_eq!(
             store.tail_logs("web", 0).unwrap().first().unwrap().line,
             "line 6"
+        );
+        // Each line is 6 bytes: a 13-byte budget keeps the newest two.
+        assert_eq!(store.prune_logs("web", 100, 13).unwrap(), 2);
+        assert_eq!(
+            store
+                .tail_logs("web", 0)
+                .unwrap()
+                .iter()
+                .map(|l| l.line.as_str())
+                .collect::<Vec<_>>(),
+            ["line 8", "line 9"]
         );
     }
 }

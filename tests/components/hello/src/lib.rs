@@ -95,6 +95,22 @@ impl wasip2::exports::http::incoming_handler::Guest for Hello {
                 }
             }
             "/echo" => (200, read_body(request)),
+            "/sink" => {
+                // Reads the whole body and keeps only its length.
+                let body = request.consume().expect("request body is consumed once");
+                let stream = body.stream().expect("body stream is taken once");
+                let mut total = 0usize;
+                while let Ok(chunk) = stream.blocking_read(64 * 1024) {
+                    total += chunk.len();
+                }
+                drop(stream);
+                IncomingBody::finish(body);
+                (200, format!("{total} bytes\n").into_bytes())
+            }
+            "/recurse" => {
+                let depth = recurse(std::hint::black_box(1));
+                (200, format!("{depth}\n").into_bytes())
+            }
             "/big" => {
                 // N MiB streamed in 4 KiB writes; stops when the client is gone.
                 let mebibytes: usize = query.parse().unwrap_or(1);
@@ -149,6 +165,13 @@ fn read_body(request: IncomingRequest) -> Vec<u8> {
     drop(stream);
     IncomingBody::finish(body);
     out
+}
+
+/// Recursion with no end (a stack overflow in the guest).
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    let frame = std::hint::black_box([depth; 16]);
+    recurse(frame[3] + 1) + frame[7]
 }
 
 fn stream_zeros(response_out: ResponseOutparam, bytes: usize) {
