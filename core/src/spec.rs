@@ -265,6 +265,10 @@ pub struct HttpSpec {
     pub max_connections: Option<u32>,
 }
 
+/// The most an app's `[env]` keys and values may hold together: a pool is started with them
+/// in one message of the pool protocol, which is bounded.
+pub const MAX_ENV_BYTES: usize = 256 << 10;
+
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -481,6 +485,12 @@ impl AppSpec {
             return Err(invalid(format!(
                 "[http] listen = \"{}\" has port 0: give a fixed port, such as 127.0.0.1:8080",
                 self.http.listen
+            )));
+        }
+        let env_bytes: usize = self.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if env_bytes > MAX_ENV_BYTES {
+            return Err(invalid(format!(
+                "[env] holds {env_bytes} bytes; at most {MAX_ENV_BYTES} are allowed (put large data in the component or a file it is given)"
             )));
         }
         for key in self.env.keys() {

@@ -104,7 +104,11 @@ pub async fn list(client: &mut ControlClient<Channel>, json_output: bool) -> Res
         }
         print_table(&rows);
         for app in apps.iter().filter(|a| !a.error.is_empty()) {
-            println!("\n{}: {}", app.name, app.error);
+            println!(
+                "\n{}: {}",
+                app.name,
+                crate::output::for_terminal_if(crate::output::stdout_is_terminal(), &app.error)
+            );
         }
     }
     Ok(())

@@ -1,6 +1,6 @@
 //! `cairnctl logs`: an app's recorded output and cairn's notes about it.
 
-use crate::output::{for_terminal, stdout_is_terminal, utc_millis};
+use crate::output::{for_terminal_if, stdout_is_terminal, utc_millis};
 use cairn_core::proto::{self, control_client::ControlClient};
 use cairn_ctl::exit::Failure;
 use serde_json::json;
@@ -39,11 +39,7 @@ pub async fn show(
                 "{} [{}] {}",
                 utc_millis(line.unix_millis),
                 line.stream,
-                if terminal {
-                    for_terminal(&line.line)
-                } else {
-                    line.line.as_str().into()
-                }
+                for_terminal_if(terminal, &line.line)
             )
         };
         if written.and_then(|_| out.flush()).is_err() {

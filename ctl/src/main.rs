@@ -109,7 +109,12 @@ fn main() {
     let code = match runtime.block_on(run(cli)) {
         Ok(()) => exit::OK,
         Err(failure) => {
-            eprintln!("cairnctl: {}", failure.message);
+            // A failure can carry guest text (a load error, a failed health check).
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            eprintln!(
+                "cairnctl: {}",
+                output::for_terminal_if(terminal, &failure.message)
+            );
             failure.code
         }
     };

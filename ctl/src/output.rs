@@ -23,7 +23,11 @@ pub fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {
 pub fn for_terminal(text: &str) -> std::borrow::Cow<'_, str> {
     let unsafe_char = |c: char| {
         (c.is_control() && c != '\t')
-            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            || matches!(
+                c,
+                '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{2028}' | '\u{2029}'
+                    | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+            )
     };
     if !text.chars().any(unsafe_char) {
         return std::borrow::Cow::Borrowed(text);
@@ -41,6 +45,15 @@ pub fn for_terminal(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// `text` escaped by `for_terminal` when `terminal`, else as it is.
+pub fn for_terminal_if(terminal: bool, text: &str) -> std::borrow::Cow<'_, str> {
+    if terminal {
+        for_terminal(text)
+    } else {
+        text.into()
+    }
+}
+
 /// Whether stdout is a terminal (then guest text is escaped, see `for_terminal`).
 pub fn stdout_is_terminal() -> bool {
     std::io::IsTerminal::is_terminal(&std::io::stdout())
@@ -48,6 +61,16 @@ pub fn stdout_is_terminal() -> bool {
 
 pub fn print_table(rows: &[Vec<String>]) {
     let terminal = stdout_is_terminal();
+    // Escaped first, so the columns line up with what is shown.
+    let escaped: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|cell| for_terminal_if(terminal, cell).into_owned())
+                .collect()
+        })
+        .collect();
+    let rows = &escaped;
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -59,13 +82,6 @@ pub fn print_table(rows: &[Vec<String>]) {
         })
         .collect();
     for r in rows {
-        let r: Vec<String> = if terminal {
-            r.iter()
-                .map(|cell| for_terminal(cell).into_owned())
-                .collect()
-        } else {
-            r.clone()
-        };
         let mut line = String::new();
         for (c, cell) in r.iter().enumerate() {
             if c + 1 == r.len() {

@@ -221,6 +221,12 @@ impl Config {
         if let Some(upstream) = &config.upstream {
             upstream.trusted()?;
         }
+        if config.log_bytes_per_app.0 < 64 << 10 {
+            return Err(format!(
+                "log_bytes_per_app = \"{}\" is too small: keep at least 64KiB (one request's output)",
+                config.log_bytes_per_app
+            ));
+        }
         Ok(config)
     }
 

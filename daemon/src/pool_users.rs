@@ -10,8 +10,12 @@ use crate::spec::AppName;
 use crate::store::{Store, StoreError};
 use std::ops::RangeInclusive;
 
+/// Said in every mode until pools install a system-call filter.
+const NO_SECCOMP: &str = "pools run without a seccomp filter: a pool that escaped its sandbox could make any system call its user may, creating sockets included";
+
 /// The default range of pool ids: 10,000 apps, above the 16-bit ids that systemd's dynamic
-/// users, regular users and the first containers' subordinate ranges take.
+/// users and regular users take. Subordinate ranges that reach into it are skipped
+/// (`taken_by_the_system`).
 pub const DEFAULT_RANGE: RangeInclusive<u32> = 4_000_000..=4_009_999;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +90,12 @@ impl PoolUsers {
 
     /// What does not hold between pools, and between a pool and cairnd, under this setting.
     pub fn gaps(&self) -> Vec<String> {
+        let mut gaps = self.user_gaps();
+        gaps.push(NO_SECCOMP.to_string());
+        gaps
+    }
+
+    fn user_gaps(&self) -> Vec<String> {
         match self {
             PoolUsers::Own => vec![
                 "pools run as cairnd's own user: a pool that escaped its sandbox could use the control socket, signal cairnd and other pools, and read their memory".into(),
@@ -146,11 +156,29 @@ impl PoolUsers {
     }
 }
 
-/// Whether the system's user or group database names `id` (it is then not given to a pool).
+/// Whether the system names `id` (it is then not given to a pool): a user or group of its
+/// database, or an id of a subordinate range (`/etc/subuid`, `/etc/subgid`) that rootless
+/// containers map their users to.
 fn taken_by_the_system(id: u32) -> bool {
     let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(id));
     let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(id));
-    matches!(user, Ok(Some(_))) || matches!(group, Ok(Some(_)))
+    matches!(user, Ok(Some(_)))
+        || matches!(group, Ok(Some(_)))
+        || ["/etc/subuid", "/etc/subgid"].iter().any(|file| {
+            std::fs::read_to_string(file)
+                .map(|text| subordinate_ranges(&text).any(|range| range.contains(&id)))
+                .unwrap_or(false)
+        })
+}
+
+/// The ranges of a subuid/subgid file: lines `owner:first:count`.
+fn subordinate_ranges(text: &str) -> impl Iterator<Item = RangeInclusive<u32>> + '_ {
+    text.lines().filter_map(|line| {
+        let mut fields = line.trim().split(':').skip(1);
+        let first: u32 = fields.next()?.parse().ok()?;
+        let count: u32 = fields.next()?.parse().ok()?;
+        Some(first..=first.checked_add(count.checked_sub(1)?)?)
+    })
 }
 
 fn parse_range(text: &str) -> Result<RangeInclusive<u32>, PoolUsersError> {
@@ -180,6 +208,14 @@ mod tests {
     }
 
     #[test]
+    fn subordinate_ranges_are_read_from_subuid_lines() {
+        let ranges: Vec<_> =
+            subordinate_ranges("alice:100000:65536\n# comment\nbob:165536:65536\nbad:1\n")
+                .collect();
+        assert_eq!(ranges, vec![100000..=165535, 165536..=231071]);
+    }
+
+    #[test]
     fn only_root_switches_and_per_app_is_the_default() {
         assert_eq!(
             PoolUsers::resolve(false, Some("root"), None).unwrap(),
@@ -206,9 +242,9 @@ mod tests {
         let per_app = PoolUsers::PerApp { range: 5000..=5009 };
         assert!(per_app.is_pool_uid(5000) && per_app.is_pool_uid(5009));
         assert!(!per_app.is_pool_uid(4999) && !per_app.is_pool_uid(0));
-        assert!(per_app.gaps().is_empty());
+        assert_eq!(per_app.gaps(), vec![NO_SECCOMP.to_string()]);
         assert!(!PoolUsers::Own.is_pool_uid(0));
-        assert_eq!(PoolUsers::Own.gaps().len(), 2);
+        assert_eq!(PoolUsers::Own.gaps().len(), 3);
     }
 
     #[test]
@@ -226,7 +262,15 @@ mod tests {
             users.ids_for(&store, &name("d")),
             Err(PoolUsersError::Exhausted { .. })
         ));
-        store.remove_app(&name("b")).unwrap();
+        store.release_pool_id("b").unwrap();
         assert_eq!(users.ids_for(&store, &name("d")).unwrap(), b);
+        // An id from a range the config no longer names is replaced by one from the new range.
+        let moved = PoolUsers::PerApp { range: 6000..=6009 };
+        assert_eq!(
+            moved.ids_for(&store, &name("a")).unwrap(),
+            Some((6000, 6000))
+        );
+        // Apps the store does not have (none of these was committed) lose their ids at start.
+        assert_eq!(store.release_orphan_pool_ids().unwrap(), 3);
     }
 }

@@ -596,6 +596,11 @@ async fn await_loaded(
         loop {
             match protocol::receive::<_, FromPool>(reader).await {
                 Ok(Some(FromPool::Logs { lines })) => forward(logs, app, generation, lines),
+                Err(error) if protocol::refused(&error).is_some() => logs.note(
+                    app.as_str(),
+                    generation,
+                    &format!("cairn refused {error} from this app's pool"),
+                ),
                 other => return other,
             }
         }

@@ -57,6 +57,12 @@ pub async fn run(
     };
     let logs = LogHub::start(Arc::clone(&store), keep, outbox);
     let cgroups = Arc::new(cgroups(&config));
+    // No pool runs yet: ids held for apps the store does not have can be given again.
+    match store.release_orphan_pool_ids() {
+        Ok(0) => {}
+        Ok(freed) => tracing::info!(freed, "freed the pool ids of apps that are gone"),
+        Err(error) => tracing::warn!(%error, "cannot free the pool ids of apps that are gone"),
+    }
     let reconciler = Reconciler::start(
         Arc::clone(&store),
         Arc::clone(&compiler),

@@ -392,8 +392,8 @@ fn main() {
     write_section(
         "hostile",
         &format!(
-            "## Hostile suite\n\n\
-             `just hostile`, {}. One app (`target`: 8 instances, 2 s timeout, 32 MiB per \
+            "## Hostile suite\n\n{}\n- command: `just hostile` (release binaries; wrk from Debian)\n\n\
+             One app (`target`: 8 instances, 2 s timeout, 32 MiB per \
              instance, header and send timeouts 5 s, everything else default) is attacked while \
              its neighbour (`calm`, defaults) serves wrk -t1 -c4 for {seconds} s; every process \
              shares the machine's cores. Neighbour alone: p99 {:.2} ms, {:.0} req/s. Recovery: \

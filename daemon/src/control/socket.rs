@@ -95,12 +95,20 @@ fn bounded(listener: UnixListener, per_uid: usize) -> ReceiverStream<std::io::Re
     tokio::spawn(async move {
         let mut refused = 0u64;
         let mut last_logged: Option<Instant> = None;
+        let mut failed_accepts = 0u64;
+        let mut last_failure_logged: Option<Instant> = None;
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(error) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%error, "cannot accept a control connection");
+                    // Out of descriptors and the like: back off instead of spinning, and say
+                    // so once per interval.
+                    failed_accepts += 1;
+                    if last_failure_logged.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_INTERVAL) {
+                        tracing::warn!(%error, failures = failed_accepts, "cannot accept control connections");
+                        failed_accepts = 0;
+                        last_failure_logged = Some(Instant::now());
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -108,6 +116,8 @@ fn bounded(listener: UnixListener, per_uid: usize) -> ReceiverStream<std::io::Re
             let Ok(credentials) = stream.peer_cred() else {
                 continue;
             };
+            // A pool's user is let through to be refused by `Access` with a message that says
+            // why; its connections count against its bound like anyone's.
             let uid = credentials.uid();
             let admitted = {
                 let mut open = open.lock().unwrap_or_else(|p| p.into_inner());

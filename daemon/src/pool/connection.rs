@@ -18,6 +18,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -103,6 +104,11 @@ impl Clock {
         let mut state = self.state();
         if progressed {
             state.stalled = None;
+            // The tail of a response can still be going out after hyper is done with its
+            // body: a connection is idle only from its last byte sent.
+            if let Phase::Idle { since } = &mut state.phase {
+                *since = Instant::now();
+            }
         } else if state.stalled.is_none() {
             state.stalled = Some(Instant::now());
         }
@@ -203,23 +209,27 @@ impl AsyncWrite for Guarded {
     }
 }
 
-/// A connection future that ends (`Err(Expired)`) when its clock's deadline passes. Every
-/// phase change happens while the connection is polled, so the deadline is read again after
-/// each poll and the timer moved only when it changed.
+/// How often a connection's clock is looked at when no deadline is nearer.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// A connection future that ends (`Err(Expired)`) when its clock's deadline passes. The timer
+/// is not moved per request (moving a tokio timer earlier takes the timer driver's lock and
+/// can wake a parked thread, which a one-connection client measured at tens of microseconds
+/// per request): it fires every `CHECK_EVERY`, or at the deadline when that is nearer, and
+/// the clock is read then.
 pub struct Deadlined<F> {
     inner: Pin<Box<F>>,
     clock: Arc<Clock>,
     sleep: Pin<Box<Sleep>>,
-    armed: Option<Instant>,
 }
 
 impl<F: Future> Deadlined<F> {
     pub fn new(inner: F, clock: Arc<Clock>) -> Deadlined<F> {
+        let first = next_check(&clock, Instant::now());
         Deadlined {
             inner: Box::pin(inner),
             clock,
-            sleep: Box::pin(tokio::time::sleep_until(Instant::now())),
-            armed: None,
+            sleep: Box::pin(tokio::time::sleep_until(first)),
         }
     }
 
@@ -236,17 +246,26 @@ impl<F: Future> Future for Deadlined<F> {
         if let Poll::Ready(output) = self.inner.as_mut().poll(cx) {
             return Poll::Ready(Ok(output));
         }
-        let Some((deadline, expired)) = self.clock.deadline() else {
-            return Poll::Pending;
-        };
-        if self.armed != Some(deadline) {
-            self.sleep.as_mut().reset(deadline);
-            self.armed = Some(deadline);
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            if let Some((deadline, expired)) = self.clock.deadline() {
+                if now >= deadline {
+                    return Poll::Ready(Err(expired));
+                }
+            }
+            let next = next_check(&self.clock, now);
+            self.sleep.as_mut().reset(next);
         }
-        match self.sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(expired)),
-            Poll::Pending => Poll::Pending,
-        }
+        Poll::Pending
+    }
+}
+
+/// When the clock is next looked at: its deadline, or `CHECK_EVERY` from `now` if sooner.
+fn next_check(clock: &Clock, now: Instant) -> Instant {
+    let check = now + CHECK_EVERY;
+    match clock.deadline() {
+        Some((deadline, _)) => deadline.min(check),
+        None => check,
     }
 }
 
@@ -345,7 +364,6 @@ impl Body for Capped {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn limits() -> ConnectionLimits {
         ConnectionLimits {

@@ -95,6 +95,53 @@ fn switch_user(ids: Option<(u32, u32)>) -> Result<(), PrivilegeError> {
     Ok(())
 }
 
+/// As root, keeps only CAP_SETUID and CAP_SETGID in the effective and permitted sets (and
+/// nothing inheritable); without root there is nothing to drop. Raw `capset`: nix does not
+/// wrap it.
+fn keep_only_switch_capabilities() -> Result<(), nix::errno::Errno> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Sets {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    const CAP_SETGID: u32 = 6;
+    const CAP_SETUID: u32 = 7;
+    let keep = (1 << CAP_SETGID) | (1 << CAP_SETUID);
+    let header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    // Version 3 takes two sets of 32 bits each; the second (capabilities 32-63) is emptied.
+    let sets = [
+        Sets {
+            effective: keep,
+            permitted: keep,
+            inheritable: 0,
+        },
+        Sets::default(),
+    ];
+    // SAFETY: capset reads one header and two set structs of the layout above for version 3.
+    let result = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_capset,
+            &header as *const Header,
+            sets.as_ptr(),
+        )
+    };
+    nix::errno::Errno::result(result).map(drop)
+}
+
 #[derive(Debug, thiserror::Error)]
 enum PrivilegeError {
     #[error("cannot {step}: {errno}")]
@@ -109,10 +156,16 @@ enum PrivilegeError {
 /// Runs the pool; returns the process exit code.
 pub fn run() -> i32 {
     // Before the switch to the app's user, which makes this process's /proc files root's.
+    // First, while the process has one thread: of root's capabilities only the two the switch
+    // to the app's user needs are kept. So the page map below is opened without
+    // CAP_SYS_ADMIN, and its reads never show physical addresses to an escaped guest.
+    if let Err(errno) = keep_only_switch_capabilities() {
+        eprintln!("cairnd pool: cannot drop capabilities: {errno}");
+        return 77;
+    }
     runtime::open_page_map();
     // A spare until it is given an app (then `cairn:APP`).
     name_process("(spare)");
-    // First, while the process has one thread.
     if let Err(errno) = nix::sys::prctl::set_no_new_privs() {
         eprintln!("cairnd pool: cannot set no_new_privs: {errno}");
         return 77;
@@ -512,6 +565,19 @@ async fn idle_for(idle: Option<Duration>, serving: &Serving) {
 }
 
 /// Turns what a request left behind into log chunks and counters.
+/// The first 256 bytes of `text` (at a character boundary), marked when cut.
+fn clip(text: &str) -> std::borrow::Cow<'_, str> {
+    const MOST: usize = 256;
+    if text.len() <= MOST {
+        return text.into();
+    }
+    let mut end = MOST;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
+}
+
 fn reporter(logs: LogQueue, counters: Arc<Counters>) -> runtime::Reporter {
     Arc::new(move |report: RequestReport| {
         let send = |stream: &str, text: String| {
@@ -536,7 +602,9 @@ fn reporter(logs: LogQueue, counters: Arc<Counters>) -> runtime::Reporter {
                 String::from_utf8_lossy(&report.stderr).into_owned(),
             );
         }
-        let (method, path) = (&report.method, &report.path);
+        // A method or path can be as long as the head allows (up to 1 MiB): only its start is
+        // worth a log line, and the frame bound must hold.
+        let (method, path) = (clip(&report.method), clip(&report.path));
         match &report.outcome {
             Outcome::Ok => {}
             Outcome::Trap(message) => {

@@ -9,7 +9,7 @@ use crate::digest::Digest;
 use crate::engine::CodeFacts;
 use crate::limits::{AppCgroup, Cgroups, PoolLimits};
 use crate::spawn::{self, Code, Pool, SpawnError, Start};
-use crate::spec::AppSpec;
+use crate::spec::{AppName, AppSpec};
 use crate::store::Compiled;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -110,15 +110,7 @@ impl Reconciler {
         code: &Code,
     ) -> Result<Pool, ReconcileError> {
         let spec = attempt.spec;
-        let (store, users, app) = (
-            Arc::clone(&self.store),
-            Arc::clone(&self.pool_users),
-            spec.name.clone(),
-        );
-        let user = tokio::task::spawn_blocking(move || users.ids_for(&store, &app))
-            .await
-            .map_err(|e| ReconcileError::Internal(e.to_string()))?
-            .map_err(|e| ReconcileError::Pool(e.to_string()))?;
+        let user = self.pool_user(&spec.name).await?;
         self.spawner
             .launch(spawn::Launch {
                 user,
@@ -141,6 +133,34 @@ impl Reconciler {
                 },
                 other => ReconcileError::Pool(other.to_string()),
             })
+    }
+
+    /// The uid and gid `app`'s pool runs as: from memory after the first time, else from the
+    /// store (which gives the app an id on its first start).
+    async fn pool_user(&self, app: &AppName) -> Result<Option<(u32, u32)>, ReconcileError> {
+        let known = self
+            .pool_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(app)
+            .copied();
+        if let Some(ids) = known {
+            return Ok(ids);
+        }
+        let (store, users, name) = (
+            Arc::clone(&self.store),
+            Arc::clone(&self.pool_users),
+            app.clone(),
+        );
+        let ids = tokio::task::spawn_blocking(move || users.ids_for(&store, &name))
+            .await
+            .map_err(|e| ReconcileError::Internal(e.to_string()))?
+            .map_err(|e| ReconcileError::Pool(e.to_string()))?;
+        self.pool_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(app.clone(), ids);
+        Ok(ids)
     }
 
     /// The app's native code, ready for pools, and whether it was compiled before (in memory

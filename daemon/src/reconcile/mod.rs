@@ -103,8 +103,10 @@ pub struct Reconciler {
     restarts: mpsc::Sender<(AppName, u64)>,
     /// A `retry_failed` round is under way.
     retrying: AtomicBool,
-    /// Who each app's pool runs as.
+    /// Who each app's pool runs as…
     pool_users: Arc<PoolUsers>,
+    /// …and the ids found so far, so a wake from idle does not wait on the store for them.
+    pool_ids: std::sync::Mutex<std::collections::HashMap<AppName, Option<(u32, u32)>>>,
 }
 
 impl Reconciler {
@@ -130,6 +132,7 @@ impl Reconciler {
             exits,
             spawner: Spawner::new(Arc::clone(&cgroups)),
             pool_users,
+            pool_ids: Default::default(),
             code_cache: Arc::new(code::CodeCache::new(code::CODE_CACHE_BYTES)),
             cgroups,
             restarts,
@@ -292,15 +295,24 @@ impl Reconciler {
     async fn remove_locked(&self, lock: AppLock) -> Result<(), ReconcileError> {
         let app = lock.name.clone();
         self.store.call(move |store| store.remove_app(&app)).await?;
-        let Some(running) = self.apps.remove(&lock) else {
-            return Ok(());
-        };
-        if let State::Running { pool, .. } = running.state {
-            pool.stop(self.drain).await;
+        if let Some(running) = self.apps.remove(&lock) {
+            if let State::Running { pool, .. } = running.state {
+                pool.stop(self.drain).await;
+            }
+            if let Some(cgroup) = running.cgroup {
+                cgroup.remove();
+            }
         }
-        if let Some(cgroup) = running.cgroup {
-            cgroup.remove();
-        }
+        // Only now: an id given to another app while this pool still ran would let the two
+        // signal each other.
+        let app = lock.name.clone();
+        self.store
+            .call(move |store| store.release_pool_id(app.as_str()))
+            .await?;
+        self.pool_ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&lock.name);
         Ok(())
     }
 

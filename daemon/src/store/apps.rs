@@ -140,7 +140,8 @@ impl Store {
         Ok(records)
     }
 
-    /// Forgets an app: its generations, its logs and its pool id. Component blobs stay.
+    /// Forgets an app: its generations and its logs. Component blobs stay; its pool id is
+    /// freed by `release_pool_id` once its pool has ended.
     pub fn remove_app(&self, app: &AppName) -> Result<bool, StoreError> {
         let mut connection = self.lock();
         let transaction = connection.transaction().map_err(|e| self.error(e))?;
@@ -150,7 +151,6 @@ impl Store {
         for sql in [
             "DELETE FROM generations WHERE app = ?1",
             "DELETE FROM logs WHERE app = ?1",
-            "DELETE FROM pool_ids WHERE app = ?1",
         ] {
             transaction
                 .execute(sql, [app.as_str()])

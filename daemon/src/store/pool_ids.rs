@@ -6,6 +6,25 @@ use rusqlite::OptionalExtension;
 use std::ops::RangeInclusive;
 
 impl Store {
+    /// Frees `app`'s pool id (once the app is removed and its pool has ended).
+    pub fn release_pool_id(&self, app: &str) -> Result<(), StoreError> {
+        self.lock()
+            .execute("DELETE FROM pool_ids WHERE app = ?1", [app])
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// Frees the ids of apps the store does not have (a first deploy that failed, a removal
+    /// cut short): at start-up, before any pool runs. Returns how many.
+    pub fn release_orphan_pool_ids(&self) -> Result<usize, StoreError> {
+        self.lock()
+            .execute(
+                "DELETE FROM pool_ids WHERE app NOT IN (SELECT name FROM apps)",
+                [],
+            )
+            .map_err(|e| self.error(e))
+    }
+
     /// `app`'s pool id, if it has been given one.
     pub fn held_pool_id(&self, app: &str) -> Result<Option<u32>, StoreError> {
         self.lock()
@@ -33,8 +52,16 @@ impl Store {
             })
             .optional()
             .map_err(|e| self.error(e))?;
-        if let Some(id) = held {
-            return Ok(Some(id as u32));
+        match held {
+            Some(id) if range.contains(&(id as u32)) => return Ok(Some(id as u32)),
+            // Given from a range the config no longer names: a new one from the range, so
+            // every pool's uid is one the control socket refuses.
+            Some(_) => {
+                transaction
+                    .execute("DELETE FROM pool_ids WHERE app = ?1", [app])
+                    .map_err(|e| self.error(e))?;
+            }
+            None => {}
         }
         let used: std::collections::HashSet<u32> = {
             let mut statement = transaction
