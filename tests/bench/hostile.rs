@@ -6,7 +6,7 @@
 //! Release binaries; run as root for the pool-credential attack (skipped otherwise, loudly).
 
 use cairn_tests::report::{machine, write_section, wrk};
-use cairn_tests::{component, free_port, get, wait_for, Daemon};
+use cairn_tests::{component, free_port, get, Daemon};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -300,16 +300,7 @@ fn main() {
     daemon.ctl_ok(&["deploy", "-f", manifest.to_str().unwrap()]);
     // Acknowledged before the attacks: a line in the neighbour's log, and both apps' state.
     assert_eq!(get(neighbour, "/log").unwrap().status, 200);
-    wait_for(
-        "the neighbour's line to be stored",
-        Duration::from_secs(20),
-        || {
-            daemon
-                .ctl_ok(&["logs", "calm"])
-                .contains("log line to stdout")
-        },
-    )
-    .unwrap();
+    daemon.wait_logged("calm", "log line to stdout");
     let apps_before = daemon.ctl_ok(&["-o", "json", "ls"]);
 
     let seconds = if quick { 2 } else { MEASURE_SECONDS };

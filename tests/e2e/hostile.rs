@@ -440,12 +440,7 @@ fn guest_escape_sequences_reach_a_terminal_escaped_and_a_pipe_unchanged() {
     let daemon = Daemon::start();
     let addr = daemon.deploy_hello("noisy", &[]);
     assert_eq!(get(addr, "/escape").unwrap().status, 200);
-    wait_for("the line to be logged", Duration::from_secs(10), || {
-        daemon
-            .ctl_ok(&["logs", "noisy"])
-            .contains("after the escapes")
-    })
-    .unwrap();
+    daemon.wait_logged("noisy", "after the escapes");
     // Into a pipe (a file, another program) the bytes are the guest's own.
     assert!(daemon
         .ctl_ok(&["logs", "noisy"])
@@ -541,16 +536,7 @@ fn a_log_flood_is_kept_within_the_apps_byte_budget_and_the_neighbour_still_logs(
         writer.join().unwrap();
     }
     assert_eq!(get(neighbour, "/log").unwrap().status, 200);
-    wait_for(
-        "the neighbour's line to be stored",
-        Duration::from_secs(20),
-        || {
-            daemon
-                .ctl_ok(&["logs", "quiet"])
-                .contains("log line to stdout")
-        },
-    )
-    .unwrap();
+    daemon.wait_logged("quiet", "log line to stdout");
     // One more prune comes with the next lines written; then the app's log is within budget
     // (and a tenth: pruning runs after each tenth of the budget written).
     let stored = || -> i64 {

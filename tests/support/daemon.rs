@@ -377,6 +377,16 @@ impl Daemon {
         addr
     }
 
+    /// Waits (up to 20 s) until `app`'s stored log holds `text`.
+    pub fn wait_logged(&self, app: &str, text: &str) {
+        wait_for(
+            &format!("`{text}` in the log of {app}"),
+            Duration::from_secs(20),
+            || self.ctl_ok(&["logs", app]).contains(text),
+        )
+        .unwrap();
+    }
+
     /// The app's status as JSON.
     pub fn app_status(&self, app: &str) -> serde_json::Value {
         let result = self.ctl(&["-o", "json", "status", app]);
