@@ -6,7 +6,7 @@
 //! Release binaries; run as root for the pool-credential attack (skipped otherwise, loudly).
 
 use cairn_tests::report::{machine, write_section, wrk};
-use cairn_tests::{component, free_port, get, Daemon};
+use cairn_tests::{get, Daemon};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -287,17 +287,11 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let daemon = Daemon::start();
     let neighbour = daemon.deploy_hello("calm", &["--env", "GREETING=calm"]);
-    let target: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let manifest = daemon.dir.join("target.toml");
-    std::fs::write(
-        &manifest,
-        format!(
-            "name = \"target\"\ncomponent = \"{}\"\n[http]\nlisten = \"{target}\"\nheader_timeout = \"5s\"\nsend_timeout = \"5s\"\n[limits]\ninstances = 8\ntimeout = \"2s\"\nmemory = \"32MiB\"\n",
-            component("hello").display()
-        ),
-    )
-    .unwrap();
-    daemon.ctl_ok(&["deploy", "-f", manifest.to_str().unwrap()]);
+    let target = daemon.deploy_hello_manifest(
+        "target",
+        "header_timeout = \"5s\"\nsend_timeout = \"5s\"",
+        "instances = 8\ntimeout = \"2s\"\nmemory = \"32MiB\"",
+    );
     // Acknowledged before the attacks: a line in the neighbour's log, and both apps' state.
     assert_eq!(get(neighbour, "/log").unwrap().status, 200);
     daemon.wait_logged("calm", "log line to stdout");

@@ -2,28 +2,16 @@
 //! connections that never finish their request head, bodies and heads over the limits, and a
 //! client that stops reading its response. The neighbour app keeps answering throughout.
 
-use cairn_tests::{component, free_port, get, wait_for, Daemon};
+use cairn_tests::{get, wait_for, Daemon};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Deploys the hello component as `name` from a manifest with `http` lines under `[http]` and
-/// `limits` under `[limits]`; returns its address.
+/// `Daemon::deploy_hello_manifest`.
 fn deploy(daemon: &Daemon, name: &str, http: &str, limits: &str) -> SocketAddr {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let manifest = daemon.dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &manifest,
-        format!(
-            "name = \"{name}\"\ncomponent = \"{}\"\n[http]\nlisten = \"{addr}\"\n{http}\n[limits]\n{limits}\n",
-            component("hello").display()
-        ),
-    )
-    .unwrap();
-    daemon.ctl_ok(&["deploy", "-f", manifest.to_str().unwrap()]);
-    addr
+    daemon.deploy_hello_manifest(name, http, limits)
 }
 
 /// The soft open-file limit of process `pid`.

@@ -377,6 +377,23 @@ impl Daemon {
         addr
     }
 
+    /// Deploys the hello component as `name` from a manifest with `http` lines under `[http]`
+    /// and `limits` lines under `[limits]`, on a fresh port; returns the address.
+    pub fn deploy_hello_manifest(&self, name: &str, http: &str, limits: &str) -> SocketAddr {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let manifest = self.dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &manifest,
+            format!(
+                "name = \"{name}\"\ncomponent = \"{}\"\n[http]\nlisten = \"{addr}\"\n{http}\n[limits]\n{limits}\n",
+                component("hello").display()
+            ),
+        )
+        .unwrap();
+        self.ctl_ok(&["deploy", "-f", manifest.to_str().unwrap()]);
+        addr
+    }
+
     /// Waits (up to 20 s) until `app`'s stored log holds `text`.
     pub fn wait_logged(&self, app: &str, text: &str) {
         wait_for(
