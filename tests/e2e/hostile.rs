@@ -4,15 +4,10 @@
 
 use cairn_tests::{get, wait_for, Daemon};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// `Daemon::deploy_hello_manifest`.
-fn deploy(daemon: &Daemon, name: &str, http: &str, limits: &str) -> SocketAddr {
-    daemon.deploy_hello_manifest(name, http, limits)
-}
 
 /// The soft open-file limit of process `pid`.
 fn open_file_limit(pid: i32) -> u64 {
@@ -46,7 +41,7 @@ fn slowloris_connections_are_closed_at_their_deadline_and_the_app_keeps_answerin
     // soft limit to the hard one, and its pools inherit it.
     let daemon = Daemon::start_with_open_files(None, 1024, 8192);
     assert_eq!(open_file_limit(daemon.pid()), 8192);
-    let attacked = deploy(&daemon, "attacked", "header_timeout = \"2s\"", "");
+    let attacked = daemon.deploy_hello_manifest("attacked", "header_timeout = \"2s\"", "");
     let neighbour = daemon.deploy_hello("neighbour", &[]);
     let pool = daemon.app_status("attacked")["pid"].as_u64().unwrap() as i32;
     assert_eq!(
@@ -132,8 +127,7 @@ fn slowloris_connections_are_closed_at_their_deadline_and_the_app_keeps_answerin
 #[test]
 fn oversized_heads_and_bodies_are_refused_without_being_read() {
     let daemon = Daemon::start();
-    let addr = deploy(
-        &daemon,
+    let addr = daemon.deploy_hello_manifest(
         "guarded",
         "max_body = \"1MiB\"\nmax_header_size = \"4KiB\"",
         "",
@@ -222,8 +216,7 @@ fn oversized_heads_and_bodies_are_refused_without_being_read() {
 fn a_client_that_stops_reading_is_disconnected_and_frees_its_instance() {
     let daemon = Daemon::start();
     // One instance and a long guest timeout: only the send timeout can free the instance soon.
-    let addr = deploy(
-        &daemon,
+    let addr = daemon.deploy_hello_manifest(
         "stalled",
         "send_timeout = \"2s\"",
         "instances = 1\ntimeout = \"120s\"",
@@ -476,8 +469,7 @@ fn a_pool_with_every_instance_spinning_still_answers_and_stops_them_on_time() {
     // More spinning instances than the pool has threads (one per core): without yielding
     // they would hold every thread until their deadline.
     let spinners = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
-    let addr = deploy(
-        &daemon,
+    let addr = daemon.deploy_hello_manifest(
         "spinner",
         "",
         &format!("instances = {spinners}\ntimeout = \"3s\""),
@@ -557,7 +549,7 @@ fn a_log_flood_is_kept_within_the_apps_byte_budget_and_the_neighbour_still_logs(
 #[test]
 fn connections_over_the_cap_wait_in_the_backlog_until_one_closes() {
     let daemon = Daemon::start();
-    let addr = deploy(&daemon, "capped", "max_connections = 4", "");
+    let addr = daemon.deploy_hello_manifest("capped", "max_connections = 4", "");
     // Four connections that send nothing hold every place (their head deadline is 10 s).
     let mut held: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(200));
