@@ -113,6 +113,7 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
         object.insert("pids".into(), json!(detail.pids));
         object.insert("pool_user".into(), json!(detail.pool_user));
         object.insert("log_lines_dropped".into(), json!(detail.log_lines_dropped));
+        object.insert("syscalls_denied".into(), json!(detail.syscalls_denied));
         print_json(&value);
         return;
     }
@@ -157,6 +158,17 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
             ),
         ]),
         row(["log lines dropped", &detail.log_lines_dropped.to_string()]),
+        row([
+            "system calls denied",
+            &if detail.syscalls_denied == 0 {
+                "0".to_string()
+            } else {
+                format!(
+                    "{} (a guest that escaped wasmtime, or a call cairn's filter misses: the names are in cairnd's log)",
+                    detail.syscalls_denied
+                )
+            },
+        ]),
     ];
     if !app.error.is_empty() {
         rows.push(row(["error", &app.error]));

@@ -28,6 +28,8 @@ pub enum Counter {
     LogLinesDropped = 5,
     /// Milliseconds since the pool's start when a request last finished.
     LastActive = 6,
+    /// System calls the pool's seccomp filter denied (`pool::seccomp`).
+    SyscallsDenied = 7,
 }
 
 const PAGE: usize = 4096;
@@ -65,7 +67,7 @@ impl Counters {
         })
     }
 
-    fn slot(&self, counter: Counter) -> &AtomicU64 {
+    pub fn slot(&self, counter: Counter) -> &AtomicU64 {
         // SAFETY: every Counter index is inside the page, and the page is 8-byte aligned.
         unsafe { &*self.base.add(counter as usize) }
     }

@@ -38,6 +38,8 @@ pub enum RuntimeError {
     Instantiate(String),
     #[error("wasmtime could not be configured: {0}")]
     Engine(String),
+    #[error("the pool could not be sandboxed: {0}")]
+    Sandbox(String),
 }
 
 /// Checks that `bytes` are a well-formed component: WebAssembly at all, a component rather than

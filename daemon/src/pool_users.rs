@@ -10,8 +10,10 @@ use crate::spec::AppName;
 use crate::store::{Store, StoreError};
 use std::ops::RangeInclusive;
 
-/// Said in every mode until pools install a system-call filter.
-const NO_SECCOMP: &str = "pools run without a seccomp filter: a pool that escaped its sandbox could make any system call its user may, creating sockets included";
+/// Said in every mode where pools cannot install their system-call filter.
+fn no_seccomp(why: &str) -> String {
+    format!("pools run without a seccomp filter ({why}): a pool that escaped its sandbox could make any system call its user may, creating sockets included")
+}
 
 /// The default range of pool ids: 10,000 apps, above the 16-bit ids that systemd's dynamic
 /// users and regular users take. Subordinate ranges that reach into it are skipped
@@ -36,6 +38,13 @@ pub enum PoolUsersError {
     Root(String),
     #[error("pool_ids = \"{0}\" is not a range: write FIRST-LAST, such as \"4000000-4009999\", with 1000 <= FIRST <= LAST")]
     BadRange(String),
+    #[error("pool_ids {first}-{last} are not all mapped in the user namespace cairnd runs in ({file}: {map}), so no pool could switch to them; set pool_ids to a range inside the mapping")]
+    Unmapped {
+        first: u32,
+        last: u32,
+        file: &'static str,
+        map: String,
+    },
     #[error("no free id left in pool_ids {first}-{last} for app `{app}` (every id is an app's or the system's); widen the range")]
     Exhausted { app: String, first: u32, last: u32 },
     #[error(transparent)]
@@ -70,6 +79,20 @@ impl PoolUsers {
             Some(text) => parse_range(text)?,
             None => DEFAULT_RANGE,
         };
+        // Inside a user namespace (a container) only the mapped ids exist: a pool told to
+        // switch to another would fail at every start.
+        for file in ["/proc/self/uid_map", "/proc/self/gid_map"] {
+            if let Ok(map) = std::fs::read_to_string(file) {
+                if !mapped(&map, &range) {
+                    return Err(PoolUsersError::Unmapped {
+                        first: *range.start(),
+                        last: *range.end(),
+                        file,
+                        map: map.split_whitespace().collect::<Vec<_>>().join(" "),
+                    });
+                }
+            }
+        }
         Ok(PoolUsers::PerApp { range })
     }
 
@@ -91,7 +114,7 @@ impl PoolUsers {
     /// What does not hold between pools, and between a pool and cairnd, under this setting.
     pub fn gaps(&self) -> Vec<String> {
         let mut gaps = self.user_gaps();
-        gaps.push(NO_SECCOMP.to_string());
+        gaps.extend(crate::pool::seccomp::unavailable().map(no_seccomp));
         gaps
     }
 
@@ -181,6 +204,18 @@ fn subordinate_ranges(text: &str) -> impl Iterator<Item = RangeInclusive<u32>> +
     })
 }
 
+/// Whether one line of a uid_map or gid_map (`inside outside count`) holds all of `range`.
+fn mapped(map: &str, range: &RangeInclusive<u32>) -> bool {
+    map.lines().any(|line| {
+        let fields: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|field| field.parse().ok())
+            .collect();
+        matches!(fields[..], [inside, _, count]
+            if inside <= u64::from(*range.start()) && u64::from(*range.end()) < inside + count)
+    })
+}
+
 fn parse_range(text: &str) -> Result<RangeInclusive<u32>, PoolUsersError> {
     let bad = || PoolUsersError::BadRange(text.to_string());
     let (first, last) = text.split_once('-').ok_or_else(bad)?;
@@ -196,6 +231,20 @@ fn parse_range(text: &str) -> Result<RangeInclusive<u32>, PoolUsersError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_range_must_lie_inside_one_line_of_the_namespace_map() {
+        let initial = "         0          0 4294967295\n";
+        assert!(mapped(initial, &DEFAULT_RANGE));
+        let container = "0 100000 65536\n";
+        assert!(!mapped(container, &DEFAULT_RANGE));
+        assert!(mapped(container, &(60000..=65535)));
+        assert!(!mapped(container, &(60000..=65536)));
+        // Two lines that touch do not make one range.
+        let split = "0 100000 5000\n5000 200000 5000\n";
+        assert!(!mapped(split, &(4000..=6000)));
+        assert!(mapped(split, &(5000..=9999)));
+    }
 
     #[test]
     fn ranges_parse_and_bad_ones_say_how_to_write_them() {
@@ -242,9 +291,10 @@ mod tests {
         let per_app = PoolUsers::PerApp { range: 5000..=5009 };
         assert!(per_app.is_pool_uid(5000) && per_app.is_pool_uid(5009));
         assert!(!per_app.is_pool_uid(4999) && !per_app.is_pool_uid(0));
-        assert_eq!(per_app.gaps(), vec![NO_SECCOMP.to_string()]);
+        let filter_gaps = usize::from(crate::pool::seccomp::unavailable().is_some());
+        assert_eq!(per_app.gaps().len(), filter_gaps);
         assert!(!PoolUsers::Own.is_pool_uid(0));
-        assert_eq!(PoolUsers::Own.gaps().len(), 3);
+        assert_eq!(PoolUsers::Own.gaps().len(), 2 + filter_gaps);
     }
 
     #[test]

@@ -520,6 +520,7 @@ impl Spawner {
             serve: launch.start != Start::Prepare,
             confined: !overlap,
             user: launch.user,
+            filter: crate::pool::seccomp::unavailable().is_none(),
         };
         let fds = [
             launch.listener.as_raw_fd(),

@@ -20,6 +20,9 @@ pub struct Daemon {
     rlimits: Vec<(nix::sys::resource::Resource, u64, u64)>,
     /// Run cairnd as this uid (the test must be root).
     run_as: Option<u32>,
+    /// The test provokes seccomp denials; otherwise any in cairnd's log fails the test (a
+    /// system call the pools' filter misses).
+    denials_expected: std::sync::atomic::AtomicBool,
 }
 
 impl Daemon {
@@ -116,6 +119,7 @@ impl Daemon {
                 .collect(),
             rlimits: rlimit.into_iter().collect(),
             run_as: None,
+            denials_expected: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -394,6 +398,12 @@ impl Daemon {
         addr
     }
 
+    /// The test makes pools' filters deny calls on purpose.
+    pub fn expect_denials(&self) {
+        self.denials_expected
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Waits (up to 20 s) until `app`'s stored log holds `text`.
     pub fn wait_logged(&self, app: &str, text: &str) {
         wait_for(
@@ -433,6 +443,22 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
         remove_cgroups(&self.cgroup_parent);
+        if !self
+            .denials_expected
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && !std::thread::panicking()
+        {
+            let log = std::fs::read_to_string(self.dir.join("cairnd.log")).unwrap_or_default();
+            let denials: Vec<&str> = log
+                .lines()
+                .filter(|line| line.contains("the seccomp filter denied"))
+                .collect();
+            assert!(
+                denials.is_empty(),
+                "a pool made a system call its filter does not allow (add it to pool/seccomp.rs if serving needs it):\n{}",
+                denials.join("\n")
+            );
+        }
     }
 }
 

@@ -109,6 +109,7 @@ impl ControlService {
             in_flight: detail.in_flight,
             traps: detail.traps,
             log_lines_dropped: detail.log_lines_dropped,
+            syscalls_denied: detail.syscalls_denied,
             timeouts: detail.timeouts,
             rejected: detail.rejected,
             health: String::new(),

@@ -15,6 +15,7 @@ mod host;
 mod http;
 pub mod protocol;
 mod runtime;
+pub mod seccomp;
 
 use crate::counters::{Counter, Counters};
 use http::{HttpServer, Serving};
@@ -226,6 +227,15 @@ pub fn run() -> i32 {
             }
         }
     };
+    let [listener, code, counters]: [OwnedFd; protocol::START_FDS] =
+        fds.try_into().expect("the count was checked above");
+    let counters = match Counters::map(counters) {
+        Ok(counters) => Arc::new(counters),
+        Err(error) => {
+            eprintln!("cairnd pool: cannot map the counters page: {error}");
+            return 71;
+        }
+    };
     if let ToPool::Start { spec, user, .. } = &start {
         if let Err(error) = switch_user(*user) {
             eprintln!("cairnd pool: {error}");
@@ -236,11 +246,28 @@ pub fn run() -> i32 {
         }
         name_process(spec.name.as_str());
     }
-    let [listener, code, counters]: [OwnedFd; protocol::START_FDS] =
-        fds.try_into().expect("the count was checked above");
-    match runtime.block_on(serve(
-        wasm, prepared, start, listener, control, code, counters,
-    )) {
+    // Installed by `Runtime::load` once the code is mapped, before any of it is linked or run.
+    let filter = match &start {
+        ToPool::Start {
+            spec, filter: true, ..
+        } => {
+            // The page stays mapped for the process's life: the handler may count at any time.
+            let kept: &'static Arc<Counters> = Box::leak(Box::new(Arc::clone(&counters)));
+            Some(seccomp::Filter::new(
+                spec.name.as_str(),
+                kept.slot(Counter::SyscallsDenied),
+            ))
+        }
+        _ => None,
+    };
+    let given = Given {
+        listener,
+        control,
+        code,
+        counters,
+        filter,
+    };
+    match runtime.block_on(serve(wasm, prepared, start, given)) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("cairnd pool: {error:#}");
@@ -249,18 +276,30 @@ pub fn run() -> i32 {
     }
 }
 
+/// What a pool was given with `Start`, and the filter it is to install.
+struct Given {
+    listener: OwnedFd,
+    control: std::os::unix::net::UnixStream,
+    code: OwnedFd,
+    counters: Arc<Counters>,
+    filter: Option<seccomp::Filter>,
+}
+
 async fn serve(
     runtime: Arc<Runtime>,
     prepared: Option<runtime::PreparedEngine>,
     start: ToPool,
-    listener: OwnedFd,
-    control: std::os::unix::net::UnixStream,
-    code: OwnedFd,
-    counters: OwnedFd,
+    given: Given,
 ) -> anyhow::Result<i32> {
+    let Given {
+        listener,
+        control,
+        code,
+        counters,
+        filter,
+    } = given;
     control.set_nonblocking(true)?;
     let (mut reader, writer) = tokio::net::UnixStream::from_std(control)?.into_split();
-    let counters = Arc::new(Counters::map(counters)?);
 
     let ToPool::Start {
         spec,
@@ -294,7 +333,15 @@ async fn serve(
     let loaded = tokio::task::block_in_place(move || {
         let _entered = handle.enter();
         runtime.load(
-            &name, &code, &facts, &limits, env, reporter, probe, prepared,
+            &name,
+            &code,
+            &facts,
+            &limits,
+            env,
+            reporter,
+            probe,
+            prepared,
+            filter.as_ref(),
         )
     });
     let loaded = match loaded {

@@ -69,6 +69,9 @@ pub enum ToPool {
         /// The uid and gid to switch to, with no supplementary groups, before anything of the
         /// app runs (`None`: stay as started).
         user: Option<(u32, u32)>,
+        /// Install the system-call filter (`pool::seccomp`) right after the switch, or exit:
+        /// false only where the kernel takes no filters (then `cairnctl status` says so).
+        filter: bool,
     },
     /// The process is now in the app's cgroup (after a `Start` that said it was not).
     Confined,

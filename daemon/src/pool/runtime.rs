@@ -10,6 +10,7 @@
 //! host. This module knows nothing of the store, the reconciler or the control API.
 
 use super::host::{DenyOutgoingHttp, Host, OutputCapture};
+use super::seccomp;
 use crate::counters::InFlight;
 use crate::engine::{
     code_config, memory_reservation, pooled_config, CodeFacts, RuntimeError, Sizing,
@@ -131,6 +132,7 @@ impl Runtime {
         reporter: Reporter,
         probe: bool,
         prepared: Option<PreparedEngine>,
+        filter: Option<&seccomp::Filter>,
     ) -> Result<LoadedApp, RuntimeError> {
         let settings = AppSettings {
             name: app.clone(),
@@ -143,7 +145,14 @@ impl Runtime {
         // app still runs, with on-demand allocation.
         let (pooled_attempt, fallback_reason) = match self.pooled_engine(limits, facts, prepared) {
             Ok(pooled) => {
-                match self.prepare(&pooled.engine, pooled.linker, code, &settings, probe) {
+                match self.prepare(
+                    &pooled.engine,
+                    pooled.linker,
+                    code,
+                    &settings,
+                    probe,
+                    filter,
+                ) {
                     Ok(loaded) => (Some(loaded), None),
                     Err(RuntimeError::Instantiate(reason)) => (None, Some(reason)),
                     Err(other) => return Err(other),
@@ -159,7 +168,7 @@ impl Runtime {
                     .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
                 let linker = host_linker(&engine)?;
                 // Without `probe` no instance is made here either: the pool may not be in its cgroup yet.
-                let mut loaded = self.prepare(&engine, linker, code, &settings, probe)?;
+                let mut loaded = self.prepare(&engine, linker, code, &settings, probe, filter)?;
                 loaded.allocator = format!(
                     "on-demand (the pooling allocator was refused: {})",
                     fallback_reason.unwrap_or_default()
@@ -175,8 +184,8 @@ impl Runtime {
         Ok(loaded)
     }
 
-    /// Deserialises in `engine` and links with `linker` (of that engine); with `probe`,
-    /// instantiates once.
+    /// Deserialises in `engine`, installs `filter` (from then on the process opens no files),
+    /// and links with `linker` (of that engine); with `probe`, instantiates once.
     fn prepare(
         &self,
         engine: &Engine,
@@ -184,8 +193,14 @@ impl Runtime {
         code: &std::fs::File,
         settings: &AppSettings,
         probe: bool,
+        filter: Option<&seccomp::Filter>,
     ) -> Result<LoadedApp, RuntimeError> {
         let component = deserialize_file(engine, code)?;
+        if let Some(filter) = filter {
+            filter
+                .install()
+                .map_err(|error| RuntimeError::Sandbox(error.to_string()))?;
+        }
         let instance_pre = linker.instantiate_pre(&component).map_err(|e| {
             RuntimeError::Link(format!(
                 "{e:#}; cairn provides wasi:cli, wasi:clocks, wasi:random, wasi:io, wasi:filesystem, \
@@ -233,15 +248,19 @@ pub struct PreparedEngine {
 
 /// Deserialises the code in `file`, mapping it through its /proc path (wasmtime maps what it
 /// opens, so nothing is copied); where that cannot work (no /proc, a policy against executable
-/// file mappings), from a copy of its bytes.
+/// file mappings, the system-call filter already on: the second engine of a fallback to
+/// on-demand allocation), from a copy of its bytes.
 fn deserialize_file(engine: &Engine, file: &std::fs::File) -> Result<Component, RuntimeError> {
-    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
-    // SAFETY: as in `Runtime::inspect`; the supervisor hands the pool a sealed memfd of code it
-    // checked, which nothing can change after.
-    let mapped = unsafe { Component::deserialize_file(engine, &path) };
-    let error = match mapped {
-        Ok(component) => return Ok(component),
-        Err(error) => error,
+    let error = if seccomp::installed() {
+        wasmtime::Error::msg("the pool opens no files once filtered")
+    } else {
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
+        // SAFETY: as in `Runtime::inspect`; the supervisor hands the pool a sealed memfd of
+        // code it checked, which nothing can change after.
+        match unsafe { Component::deserialize_file(engine, &path) } {
+            Ok(component) => return Ok(component),
+            Err(error) => error,
+        }
     };
     let copy = (|| {
         let length = file.metadata()?.len() as usize;

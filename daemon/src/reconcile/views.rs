@@ -32,6 +32,8 @@ pub struct AppDetailView {
     pub traps: u64,
     /// Output lines the app's pool dropped (its log queue was full).
     pub log_lines_dropped: u64,
+    /// System calls the pool's seccomp filter refused (each named in the daemon's log).
+    pub syscalls_denied: u64,
     pub timeouts: u64,
     pub rejected: u64,
     pub started_unix: i64,
@@ -81,6 +83,7 @@ impl Reconciler {
                     in_flight: counters.get(Counter::InFlight),
                     traps: counters.get(Counter::Traps),
                     log_lines_dropped: counters.get(Counter::LogLinesDropped),
+                    syscalls_denied: counters.get(Counter::SyscallsDenied),
                     timeouts: counters.get(Counter::Timeouts),
                     rejected: counters.get(Counter::Rejected),
                     started_unix: running.started_unix,
