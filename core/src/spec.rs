@@ -357,12 +357,23 @@ pub struct Limits {
     /// Default: never (the pool stays warm).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle: Option<HumanDuration>,
+    /// Bytes of output (stdout, stderr) per second the pool passes on to the app's log, in
+    /// bursts of up to `LOG_BURST_SECONDS` of it; beyond, output is dropped and counted.
+    /// Default: `DEFAULT_LOG_RATE`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_rate: Option<ByteSize>,
 }
 
 /// Memory a pool needs besides its instances' linear memories (runtime, code, buffers).
 pub const POOL_BASELINE: ByteSize = ByteSize(64 << 20);
 /// Processes and threads of a pool when the manifest does not say.
 pub const DEFAULT_PIDS: u32 = 64;
+/// Log output per second a pool passes on when the manifest does not say: far more than an
+/// app that logs its requests writes, and little enough that a flooding app costs cairnd's
+/// log writer a few percent of a core.
+pub const DEFAULT_LOG_RATE: ByteSize = ByteSize(1 << 20);
+/// A burst of log output may be this many seconds of `log_rate` at once.
+pub const LOG_BURST_SECONDS: u64 = 4;
 
 impl Limits {
     /// The pool's memory limit: `memory_total`, or derived from the per-instance cap.
@@ -373,6 +384,10 @@ impl Limits {
                 .saturating_mul(self.instances as u64)
                 .saturating_add(POOL_BASELINE.0),
         ))
+    }
+
+    pub fn log_rate(&self) -> ByteSize {
+        self.log_rate.unwrap_or(DEFAULT_LOG_RATE)
     }
 
     pub fn pool_pids(&self) -> u32 {
@@ -390,6 +405,7 @@ impl Default for Limits {
             memory_total: None,
             pids: None,
             idle: None,
+            log_rate: None,
         }
     }
 }
@@ -463,6 +479,13 @@ impl AppSpec {
             if pids < 8 {
                 return Err(invalid(format!(
                     "[limits] pids = {pids} is too small: a pool needs at least 8 threads"
+                )));
+            }
+        }
+        if let Some(rate) = limits.log_rate {
+            if rate.0 < 1 << 10 {
+                return Err(invalid(format!(
+                    "[limits] log_rate = \"{rate}\" is too small: use at least 1KiB (per second)"
                 )));
             }
         }
@@ -588,6 +611,10 @@ mod tests {
                 "not a duration",
             ),
             (manifest("[limits]\ncpu = -1.0\n"), "cpu = -1"),
+            (
+                manifest("[limits]\nlog_rate = \"100B\"\n"),
+                "log_rate = \"100B\" is too small",
+            ),
             (manifest("[limits]\nshoes = 2\n"), "unknown field `shoes`"),
             (
                 manifest("[limits]\nmemory_total = \"1MiB\"\n"),

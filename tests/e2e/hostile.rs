@@ -617,7 +617,8 @@ fn a_pool_with_every_instance_spinning_still_answers_and_stops_them_on_time() {
 #[test]
 fn a_log_flood_is_kept_within_the_apps_byte_budget_and_the_neighbour_still_logs() {
     let daemon = Daemon::start_with(Some("log_bytes_per_app = \"1MiB\"\n"), &[]);
-    let flood = daemon.deploy_hello("flood", &[]);
+    // The pool's own rate limit out of the way: this is about what is stored.
+    let flood = daemon.deploy_hello_manifest("flood", "", "log_rate = \"1GiB\"");
     let neighbour = daemon.deploy_hello("quiet", &[]);
     // 200 requests, each writing 64 KiB (its cut) in 8 KiB lines: 12.5 MiB in ~1,600 lines,
     // far under the 10,000-line bound, so only the byte budget holds it.
@@ -659,6 +660,44 @@ fn a_log_flood_is_kept_within_the_apps_byte_budget_and_the_neighbour_still_logs(
         "the newest lines were pruned too: {}",
         stored()
     );
+}
+
+#[test]
+fn output_beyond_the_log_rate_is_dropped_at_the_pool_counted_and_noted_once() {
+    let daemon = Daemon::start();
+    // 16 KiB a second, in bursts of up to 64 KiB: four requests' output.
+    let flood = daemon.deploy_hello_manifest("flood", "", "log_rate = \"16KiB\"");
+    let started = Instant::now();
+    let line = "x".repeat(4000);
+    let path = format!("/lines?4-{line}");
+    let per_request = 4 * 4001;
+    for _ in 0..20 {
+        assert_eq!(get(flood, &path).unwrap().status, 200);
+    }
+    let elapsed = started.elapsed();
+    daemon.wait_logged("flood", "output beyond log_rate (16KiB/s) is being dropped");
+    let status = daemon.app_status("flood");
+    let dropped = status["log_lines_dropped"].as_u64().unwrap();
+    // Of 20 requests' 80 lines, the burst and what the rate refilled meanwhile passed.
+    let passed_at_most = (64 << 10) + (16 << 10) * (elapsed.as_secs() + 1);
+    let lines_at_most = 4 * (passed_at_most / per_request);
+    assert!(
+        dropped >= 80 - lines_at_most,
+        "{dropped} lines dropped in {elapsed:?}"
+    );
+    let logs = daemon.ctl_ok(&["logs", "flood"]);
+    assert_eq!(
+        logs.matches("is being dropped").count(),
+        1,
+        "one note per 10 s: {}",
+        &logs[logs.len().saturating_sub(2000)..]
+    );
+    let stored = logs.matches(&line).count() as u64;
+    assert!(
+        (16..=lines_at_most).contains(&stored),
+        "{stored} lines stored in {elapsed:?}"
+    );
+    assert_eq!(get(flood, "/").unwrap().status, 200);
 }
 
 #[test]

@@ -320,7 +320,8 @@ async fn serve(
     let (log_sender, log_queue, log_bytes) = LogQueue::new();
     let writer_task = tokio::spawn(write_messages(writer, queue, log_queue, log_bytes));
 
-    let reporter = reporter(log_sender, Arc::clone(&counters));
+    let budget = LogBudget::new(spec.limits.log_rate().0);
+    let reporter = reporter(log_sender, budget, Arc::clone(&counters));
     let env: Vec<(String, String)> = spec
         .env
         .iter()
@@ -625,7 +626,49 @@ fn clip(text: &str) -> std::borrow::Cow<'_, str> {
     format!("{}…", &text[..end]).into()
 }
 
-fn reporter(logs: LogQueue, counters: Arc<Counters>) -> runtime::Reporter {
+/// The app's `log_rate`: a token bucket of output bytes, refilled at the rate and holding at
+/// most `LOG_BURST_SECONDS` of it. Output beyond it is dropped at the source, before it costs
+/// a copy, a frame or a row; a note says so at most once per `NOTE_EVERY`.
+struct LogBudget {
+    rate: f64,
+    burst: f64,
+    state: std::sync::Mutex<(f64, std::time::Instant, Option<std::time::Instant>)>,
+}
+
+impl LogBudget {
+    const NOTE_EVERY: Duration = Duration::from_secs(10);
+
+    fn new(rate: u64) -> LogBudget {
+        let burst = rate.saturating_mul(crate::spec::LOG_BURST_SECONDS) as f64;
+        LogBudget {
+            rate: rate as f64,
+            burst,
+            state: std::sync::Mutex::new((burst, std::time::Instant::now(), None)),
+        }
+    }
+
+    /// Takes `bytes` from the budget if it holds them. `Err(true)`: refused, and a note about
+    /// it is due.
+    fn take(&self, bytes: usize) -> Result<(), bool> {
+        let now = std::time::Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, refilled, noted) = &mut *state;
+        *tokens =
+            (*tokens + now.duration_since(*refilled).as_secs_f64() * self.rate).min(self.burst);
+        *refilled = now;
+        if *tokens >= bytes as f64 {
+            *tokens -= bytes as f64;
+            return Ok(());
+        }
+        let due = noted.is_none_or(|at| now.duration_since(at) >= Self::NOTE_EVERY);
+        if due {
+            *noted = Some(now);
+        }
+        Err(due)
+    }
+}
+
+fn reporter(logs: LogQueue, budget: LogBudget, counters: Arc<Counters>) -> runtime::Reporter {
     Arc::new(move |report: RequestReport| {
         let send = |stream: &str, text: String| {
             let lines = text.lines().count().max(1) as u64;
@@ -637,17 +680,27 @@ fn reporter(logs: LogQueue, counters: Arc<Counters>) -> runtime::Reporter {
                 counters.add(Counter::LogLinesDropped, lines);
             }
         };
-        if !report.stdout.is_empty() {
-            send(
-                "stdout",
-                String::from_utf8_lossy(&report.stdout).into_owned(),
-            );
-        }
-        if !report.stderr.is_empty() {
-            send(
-                "stderr",
-                String::from_utf8_lossy(&report.stderr).into_owned(),
-            );
+        for (stream, output) in [("stdout", &report.stdout), ("stderr", &report.stderr)] {
+            if output.is_empty() {
+                continue;
+            }
+            match budget.take(output.len()) {
+                Ok(()) => send(stream, String::from_utf8_lossy(output).into_owned()),
+                Err(note) => {
+                    let newlines = output.iter().filter(|byte| **byte == b'\n').count();
+                    let lines = (newlines + usize::from(!output.ends_with(b"\n"))).max(1);
+                    counters.add(Counter::LogLinesDropped, lines as u64);
+                    if note {
+                        send(
+                            "cairn",
+                            format!(
+                                "output beyond log_rate ({}/s) is being dropped (cairnctl status APP counts the lines)",
+                                crate::spec::ByteSize(budget.rate as u64)
+                            ),
+                        );
+                    }
+                }
+            }
         }
         // A method or path can be as long as the head allows (up to 1 MiB): only its start is
         // worth a log line, and the frame bound must hold.
@@ -668,4 +721,26 @@ fn reporter(logs: LogQueue, counters: Arc<Counters>) -> runtime::Reporter {
             ),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_budget_allows_a_burst_then_its_rate_and_notes_a_refusal_once() {
+        let budget = LogBudget::new(1000);
+        // A full bucket: four seconds of the rate at once.
+        assert_eq!(budget.take(4000), Ok(()));
+        assert_eq!(budget.take(500), Err(true), "the first refusal is noted");
+        assert_eq!(
+            budget.take(500),
+            Err(false),
+            "the next ones within 10 s are not"
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        // About 60 bytes came back; never more than the burst.
+        assert_eq!(budget.take(40), Ok(()));
+        assert_eq!(budget.take(4000), Err(false));
+    }
 }
