@@ -419,7 +419,10 @@ fn a_pools_user_cannot_drive_the_daemon_nor_touch_another_pool() {
     // system-call filters (qemu-user): then that, and only that.
     let gaps = status["isolation_gaps"].as_array().unwrap();
     match filter_gap(&daemon) {
-        Some(gap) => assert_eq!(gaps.len(), 1, "{status}: {gap}"),
+        Some(gap) => {
+            assert!(cairn_tests::cross_target().is_some(), "{gap}");
+            assert_eq!(gaps.len(), 1, "{status}: {gap}");
+        }
         None => {
             assert!(gaps.is_empty(), "{status}");
             // Every thread of every pool is bound to the filter.
@@ -467,6 +470,8 @@ fn an_escaped_guest_cannot_open_sockets_start_processes_or_signal_and_is_named()
     let addr = daemon.deploy_hello("escaped", &[]);
     let neighbour = daemon.deploy_hello("neighbour", &[]);
     if let Some(gap) = filter_gap(&daemon) {
+        // Only under an emulator (qemu-user, the arm64 suite) may pools lack a filter.
+        assert!(cairn_tests::cross_target().is_some(), "{gap}");
         cairn_tests::skip(name, &format!("pools have no filter here: {gap}"));
         return;
     }
@@ -476,7 +481,13 @@ fn an_escaped_guest_cannot_open_sockets_start_processes_or_signal_and_is_named()
     let calls = [
         "(int)socket(2, 1, 0)".to_string(),
         "(int)socket(1, 1, 0)".to_string(),
-        "(int)fork()".to_string(),
+        // A new process: raw clone (glibc's fork blocks every signal first, since 2.41, and a
+        // denial with SIGSYS blocked kills the process).
+        format!(
+            "(long)syscall({}, {}, 0, 0, 0, 0)",
+            nix::libc::SYS_clone,
+            nix::libc::SIGCHLD
+        ),
         format!("(int)kill({neighbour_pid}, 9)"),
         "(int)open(\"/etc/hostname\", 0)".to_string(),
         "(int)execl(\"/bin/sh\", \"sh\", 0)".to_string(),
