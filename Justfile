@@ -80,7 +80,7 @@ check: lint components
 # Everything, including what does not fit CI's budget: the whole suite, the arm64 image booted
 # under QEMU, and the Raspberry Pi image (about 40 minutes more the first time, for the cached
 # arm64 Debian root; about 10 after that).
-test-all: test (boot-test "arm64") test-rpi hostile
+test-all: test (boot-test "arm64") test-rpi hostile (hostile "--pinned")
 
 # Release builds of cairnd and cairnctl for this machine (what packages ship, what tests run).
 release:

@@ -15,8 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How long the neighbour is measured, alone and under each attack.
+/// How long the neighbour is measured, alone and under each attack (each way).
 const MEASURE_SECONDS: u32 = 5;
+/// The neighbour's steady traffic, requests a second (`paced`).
+const STEADY_RATE: u32 = 1000;
 
 /// What the attacking clients saw, by answer ("200", "503", "413", "closed", …).
 type Seen = Arc<Mutex<BTreeMap<String, u64>>>;
@@ -283,9 +285,128 @@ fn pool_credentials(daemon: &Daemon) -> String {
     )
 }
 
+/// The neighbour's traffic at a steady rate, as a device's real clients send it: `rate`
+/// requests a second over four kept-alive connections for `seconds`, each timed from when it
+/// was due (so a stall counts for every request it delays). The p99 in ms and the failures.
+fn paced(addr: SocketAddr, rate: u32, seconds: u32) -> (f64, u64) {
+    const CONNECTIONS: u32 = 4;
+    let interval = Duration::from_secs_f64(f64::from(CONNECTIONS) / f64::from(rate));
+    let start = Instant::now() + Duration::from_millis(10);
+    let end = start + Duration::from_secs(u64::from(seconds));
+    let workers: Vec<_> = (0..CONNECTIONS)
+        .map(|worker| {
+            std::thread::spawn(move || {
+                let mut latencies = Vec::new();
+                let mut failures = 0u64;
+                let mut stream: Option<TcpStream> = None;
+                let mut due = start + interval.mul_f64(f64::from(worker) / f64::from(CONNECTIONS));
+                while due < end {
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let connection = match &mut stream {
+                        Some(stream) => stream,
+                        None => match TcpStream::connect(addr) {
+                            Ok(new) => {
+                                let _ = new.set_read_timeout(Some(Duration::from_secs(5)));
+                                let _ = new.set_nodelay(true);
+                                stream.insert(new)
+                            }
+                            Err(_) => {
+                                failures += 1;
+                                due += interval;
+                                continue;
+                            }
+                        },
+                    };
+                    if one_kept_alive(connection) {
+                        latencies.push(due.elapsed().as_secs_f64() * 1000.0);
+                    } else {
+                        failures += 1;
+                        stream = None;
+                    }
+                    due += interval;
+                }
+                (latencies, failures)
+            })
+        })
+        .collect();
+    let (mut latencies, mut failures) = (Vec::new(), 0);
+    for worker in workers {
+        let (some, failed) = worker.join().unwrap();
+        latencies.extend(some);
+        failures += failed;
+    }
+    latencies.sort_by(f64::total_cmp);
+    let p99 = latencies
+        .get((latencies.len() * 99 / 100).min(latencies.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(f64::NAN);
+    (p99, failures)
+}
+
+/// GET / on a kept-alive connection; whether a whole 200 came back.
+fn one_kept_alive(stream: &mut TcpStream) -> bool {
+    if stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: neighbour\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut read = Vec::with_capacity(512);
+    let mut buffer = [0u8; 512];
+    loop {
+        let Ok(n) = stream.read(&mut buffer) else {
+            return false;
+        };
+        if n == 0 {
+            return false;
+        }
+        read.extend_from_slice(&buffer[..n]);
+        let Some(head_end) = read.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&read[..head_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0);
+        if read.len() >= head_end + 4 + length {
+            return head.starts_with("http/1.1 200");
+        }
+    }
+}
+
+/// Binds the calling thread (and what it starts from now on) to `cpu`.
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and sched_setaffinity (of this
+    // thread, pid 0) read and write only that set.
+    unsafe {
+        let mut set: nix::libc::cpu_set_t = std::mem::zeroed();
+        nix::libc::CPU_SET(cpu, &mut set);
+        let result =
+            nix::libc::sched_setaffinity(0, std::mem::size_of::<nix::libc::cpu_set_t>(), &set);
+        assert_eq!(result, 0, "cannot pin to CPU {cpu}");
+    }
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--pinned`: cairnd (and so every pool) on CPU 0; wrk and the attackers on CPU 1, as for
+    // a device whose clients are elsewhere.
+    let pinned = std::env::args().any(|a| a == "--pinned");
+    if pinned {
+        assert!(
+            std::thread::available_parallelism().map_or(0, |n| n.get()) >= 2,
+            "--pinned needs two CPUs"
+        );
+        pin_to(0);
+    }
     let daemon = Daemon::start();
+    if pinned {
+        pin_to(1);
+    }
     let neighbour = daemon.deploy_hello("calm", &["--env", "GREETING=calm"]);
     let target = daemon.deploy_hello_manifest(
         "target",
@@ -299,8 +420,9 @@ fn main() {
 
     let seconds = if quick { 2 } else { MEASURE_SECONDS };
     let alone = wrk(neighbour, "/", 1, 4, seconds);
+    let (steady_alone, _) = paced(neighbour, STEADY_RATE, seconds);
     println!(
-        "neighbour alone: p99 {:.2} ms, {:.0} req/s",
+        "neighbour alone: p99 {:.2} ms, {:.0} req/s; at {STEADY_RATE} req/s p99 {steady_alone:.2} ms",
         alone.p99_ms, alone.requests_per_sec
     );
     let mut rows = Vec::new();
@@ -308,6 +430,7 @@ fn main() {
         let (stop_rss, sampler) = rss_sampler(daemon.pid());
         std::thread::sleep(Duration::from_secs(1));
         let under = wrk(neighbour, "/", 1, 4, seconds);
+        let (steady, steady_failures) = paced(neighbour, STEADY_RATE, seconds);
         let stopped = Instant::now();
         let mut seen = BTreeMap::new();
         for attack in attacks {
@@ -323,16 +446,22 @@ fn main() {
         } else {
             format!(" ({})", under.errors)
         };
+        let steady_errors = if steady_failures == 0 {
+            String::new()
+        } else {
+            format!(" ({steady_failures} failed)")
+        };
         println!(
-            "{name}: neighbour p99 {:.2} ms{errors}, target {}, recovered in {:.0} ms, cairnd peak RSS {peak:.1} MiB",
+            "{name}: neighbour p99 {:.2} ms{errors}, at {STEADY_RATE} req/s {steady:.2} ms{steady_errors}, target {}, recovered in {:.0} ms, cairnd peak RSS {peak:.1} MiB",
             under.p99_ms,
             describe(&seen),
             recovered.as_secs_f64() * 1000.0
         );
         rows.push(format!(
-            "| {name} | {:.2} ms | {:.1}×{errors} | {} | {:.0} ms | {peak:.1} MiB |",
+            "| {name} | {:.2} ms | {:.1}×{errors} | {steady:.2} ms | {:.1}×{steady_errors} | {} | {:.0} ms | {peak:.1} MiB |",
             under.p99_ms,
             under.p99_ms / alone.p99_ms,
+            steady / steady_alone,
             describe(&seen),
             recovered.as_secs_f64() * 1000.0
         ));
@@ -374,18 +503,36 @@ fn main() {
     );
     assert_eq!(get(neighbour, "/").unwrap().body, "calm from cairn\n");
 
+    let (section, title, command, sharing) = if pinned {
+        (
+            "hostile-pinned",
+            "Hostile suite, pinned",
+            "just hostile --pinned",
+            "cairnd and its pools are pinned to CPU 0, wrk and the attacking clients to CPU 1",
+        )
+    } else {
+        (
+            "hostile",
+            "Hostile suite",
+            "just hostile",
+            "every process shares the machine's cores",
+        )
+    };
     write_section(
-        "hostile",
+        section,
         &format!(
-            "## Hostile suite\n\n{}\n- command: `just hostile` (release binaries; wrk from Debian)\n\n\
+            "## {title}\n\n{}\n- command: `{command}` (release binaries; wrk from Debian)\n\n\
              One app (`target`: 8 instances, 2 s timeout, 32 MiB per \
              instance, header and send timeouts 5 s, everything else default) is attacked while \
-             its neighbour (`calm`, defaults) serves wrk -t1 -c4 for {seconds} s; every process \
-             shares the machine's cores. Neighbour alone: p99 {:.2} ms, {:.0} req/s. Recovery: \
+             its neighbour (`calm`, defaults) serves wrk -t1 -c4 for {seconds} s (as fast as it \
+             can: any CPU the attack takes lengthens its queue), then steady traffic for \
+             {seconds} s ({STEADY_RATE} req/s over 4 kept-alive connections, each request timed \
+             from when it was due); {sharing}. Neighbour alone: p99 {:.2} ms at {:.0} req/s \
+             under wrk, {steady_alone:.2} ms at {STEADY_RATE} req/s. Recovery: \
              from the attack's end to the target's first 200. Peak RSS: cairnd (the \
              supervisor), sampled every 50 ms.\n\n\
-             | attack | neighbour p99 | vs alone | target answered | recovery | cairnd peak RSS |\n\
-             |---|---:|---:|---|---:|---:|\n{}\n\n\
+             | attack | neighbour p99 (wrk) | vs alone | p99 at {STEADY_RATE} req/s | vs alone | target answered | recovery | cairnd peak RSS |\n\
+             |---|---:|---:|---:|---:|---|---:|---:|\n{}\n\n\
              Pool credentials: {credentials}. After every attack both apps kept their \
              generations and the neighbour's log line stored before the attacks was still \
              there.\n",
