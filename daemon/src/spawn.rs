@@ -535,24 +535,29 @@ impl Spawner {
             confine()?;
         }
         control.set_nonblocking(true)?;
-        let (mut reader, mut writer) = tokio::net::UnixStream::from_std(control)?.into_split();
+        let (reader, mut writer) = tokio::net::UnixStream::from_std(control)?.into_split();
         if overlap {
             protocol::send(&mut writer, &ToPool::Confined).await?;
         }
 
-        let allocator =
-            match await_loaded(&mut reader, &launch.logs, &app, launch.generation, &exited).await {
-                Ok(allocator) => allocator,
-                Err(error) => {
-                    if !matches!(error, SpawnError::Load(_) | SpawnError::Died(_)) {
-                        kill();
-                    }
-                    return Err(error);
+        let mut reader = PoolReader {
+            reader,
+            logs: Arc::clone(&launch.logs),
+            app,
+            generation: launch.generation,
+            intake: Intake::new(&launch.spec.limits),
+        };
+        let allocator = match await_loaded(&mut reader, &exited).await {
+            Ok(allocator) => allocator,
+            Err(error) => {
+                if !matches!(error, SpawnError::Load(_) | SpawnError::Died(_)) {
+                    kill();
                 }
-            };
+                return Err(error);
+            }
+        };
 
-        let (probes, draining) =
-            route_messages(reader, Arc::clone(&launch.logs), app, launch.generation);
+        let (probes, draining) = route_messages(reader);
         Ok(Pool {
             pid,
             allocator,
@@ -587,30 +592,14 @@ fn watch_exit(
 /// meanwhile; its allocator, or why it did not load. On `Stuck` or a message out of turn
 /// the caller kills the pool.
 async fn await_loaded(
-    reader: &mut tokio::net::unix::OwnedReadHalf,
-    logs: &LogHub,
-    app: &AppName,
-    generation: u64,
+    reader: &mut PoolReader,
     exited: &watch::Receiver<Option<ExitReason>>,
 ) -> Result<String, SpawnError> {
-    let first = tokio::time::timeout(LOAD_DEADLINE, async {
-        loop {
-            match protocol::receive::<_, FromPool>(reader).await {
-                Ok(Some(FromPool::Logs { lines })) => forward(logs, app, generation, lines),
-                Err(error) if protocol::refused(&error).is_some() => logs.note(
-                    app.as_str(),
-                    generation,
-                    &format!("cairn refused {error} from this app's pool"),
-                ),
-                other => return other,
-            }
-        }
-    })
-    .await;
+    let first = tokio::time::timeout(LOAD_DEADLINE, reader.next()).await;
     match first {
         Ok(Ok(Some(FromPool::Loaded { allocator }))) => Ok(allocator),
         Ok(Ok(Some(FromPool::Failed { error }))) => Err(SpawnError::Load(error)),
-        Ok(Ok(Some(FromPool::Logs { .. }))) => unreachable!("log frames are forwarded above"),
+        Ok(Ok(Some(FromPool::Logs { .. }))) => unreachable!("log frames are forwarded by next"),
         Ok(Ok(Some(unasked @ (FromPool::Probed { .. } | FromPool::Draining)))) => Err(
             SpawnError::OutOfTurn(format!("the pool sent {unasked:?} before it had loaded")),
         ),
@@ -631,17 +620,13 @@ async fn await_loaded(
 /// Reads a loaded pool's messages for as long as it runs: log lines to the log pipeline,
 /// health-check answers and the drain acknowledgement to the returned channels.
 fn route_messages(
-    mut reader: tokio::net::unix::OwnedReadHalf,
-    logs: Arc<LogHub>,
-    app: AppName,
-    generation: u64,
+    mut reader: PoolReader,
 ) -> (mpsc::Receiver<(Option<u16>, String)>, watch::Receiver<bool>) {
     let (probe_answers, probes) = mpsc::channel(1);
     let (draining_sender, draining) = watch::channel(false);
     tokio::spawn(async move {
         loop {
-            match protocol::receive::<_, FromPool>(&mut reader).await {
-                Ok(Some(FromPool::Logs { lines })) => forward(&logs, &app, generation, lines),
+            match reader.next().await {
                 Ok(Some(FromPool::Probed { status, error })) => {
                     let _ = probe_answers.send((status, error)).await;
                 }
@@ -649,19 +634,94 @@ fn route_messages(
                     let _ = draining_sender.send(true);
                 }
                 Ok(Some(other)) => tracing::warn!(?other, "unexpected message from a pool"),
-                // Read past, reported, and the pool's next messages still arrive.
-                Err(error) if protocol::refused(&error).is_some() => {
-                    logs.note(
-                        app.as_str(),
-                        generation,
-                        &format!("cairn refused {error} from this app's pool"),
-                    );
-                }
                 Ok(None) | Err(_) => return,
             }
         }
     });
     (probes, draining)
+}
+
+/// A pool's messages as the supervisor reads them: log lines go to the log pipeline and a
+/// refused frame (read past) is noted there, both paced by `Intake`; the rest is returned.
+struct PoolReader {
+    reader: tokio::net::unix::OwnedReadHalf,
+    logs: Arc<LogHub>,
+    app: AppName,
+    generation: u64,
+    intake: Intake,
+}
+
+impl PoolReader {
+    async fn next(&mut self) -> std::io::Result<Option<FromPool>> {
+        loop {
+            let bytes = match protocol::receive::<_, FromPool>(&mut self.reader).await {
+                Ok(Some(FromPool::Logs { lines })) => {
+                    let bytes = lines.iter().map(|line| line.text.len()).sum();
+                    forward(&self.logs, &self.app, self.generation, lines);
+                    bytes
+                }
+                // Read past, reported, and the pool's next messages still arrive.
+                Err(error) if protocol::refused(&error).is_some() => {
+                    self.note(&format!("cairn refused {error} from this app's pool"));
+                    protocol::MAX_FRAME as usize
+                }
+                other => return other,
+            };
+            if let Some(wait) = self.intake.take(bytes) {
+                if !self.intake.noted {
+                    self.intake.noted = true;
+                    self.note(&format!(
+                        "this app's pool sent more than {}/s of output: cairn reads it more slowly \
+                         from now on (the pool itself drops output beyond log_rate, so only a guest \
+                         that escaped its sandbox can)",
+                        crate::spec::ByteSize(self.intake.rate as u64)
+                    ));
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+
+    fn note(&self, text: &str) {
+        self.logs.note(self.app.as_str(), self.generation, text);
+    }
+}
+
+/// How fast the supervisor takes a pool's log text: twice the app's `log_rate`, in bursts of
+/// what the pool may send at once (its own burst and its queue, twice over). A pool keeps
+/// within that by itself; one that does not waits, its writes held in the socket, so the
+/// supervisor's work for it stays bounded whatever the pool does.
+struct Intake {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    refilled: std::time::Instant,
+    noted: bool,
+}
+
+impl Intake {
+    fn new(limits: &Limits) -> Intake {
+        let rate = 2.0 * limits.log_rate().0 as f64;
+        let burst = rate * crate::spec::LOG_BURST_SECONDS as f64
+            + 2.0 * crate::pool::LOG_QUEUE_BYTES as f64;
+        Intake {
+            rate,
+            burst,
+            tokens: burst,
+            refilled: std::time::Instant::now(),
+            noted: false,
+        }
+    }
+
+    /// Takes `bytes`; how long to wait before reading more, when the budget ran out.
+    fn take(&mut self, bytes: usize) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64() * self.rate)
+            .min(self.burst);
+        self.refilled = now;
+        self.tokens -= bytes as f64;
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
 }
 
 fn forward(logs: &LogHub, app: &AppName, generation: u64, lines: Vec<protocol::LogChunk>) {
@@ -672,5 +732,27 @@ fn forward(logs: &LogHub, app: &AppName, generation: u64, lines: Vec<protocol::L
             _ => "cairn",
         };
         logs.emit(app.as_str(), generation, stream, chunk.text.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_intake_takes_a_pools_burst_then_paces_it_at_twice_its_log_rate() {
+        let limits = Limits {
+            log_rate: Some(crate::spec::ByteSize(1 << 20)),
+            ..Limits::default()
+        };
+        let mut intake = Intake::new(&limits);
+        // Four seconds of twice the rate, and the pool's queue twice over.
+        let burst = (8 << 20) + (8 << 20);
+        assert_eq!(intake.take(burst), None);
+        let wait = intake.take(2 << 20).expect("past the burst, it waits");
+        assert!(
+            (0.9..=1.0).contains(&wait.as_secs_f64()),
+            "two MiB more at two MiB a second: {wait:?}"
+        );
     }
 }

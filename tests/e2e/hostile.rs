@@ -452,6 +452,65 @@ fn filter_gap(daemon: &Daemon) -> Option<String> {
         .find(|gap| gap.contains("seccomp"))
 }
 
+/// A guest that escaped into its pool writes what it likes to the pool's control socket (fd
+/// 3): here frames the protocol refuses, each counted as the largest frame. The supervisor
+/// reads the pool's burst, then slows down and says so once, and the app still serves.
+#[test]
+fn a_pool_flooding_its_control_socket_is_read_slowly_and_said_once() {
+    let name = "a_pool_flooding_its_control_socket_is_read_slowly_and_said_once";
+    if !cairn_tests::is_root() {
+        cairn_tests::skip(
+            name,
+            "needs root to attach gdb to a pool running as its own user",
+        );
+        return;
+    }
+    let daemon = Daemon::start();
+    // Twice 1 KiB/s: the burst is 8 KiB and twice the pool's 4 MiB queue, so the ninth
+    // refused frame (1 MiB each, as counted) is past it.
+    let addr = daemon.deploy_hello_manifest("escaped", "", "log_rate = \"1KiB\"");
+    let pid = daemon.app_status("escaped")["pid"].as_u64().unwrap();
+    // 20 bytes: a big-endian length of 16, then 16 bytes that are not a message.
+    let mut script = vec![
+        "set $frame = (char *)malloc(20)".to_string(),
+        "call (void *)memset($frame, 120, 20)".to_string(),
+        "set *(int *)$frame = 0x10000000".to_string(),
+    ];
+    script.extend((0..12).map(|_| "print (long)write(3, $frame, 20)".to_string()));
+    let mut gdb = std::process::Command::new("gdb");
+    gdb.args(["-nx", "-batch", "-p", &pid.to_string()]);
+    for command in &script {
+        gdb.args(["-ex", command]);
+    }
+    let output = match gdb.output() {
+        Ok(output) => output,
+        Err(error) => {
+            cairn_tests::skip(
+                name,
+                &format!("gdb cannot be run ({error}); ./bootstrap test installs it"),
+            );
+            return;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        stdout.matches("= 20").count(),
+        12,
+        "every write went through: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    daemon.wait_logged("escaped", "cairn reads it more slowly");
+    std::thread::sleep(Duration::from_millis(500));
+    let logs = daemon.ctl_ok(&["logs", "escaped"]);
+    assert_eq!(
+        logs.matches("cairn refused").count(),
+        9,
+        "the burst was read, then no more: {logs}"
+    );
+    assert_eq!(logs.matches("reads it more slowly").count(), 1, "{logs}");
+    assert_eq!(get(addr, "/").unwrap().status, 200);
+}
+
 /// Code running inside a pool (as a guest that escaped wasmtime would) is simulated by gdb
 /// calling C library functions in the pool process: each forbidden call fails, is named in
 /// cairnd's log and counted in the app's status, and the pool goes on serving.

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 const LOG_QUEUE: usize = 4096;
 /// …and the bytes of text they may hold together. A request's output is at most 64 KiB per
 /// stream (`host::OUTPUT_LIMIT`).
-const LOG_QUEUE_BYTES: usize = 4 << 20;
+pub const LOG_QUEUE_BYTES: usize = 4 << 20;
 /// Text bytes in one `Logs` frame at most: JSON writes a control character in six bytes, so a
 /// frame stays well under `protocol::MAX_FRAME`.
 const LOG_FRAME_BYTES: usize = 64 << 10;
@@ -680,26 +680,28 @@ fn reporter(logs: LogQueue, budget: LogBudget, counters: Arc<Counters>) -> runti
                 counters.add(Counter::LogLinesDropped, lines);
             }
         };
-        for (stream, output) in [("stdout", &report.stdout), ("stderr", &report.stderr)] {
-            if output.is_empty() {
-                continue;
-            }
-            match budget.take(output.len()) {
-                Ok(()) => send(stream, String::from_utf8_lossy(output).into_owned()),
-                Err(note) => {
-                    let newlines = output.iter().filter(|byte| **byte == b'\n').count();
-                    let lines = (newlines + usize::from(!output.ends_with(b"\n"))).max(1);
-                    counters.add(Counter::LogLinesDropped, lines as u64);
-                    if note {
-                        send(
-                            "cairn",
-                            format!(
-                                "output beyond log_rate ({}/s) is being dropped (cairnctl status APP counts the lines)",
-                                crate::spec::ByteSize(budget.rate as u64)
-                            ),
-                        );
-                    }
+        // Within the app's log_rate, else dropped and counted (cairn's own notes on its
+        // requests too: a guest that traps on every request must not flood either).
+        let budgeted = |stream: &str, output: &[u8]| match budget.take(output.len()) {
+            Ok(()) => send(stream, String::from_utf8_lossy(output).into_owned()),
+            Err(note) => {
+                let newlines = output.iter().filter(|byte| **byte == b'\n').count();
+                let lines = (newlines + usize::from(!output.ends_with(b"\n"))).max(1);
+                counters.add(Counter::LogLinesDropped, lines as u64);
+                if note {
+                    send(
+                        "cairn",
+                        format!(
+                            "output beyond log_rate ({}/s) is being dropped (cairnctl status APP counts the lines)",
+                            crate::spec::ByteSize(budget.rate as u64)
+                        ),
+                    );
                 }
+            }
+        };
+        for (stream, output) in [("stdout", &report.stdout), ("stderr", &report.stderr)] {
+            if !output.is_empty() {
+                budgeted(stream, output);
             }
         }
         // A method or path can be as long as the head allows (up to 1 MiB): only its start is
@@ -709,15 +711,21 @@ fn reporter(logs: LogQueue, budget: LogBudget, counters: Arc<Counters>) -> runti
             Outcome::Ok => {}
             Outcome::Trap(message) => {
                 counters.add(Counter::Traps, 1);
-                send("cairn", format!("{method} {path} trapped: {message}"));
+                budgeted(
+                    "cairn",
+                    format!("{method} {path} trapped: {message}").as_bytes(),
+                );
             }
             Outcome::Timeout => {
                 counters.add(Counter::Timeouts, 1);
-                send("cairn", format!("{method} {path} stopped at its timeout"));
+                budgeted(
+                    "cairn",
+                    format!("{method} {path} stopped at its timeout").as_bytes(),
+                );
             }
-            Outcome::NoResponse => send(
+            Outcome::NoResponse => budgeted(
                 "cairn",
-                format!("{method} {path} returned without a response"),
+                format!("{method} {path} returned without a response").as_bytes(),
             ),
         }
     })

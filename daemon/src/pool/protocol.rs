@@ -31,7 +31,7 @@ pub fn spare_title() -> String {
 /// Largest frame either side accepts; a log batch is the biggest thing sent (under 1 MiB
 /// even when every character needs escaping, see `pool::LOG_FRAME_BYTES`). A bigger one is read
 /// past and refused (`RefusedFrame`).
-const MAX_FRAME: u32 = 1 << 20;
+pub const MAX_FRAME: u32 = 1 << 20;
 
 /// A frame read whole but refused (over `MAX_FRAME`, or not a message of the protocol): the
 /// stream is still in step, so the reader can report it and go on.
