@@ -287,8 +287,9 @@ fn pool_credentials(daemon: &Daemon) -> String {
 
 /// The neighbour's traffic at a steady rate, as a device's real clients send it: `rate`
 /// requests a second over four kept-alive connections for `seconds`, each timed from when it
-/// was due (so a stall counts for every request it delays). The p99 in ms and the failures.
-fn paced(addr: SocketAddr, rate: u32, seconds: u32) -> (f64, u64) {
+/// was due (so a stall counts for every request it delays). The p99 in ms and the failures,
+/// by kind.
+fn paced(addr: SocketAddr, rate: u32, seconds: u32) -> (f64, String) {
     const CONNECTIONS: u32 = 4;
     let interval = Duration::from_secs_f64(f64::from(CONNECTIONS) / f64::from(rate));
     let start = Instant::now() + Duration::from_millis(10);
@@ -297,7 +298,7 @@ fn paced(addr: SocketAddr, rate: u32, seconds: u32) -> (f64, u64) {
         .map(|worker| {
             std::thread::spawn(move || {
                 let mut latencies = Vec::new();
-                let mut failures = 0u64;
+                let mut failures: Vec<String> = Vec::new();
                 let mut stream: Option<TcpStream> = None;
                 let mut due = start + interval.mul_f64(f64::from(worker) / f64::from(CONNECTIONS));
                 while due < end {
@@ -312,18 +313,19 @@ fn paced(addr: SocketAddr, rate: u32, seconds: u32) -> (f64, u64) {
                                 let _ = new.set_nodelay(true);
                                 stream.insert(new)
                             }
-                            Err(_) => {
-                                failures += 1;
+                            Err(error) => {
+                                failures.push(format!("connect: {}", error.kind()));
                                 due += interval;
                                 continue;
                             }
                         },
                     };
-                    if one_kept_alive(connection) {
-                        latencies.push(due.elapsed().as_secs_f64() * 1000.0);
-                    } else {
-                        failures += 1;
-                        stream = None;
+                    match one_kept_alive(connection) {
+                        Ok(()) => latencies.push(due.elapsed().as_secs_f64() * 1000.0),
+                        Err(failure) => {
+                            failures.push(failure);
+                            stream = None;
+                        }
                     }
                     due += interval;
                 }
@@ -331,12 +333,19 @@ fn paced(addr: SocketAddr, rate: u32, seconds: u32) -> (f64, u64) {
             })
         })
         .collect();
-    let (mut latencies, mut failures) = (Vec::new(), 0);
+    let (mut latencies, mut failures) = (Vec::new(), BTreeMap::<String, u64>::new());
     for worker in workers {
         let (some, failed) = worker.join().unwrap();
         latencies.extend(some);
-        failures += failed;
+        for failure in failed {
+            *failures.entry(failure).or_default() += 1;
+        }
     }
+    let failures = failures
+        .iter()
+        .map(|(what, count)| format!("{count}× {what}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     latencies.sort_by(f64::total_cmp);
     let p99 = latencies
         .get((latencies.len() * 99 / 100).min(latencies.len().saturating_sub(1)))
@@ -345,23 +354,19 @@ fn paced(addr: SocketAddr, rate: u32, seconds: u32) -> (f64, u64) {
     (p99, failures)
 }
 
-/// GET / on a kept-alive connection; whether a whole 200 came back.
-fn one_kept_alive(stream: &mut TcpStream) -> bool {
-    if stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: neighbour\r\n\r\n")
-        .is_err()
-    {
-        return false;
+/// GET / on a kept-alive connection; a whole 200, or what came instead.
+fn one_kept_alive(stream: &mut TcpStream) -> Result<(), String> {
+    if let Err(error) = stream.write_all(b"GET / HTTP/1.1\r\nHost: neighbour\r\n\r\n") {
+        return Err(format!("write: {}", error.kind()));
     }
     let mut read = Vec::with_capacity(512);
     let mut buffer = [0u8; 512];
     loop {
-        let Ok(n) = stream.read(&mut buffer) else {
-            return false;
+        let n = match stream.read(&mut buffer) {
+            Ok(0) => return Err("closed".into()),
+            Ok(n) => n,
+            Err(error) => return Err(format!("read: {}", error.kind())),
         };
-        if n == 0 {
-            return false;
-        }
         read.extend_from_slice(&buffer[..n]);
         let Some(head_end) = read.windows(4).position(|w| w == b"\r\n\r\n") else {
             continue;
@@ -373,7 +378,10 @@ fn one_kept_alive(stream: &mut TcpStream) -> bool {
             .and_then(|value| value.trim().parse().ok())
             .unwrap_or(0);
         if read.len() >= head_end + 4 + length {
-            return head.starts_with("http/1.1 200");
+            return match head.starts_with("http/1.1 200") {
+                true => Ok(()),
+                false => Err(head.lines().next().unwrap_or_default().to_string()),
+            };
         }
     }
 }
@@ -393,6 +401,8 @@ fn pin_to(cpu: usize) {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // Before any pinning, which would make it see one CPU.
+    let machine = machine();
     // `--pinned`: cairnd (and so every pool) on CPU 0; wrk and the attackers on CPU 1, as for
     // a device whose clients are elsewhere.
     let pinned = std::env::args().any(|a| a == "--pinned");
@@ -446,10 +456,10 @@ fn main() {
         } else {
             format!(" ({})", under.errors)
         };
-        let steady_errors = if steady_failures == 0 {
+        let steady_errors = if steady_failures.is_empty() {
             String::new()
         } else {
-            format!(" ({steady_failures} failed)")
+            format!(" (failed: {steady_failures})")
         };
         println!(
             "{name}: neighbour p99 {:.2} ms{errors}, at {STEADY_RATE} req/s {steady:.2} ms{steady_errors}, target {}, recovered in {:.0} ms, cairnd peak RSS {peak:.1} MiB",
@@ -536,7 +546,7 @@ fn main() {
              Pool credentials: {credentials}. After every attack both apps kept their \
              generations and the neighbour's log line stored before the attacks was still \
              there.\n",
-            machine(),
+            machine,
             alone.p99_ms,
             alone.requests_per_sec,
             rows.join("\n")
