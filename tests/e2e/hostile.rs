@@ -452,6 +452,23 @@ fn filter_gap(daemon: &Daemon) -> Option<String> {
         .find(|gap| gap.contains("seccomp"))
 }
 
+/// gdb attached to a pool, ready to call the C library as code inside it could. cairnd's own
+/// symbols are dropped (and the shared libraries' read again): a release build's line tables
+/// name Rust functions `malloc`, `open` or `kill` (in cranelift, ring, tokio), and gdb would
+/// call those instead of libc's.
+fn escaped_gdb(pid: u64) -> std::process::Command {
+    let mut gdb = std::process::Command::new("gdb");
+    gdb.args(["-nx", "-batch", "-p", &pid.to_string()]).args([
+        "-ex",
+        "symbol-file",
+        "-ex",
+        "sharedlibrary",
+        "-ex",
+        "set language c",
+    ]);
+    gdb
+}
+
 /// A guest that escaped into its pool writes what it likes to the pool's control socket (fd
 /// 3): here frames the protocol refuses, each counted as the largest frame. The supervisor
 /// reads the pool's burst, then slows down and says so once, and the app still serves.
@@ -477,8 +494,7 @@ fn a_pool_flooding_its_control_socket_is_read_slowly_and_said_once() {
         "set *(int *)$frame = 0x10000000".to_string(),
     ];
     script.extend((0..12).map(|_| "print (long)write(3, $frame, 20)".to_string()));
-    let mut gdb = std::process::Command::new("gdb");
-    gdb.args(["-nx", "-batch", "-p", &pid.to_string()]);
+    let mut gdb = escaped_gdb(pid);
     for command in &script {
         gdb.args(["-ex", command]);
     }
@@ -551,9 +567,8 @@ fn an_escaped_guest_cannot_open_sockets_start_processes_or_signal_and_is_named()
         "(int)open(\"/etc/hostname\", 0)".to_string(),
         "(int)execl(\"/bin/sh\", \"sh\", 0)".to_string(),
     ];
-    let mut gdb = std::process::Command::new("gdb");
-    gdb.args(["-nx", "-batch", "-p", &pid.to_string()])
-        .args(["-ex", "handle SIGSYS nostop noprint pass"]);
+    let mut gdb = escaped_gdb(pid);
+    gdb.args(["-ex", "handle SIGSYS nostop noprint pass"]);
     for call in &calls {
         gdb.args(["-ex", &format!("print {call}")]);
     }
