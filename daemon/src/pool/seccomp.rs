@@ -53,10 +53,20 @@ fn probe() -> Option<&'static str> {
         )
     };
     if result == 0 {
-        None
-    } else {
-        Some("this kernel (or the emulator cairnd runs under, such as qemu-user) does not take seccomp filters")
+        return None;
     }
+    Some(match nix::errno::Errno::last() {
+        nix::errno::Errno::EPERM | nix::errno::Errno::EACCES => {
+            "a filter around cairnd refuses the seccomp system call (with systemd, add `seccomp` to the unit's SystemCallFilter)"
+        }
+        nix::errno::Errno::EOPNOTSUPP => {
+            "this kernel's seccomp cannot trap a denied system call (SECCOMP_RET_TRAP)"
+        }
+        nix::errno::Errno::EINVAL => {
+            "this kernel's seccomp is older than 4.14 and cannot say which actions it takes"
+        }
+        _ => "this kernel (or the emulator cairnd runs under, such as qemu-user) does not take seccomp filters",
+    })
 }
 
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
@@ -552,6 +562,58 @@ mod tests {
             tokio::task::spawn_blocking(|| 7).await.unwrap()
         });
         assert_eq!(DENIED.load(Ordering::Relaxed), 11);
+    }
+
+    /// Set in the child process that `a_filter_around_cairnd_...` starts.
+    const REFUSED_CHILD: &str = "CAIRN_SECCOMP_TEST_REFUSED_CHILD";
+
+    #[test]
+    fn a_filter_around_cairnd_that_refuses_seccomp_is_named_with_the_fix() {
+        if std::env::var_os(REFUSED_CHILD).is_some() || std::env::var_os(CHILD).is_some() {
+            return;
+        }
+        if let Some(why) = unavailable() {
+            assert_ne!(std::env::consts::ARCH, "x86_64", "{why}");
+            eprintln!("SKIPPED: no seccomp filter can be tested here: {why}");
+            return;
+        }
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "pool::seccomp::tests::refused_child",
+                "--nocapture",
+            ])
+            .env(REFUSED_CHILD, "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "the child failed: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Runs only as the child of the test above: a filter such as systemd's SystemCallFilter
+    /// without `seccomp` answers EPERM to the probe.
+    #[test]
+    fn refused_child() {
+        if std::env::var_os(REFUSED_CHILD).is_none() {
+            return;
+        }
+        let rules = BTreeMap::from([(Sysno::seccomp as i64, vec![])]);
+        let outer: BpfProgram = SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Errno(nix::libc::EPERM as u32),
+            std::env::consts::ARCH.try_into().unwrap(),
+        )
+        .unwrap()
+        .try_into()
+        .unwrap();
+        seccompiler::apply_filter_all_threads(&outer).unwrap();
+        let why = probe().expect("seccomp is refused now");
+        assert!(why.contains("SystemCallFilter"), "{why}");
     }
 
     #[test]
