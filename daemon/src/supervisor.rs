@@ -212,8 +212,8 @@ async fn drop_unused_compiled_code(store: &Arc<Store>, compiler: &Arc<Compiler>)
     let result = store
         .call(move |store| {
             let mut fingerprints: Vec<String> = Vec::new();
-            for app in store.apps()? {
-                if let Ok(fingerprint) = compiler.fingerprint(&app.spec.limits) {
+            for spec in store.apps()?.into_iter().filter_map(|app| app.spec.ok()) {
+                if let Ok(fingerprint) = compiler.fingerprint(&spec.limits) {
                     fingerprints.push(fingerprint);
                 }
             }

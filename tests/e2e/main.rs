@@ -11,3 +11,4 @@ mod limits;
 mod pools;
 mod requests;
 mod service;
+mod store;

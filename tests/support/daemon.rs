@@ -363,6 +363,15 @@ impl Daemon {
         self.wait_ready().expect("cairnd becomes ready again");
     }
 
+    /// Starts cairnd again on the same state and expects it to refuse to start: returns how it
+    /// exited (why is in `log()`).
+    pub fn restart_refused(&mut self) -> std::process::ExitStatus {
+        assert!(self.child.is_none(), "stop or kill the daemon first");
+        self.spawn();
+        let mut child = self.child.take().expect("just spawned");
+        wait_child(&mut child, Duration::from_secs(30)).expect("cairnd exits when it refuses")
+    }
+
     /// Deploys the hello component as `name` on a fresh port; returns the address.
     pub fn deploy_hello(&self, name: &str, extra: &[&str]) -> SocketAddr {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();

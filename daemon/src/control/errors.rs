@@ -17,6 +17,7 @@ pub fn status_of(error: &ReconcileError) -> Status {
         | ReconcileError::UnknownComponent(_)
         | ReconcileError::UnknownGeneration { .. } => Status::not_found(message),
         ReconcileError::NoPreviousGeneration(_)
+        | ReconcileError::Unreadable { .. }
         | ReconcileError::AddressTaken { .. }
         | ReconcileError::AddressUnavailable { .. }
         | ReconcileError::OwnedElsewhere { .. }

@@ -45,6 +45,11 @@ pub(super) enum State {
     Failed {
         reason: String,
     },
+    /// Its stored spec cannot be read by this cairnd (`store::Unreadable`): shown as failed,
+    /// never started or retried; a deploy, a rollback to a readable generation or `rm` ends it.
+    Unreadable {
+        reason: String,
+    },
 }
 
 /// An app the reconciler runs (or tries to).

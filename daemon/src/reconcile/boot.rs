@@ -31,13 +31,33 @@ impl Reconciler {
         let mut restored = Vec::with_capacity(records.len());
         for record in records {
             let counters = Arc::new(new_counters(&record.name)?);
+            let (spec, state) = match record.spec {
+                Ok(spec) => (
+                    spec,
+                    State::Failed {
+                        reason: "not started yet".into(),
+                    },
+                ),
+                Err(unreadable) => {
+                    tracing::error!(app = %record.name, reason = %unreadable.reason, "app cannot be restored");
+                    self.logs.note(
+                        record.name.as_str(),
+                        record.generation,
+                        &format!("could not start: {}", unreadable.reason),
+                    );
+                    (
+                        unreadable.stand_in,
+                        State::Unreadable {
+                            reason: unreadable.reason,
+                        },
+                    )
+                }
+            };
             let running = Running {
                 owner: record.owner,
                 generation: record.generation,
-                spec: record.spec,
-                state: State::Failed {
-                    reason: "not started yet".into(),
-                },
+                spec,
+                state,
                 listener: None,
                 counters,
                 allocator: String::new(),
@@ -53,23 +73,27 @@ impl Reconciler {
         }
         // Addresses are bound side by side: a pool of the previous daemon may still be closing
         // its copy of a listener, which is waited for (briefly) per app.
-        futures_util::stream::iter(restored.iter_mut())
-            .for_each_concurrent(BIND_CONCURRENCY, |(name, running)| async move {
-                match self.prepare_restored(running).await {
-                    Ok(()) => {
-                        running.state = State::Starting {
-                            _waker: wake_on_connection(
-                                self.restarts.clone(),
-                                name.clone(),
-                                running.generation,
-                                running.listener.as_ref(),
-                            ),
-                        };
-                    }
-                    Err(error) => self.mark_failed(running, error),
+        futures_util::stream::iter(
+            restored
+                .iter_mut()
+                .filter(|(_, running)| !matches!(running.state, State::Unreadable { .. })),
+        )
+        .for_each_concurrent(BIND_CONCURRENCY, |(name, running)| async move {
+            match self.prepare_restored(running).await {
+                Ok(()) => {
+                    running.state = State::Starting {
+                        _waker: wake_on_connection(
+                            self.restarts.clone(),
+                            name.clone(),
+                            running.generation,
+                            running.listener.as_ref(),
+                        ),
+                    };
                 }
-            })
-            .await;
+                Err(error) => self.mark_failed(running, error),
+            }
+        })
+        .await;
         let pending: Vec<(AppName, u64)> = restored
             .iter()
             .filter(|(_, running)| matches!(running.state, State::Starting { .. }))

@@ -77,8 +77,12 @@ impl Reconciler {
             let spec = generations
                 .into_iter()
                 .find(|g| g.generation == good)
-                .map(|g| g.spec)
-                .ok_or_else(|| ReconcileError::Internal(format!("generation {good} is gone")))?;
+                .ok_or_else(|| ReconcileError::Internal(format!("generation {good} is gone")))?
+                .spec
+                .map_err(|unreadable| ReconcileError::Unreadable {
+                    app: exit.app.to_string(),
+                    reason: unreadable.reason,
+                })?;
             self.activate(&lock, spec, owner, Some(good)).await
         }
         .await;

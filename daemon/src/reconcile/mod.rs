@@ -62,6 +62,8 @@ pub enum ReconcileError {
     },
     #[error("app `{0}` has no generation before the current one to roll back to")]
     NoPreviousGeneration(String),
+    #[error("app `{app}`: {reason}")]
+    Unreadable { app: String, reason: String },
     #[error("address {addr} is already used by app `{app}`; choose another [http] listen address or remove that app")]
     AddressTaken { addr: SocketAddr, app: String },
     #[error("cannot listen on {addr}: {reason}; choose another [http] listen address")]
@@ -259,7 +261,13 @@ impl Reconciler {
                 .find(|g| g.generation < current)
                 .ok_or_else(|| ReconcileError::NoPreviousGeneration(name.to_string()))?,
         };
-        let spec = target.spec.clone();
+        let spec = target
+            .spec
+            .clone()
+            .map_err(|unreadable| ReconcileError::Unreadable {
+                app: name.to_string(),
+                reason: unreadable.reason,
+            })?;
         self.apps.claim_address(lock, &spec)?;
         let (view, _) = self
             .activate(lock, spec, owner, Some(target.generation))

@@ -52,7 +52,7 @@ pub(super) fn view(name: &AppName, running: &Running) -> AppView {
         State::Restarting { reason } => ("restarting", reason.clone()),
         State::Idle { .. } => ("idle", String::new()),
         State::Starting { .. } => ("starting", String::new()),
-        State::Failed { reason } => ("failed", reason.clone()),
+        State::Failed { reason } | State::Unreadable { reason } => ("failed", reason.clone()),
     };
     AppView {
         name: name.to_string(),

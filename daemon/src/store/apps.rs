@@ -12,7 +12,8 @@ pub struct AppRecord {
     pub name: AppName,
     pub owner: Owner,
     pub generation: u64,
-    pub spec: AppSpec,
+    /// The spec, or why this cairnd cannot read it: the app is then failed, not the daemon.
+    pub spec: Result<AppSpec, Unreadable>,
 }
 
 #[derive(Debug, Clone)]
@@ -20,7 +21,44 @@ pub struct GenerationRecord {
     pub generation: u64,
     pub digest: Digest,
     pub created_unix: i64,
-    pub spec: AppSpec,
+    pub spec: Result<AppSpec, Unreadable>,
+}
+
+/// A stored spec this cairnd cannot read: written by a newer cairn (a field it does not know)
+/// or damaged. What can be told of it stands in, so the app can be shown, removed or deployed
+/// over; it never runs.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    pub reason: String,
+    pub stand_in: AppSpec,
+}
+
+impl Unreadable {
+    fn of(app: &AppName, generation: i64, digest: &str, text: &str, error: String) -> Unreadable {
+        // The address, if it can be read, so `cairnctl ls` shows where the app was.
+        let listen = serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .and_then(|value| value.pointer("/http/listen")?.as_str()?.parse().ok())
+            .unwrap_or(std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        let component: Digest = digest.parse().unwrap_or_else(|_| Digest::of(b""));
+        let stand_in = AppSpec::from_stored_json(
+            &serde_json::json!({
+                "name": app.as_str(),
+                "component": component.to_string(),
+                "http": { "listen": listen.to_string() },
+            })
+            .to_string(),
+        )
+        .expect("the smallest spec reads");
+        Unreadable {
+            reason: format!(
+                "generation {generation} was stored in a form this cairnd cannot read ({error}); \
+                 it may have been written by a newer cairn: run that, deploy the app again, \
+                 roll back to a generation this one reads, or remove it"
+            ),
+            stand_in,
+        }
+    }
 }
 
 impl Store {
@@ -77,7 +115,7 @@ impl Store {
         let connection = self.lock();
         let mut statement = connection
             .prepare(
-                "SELECT a.name, a.owner, a.generation, g.spec FROM apps a
+                "SELECT a.name, a.owner, a.generation, g.spec, g.digest FROM apps a
                  JOIN generations g ON g.app = a.name AND g.generation = a.generation
                  WHERE ?1 IS NULL OR a.name = ?1 ORDER BY a.name",
             )
@@ -85,21 +123,24 @@ impl Store {
         let rows = statement
             .query_map([name.map(|n| n.as_str().to_string())], |row| {
                 Ok((
+                    row.get::<_, String>(0)?,
                     row.get::<_, String>(1)?,
                     row.get::<_, i64>(2)?,
                     row.get::<_, String>(3)?,
+                    row.get::<_, String>(4)?,
                 ))
             })
             .map_err(|e| self.error(e))?;
         let mut records = Vec::new();
         for row in rows {
-            let (owner, generation, spec) = row.map_err(|e| self.error(e))?;
-            let spec = AppSpec::from_stored_json(&spec).map_err(|e| StoreError::Corrupt {
-                what: "an app generation".into(),
-                detail: e.to_string(),
-            })?;
+            let (name, owner, generation, text, digest) = row.map_err(|e| self.error(e))?;
+            let Ok(name) = name.parse::<AppName>() else {
+                tracing::error!(app = %name.escape_debug(), "a stored app has a name this cairnd does not accept; it is left alone");
+                continue;
+            };
+            let spec = read_spec(&name, generation, &digest, &text);
             records.push(AppRecord {
-                name: spec.name.clone(),
+                name,
                 owner: Owner::parse(&owner),
                 generation: generation as u64,
                 spec,
@@ -112,7 +153,7 @@ impl Store {
     pub fn generations(&self, app: &AppName) -> Result<Vec<GenerationRecord>, StoreError> {
         let connection = self.lock();
         let mut statement = connection
-            .prepare("SELECT generation, spec, created_unix FROM generations WHERE app = ?1 ORDER BY generation")
+            .prepare("SELECT generation, spec, created_unix, digest FROM generations WHERE app = ?1 ORDER BY generation")
             .map_err(|e| self.error(e))?;
         let rows = statement
             .query_map([app.as_str()], |row| {
@@ -120,19 +161,20 @@ impl Store {
                     row.get::<_, i64>(0)?,
                     row.get::<_, String>(1)?,
                     row.get::<_, i64>(2)?,
+                    row.get::<_, String>(3)?,
                 ))
             })
             .map_err(|e| self.error(e))?;
         let mut records = Vec::new();
         for row in rows {
-            let (generation, spec, created_unix) = row.map_err(|e| self.error(e))?;
-            let spec = AppSpec::from_stored_json(&spec).map_err(|e| StoreError::Corrupt {
-                what: format!("generation {generation} of {app}"),
-                detail: e.to_string(),
-            })?;
+            let (generation, text, created_unix, digest) = row.map_err(|e| self.error(e))?;
+            let spec = read_spec(app, generation, &digest, &text);
             records.push(GenerationRecord {
                 generation: generation as u64,
-                digest: spec.component.clone(),
+                digest: match &spec {
+                    Ok(spec) => spec.component.clone(),
+                    Err(unreadable) => unreadable.stand_in.component.clone(),
+                },
                 created_unix,
                 spec,
             });
@@ -158,5 +200,31 @@ impl Store {
         }
         transaction.commit().map_err(|e| self.error(e))?;
         Ok(removed == 1)
+    }
+}
+
+/// A stored spec, checked to be the app's own (a row naming another app is damage too).
+fn read_spec(
+    app: &AppName,
+    generation: i64,
+    digest: &str,
+    text: &str,
+) -> Result<AppSpec, Unreadable> {
+    match AppSpec::from_stored_json(text) {
+        Ok(spec) if spec.name == *app => Ok(spec),
+        Ok(spec) => Err(Unreadable::of(
+            app,
+            generation,
+            digest,
+            text,
+            format!("it names the app {}", spec.name),
+        )),
+        Err(error) => Err(Unreadable::of(
+            app,
+            generation,
+            digest,
+            text,
+            error.to_string(),
+        )),
     }
 }

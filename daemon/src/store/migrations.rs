@@ -107,7 +107,9 @@ pub enum MigrationError {
     Sqlite(#[from] rusqlite::Error),
 }
 
-pub fn run(connection: &mut Connection) -> Result<(), MigrationError> {
+/// How many migrations the file has had; an error if it is newer than this cairnd. Reads
+/// only, so that a file from a newer cairn is refused before anything writes to it.
+pub fn applied(connection: &Connection) -> Result<usize, MigrationError> {
     let applied: usize =
         connection.query_row("PRAGMA user_version", [], |row| row.get::<_, i64>(0))? as usize;
     if applied > MIGRATIONS.len() {
@@ -116,6 +118,11 @@ pub fn run(connection: &mut Connection) -> Result<(), MigrationError> {
             known: MIGRATIONS.len(),
         });
     }
+    Ok(applied)
+}
+
+pub fn run(connection: &mut Connection) -> Result<(), MigrationError> {
+    let applied = applied(connection)?;
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
         let transaction = connection.transaction()?;
         transaction.execute_batch(sql)?;

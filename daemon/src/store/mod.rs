@@ -88,6 +88,7 @@ impl Store {
             message,
         };
         let mut connection = Connection::open(path).map_err(|e| open_error(e.to_string()))?;
+        migrations::applied(&connection).map_err(|e| open_error(e.to_string()))?;
         connection
             .execute_batch(
                 "PRAGMA journal_mode = WAL;
@@ -204,10 +205,10 @@ mod tests {
         let name: AppName = "web".parse().unwrap();
         let app = store.app(&name).unwrap().unwrap();
         assert_eq!(app.generation, 2);
-        assert_eq!(app.spec.env["GREETING"], "two");
+        assert_eq!(app.spec.unwrap().env["GREETING"], "two");
         store.set_current_generation(&name, 1).unwrap();
         assert_eq!(
-            store.app(&name).unwrap().unwrap().spec.env["GREETING"],
+            store.app(&name).unwrap().unwrap().spec.unwrap().env["GREETING"],
             "one"
         );
         assert_eq!(store.generations(&name).unwrap().len(), 2);
@@ -230,6 +231,50 @@ mod tests {
         assert!(store.app(&name).unwrap().is_none());
         assert!(store.generations(&name).unwrap().is_empty());
         assert!(store.has_blob(&digest).unwrap());
+    }
+
+    #[test]
+    fn a_spec_this_cairnd_cannot_read_fails_its_app_not_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cairn.db")).unwrap();
+        let digest = Digest::of(b"x");
+        store.put_component(&digest, b"x", None).unwrap();
+        for app in ["newer", "fine"] {
+            store
+                .commit_generation(&spec(app, &digest, "one"), Owner::Local)
+                .unwrap();
+        }
+        store
+            .commit_generation(&spec("newer", &digest, "two"), Owner::Local)
+            .unwrap();
+        // A newer cairn wrote generation 2 with a field this one does not know.
+        store
+            .lock()
+            .execute(
+                "UPDATE generations SET spec = json_set(spec, '$.schedule', 'hourly')
+                 WHERE app = 'newer' AND generation = 2",
+                [],
+            )
+            .unwrap();
+        let apps = store.apps().unwrap();
+        assert_eq!(apps.len(), 2);
+        let unreadable = apps[1].spec.as_ref().unwrap_err();
+        assert_eq!((apps[1].name.as_str(), apps[1].generation), ("newer", 2));
+        assert!(
+            unreadable.reason.contains("generation 2")
+                && unreadable.reason.contains("unknown field `schedule`"),
+            "{}",
+            unreadable.reason
+        );
+        assert_eq!(
+            unreadable.stand_in.http.listen,
+            "127.0.0.1:8080".parse().unwrap()
+        );
+        assert_eq!(unreadable.stand_in.component, digest);
+        assert!(apps[0].spec.is_ok());
+        let generations = store.generations(&apps[1].name).unwrap();
+        assert!(generations[0].spec.is_ok() && generations[1].spec.is_err());
+        assert_eq!(generations[1].digest, digest);
     }
 
     #[test]
