@@ -13,7 +13,7 @@ pub struct AppRecord {
     pub owner: Owner,
     pub generation: u64,
     /// The spec, or why this cairnd cannot read it: the app is then failed, not the daemon.
-    pub spec: Result<AppSpec, Unreadable>,
+    pub spec: Result<AppSpec, Box<Unreadable>>,
 }
 
 #[derive(Debug, Clone)]
@@ -21,7 +21,7 @@ pub struct GenerationRecord {
     pub generation: u64,
     pub digest: Digest,
     pub created_unix: i64,
-    pub spec: Result<AppSpec, Unreadable>,
+    pub spec: Result<AppSpec, Box<Unreadable>>,
 }
 
 /// A stored spec this cairnd cannot read: written by a newer cairn (a field it does not know)
@@ -34,7 +34,13 @@ pub struct Unreadable {
 }
 
 impl Unreadable {
-    fn of(app: &AppName, generation: i64, digest: &str, text: &str, error: String) -> Unreadable {
+    fn of(
+        app: &AppName,
+        generation: i64,
+        digest: &str,
+        text: &str,
+        error: String,
+    ) -> Box<Unreadable> {
         // The address, if it can be read, so `cairnctl ls` shows where the app was.
         let listen = serde_json::from_str::<serde_json::Value>(text)
             .ok()
@@ -50,14 +56,14 @@ impl Unreadable {
             .to_string(),
         )
         .expect("the smallest spec reads");
-        Unreadable {
+        Box::new(Unreadable {
             reason: format!(
                 "generation {generation} was stored in a form this cairnd cannot read ({error}); \
                  it may have been written by a newer cairn: run that, deploy the app again, \
                  roll back to a generation this one reads, or remove it"
             ),
             stand_in,
-        }
+        })
     }
 }
 
@@ -209,7 +215,7 @@ fn read_spec(
     generation: i64,
     digest: &str,
     text: &str,
-) -> Result<AppSpec, Unreadable> {
+) -> Result<AppSpec, Box<Unreadable>> {
     match AppSpec::from_stored_json(text) {
         Ok(spec) if spec.name == *app => Ok(spec),
         Ok(spec) => Err(Unreadable::of(
