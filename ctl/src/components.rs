@@ -114,3 +114,41 @@ pub async fn upload(
     ));
     Ok(client.push(stream).await?.into_inner())
 }
+
+/// `cairnctl gc`: collects now and says what was freed.
+pub async fn collect(
+    client: &mut ControlClient<Channel>,
+    json_output: bool,
+) -> Result<(), Failure> {
+    let reply = client.collect(proto::CollectRequest {}).await?.into_inner();
+    if json_output {
+        print_json(&json!({
+            "generations": reply.generations, "components": reply.components,
+            "component_bytes": reply.component_bytes, "compiled": reply.compiled,
+            "compiled_bytes": reply.compiled_bytes, "log_lines": reply.log_lines,
+            "file_bytes_freed": reply.file_bytes_freed, "store_bytes": reply.store_bytes,
+            "store_budget": reply.store_budget,
+        }));
+        return Ok(());
+    }
+    println!(
+        "collected {} generation(s), {} component(s) ({}), {} compiled code entr{} ({}), {} log line(s)",
+        reply.generations,
+        reply.components,
+        human_size(reply.component_bytes),
+        reply.compiled,
+        if reply.compiled == 1 { "y" } else { "ies" },
+        human_size(reply.compiled_bytes),
+        reply.log_lines,
+    );
+    let budget = match reply.store_budget {
+        0 => String::new(),
+        budget => format!(" of a {} budget", human_size(budget)),
+    };
+    println!(
+        "the store is {} smaller: {} now{budget}",
+        human_size(reply.file_bytes_freed),
+        human_size(reply.store_bytes)
+    );
+    Ok(())
+}

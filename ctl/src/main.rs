@@ -76,8 +76,15 @@ enum Command {
         #[arg(long, value_name = "GENERATION")]
         to: Option<u64>,
     },
-    /// Stop an app and forget its generations and logs (components stay stored).
+    /// Stop an app and forget its generations and logs (its components stay while they are
+    /// named; the rest are collected after `[store] grace`).
     Rm { app: String },
+    /// Collect now what the store no longer keeps and give the space back: generations past
+    /// `[store] keep_generations`, components no generation, name or fleet document uses
+    /// (stored longer than `[store] grace` ago), their compiled code, and log text past
+    /// `log_bytes_total`. cairnd also does this hourly, and before refusing a component for
+    /// the store's budget.
+    Gc,
     /// This device's link to the upstream lattice.
     Sync {
         #[command(subcommand)]
@@ -172,6 +179,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Rollback { app, to } => apps::rollback(client, app, to, json_output).await,
         Command::Rm { app } => apps::remove(client, app, json_output).await,
+        Command::Gc => components::collect(client, json_output).await,
         Command::Sync { command } => sync::run(client, command, json_output).await,
         Command::Fleet { .. } | Command::Completions { .. } | Command::Man { .. } => {
             unreachable!("handled above")

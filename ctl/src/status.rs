@@ -32,6 +32,29 @@ pub async fn show(
     Ok(())
 }
 
+/// The store's size, and its budget: `12.0MiB (9.1MiB used) of a 1.0GiB budget`.
+fn store_line(daemon: &proto::DaemonStatus) -> String {
+    let size = format!(
+        "{} ({} used)",
+        human_size(daemon.store_bytes),
+        human_size(daemon.store_used)
+    );
+    let budget = match daemon.store_budget {
+        0 => format!("{size}, no budget ([store] budget sets one)"),
+        budget => format!("{size} of a {} budget", human_size(budget)),
+    };
+    match daemon.store_disk_free {
+        Some(free) if free < 16 << 20 => {
+            format!(
+                "{budget}; its disk is FULL ({} free): free some space",
+                human_size(free)
+            )
+        }
+        Some(free) => format!("{budget}; {} free on its disk", human_size(free)),
+        None => budget,
+    }
+}
+
 fn print_daemon(daemon: &proto::DaemonStatus, json_output: bool) {
     if json_output {
         print_json(&json!({
@@ -41,6 +64,7 @@ fn print_daemon(daemon: &proto::DaemonStatus, json_output: bool) {
             "compiled": daemon.compiled, "cache_hits": daemon.cache_hits, "limits": daemon.limits,
                         "log_lines_dropped": daemon.log_lines_dropped, "pool_user": daemon.pool_user,
             "isolation_gaps": daemon.isolation_gaps,
+            "store": {"bytes": daemon.store_bytes, "used": daemon.store_used, "budget": daemon.store_budget, "disk_free": daemon.store_disk_free},
             "import": {"dir": daemon.import_dir, "lines": daemon.import_lines, "problems": daemon.import_problems},
         }));
         return;
@@ -66,6 +90,7 @@ fn print_daemon(daemon: &proto::DaemonStatus, json_output: bool) {
         row(["limits", &daemon.limits]),
         row(["pools run as", &daemon.pool_user]),
         row(["log lines dropped", &daemon.log_lines_dropped.to_string()]),
+        row(["store", &store_line(daemon)]),
     ];
     for gap in &daemon.isolation_gaps {
         rows.push(row(["ISOLATION GAP", gap]));

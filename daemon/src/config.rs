@@ -47,6 +47,10 @@ pub struct Config {
     pub log_lines_per_app: u64,
     /// Bytes of log text kept per app; older lines are pruned.
     pub log_bytes_per_app: ByteSize,
+    /// Bytes of log text kept for all apps together; the oldest lines go first.
+    pub log_bytes_total: ByteSize,
+    /// What the store keeps, and how big it may grow.
+    pub store: StoreConfig,
     /// How long shutdown waits for requests in flight.
     pub drain_timeout: HumanDuration,
     /// The cgroup (relative to the hierarchy root) under which each app gets its own.
@@ -70,6 +74,30 @@ pub struct Config {
     /// `config.toml` is laid over this config and its `apps/*.toml` are deployed when new or
     /// changed. See `crate::import`.
     pub import_dir: Option<PathBuf>,
+}
+
+/// `[store]`: what the store keeps and how big it may grow (see `store::Policy`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// The most the state database may hold. Past it, what nothing uses is collected first,
+    /// then new components are refused, saying so. Default: no budget.
+    pub budget: Option<ByteSize>,
+    /// Generations kept per app for rollback: the newest this many, and always the current.
+    pub keep_generations: u32,
+    /// How long a component nothing uses is kept before it is collected (a deploy or a fleet
+    /// document may be about to use it).
+    pub grace: HumanDuration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> StoreConfig {
+        StoreConfig {
+            budget: None,
+            keep_generations: 5,
+            grace: HumanDuration(Duration::from_secs(10 * 60)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -149,6 +177,8 @@ impl Default for Config {
             max_component_size: ByteSize(256 << 20),
             log_lines_per_app: 10_000,
             log_bytes_per_app: ByteSize(16 << 20),
+            log_bytes_total: ByteSize(128 << 20),
+            store: StoreConfig::default(),
             drain_timeout: HumanDuration(Duration::from_secs(10)),
             cgroup_parent: None,
             total_memory: None,
@@ -226,6 +256,22 @@ impl Config {
                 "log_bytes_per_app = \"{}\" is too small: keep at least 64KiB (one request's output)",
                 config.log_bytes_per_app
             ));
+        }
+        if config.log_bytes_total.0 < config.log_bytes_per_app.0 {
+            return Err(format!(
+                "log_bytes_total = \"{}\" is smaller than log_bytes_per_app = \"{}\": raise it, or lower log_bytes_per_app",
+                config.log_bytes_total, config.log_bytes_per_app
+            ));
+        }
+        if config.store.keep_generations == 0 {
+            return Err("[store] keep_generations = 0 would keep no generation to roll back to: keep at least 1".into());
+        }
+        if let Some(budget) = config.store.budget {
+            if budget.0 < 16 << 20 {
+                return Err(format!(
+                    "[store] budget = \"{budget}\" is too small: the store needs at least 16MiB"
+                ));
+            }
         }
         Ok(config)
     }

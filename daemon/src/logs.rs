@@ -27,11 +27,13 @@ pub struct LogHub {
     queued: AtomicUsize,
 }
 
-/// How much of each app's log the store keeps: its newest lines, up to both bounds.
+/// How much of each app's log the store keeps: its newest lines, up to both bounds; and of all
+/// apps' together, up to `total` bytes (the store's `Policy::log_bytes_total`).
 #[derive(Debug, Clone, Copy)]
 pub struct Keep {
     pub lines: u64,
     pub bytes: u64,
+    pub total: u64,
 }
 
 /// What a line costs besides its text (the record, its app name), so a flood of empty lines
@@ -140,6 +142,8 @@ async fn write_loop(
 ) {
     // Lines and bytes written per app since its last prune.
     let mut written_since_prune: HashMap<String, (u64, u64)> = HashMap::new();
+    // Bytes written by all apps since the last prune of the total.
+    let mut written_total: u64 = 0;
     while let Some(mut batch) = receiver.recv().await {
         while batch.len() < BATCH_LINES {
             match receiver.try_recv() {
@@ -175,6 +179,7 @@ async fn write_loop(
                     let written = written_since_prune.entry(line.app.clone()).or_default();
                     written.0 += 1;
                     written.1 += line.line.len() as u64;
+                    written_total += line.line.len() as u64;
                     let _ = live.send(LogRecord {
                         id,
                         app: line.app,
@@ -203,6 +208,12 @@ async fn write_loop(
                 .call(move |store| store.prune_logs(&app, keep.lines, keep.bytes))
                 .await;
             if let Err(error) = pruned {
+                tracing::warn!(%error, "old log lines could not be pruned");
+            }
+        }
+        if written_total >= keep.total / 10 {
+            written_total = 0;
+            if let Err(error) = store.call(|store| store.prune_all_logs()).await {
                 tracing::warn!(%error, "old log lines could not be pruned");
             }
         }

@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How often failed apps are retried, and the status line refreshed when there is no watchdog.
 const LOOP_PERIOD: Duration = Duration::from_secs(10);
+/// How often the store collects what it no longer keeps (`Store::collect`); also once at start.
+const COLLECT_PERIOD: Duration = Duration::from_secs(3600);
 
 /// `overlay`: how laying the import folder's config.toml over the config file went (`None`:
 /// there was none).
@@ -41,6 +43,19 @@ pub async fn run(
     }
     let db = config.state_dir.join("cairn.db");
     let store = open_store(&config.state_dir, &db)?;
+    store.set_policy(crate::store::Policy {
+        budget: config.store.budget.map(|b| b.0),
+        keep_generations: config.store.keep_generations,
+        grace_secs: config.store.grace.0.as_secs() as i64,
+        log_bytes_total: config.log_bytes_total.0,
+    });
+    match store.convert_to_incremental() {
+        Ok(false) => {}
+        Ok(true) => tracing::info!("the store was rewritten once so that it can shrink"),
+        Err(error) => {
+            tracing::warn!(%error, "the store could not be rewritten to shrink; the next start tries again")
+        }
+    }
     let compiler = Compiler::new();
     let outbox = config.upstream.as_ref().map(|upstream| {
         (
@@ -54,6 +69,7 @@ pub async fn run(
     let keep = crate::logs::Keep {
         lines: config.log_lines_per_app,
         bytes: config.log_bytes_per_app.0,
+        total: config.log_bytes_total.0,
     };
     let logs = LogHub::start(Arc::clone(&store), keep, outbox);
     let cgroups = Arc::new(cgroups(&config));
@@ -118,9 +134,11 @@ pub async fn run(
     let summary = status_line(&reconciler).await;
     tracing::info!(socket = %socket.display(), state = %db.display(), "{summary}");
     systemd::ready(&summary);
+    let collector = tokio::spawn(collect_periodically(Arc::clone(&store)));
 
     serve_until_signal(&reconciler).await?;
 
+    collector.abort();
     tracing::info!("stopping: draining requests in flight");
     systemd::stopping();
     stop_control.cancel();
@@ -204,6 +222,40 @@ async fn status_line(reconciler: &Reconciler) -> String {
         line.push_str(&format!(", {failed} failed (see `cairnctl ls`)"));
     }
     line
+}
+
+/// Collects what the store no longer keeps, now and every `COLLECT_PERIOD`; sets space aside
+/// again (`Store::keep_reserve`) once a full disk has room, checked every `LOOP_PERIOD`.
+async fn collect_periodically(store: Arc<Store>) {
+    let mut tick = tokio::time::interval(COLLECT_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reserve_tick = tokio::time::interval(LOOP_PERIOD);
+    reserve_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = reserve_tick.tick() => {
+                let _ = store
+                    .call(|store| {
+                        store.keep_reserve();
+                        Ok(())
+                    })
+                    .await;
+                continue;
+            }
+        }
+        match store.call(|store| store.collect()).await {
+            Ok(collected)
+                if crate::store::Collected {
+                    file_bytes_freed: 0,
+                    ..collected
+                } == crate::store::Collected::default() => {}
+            Ok(collected) => tracing::info!(?collected, "collected what the store no longer keeps"),
+            Err(error) => {
+                tracing::warn!(%error, "could not collect what the store no longer keeps")
+            }
+        }
+    }
 }
 
 /// Precompiled code for specs no app uses, or from another wasmtime or CPU, is dead weight.

@@ -244,7 +244,7 @@ fn a_full_disk_is_reported_and_loses_nothing() {
     }
     let mount_point = tempfile::tempdir().unwrap();
     let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "cairn-e2e-full"])
+        .args(["-t", "tmpfs", "-o", "size=16m", "cairn-e2e-full"])
         .arg(mount_point.path())
         .status();
     if !matches!(mounted, Ok(status) if status.success()) {
@@ -260,7 +260,11 @@ fn a_full_disk_is_reported_and_loses_nothing() {
     let result = std::panic::catch_unwind(|| {
         let daemon = Daemon::start_with_state_dir(&mount_point.path().join("state"));
         let addr = daemon.deploy_hello("survivor", &[]);
-        let big = write(&daemon, "big.wasm", &cairn_tests::padded_component(3 << 20));
+        let big = write(
+            &daemon,
+            "big.wasm",
+            &cairn_tests::padded_component(14 << 20),
+        );
         let result = daemon.ctl(&["push", &big]);
         assert_eq!(result.code, 7, "{result:?}");
         assert!(

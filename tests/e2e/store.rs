@@ -90,3 +90,205 @@ fn a_record_or_schema_from_a_newer_cairn_fails_its_app_or_is_refused_untouched()
     );
     assert!(std::fs::read(daemon.database()).unwrap() == before);
 }
+
+/// The hello component with a `size`-byte custom section of `fill`: it still serves, and
+/// each fill makes another digest.
+fn padded_hello(daemon: &Daemon, fill: u8, size: usize) -> std::path::PathBuf {
+    let mut bytes = std::fs::read(cairn_tests::component("hello")).unwrap();
+    bytes.extend(cairn_tests::custom_section("pad", size, fill));
+    let path = daemon.dir.join(format!("hello-{fill}.wasm"));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn deploy_file(daemon: &Daemon, app: &str, file: &std::path::Path, listen: &str) {
+    daemon.ctl_ok(&[
+        "deploy",
+        app,
+        "--component",
+        file.to_str().unwrap(),
+        "--listen",
+        listen,
+    ]);
+}
+
+/// Deploys that each bring a new 1 MiB component, and a removed app: `cairnctl gc` keeps the
+/// generations rollback needs, collects the rest and what nothing uses, and the file shrinks.
+#[test]
+fn old_generations_and_unused_components_are_collected_and_the_file_shrinks() {
+    let daemon = Daemon::start_with(Some("[store]\nkeep_generations = 2\ngrace = \"0s\"\n"), &[]);
+    let web = format!("127.0.0.1:{}", cairn_tests::free_port());
+    for fill in 0..6 {
+        deploy_file(&daemon, "web", &padded_hello(&daemon, fill, 1 << 20), &web);
+    }
+    let gone = format!("127.0.0.1:{}", cairn_tests::free_port());
+    for fill in 10..12 {
+        deploy_file(
+            &daemon,
+            "gone",
+            &padded_hello(&daemon, fill, 1 << 20),
+            &gone,
+        );
+    }
+    daemon.ctl_ok(&["rm", "gone"]);
+    let store = |daemon: &Daemon| daemon.ctl(&["-o", "json", "status"]).json()["store"].clone();
+    let before = store(&daemon);
+    assert!(before["bytes"].as_u64().unwrap() > 8 << 20, "{before}");
+
+    let gc = daemon.ctl(&["-o", "json", "gc"]).json();
+    // web keeps generations 5 and 6; 1 to 4 go, with their components and gone's two.
+    assert_eq!(gc["generations"], 4, "{gc}");
+    assert_eq!(gc["components"], 6, "{gc}");
+    assert!(gc["component_bytes"].as_u64().unwrap() >= 6 << 20, "{gc}");
+    assert!(gc["compiled"].as_u64().unwrap() >= 6, "{gc}");
+    let after = store(&daemon);
+    assert!(
+        after["bytes"].as_u64().unwrap() + (6 << 20) <= before["bytes"].as_u64().unwrap(),
+        "{before} -> {after}"
+    );
+    assert_eq!(gc["store_bytes"], after["bytes"]);
+    let said = daemon.ctl_ok(&["gc"]);
+    assert!(
+        said.contains("collected 0 generation(s), 0 component(s)"),
+        "{said}"
+    );
+
+    // What is kept still works: the app serves, and rolls back to the one before.
+    assert_eq!(
+        cairn_tests::get(web.parse().unwrap(), "/").unwrap().status,
+        200
+    );
+    daemon.ctl_ok(&["rollback", "web"]);
+    assert_eq!(daemon.app_status("web")["generation"], 5);
+    let old = daemon.ctl(&["rollback", "web", "--to", "2"]);
+    assert!(
+        old.stderr.contains("has no generation 2; it has 5, 6"),
+        "{old:?}"
+    );
+    assert_eq!(
+        cairn_tests::get(web.parse().unwrap(), "/").unwrap().status,
+        200
+    );
+}
+
+/// With a budget, pushes that would pass it are refused, saying what to do, once what
+/// nothing uses has been collected; what is stored and what serves are untouched.
+#[test]
+fn past_the_store_budget_a_push_is_refused_saying_so_and_apps_keep_serving() {
+    let daemon = Daemon::start_with(Some("[store]\nbudget = \"16MiB\"\ngrace = \"0s\"\n"), &[]);
+    let addr = daemon.deploy_hello("web", &[]);
+    let mut refused = None;
+    for fill in 0..24 {
+        let file = padded_hello(&daemon, fill, 1 << 20);
+        let name = format!("keep-{fill}");
+        let push = daemon.ctl(&["push", file.to_str().unwrap(), "--name", &name]);
+        if push.code != 0 {
+            refused = Some((fill, push));
+            break;
+        }
+    }
+    let (fill, push) = refused.expect("a push past the budget is refused");
+    assert!(fill >= 10, "refused after {fill} pushes: {push:?}");
+    assert!(
+        push.stderr.contains("would pass its budget of 16MiB")
+            && push.stderr.contains("raise [store] budget"),
+        "{push:?}"
+    );
+    let store = daemon.ctl(&["-o", "json", "status"]).json()["store"].clone();
+    assert_eq!(store["budget"], 16 << 20);
+    assert!(store["used"].as_u64().unwrap() <= 16 << 20, "{store}");
+    let components = daemon.ctl(&["-o", "json", "components"]).json();
+    assert_eq!(
+        components.as_array().unwrap().len(),
+        fill as usize + 1,
+        "every accepted push is kept: {components}"
+    );
+    assert_eq!(cairn_tests::get(addr, "/").unwrap().status, 200);
+    let status = daemon.ctl_ok(&["status"]);
+    assert!(status.contains("of a 16.0MiB budget"), "{status}");
+}
+
+/// Runs `test` with a `size` tmpfs mounted for it (needs root), unmounted afterwards.
+fn with_small_disk(name: &str, size: &str, test: impl FnOnce(&std::path::Path)) {
+    if !cairn_tests::is_root() {
+        cairn_tests::skip(name, "needs root to mount a small tmpfs");
+        return;
+    }
+    let mount_point = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size}"),
+            "cairn-e2e-disk",
+        ])
+        .arg(mount_point.path())
+        .status();
+    if !matches!(mounted, Ok(status) if status.success()) {
+        cairn_tests::skip(name, &format!("mounting a tmpfs failed ({mounted:?})"));
+        return;
+    }
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(mount_point.path())));
+    let _ = std::process::Command::new("umount")
+        .arg(mount_point.path())
+        .status();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Fills the file system holding `dir` to the last byte, with a file in `dir`.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write as _;
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    for chunk in [1 << 20, 4096, 1] {
+        let bytes = vec![0u8; chunk];
+        while file.write_all(&bytes).is_ok() {}
+    }
+    path
+}
+
+/// The disk filled while cairnd was stopped: it still starts and serves (the space it set
+/// aside is given back), says the disk is full, refuses a push saying so, and once space
+/// returns sets space aside again and takes pushes.
+#[test]
+fn a_disk_that_filled_while_cairnd_was_stopped_does_not_stop_it_and_space_returns() {
+    let name = "a_disk_that_filled_while_cairnd_was_stopped_does_not_stop_it_and_space_returns";
+    with_small_disk(name, "40m", |disk| {
+        let state = disk.join("state");
+        let mut daemon = Daemon::start_with_state_dir(&state);
+        let addr = daemon.deploy_hello("survivor", &[]);
+        let reserve = state.join("cairn.reserve");
+        assert!(reserve.exists(), "space is set aside: {}", daemon.log());
+        daemon.stop();
+
+        let filler = fill(disk);
+        daemon.restart();
+        assert_eq!(get(addr, "/").unwrap().status, 200);
+        assert!(!reserve.exists());
+        assert!(daemon
+            .log()
+            .contains("the space set aside for this was given back"));
+        let status = daemon.ctl_ok(&["status"]);
+        assert!(status.contains("its disk is FULL"), "{status}");
+        let file = padded_hello(&daemon, 1, 1 << 20);
+        let push = daemon.ctl(&["push", file.to_str().unwrap()]);
+        assert_eq!(push.code, 7, "{push:?}");
+        assert!(push.stderr.contains("is full: free some space"), "{push:?}");
+        assert_eq!(get(addr, "/").unwrap().status, 200);
+
+        std::fs::remove_file(filler).unwrap();
+        cairn_tests::wait_for(
+            "space set aside again",
+            std::time::Duration::from_secs(30),
+            || reserve.exists(),
+        )
+        .unwrap();
+        daemon.ctl_ok(&["push", file.to_str().unwrap()]);
+        let status = daemon.ctl_ok(&["status"]);
+        assert!(!status.contains("FULL"), "{status}");
+    });
+}

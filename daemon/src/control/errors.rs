@@ -32,7 +32,10 @@ pub fn status_of(error: &ReconcileError) -> Status {
 pub fn store_status(error: &StoreError) -> Status {
     let message = error.to_string();
     match error {
-        StoreError::Full { .. } => Status::resource_exhausted(message),
+        StoreError::Full { .. } | StoreError::OverBudget { .. } => {
+            Status::resource_exhausted(message)
+        }
+        StoreError::Gone(_) => Status::not_found(message),
         StoreError::Corrupt { .. } => Status::data_loss(message),
         StoreError::Open { .. } | StoreError::Sqlite(_) => Status::internal(message),
     }

@@ -381,6 +381,30 @@ impl Control for ControlService {
         self.sync_reply().await.map(Response::new)
     }
 
+    async fn collect(
+        &self,
+        request: Request<proto::CollectRequest>,
+    ) -> Result<Response<proto::CollectReply>, Status> {
+        self.access.check(&request, "collect unused data", true)?;
+        let (collected, usage) = self
+            .store
+            .call(|store| Ok((store.collect()?, store.usage()?)))
+            .await
+            .map_err(|e| store_status(&e))?;
+        tracing::info!(?collected, "collected on request");
+        Ok(Response::new(proto::CollectReply {
+            generations: collected.generations,
+            components: collected.components,
+            component_bytes: collected.component_bytes,
+            compiled: collected.compiled,
+            compiled_bytes: collected.compiled_bytes,
+            log_lines: collected.log_lines,
+            file_bytes_freed: collected.file_bytes_freed,
+            store_bytes: usage.file_bytes,
+            store_budget: usage.budget.unwrap_or(0),
+        }))
+    }
+
     type LogsStream = LogStream;
 
     async fn logs(

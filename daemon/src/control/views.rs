@@ -28,6 +28,11 @@ impl ControlService {
             .call(|store| store.components())
             .await
             .map_err(|e| store_status(&e))?;
+        let usage = self
+            .store
+            .call(|store| store.usage())
+            .await
+            .map_err(|e| store_status(&e))?;
         let distinct: std::collections::BTreeSet<String> =
             components.iter().map(|c| c.digest.to_string()).collect();
         let fingerprint = self
@@ -57,6 +62,10 @@ impl ControlService {
             import_lines: self.import.lines.clone(),
             import_problems: self.import.problems.clone(),
             log_lines_dropped: self.logs.dropped() + self.reconciler.pool_log_lines_dropped().await,
+            store_bytes: usage.file_bytes,
+            store_used: usage.used_bytes,
+            store_budget: usage.budget.unwrap_or(0),
+            store_disk_free: usage.disk_free,
         })
     }
 

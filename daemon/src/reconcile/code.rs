@@ -208,7 +208,9 @@ impl Reconciler {
                             let facts = compiler
                                 .inspect(&code, &spec.limits)
                                 .map_err(component_error)?;
-                            store.set_compiled_facts(&digest, &fingerprint, &facts_text(&facts))?;
+                            if let Err(error) = store.set_compiled_facts(&digest, &fingerprint, &facts_text(&facts)) {
+                                tracing::warn!(app = %spec.name, %error, "what was learnt about precompiled code could not be stored");
+                            }
                             facts
                         }
                     };
@@ -224,7 +226,11 @@ impl Reconciler {
             let facts = compiler
                 .inspect(&code, &spec.limits)
                 .map_err(component_error)?;
-            store.put_compiled(&digest, &fingerprint, &code, &facts_text(&facts))?;
+            // The app runs without its code cached (a full disk, the store's budget): it is
+            // compiled again at its next start instead.
+            if let Err(error) = store.put_compiled(&digest, &fingerprint, &code, &facts_text(&facts)) {
+                tracing::warn!(app = %spec.name, %error, "precompiled code could not be stored; the app runs and is compiled again at its next start");
+            }
             Ok((ready(&code, facts)?, false))
         })
         .await

@@ -96,15 +96,22 @@ impl Store {
         Ok(next)
     }
 
-    /// Makes an existing generation current again.
+    /// Makes an existing generation current again (an error if it is gone, collected since it
+    /// was chosen).
     pub fn set_current_generation(&self, app: &AppName, generation: u64) -> Result<(), StoreError> {
         let connection = self.lock();
-        connection
+        let changed = connection
             .execute(
-                "UPDATE apps SET generation = ?2, updated_unix = ?3 WHERE name = ?1",
+                "UPDATE apps SET generation = ?2, updated_unix = ?3 WHERE name = ?1
+                   AND EXISTS (SELECT 1 FROM generations WHERE app = ?1 AND generation = ?2)",
                 params![app.as_str(), generation as i64, now_unix()],
             )
             .map_err(|e| self.error(e))?;
+        if changed == 0 {
+            return Err(StoreError::Gone(format!(
+                "generation {generation} of {app}"
+            )));
+        }
         Ok(())
     }
 

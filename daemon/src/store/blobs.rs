@@ -31,6 +31,9 @@ impl Store {
         bytes: &[u8],
         tag: Option<(&str, &str, &str)>,
     ) -> Result<bool, StoreError> {
+        if !self.has_blob(digest)? {
+            self.check_room(bytes.len() as u64)?;
+        }
         let mut connection = self.lock();
         let transaction = connection.transaction().map_err(|e| self.error(e))?;
         let inserted = transaction

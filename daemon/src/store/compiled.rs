@@ -55,6 +55,7 @@ impl Store {
         data: &[u8],
         facts: &str,
     ) -> Result<(), StoreError> {
+        self.check_room(data.len() as u64)?;
         let connection = self.lock();
         connection
             .execute(

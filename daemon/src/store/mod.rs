@@ -14,6 +14,7 @@
 
 mod apps;
 mod blobs;
+mod collect;
 mod compiled;
 mod fleet;
 mod imports;
@@ -21,12 +22,15 @@ mod logs;
 mod migrations;
 mod outbox;
 mod pool_ids;
+mod reserve;
 
+pub use collect::{Collected, Policy};
 pub use compiled::Compiled;
 pub use fleet::AppliedRecord;
 pub use logs::{LogRecord, NewLogLine};
 pub use outbox::{OutboxBounds, OutboxKind};
 
+use crate::spec::ByteSize;
 use rusqlite::Connection;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -40,6 +44,19 @@ pub enum StoreError {
     Open { path: PathBuf, message: String },
     #[error("stored data for {what} is corrupt ({detail}); it was not used")]
     Corrupt { what: String, detail: String },
+    #[error(
+        "the store would pass its budget of {} (it holds {}; this adds {}), even after \
+         collecting what nothing uses: remove apps or components you no longer need, or raise \
+         [store] budget",
+        ByteSize(*budget), ByteSize(*used), ByteSize(*incoming)
+    )]
+    OverBudget {
+        budget: u64,
+        used: u64,
+        incoming: u64,
+    },
+    #[error("{0} is no longer stored (older than the generations kept)")]
+    Gone(String),
     #[error("state database error: {0}")]
     Sqlite(String),
 }
@@ -71,6 +88,7 @@ impl Owner {
 pub struct Store {
     connection: Mutex<Connection>,
     path: PathBuf,
+    policy: Mutex<Policy>,
 }
 
 pub fn now_unix() -> i64 {
@@ -82,19 +100,69 @@ pub fn now_unix() -> i64 {
 
 impl Store {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    /// When that fails and a reserve was set aside (`reserve`), the reserve is given back and
+    /// the database opened again: a full disk does not stop cairnd from starting.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let store = match Store::open_once(path) {
+            Err(error) if reserve::release(path) => {
+                tracing::warn!(%error, "the state database could not be opened; the space set aside for this was given back");
+                Store::open_once(path)
+            }
+            other => other,
+        }
+        .map_err(|error| match error {
+            StoreError::Open { path, message }
+                if reserve::free_bytes(&path).is_some_and(|free| free < reserve::RESERVE_BYTES) =>
+            {
+                StoreError::Open {
+                    path,
+                    message: format!(
+                        "{message}; its disk is full: free some space (cairn then keeps {} \
+                         aside so that this does not stop it again)",
+                        ByteSize(reserve::RESERVE_BYTES)
+                    ),
+                }
+            }
+            other => other,
+        })?;
+        store.keep_reserve();
+        Ok(store)
+    }
+
+    /// Sets space aside for the next start if it is missing and the disk has room again.
+    pub fn keep_reserve(&self) {
+        match reserve::keep(&self.path) {
+            Ok(true) => tracing::info!(
+                "set {} aside beside the state database, so that a full disk cannot stop cairnd from starting",
+                ByteSize(reserve::RESERVE_BYTES)
+            ),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "could not set space aside beside the state database"),
+        }
+    }
+
+    fn open_once(path: &Path) -> Result<Store, StoreError> {
         let open_error = |message: String| StoreError::Open {
             path: path.to_path_buf(),
             message,
         };
         let mut connection = Connection::open(path).map_err(|e| open_error(e.to_string()))?;
-        migrations::applied(&connection).map_err(|e| open_error(e.to_string()))?;
+        let fresh = migrations::applied(&connection).map_err(|e| open_error(e.to_string()))? == 0;
+        if fresh {
+            // Before the first table: freed pages can then be given back to the file system
+            // (`collect`). A store made by an older cairnd is converted by `convert_to_incremental`.
+            connection
+                .execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")
+                .map_err(|e| open_error(e.to_string()))?;
+        }
+        // The WAL is cut back to 8 MiB after a checkpoint, whatever one big write grew it to.
         connection
             .execute_batch(
                 "PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = FULL;
                  PRAGMA foreign_keys = ON;
-                 PRAGMA busy_timeout = 5000;",
+                 PRAGMA busy_timeout = 5000;
+                 PRAGMA journal_size_limit = 8388608;",
             )
             .map_err(|e| open_error(e.to_string()))?;
         migrations::run(&mut connection)
@@ -102,7 +170,35 @@ impl Store {
         Ok(Store {
             connection: Mutex::new(connection),
             path: path.to_path_buf(),
+            policy: Mutex::new(Policy::default()),
         })
+    }
+
+    /// What the store keeps and how big it may grow.
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.lock().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    fn policy(&self) -> Policy {
+        *self.policy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A store made before cairn used incremental vacuum is rewritten once (VACUUM) so that
+    /// its freed pages can be given back. Needs free space about the database's size; when
+    /// that fails the store works as before and the next start tries again. Returns whether
+    /// it converted.
+    pub fn convert_to_incremental(&self) -> Result<bool, StoreError> {
+        let connection = self.lock();
+        let mode: i64 = connection
+            .query_row("PRAGMA auto_vacuum", [], |row| row.get(0))
+            .map_err(|e| self.error(e))?;
+        if mode == 2 {
+            return Ok(false);
+        }
+        connection
+            .execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
+            .map_err(|e| self.error(e))?;
+        Ok(true)
     }
 
     /// Runs `work` against the store on the blocking pool.
@@ -275,6 +371,192 @@ mod tests {
         let generations = store.generations(&apps[1].name).unwrap();
         assert!(generations[0].spec.is_ok() && generations[1].spec.is_err());
         assert_eq!(generations[1].digest, digest);
+    }
+
+    /// A component of `size` bytes whose digest is right (the store does not validate).
+    fn blob(store: &Store, size: usize, seed: u8, tag: Option<(&str, &str, &str)>) -> Digest {
+        let bytes: Vec<u8> = (0..size)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect();
+        let digest = Digest::of(&bytes);
+        store.put_component(&digest, &bytes, tag).unwrap();
+        digest
+    }
+
+    fn file_bytes(path: &Path) -> u64 {
+        let wal = path.with_extension("db-wal");
+        std::fs::metadata(path).unwrap().len()
+            + std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0)
+    }
+
+    #[test]
+    fn collection_keeps_what_is_used_named_or_recent_and_the_file_shrinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cairn.db");
+        let store = Store::open(&path).unwrap();
+        store.set_policy(Policy {
+            grace_secs: 0,
+            keep_generations: 2,
+            ..Policy::default()
+        });
+        let name: AppName = "web".parse().unwrap();
+        // Five generations, each with its own 1 MiB component.
+        let digests: Vec<Digest> = (0..5u8)
+            .map(|seed| {
+                let digest = blob(&store, 1 << 20, seed, None);
+                store
+                    .commit_generation(&spec("web", &digest, "x"), Owner::Local)
+                    .unwrap();
+                store
+                    .put_compiled(&digest, "engine", &[seed; 4096], "{}")
+                    .unwrap();
+                digest
+            })
+            .collect();
+        // Rolled back to the first: it stays, with the newest two.
+        store.set_current_generation(&name, 1).unwrap();
+        let named = blob(&store, 1 << 20, 10, Some(("kept", "v1", "local")));
+        let fleet_used = blob(&store, 1 << 20, 11, Some(("fleet", "a", "fleet")));
+        let fleet_loose = blob(&store, 1 << 20, 12, Some(("fleet", "b", "fleet")));
+        store
+            .record_applied("device.a", 1, &[spec("pump", &fleet_used, "x")])
+            .unwrap();
+        let big = file_bytes(&path);
+        let collected = store.collect().unwrap();
+        assert_eq!(collected.generations, 2, "{collected:?}");
+        assert_eq!(
+            (collected.components, collected.component_bytes),
+            (3, 3 << 20),
+            "{collected:?}"
+        );
+        assert_eq!((collected.compiled, collected.compiled_bytes), (2, 8192));
+        let kept: Vec<u64> = store
+            .generations(&name)
+            .unwrap()
+            .iter()
+            .map(|g| g.generation)
+            .collect();
+        assert_eq!(kept, [1, 4, 5]);
+        for (digest, expected) in [
+            (&digests[0], true),
+            (&digests[1], false),
+            (&digests[2], false),
+            (&digests[3], true),
+            (&digests[4], true),
+            (&named, true),
+            (&fleet_used, true),
+            (&fleet_loose, false),
+        ] {
+            assert_eq!(store.has_blob(digest).unwrap(), expected, "{digest}");
+        }
+        assert!(store.get_compiled(&digests[1], "engine").unwrap().is_none());
+        assert!(store.get_compiled(&digests[0], "engine").unwrap().is_some());
+        assert!(
+            collected.file_bytes_freed >= 3 << 20 && file_bytes(&path) <= big - (3 << 20),
+            "{collected:?}: {big} -> {}",
+            file_bytes(&path)
+        );
+        // A collected generation cannot be made current.
+        let gone = store.set_current_generation(&name, 2).unwrap_err();
+        assert!(gone.to_string().contains("no longer stored"), "{gone}");
+        // Within the grace period an unused component stays.
+        store.set_policy(Policy {
+            grace_secs: 3600,
+            ..Policy::default()
+        });
+        let recent = blob(&store, 1000, 13, None);
+        store.collect().unwrap();
+        assert!(store.has_blob(&recent).unwrap());
+    }
+
+    #[test]
+    fn a_store_made_before_incremental_vacuum_is_converted_once_keeping_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cairn.db");
+        let digest = {
+            let store = Store::open(&path).unwrap();
+            let digest = blob(&store, 1000, 1, Some(("kept", "v1", "local")));
+            store
+                .lock()
+                .execute_batch("PRAGMA auto_vacuum = NONE; VACUUM;")
+                .unwrap();
+            digest
+        };
+        let store = Store::open(&path).unwrap();
+        let mode = |store: &Store| -> i64 {
+            store
+                .lock()
+                .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(mode(&store), 0);
+        assert!(store.convert_to_incremental().unwrap());
+        assert_eq!(mode(&store), 2);
+        assert!(!store.convert_to_incremental().unwrap());
+        assert!(store.get_blob(&digest).unwrap().is_some());
+    }
+
+    #[test]
+    fn past_its_budget_the_store_collects_then_refuses_saying_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cairn.db")).unwrap();
+        store.set_policy(Policy {
+            grace_secs: 0,
+            budget: Some(4 << 20),
+            ..Policy::default()
+        });
+        // Unused: collected to make room.
+        let loose = blob(&store, 3 << 20, 1, None);
+        let kept = blob(&store, 3 << 20, 2, Some(("kept", "v1", "local")));
+        assert!(!store.has_blob(&loose).unwrap());
+        assert!(store.has_blob(&kept).unwrap());
+        let digest = Digest::of(&[7u8; 3 << 20]);
+        let refused = store
+            .put_component(&digest, &[7u8; 3 << 20], None)
+            .unwrap_err();
+        assert!(
+            matches!(refused, StoreError::OverBudget { budget, incoming, .. } if budget == 4 << 20 && incoming == 3 << 20),
+            "{refused}"
+        );
+        assert!(
+            refused.to_string().contains("raise [store] budget"),
+            "{refused}"
+        );
+        assert!(!store.has_blob(&digest).unwrap());
+        // What is present already needs no room.
+        assert!(!store
+            .put_component(&kept, &[], Some(("again", "v1", "local")))
+            .unwrap());
+        let usage = store.usage().unwrap();
+        assert!(usage.used_bytes <= 4 << 20, "{usage:?}");
+        assert_eq!(usage.budget, Some(4 << 20));
+    }
+
+    #[test]
+    fn log_text_of_all_apps_is_kept_within_the_total() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cairn.db")).unwrap();
+        store.set_policy(Policy {
+            log_bytes_total: 25,
+            ..Policy::default()
+        });
+        let lines: Vec<NewLogLine> = (0..10)
+            .map(|i| NewLogLine {
+                app: format!("app{}", i % 3),
+                generation: 1,
+                unix_millis: i,
+                stream: "stdout",
+                line: format!("line {i}"),
+            })
+            .collect();
+        store.append_logs(&lines).unwrap();
+        // 6 bytes a line: the newest four fit in 25.
+        assert_eq!(store.prune_all_logs().unwrap(), 6);
+        let left: Vec<String> = (0..3)
+            .flat_map(|i| store.tail_logs(&format!("app{i}"), 0).unwrap())
+            .map(|l| l.line)
+            .collect();
+        assert_eq!(left, ["line 6", "line 9", "line 7", "line 8"]);
     }
 
     #[test]

@@ -220,8 +220,11 @@ fn a_device_converges_stays_up_offline_and_catches_up_to_the_latest() {
         },
     )
     .unwrap();
-    let apps = daemon.ctl(&["-o", "json", "ls"]).json();
-    assert_eq!(apps[0]["owner"], "fleet");
+    // The new pool serves a moment before its deploy is done and the app is listed.
+    wait_for("the app to be listed", Duration::from_secs(10), || {
+        daemon.ctl(&["-o", "json", "ls"]).json()[0]["owner"] == "fleet"
+    })
+    .unwrap();
     let status = sync_status(&daemon);
     assert_eq!(status["state"], "connected", "{status}");
     assert_eq!(status["applied"][0]["key"], "device.edge-1");
