@@ -66,7 +66,11 @@ fn readers_may_read_but_not_change_state() {
         "s3cret-value"
     );
 
-    for args in [vec!["rm", "guarded"], vec!["rollback", "guarded"]] {
+    for args in [
+        vec!["rm", "guarded"],
+        vec!["rollback", "guarded"],
+        vec!["gc"],
+    ] {
         let result = daemon.ctl_as(Some(NOBODY), &args);
         assert_eq!(result.code, 4, "{args:?}: {result:?}");
         assert!(

@@ -354,7 +354,7 @@ fn a_pools_user_cannot_drive_the_daemon_nor_touch_another_pool() {
 
     // With the first pool's credentials: the control socket refuses every call, even a read
     // that any other user may make…
-    for args in [&["rm", "second"][..], &["ls"][..]] {
+    for args in [&["rm", "second"][..], &["ls"][..], &["gc"][..]] {
         let refused = daemon.ctl_as(Some(first_uid), args);
         assert_ne!(
             refused.code, 0,
