@@ -79,8 +79,17 @@ check: lint components
 
 # Everything, including what does not fit CI's budget: the whole suite, the arm64 image booted
 # under QEMU, and the Raspberry Pi image (about 40 minutes more the first time, for the cached
-# arm64 Debian root; about 10 after that).
-test-all: test (boot-test "arm64") test-rpi hostile (hostile "--pinned")
+# arm64 Debian root; about 10 after that), the hostile suite and the crash loop.
+test-all: test (boot-test "arm64") test-rpi hostile (hostile "--pinned") crash
+
+# The crash loop (100 rounds, about 5 minutes): a random operation (deploy, rollback, rm, push,
+# a log flood through the outbox to a real nats-server, a fleet document to fetch) with cairnd
+# or a pool killed by SIGKILL at a random moment, every round checked (integrity, acknowledged
+# operations in effect, outbox exactly once, every app serving); figures to RELIABILITY.md.
+# `just test` runs 6 rounds of it. CAIRN_CRASH_SEED=N replays a run.
+crash rounds="100": components
+    cargo build --release --workspace --bins
+    CAIRN_PROFILE=release CAIRN_CRASH_ROUNDS={{rounds}} CAIRN_CRASH_REPORT=1 cargo test --release -p cairn-tests --test crash
 
 # Release builds of cairnd and cairnctl for this machine (what packages ship, what tests run).
 release:

@@ -356,6 +356,12 @@ impl Daemon {
         child.wait().unwrap();
     }
 
+    /// Waits for a cairnd that was killed from outside (by its pid) to be gone.
+    pub fn reap(&mut self) {
+        let mut child = self.child.take().expect("cairnd was running");
+        wait_child(&mut child, Duration::from_secs(30)).expect("a killed cairnd ends");
+    }
+
     /// Starts cairnd again on the same state dir and socket.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the daemon first");

@@ -2,7 +2,6 @@
 //! BENCHMARKS.md that a benchmark owns (rewritten between its markers on every run).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 pub fn median(mut values: Vec<f64>) -> f64 {
@@ -57,15 +56,16 @@ pub fn machine() -> String {
     )
 }
 
-fn benchmarks_md() -> PathBuf {
-    crate::workspace_root().join("BENCHMARKS.md")
-}
-
 /// Replaces the text between `<!-- NAME:start -->` and `<!-- NAME:end -->` in BENCHMARKS.md
 /// (appending the section when it is not there yet), leaving every other part as written.
 pub fn write_section(name: &str, body: &str) {
-    let path = benchmarks_md();
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
+    write_section_in("BENCHMARKS.md", "# Benchmarks\n", name, body);
+}
+
+/// `write_section` for another file of the workspace (`heading` starts it when it is new).
+pub fn write_section_in(file: &str, heading: &str, name: &str, body: &str) {
+    let path = crate::workspace_root().join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| heading.into());
     let (start, end) = (
         format!("<!-- {name}:start -->"),
         format!("<!-- {name}:end -->"),
@@ -77,7 +77,8 @@ pub fn write_section(name: &str, body: &str) {
         }
         _ => format!("{}\n{section}\n", text.trim_end()),
     };
-    std::fs::write(&path, updated).expect("BENCHMARKS.md is writable");
+    std::fs::write(&path, updated)
+        .unwrap_or_else(|e| panic!("{} is not writable: {e}", path.display()));
     println!("(written to {})", path.display());
 }
 

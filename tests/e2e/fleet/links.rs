@@ -3,6 +3,7 @@
 
 use super::*;
 use cairn_tests::custom_section;
+use std::path::{Path, PathBuf};
 
 /// The hello component with `pad` bytes of custom section appended: still a valid component
 /// that serves, with a new digest and a download that takes a while.
