@@ -241,8 +241,17 @@ fn with_small_disk(name: &str, size: &str, test: impl FnOnce(&std::path::Path)) 
 
 /// Fills the file system holding `dir` to the last byte, with a file in `dir`.
 fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    fill_as(dir, "filler")
+}
+
+/// Fills what room is left again, with another file.
+fn fill_more(dir: &std::path::Path) -> std::path::PathBuf {
+    fill_as(dir, "filler-2")
+}
+
+fn fill_as(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     use std::io::Write as _;
-    let path = dir.join("filler");
+    let path = dir.join(name);
     let mut file = std::fs::File::create(&path).unwrap();
     for chunk in [1 << 20, 4096, 1] {
         let bytes = vec![0u8; chunk];
@@ -280,14 +289,47 @@ fn a_disk_that_filled_while_cairnd_was_stopped_does_not_stop_it_and_space_return
         assert!(push.stderr.contains("is full: free some space"), "{push:?}");
         assert_eq!(get(addr, "/").unwrap().status, 200);
 
+        // Full to the last byte while running: a deploy is refused saying so, a log burst is
+        // dropped and counted, and the app serves on.
+        let last = fill_more(disk);
+        let listen = addr.to_string();
+        let hello = cairn_tests::component("hello");
+        let redeploy = [
+            "deploy",
+            "survivor",
+            "--component",
+            hello.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--env",
+            "GREETING=later",
+        ];
+        let deploy = daemon.ctl(&redeploy);
+        assert_ne!(deploy.code, 0, "{deploy:?}");
+        assert!(
+            deploy.stderr.contains("is full: free some space"),
+            "{deploy:?}"
+        );
+        assert_eq!(get(addr, "/").unwrap().body, "hello from cairn\n");
+        let dropped = |daemon: &Daemon| {
+            daemon.ctl(&["-o", "json", "status"]).json()["log_lines_dropped"]
+                .as_u64()
+                .unwrap()
+        };
+        assert_eq!(get(addr, "/lines?20000-burst").unwrap().status, 200);
+        let seconds = std::time::Duration::from_secs(30);
+        cairn_tests::wait_for("the burst to be dropped", seconds, || dropped(&daemon) > 0).unwrap();
+        assert_eq!(get(addr, "/").unwrap().status, 200);
+
+        // Space returns: cairn sets space aside again by itself and takes changes.
         std::fs::remove_file(filler).unwrap();
-        cairn_tests::wait_for(
-            "space set aside again",
-            std::time::Duration::from_secs(30),
-            || reserve.exists(),
-        )
-        .unwrap();
+        std::fs::remove_file(last).unwrap();
+        cairn_tests::wait_for("space set aside again", seconds, || reserve.exists()).unwrap();
         daemon.ctl_ok(&["push", file.to_str().unwrap()]);
+        daemon.ctl_ok(&redeploy);
+        assert_eq!(get(addr, "/").unwrap().body, "later from cairn\n");
+        assert_eq!(get(addr, "/lines?3-after").unwrap().status, 200);
+        daemon.wait_logged("survivor", "after-2");
         let status = daemon.ctl_ok(&["status"]);
         assert!(!status.contains("FULL"), "{status}");
     });
