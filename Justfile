@@ -80,7 +80,26 @@ check: lint components
 # Everything, including what does not fit CI's budget: the whole suite, the arm64 image booted
 # under QEMU, and the Raspberry Pi image (about 40 minutes more the first time, for the cached
 # arm64 Debian root; about 10 after that), the hostile suite and the crash loop.
-test-all: test (boot-test "arm64") test-rpi hostile (hostile "--pinned") crash
+test-all: test (boot-test "arm64") test-rpi hostile (hostile "--pinned") crash fuzz
+
+# Fuzzing, outside CI (about SECONDS x 6, plus a few minutes of building once): each target
+# in fuzz/ (manifest, fleet_document, config, import_manifest, pool_frames, control_request)
+# runs for SECONDS under cargo-fuzz (libFuzzer) on a nightly toolchain, both installed when
+# missing. The corpus grows in fuzz/corpus/TARGET (kept in the repository, minimised after
+# each run); a crash stops the run and lands in fuzz/artifacts/TARGET: fix it, then copy the
+# input to fuzz/regressions/TARGET, which `cargo test -p cairnd` replays.
+fuzz seconds="60" *targets="manifest fleet_document config import_manifest pool_frames control_request":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+    cd fuzz
+    for target in {{targets}}; do
+        echo "fuzz: $target for {{seconds}} s" >&2
+        cargo +nightly fuzz run "$target" "corpus/$target" -- \
+            -max_total_time={{seconds}} -rss_limit_mb=2048 -timeout=10 -max_len=65536
+        cargo +nightly fuzz cmin "$target" "corpus/$target" >/dev/null 2>&1 || true
+    done
 
 # The crash loop (100 rounds, about 5 minutes): a random operation (deploy, rollback, rm, push,
 # a log flood through the outbox to a real nats-server, a fleet document to fetch) with cairnd

@@ -244,7 +244,7 @@ impl Config {
 
     /// Parses and checks what types alone cannot (the trusted keys), so a config that loads is
     /// one the daemon can start with. The error is the parser's or the check's message.
-    fn from_table(table: toml::Table) -> Result<Config, String> {
+    pub(crate) fn from_table(table: toml::Table) -> Result<Config, String> {
         let config: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| e.message().to_string())?;

@@ -104,7 +104,7 @@ const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 /// One manifest of the folder, read: its spec (the component named by digest), the
 /// component's bytes when it names a file, and the hash of both, which tells whether it
 /// changed since it was last imported.
-struct Manifest {
+pub(crate) struct Manifest {
     spec: AppSpec,
     component: String,
     digest: Digest,
@@ -114,7 +114,7 @@ struct Manifest {
 
 /// Reads the manifest at `path` (`file` names it in messages) and the component it names,
 /// both only if they are regular files inside the folder `dir`, within their bounds.
-async fn read_manifest(
+pub(crate) async fn read_manifest(
     dir: &Path,
     path: &Path,
     file: &str,
