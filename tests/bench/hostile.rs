@@ -372,12 +372,19 @@ fn one_kept_alive(stream: &mut TcpStream) -> Result<(), String> {
             continue;
         };
         let head = String::from_utf8_lossy(&read[..head_end]).to_ascii_lowercase();
-        let length: usize = head
-            .lines()
-            .find_map(|line| line.strip_prefix("content-length:"))
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or(0);
-        if read.len() >= head_end + 4 + length {
+        // A guest's body may come chunked (its length unknown when the head was sent): the
+        // response ends with the last chunk, else after content-length bytes.
+        let complete = if head.contains("transfer-encoding: chunked") {
+            read[head_end + 2..].ends_with(b"\r\n0\r\n\r\n")
+        } else {
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("content-length:"))
+                .and_then(|value| value.trim().parse().ok())
+                .unwrap_or(0);
+            read.len() >= head_end + 4 + length
+        };
+        if complete {
             return match head.starts_with("http/1.1 200") {
                 true => Ok(()),
                 false => Err(head.lines().next().unwrap_or_default().to_string()),
