@@ -10,7 +10,7 @@
 //! `cargo test` runs a short slice (`CAIRN_CRASH_ROUNDS`, default 6); `just crash` runs 100
 //! rounds and writes its figures to RELIABILITY.md. `CAIRN_CRASH_SEED` replays a run.
 
-use cairn_tests::{component, custom_section, fleet_ok, get, wait_for, Daemon, Lattice};
+use cairn_tests::{component, fleet_ok, get, wait_for, Daemon, Lattice};
 use sha2::Digest as _;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -334,7 +334,7 @@ impl Harness {
                 if acked {
                     assert_eq!(reply["digest"], digest.as_str());
                     self.model.pushed.push(digest);
-                } else if stored(&self.daemon, &digest).is_some() {
+                } else if self.daemon.stored_blob(&digest).is_some() {
                     self.model.pushed.push(digest);
                 }
             }
@@ -392,7 +392,9 @@ impl Harness {
         .unwrap_or_else(|e| panic!("{e}\n{}", self.daemon.log()));
         self.check_outbox(round);
         for digest in &self.model.pushed {
-            let bytes = stored(&self.daemon, digest)
+            let bytes = self
+                .daemon
+                .stored_blob(digest)
                 .unwrap_or_else(|| panic!("{digest} was pushed and is gone"));
             assert_eq!(
                 &format!("sha256:{}", hex(&sha2::Sha256::digest(&bytes))),
@@ -469,31 +471,9 @@ impl Harness {
 
     /// A distinct 256 KiB component for a push.
     fn padded(&self, round: u32) -> std::path::PathBuf {
-        let mut bytes = std::fs::read(component("hello")).unwrap();
-        bytes.extend(custom_section(
-            &format!("round{round}"),
-            256 << 10,
-            round as u8,
-        ));
         let path = self.daemon.dir.join(format!("r{round}.wasm"));
-        std::fs::write(&path, bytes).unwrap();
-        path
+        cairn_tests::padded_hello(&path, round as u8, (256 << 10) + round as usize)
     }
-}
-
-/// The stored bytes of `digest`, read from the database directly.
-fn stored(daemon: &Daemon, digest: &str) -> Option<Vec<u8>> {
-    let db = rusqlite::Connection::open_with_flags(
-        daemon.database(),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    db.query_row(
-        "SELECT data FROM blobs WHERE digest = ?1",
-        [digest],
-        |row| row.get(0),
-    )
-    .ok()
 }
 
 /// With cairnd dead: the database is whole and consistent.

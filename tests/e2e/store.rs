@@ -91,14 +91,8 @@ fn a_record_or_schema_from_a_newer_cairn_fails_its_app_or_is_refused_untouched()
     assert!(std::fs::read(daemon.database()).unwrap() == before);
 }
 
-/// The hello component with a `size`-byte custom section of `fill`: it still serves, and
-/// each fill makes another digest.
 fn padded_hello(daemon: &Daemon, fill: u8, size: usize) -> std::path::PathBuf {
-    let mut bytes = std::fs::read(cairn_tests::component("hello")).unwrap();
-    bytes.extend(cairn_tests::custom_section("pad", size, fill));
-    let path = daemon.dir.join(format!("hello-{fill}.wasm"));
-    std::fs::write(&path, bytes).unwrap();
-    path
+    cairn_tests::padded_hello(&daemon.dir.join(format!("hello-{fill}.wasm")), fill, size)
 }
 
 fn deploy_file(daemon: &Daemon, app: &str, file: &std::path::Path, listen: &str) {

@@ -54,6 +54,21 @@ impl Daemon {
         daemon
     }
 
+    /// The bytes stored under `digest`, read from the database directly (read-only).
+    pub fn stored_blob(&self, digest: &str) -> Option<Vec<u8>> {
+        let db = rusqlite::Connection::open_with_flags(
+            self.database(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        db.query_row(
+            "SELECT data FROM blobs WHERE digest = ?1",
+            [digest],
+            |row| row.get(0),
+        )
+        .ok()
+    }
+
     /// The state database, for tests that damage it on purpose.
     pub fn database(&self) -> PathBuf {
         self.state.join("cairn.db")

@@ -216,6 +216,15 @@ pub fn padded_component(size: usize) -> Vec<u8> {
     bytes
 }
 
+/// The hello component with `size` bytes of `fill` in a custom section, written to `path`:
+/// still a component that serves, with a digest of its own for each fill and size.
+pub fn padded_hello(path: &Path, fill: u8, size: usize) -> PathBuf {
+    let mut bytes = std::fs::read(component("hello")).unwrap();
+    bytes.extend(custom_section("cairn-test-padding", size, fill));
+    std::fs::write(path, bytes).unwrap();
+    path.to_path_buf()
+}
+
 /// A wasm custom section named `name` holding `payload` bytes of `fill`; appended to a
 /// component it keeps it valid and changes its digest and size.
 pub fn custom_section(name: &str, payload: usize, fill: u8) -> Vec<u8> {

@@ -2,31 +2,12 @@
 //! a private CA and a password.
 
 use super::*;
-use cairn_tests::custom_section;
 use std::path::{Path, PathBuf};
 
 /// The hello component with `pad` bytes of custom section appended: still a valid component
 /// that serves, with a new digest and a download that takes a while.
 fn padded_hello(dir: &Path, pad: usize) -> PathBuf {
-    let mut bytes = std::fs::read(component("hello")).unwrap();
-    bytes.extend(custom_section("cairn-test-padding", pad, 0x5a));
-    let path = dir.join("hello-padded.wasm");
-    std::fs::write(&path, bytes).unwrap();
-    path
-}
-
-fn blob_in_store(daemon: &Daemon, digest: &str) -> Option<Vec<u8>> {
-    let db = rusqlite::Connection::open_with_flags(
-        daemon.database(),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    db.query_row(
-        "SELECT data FROM blobs WHERE digest = ?1",
-        [digest],
-        |row| row.get(0),
-    )
-    .ok()
+    cairn_tests::padded_hello(&dir.join("hello-padded.wasm"), 0x5a, pad)
 }
 
 #[test]
@@ -83,7 +64,7 @@ fn a_download_cut_halfway_leaves_nothing_and_completes_after_the_link_returns() 
     })
     .unwrap();
     assert!(
-        blob_in_store(&daemon, &digest).is_none(),
+        daemon.stored_blob(&digest).is_none(),
         "an artifact entered the store although the link was cut after {sent} bytes"
     );
     let components = daemon.ctl(&["-o", "json", "components"]).json();
@@ -99,7 +80,9 @@ fn a_download_cut_halfway_leaves_nothing_and_completes_after_the_link_returns() 
     lattice.nats.restart();
     daemon.ctl_ok(&["sync", "now"]);
     wait_greeting(listen.parse().unwrap(), "big");
-    let stored = blob_in_store(&daemon, &digest).expect("the artifact is in the store");
+    let stored = daemon
+        .stored_blob(&digest)
+        .expect("the artifact is in the store");
     assert_eq!(stored, std::fs::read(&big).unwrap());
     assert_eq!(daemon.app_status("big")["digest"], digest.as_str());
 }
