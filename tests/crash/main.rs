@@ -513,8 +513,10 @@ fn report(
         "## Crash loop\n\n`just crash` ({rounds} rounds, `CAIRN_CRASH_SEED={seed}`, {} binaries), {elapsed:.0?} in all:\n\n{}\n\n\
          Every round passed: after each kill the database passed `PRAGMA integrity_check` and \
          `foreign_key_check`, every acknowledged operation was in effect, every unacknowledged \
-         one was whole or absent, every pushed component hashed to its digest, and every app \
-         served.\n\n| operation | killed | rounds | acknowledged |\n|---|---|---|---|\n",
+         one was whole or absent, every pushed component hashed to its digest, every log line \
+         the device stored reached the nats-server exactly once, the device converged on the \
+         latest fleet document, and every app served. (Rollbacks and pushes are often not \
+         acknowledged: a kill lands while they run, or a rollback has no earlier generation.)\n\n| operation | killed | rounds | acknowledged |\n|---|---|---|---|\n",
         std::env::var("CAIRN_PROFILE").unwrap_or_else(|_| "debug".into()),
         cairn_tests::report::machine()
     );
