@@ -202,65 +202,13 @@ fn past_the_store_budget_a_push_is_refused_saying_so_and_apps_keep_serving() {
     assert!(status.contains("of a 16.0MiB budget"), "{status}");
 }
 
-/// Runs `test` with a `size` tmpfs mounted for it (needs root), unmounted afterwards.
-fn with_small_disk(name: &str, size: &str, test: impl FnOnce(&std::path::Path)) {
-    if !cairn_tests::is_root() {
-        cairn_tests::skip(name, "needs root to mount a small tmpfs");
-        return;
-    }
-    let mount_point = tempfile::tempdir().unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            &format!("size={size}"),
-            "cairn-e2e-disk",
-        ])
-        .arg(mount_point.path())
-        .status();
-    if !matches!(mounted, Ok(status) if status.success()) {
-        cairn_tests::skip(name, &format!("mounting a tmpfs failed ({mounted:?})"));
-        return;
-    }
-    let result =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(mount_point.path())));
-    let _ = std::process::Command::new("umount")
-        .arg(mount_point.path())
-        .status();
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
-}
-
-/// Fills the file system holding `dir` to the last byte, with a file in `dir`.
-fn fill(dir: &std::path::Path) -> std::path::PathBuf {
-    fill_as(dir, "filler")
-}
-
-/// Fills what room is left again, with another file.
-fn fill_more(dir: &std::path::Path) -> std::path::PathBuf {
-    fill_as(dir, "filler-2")
-}
-
-fn fill_as(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
-    use std::io::Write as _;
-    let path = dir.join(name);
-    let mut file = std::fs::File::create(&path).unwrap();
-    for chunk in [1 << 20, 4096, 1] {
-        let bytes = vec![0u8; chunk];
-        while file.write_all(&bytes).is_ok() {}
-    }
-    path
-}
-
 /// The disk filled while cairnd was stopped: it still starts and serves (the space it set
 /// aside is given back), says the disk is full, refuses a push saying so, and once space
 /// returns sets space aside again and takes pushes.
 #[test]
 fn a_disk_that_filled_while_cairnd_was_stopped_does_not_stop_it_and_space_returns() {
     let name = "a_disk_that_filled_while_cairnd_was_stopped_does_not_stop_it_and_space_returns";
-    with_small_disk(name, "40m", |disk| {
+    cairn_tests::with_small_disk(name, "40m", |disk| {
         let state = disk.join("state");
         let mut daemon = Daemon::start_with_state_dir(&state);
         let addr = daemon.deploy_hello("survivor", &[]);
@@ -268,7 +216,7 @@ fn a_disk_that_filled_while_cairnd_was_stopped_does_not_stop_it_and_space_return
         assert!(reserve.exists(), "space is set aside: {}", daemon.log());
         daemon.stop();
 
-        let filler = fill(disk);
+        let filler = cairn_tests::fill_disk(disk, "filler");
         daemon.restart();
         assert_eq!(get(addr, "/").unwrap().status, 200);
         assert!(!reserve.exists());
@@ -285,7 +233,7 @@ fn a_disk_that_filled_while_cairnd_was_stopped_does_not_stop_it_and_space_return
 
         // Full to the last byte while running: a deploy is refused saying so, a log burst is
         // dropped and counted, and the app serves on.
-        let last = fill_more(disk);
+        let last = cairn_tests::fill_disk(disk, "filler-2");
         let listen = addr.to_string();
         let hello = cairn_tests::component("hello");
         let redeploy = [

@@ -47,7 +47,12 @@ impl Daemon {
 
     /// Starts a daemon keeping its state in `state` (a dir the test prepared, e.g. a mount).
     pub fn start_with_state_dir(state: &Path) -> Daemon {
-        let mut daemon = Daemon::unstarted(None, &[], None);
+        Daemon::start_in(state, None)
+    }
+
+    /// `start_with_state_dir` with a config (TOML).
+    pub fn start_in(state: &Path, config: Option<&str>) -> Daemon {
+        let mut daemon = Daemon::unstarted(config, &[], None);
         daemon.state = state.to_path_buf();
         daemon.spawn();
         daemon.wait_ready().expect("cairnd becomes ready");

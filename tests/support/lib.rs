@@ -245,3 +245,44 @@ pub fn custom_section(name: &str, payload: usize, fill: u8) -> Vec<u8> {
     bytes.extend_from_slice(&section);
     bytes
 }
+
+/// Runs `test` with a `size` tmpfs mounted for it (needs root), unmounted afterwards; skips
+/// (saying why) where it cannot be mounted.
+pub fn with_small_disk(name: &str, size: &str, test: impl FnOnce(&Path)) {
+    if !is_root() {
+        skip(name, "needs root to mount a small tmpfs");
+        return;
+    }
+    let mount_point = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size}"),
+            "cairn-e2e-disk",
+        ])
+        .arg(mount_point.path())
+        .status();
+    if !matches!(mounted, Ok(status) if status.success()) {
+        skip(name, &format!("mounting a tmpfs failed ({mounted:?})"));
+        return;
+    }
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| test(mount_point.path())));
+    let _ = Command::new("umount").arg(mount_point.path()).status();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Fills the file system holding `dir` to the last byte, with the file `name` in `dir`.
+pub fn fill_disk(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    let mut file = std::fs::File::create(&path).unwrap();
+    for chunk in [1 << 20, 4096, 1] {
+        let bytes = vec![0u8; chunk];
+        while file.write_all(&bytes).is_ok() {}
+    }
+    path
+}

@@ -226,3 +226,49 @@ fn a_device_syncs_over_tls_with_a_password_and_says_why_it_is_refused() {
     .unwrap();
     assert_eq!(sync_status(&daemon)["state"], "connected");
 }
+
+/// A fleet document arrives while the device's disk is full: the component it names is
+/// refused (the reason in `sync status`), what runs keeps serving, and once space returns the
+/// device fetches it and converges by itself.
+#[test]
+fn a_fetch_on_a_full_disk_waits_and_completes_by_itself_once_space_returns() {
+    let name = "a_fetch_on_a_full_disk_waits_and_completes_by_itself_once_space_returns";
+    let Some(lattice) = Lattice::start(name) else {
+        return;
+    };
+    cairn_tests::with_small_disk(name, "40m", |disk| {
+        let daemon = Daemon::start_in(&disk.join("state"), Some(&lattice.device_config("edge-9")));
+        let local = daemon.deploy_hello("local", &[]);
+        let filler = cairn_tests::fill_disk(disk, "filler");
+        let big = padded_hello(lattice.dir.path(), 2 << 20);
+        let upload: Vec<&str> = ["upload"]
+            .into_iter()
+            .chain(lattice.upstream.iter().map(String::as_str))
+            .chain([big.to_str().unwrap()])
+            .collect();
+        let digest = fleet_ok(&upload).trim().to_string();
+        let listen = format!("127.0.0.1:{}", free_port());
+        let published = lattice.publish_component(
+            &lattice.key,
+            "edge-9",
+            &digest,
+            "fleet-web",
+            &listen,
+            "late",
+            "30d",
+        );
+        assert_eq!(published.code, 0, "{published:?}");
+        wait_for("the fetch to be refused", Duration::from_secs(60), || {
+            sync_status(&daemon)["last_error"]
+                .as_str()
+                .is_some_and(|error| error.contains("is full"))
+        })
+        .unwrap();
+        assert_eq!(get(local, "/").unwrap().status, 200);
+        assert!(daemon.stored_blob(&digest).is_none());
+
+        std::fs::remove_file(filler).unwrap();
+        wait_greeting(listen.parse().unwrap(), "late");
+        assert!(daemon.stored_blob(&digest).is_some());
+    });
+}
