@@ -87,7 +87,8 @@ test-all: test (boot-test "arm64") test-rpi hostile (hostile "--pinned") crash p
 # runs for SECONDS under cargo-fuzz (libFuzzer) on a nightly toolchain, both installed when
 # missing. The corpus grows in fuzz/corpus/TARGET (kept in the repository, minimised after
 # each run); a crash stops the run and lands in fuzz/artifacts/TARGET: fix it, then copy the
-# input to fuzz/regressions/TARGET, which `cargo test -p cairnd` replays.
+# input to fuzz/regressions/TARGET, which `cargo test -p cairnd` replays. Figures to
+# RELIABILITY.md.
 fuzz seconds="60" *targets="manifest fleet_document config import_manifest pool_frames control_request":
     #!/usr/bin/env bash
     set -euo pipefail
@@ -95,13 +96,14 @@ fuzz seconds="60" *targets="manifest fleet_document config import_manifest pool_
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
     cd fuzz
     for target in {{targets}}; do
-        echo "fuzz: $target for {{seconds}} s" >&2
+        echo "fuzz: $target for {{seconds}} s"
         # No sanitizer: the parsers are safe Rust (a panic is what is looked for), and it runs
         # several times as many inputs a second.
         cargo +nightly fuzz run --sanitizer none "$target" "corpus/$target" -- \
-            -max_total_time={{seconds}} -rss_limit_mb=2048 -timeout=10 -max_len=65536
+            -max_total_time={{seconds}} -rss_limit_mb=2048 -timeout=10 -max_len=65536 2>&1
         cargo +nightly fuzz cmin --sanitizer none "$target" "corpus/$target" >/dev/null 2>&1 || true
-    done
+    done | tee last-run.log
+    ./report {{seconds}} <last-run.log
 
 # The power-loss proof (20 cuts, about 15 minutes after the image): the amd64 image booted
 # under QEMU has its power cut (QEMU `quit`) while cairnd deploys and writes logs; after each
