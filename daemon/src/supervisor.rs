@@ -49,6 +49,12 @@ pub async fn run(
         grace_secs: config.store.grace.0.as_secs() as i64,
         log_bytes_total: config.log_bytes_total.0,
     });
+    // What is no longer kept goes first: a store made before collection existed may be mostly
+    // that, and the conversion below copies what is left.
+    match store.collect() {
+        Ok(collected) => tracing::debug!(?collected, "collected before start"),
+        Err(error) => tracing::warn!(%error, "could not collect what the store no longer keeps"),
+    }
     match store.convert_to_incremental() {
         Ok(false) => {}
         Ok(true) => tracing::info!("the store was rewritten once so that it can shrink"),

@@ -206,7 +206,7 @@ impl Reconciler {
         let digest = spec.component.clone();
         if !self
             .store
-            .call(move |store| store.has_blob(&digest))
+            .call(move |store| store.touch_blob(&digest))
             .await?
         {
             return Err(ReconcileError::UnknownComponent(spec.component.clone()));

@@ -31,7 +31,9 @@ impl Store {
         bytes: &[u8],
         tag: Option<(&str, &str, &str)>,
     ) -> Result<bool, StoreError> {
-        if !self.has_blob(digest)? {
+        // Present already: no room needed, and its grace period starts again (a push before a
+        // deploy of a component that nothing used any more).
+        if !self.touch_blob(digest)? {
             self.check_room(bytes.len() as u64)?;
         }
         let mut connection = self.lock();
@@ -52,6 +54,19 @@ impl Store {
         }
         transaction.commit().map_err(|e| self.error(e))?;
         Ok(inserted == 1)
+    }
+
+    /// Whether `digest` is stored; if so, its grace period (`Policy::grace_secs`) starts again,
+    /// so that collection leaves it to the deploy or fleet document about to use it.
+    pub fn touch_blob(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let connection = self.lock();
+        connection
+            .execute(
+                "UPDATE blobs SET created_unix = ?2 WHERE digest = ?1",
+                params![digest.to_string(), now_unix()],
+            )
+            .map(|changed| changed == 1)
+            .map_err(|e| self.error(e))
     }
 
     pub fn has_blob(&self, digest: &Digest) -> Result<bool, StoreError> {

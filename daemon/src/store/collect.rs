@@ -76,10 +76,14 @@ impl Store {
             collected.generations = transaction
                 .execute(
                     "DELETE FROM generations WHERE rowid IN (
-                         SELECT g.rowid FROM generations g
-                         WHERE NOT EXISTS (SELECT 1 FROM apps a WHERE a.name = g.app AND a.generation = g.generation)
-                           AND (SELECT count(*) FROM generations n
-                                WHERE n.app = g.app AND n.generation > g.generation) >= ?1)",
+                         SELECT ranked.rowid FROM (
+                             SELECT rowid, app, generation,
+                                    ROW_NUMBER() OVER (PARTITION BY app ORDER BY generation DESC) AS newer
+                             FROM generations
+                         ) AS ranked
+                         WHERE ranked.newer > ?1
+                           AND NOT EXISTS (SELECT 1 FROM apps a
+                                           WHERE a.name = ranked.app AND a.generation = ranked.generation))",
                     [policy.keep_generations as i64],
                 )
                 .map_err(|e| self.error(e))? as u64;
@@ -127,7 +131,11 @@ impl Store {
             transaction.commit().map_err(|e| self.error(e))?;
             collected.log_lines =
                 prune_all_logs(&connection, policy.log_bytes_total).map_err(|e| self.error(e))?;
-            shrink(&connection).map_err(|e| self.error(e))?;
+            // What was collected stays collected; giving the pages back may need room the disk
+            // lacks (they pass through the WAL), and waits for the next collection then.
+            if let Err(error) = shrink(&connection) {
+                tracing::warn!(%error, "the store's freed pages could not be given back yet");
+            }
         }
         collected.file_bytes_freed = before.saturating_sub(self.usage()?.file_bytes);
         Ok(collected)
@@ -208,12 +216,27 @@ fn prune_all_logs(connection: &Connection, keep_bytes: u64) -> rusqlite::Result<
         .map(|n| n as u64)
 }
 
-/// Gives freed pages back to the file system and truncates the WAL.
+/// Gives freed pages back to the file system and truncates the WAL, 1 MiB of pages at a time
+/// (each step's pages pass through the WAL, which the checkpoint then empties), so that it
+/// needs little room even after a large collection.
 fn shrink(connection: &Connection) -> rusqlite::Result<()> {
-    // The pragma frees one page per step: run it to the end.
-    let mut vacuum = connection.prepare("PRAGMA incremental_vacuum")?;
-    let mut pages = vacuum.query([])?;
-    while pages.next()?.is_some() {}
-    drop(pages);
+    let pages = |c: &Connection| c.query_row("PRAGMA freelist_count", [], |r| r.get::<_, i64>(0));
+    let page_size: i64 = connection.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let step = ((1i64 << 20) / page_size).max(1);
+    let mut left = pages(connection)?;
+    while left > 0 {
+        // The pragma frees one page per row it steps: run it to the end.
+        let mut vacuum = connection.prepare(&format!("PRAGMA incremental_vacuum({step})"))?;
+        let mut freed = vacuum.query([])?;
+        while freed.next()?.is_some() {}
+        drop(freed);
+        drop(vacuum);
+        connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        let now = pages(connection)?;
+        if now >= left {
+            break; // not an incremental-vacuum store (its conversion is pending)
+        }
+        left = now;
+    }
     connection.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
 }

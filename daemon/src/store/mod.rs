@@ -188,14 +188,26 @@ impl Store {
     /// that fails the store works as before and the next start tries again. Returns whether
     /// it converted.
     pub fn convert_to_incremental(&self) -> Result<bool, StoreError> {
-        let connection = self.lock();
-        let mode: i64 = connection
+        let mode: i64 = self
+            .lock()
             .query_row("PRAGMA auto_vacuum", [], |row| row.get(0))
             .map_err(|e| self.error(e))?;
         if mode == 2 {
             return Ok(false);
         }
-        connection
+        // VACUUM writes a whole copy: without room for it (and the reserve) it is left for a
+        // start with more room, rather than filling the disk and failing.
+        let used = self.usage()?.used_bytes;
+        if reserve::free_bytes(&self.path)
+            .is_some_and(|free| free < 2 * used + reserve::RESERVE_BYTES)
+        {
+            tracing::info!(
+                "the store is not rewritten to shrink yet: that needs twice its {} free",
+                ByteSize(used)
+            );
+            return Ok(false);
+        }
+        self.lock()
             .execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
             .map_err(|e| self.error(e))?;
         Ok(true)
@@ -467,6 +479,18 @@ mod tests {
         let recent = blob(&store, 1000, 13, None);
         store.collect().unwrap();
         assert!(store.has_blob(&recent).unwrap());
+        // An old unused component that a deploy or a push is about to use again (touched)
+        // gets its grace period again; one left alone goes.
+        let (old, wanted) = (blob(&store, 1000, 14, None), blob(&store, 1000, 15, None));
+        store
+            .lock()
+            .execute("UPDATE blobs SET created_unix = 0", [])
+            .unwrap();
+        assert!(store.touch_blob(&wanted).unwrap());
+        assert!(!store.touch_blob(&Digest::of(b"never stored")).unwrap());
+        store.collect().unwrap();
+        assert!(store.has_blob(&wanted).unwrap());
+        assert!(!store.has_blob(&old).unwrap());
     }
 
     #[test]

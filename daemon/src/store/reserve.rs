@@ -17,7 +17,9 @@ fn path(db: &Path) -> PathBuf {
 
 /// Gives the reserve back; whether there was one.
 pub fn release(db: &Path) -> bool {
-    std::fs::remove_file(path(db)).is_ok()
+    // A reserve being made when cairnd was killed counts too.
+    let partial = std::fs::remove_file(path(db).with_extension("reserve.partial")).is_ok();
+    std::fs::remove_file(path(db)).is_ok() || partial
 }
 
 /// Makes the reserve if it is missing and the disk has room for it; whether it was made.

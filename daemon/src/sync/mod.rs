@@ -533,7 +533,7 @@ impl Sync {
         let wanted = digest.clone();
         if self
             .store
-            .call(move |store| store.has_blob(&wanted))
+            .call(move |store| store.touch_blob(&wanted))
             .await?
         {
             return Ok(());
