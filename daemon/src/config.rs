@@ -272,6 +272,14 @@ impl Config {
                     "[store] budget = \"{budget}\" is too small: the store needs at least 16MiB"
                 ));
             }
+            // Log lines cost about their text again in rows and index: logs alone must not be
+            // able to fill the budget and leave no room for components.
+            if budget.0 < 2 * config.log_bytes_total.0 {
+                return Err(format!(
+                    "[store] budget = \"{budget}\" leaves no room beside the logs: log_bytes_total = \"{}\" may take about twice that; raise the budget or lower log_bytes_total",
+                    config.log_bytes_total
+                ));
+            }
         }
         Ok(config)
     }
@@ -334,6 +342,19 @@ fn merge(base: &mut toml::Table, overlay: toml::Table) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_budget_must_leave_room_beside_the_logs() {
+        let parse = |text: &str| Config::from_table(toml::from_str(text).unwrap());
+        let refused = parse("[store]\nbudget = \"64MiB\"\n").unwrap_err();
+        assert!(
+            refused.contains("leaves no room beside the logs"),
+            "{refused}"
+        );
+        parse("log_bytes_total = \"16MiB\"\n[store]\nbudget = \"64MiB\"\n").unwrap();
+        let refused = parse("[store]\nkeep_generations = 0\n").unwrap_err();
+        assert!(refused.contains("keep at least 1"), "{refused}");
+    }
 
     #[test]
     fn a_config_file_overrides_defaults_and_rejects_unknown_keys() {

@@ -140,7 +140,10 @@ pub async fn run(
     let summary = status_line(&reconciler).await;
     tracing::info!(socket = %socket.display(), state = %db.display(), "{summary}");
     systemd::ready(&summary);
-    let collector = tokio::spawn(collect_periodically(Arc::clone(&store)));
+    let collector = tokio::spawn(collect_periodically(
+        Arc::clone(&store),
+        Arc::clone(&compiler),
+    ));
 
     serve_until_signal(&reconciler).await?;
 
@@ -232,7 +235,7 @@ async fn status_line(reconciler: &Reconciler) -> String {
 
 /// Collects what the store no longer keeps, now and every `COLLECT_PERIOD`; sets space aside
 /// again (`Store::keep_reserve`) once a full disk has room, checked every `LOOP_PERIOD`.
-async fn collect_periodically(store: Arc<Store>) {
+async fn collect_periodically(store: Arc<Store>, compiler: Arc<Compiler>) {
     let mut tick = tokio::time::interval(COLLECT_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reserve_tick = tokio::time::interval(LOOP_PERIOD);
@@ -261,6 +264,8 @@ async fn collect_periodically(store: Arc<Store>) {
                 tracing::warn!(%error, "could not collect what the store no longer keeps")
             }
         }
+        // Code compiled for limits no app has any more (a redeploy with new limits) goes too.
+        drop_unused_compiled_code(&store, &compiler).await;
     }
 }
 

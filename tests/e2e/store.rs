@@ -169,7 +169,10 @@ fn old_generations_and_unused_components_are_collected_and_the_file_shrinks() {
 /// nothing uses has been collected; what is stored and what serves are untouched.
 #[test]
 fn past_the_store_budget_a_push_is_refused_saying_so_and_apps_keep_serving() {
-    let daemon = Daemon::start_with(Some("[store]\nbudget = \"16MiB\"\ngrace = \"0s\"\n"), &[]);
+    let daemon = Daemon::start_with(
+        Some("log_bytes_per_app = \"4MiB\"\nlog_bytes_total = \"8MiB\"\n[store]\nbudget = \"16MiB\"\ngrace = \"0s\"\n"),
+        &[],
+    );
     let addr = daemon.deploy_hello("web", &[]);
     let mut refused = None;
     for fill in 0..24 {

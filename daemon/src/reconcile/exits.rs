@@ -77,7 +77,9 @@ impl Reconciler {
             let spec = generations
                 .into_iter()
                 .find(|g| g.generation == good)
-                .ok_or_else(|| ReconcileError::Internal(format!("generation {good} is gone")))?
+                .ok_or_else(|| {
+                    crate::store::StoreError::Gone(format!("generation {good} of {}", exit.app))
+                })?
                 .spec
                 .map_err(|unreadable| ReconcileError::Unreadable {
                     app: exit.app.to_string(),
