@@ -61,7 +61,8 @@ const IN_USE: &str = "SELECT d FROM (
          SELECT digest AS d FROM generations
          UNION SELECT digest FROM components WHERE source <> 'fleet'
          UNION SELECT json_extract(spec.value, '$.component')
-               FROM sync_applied, json_each(sync_applied.specs) AS spec
+               FROM sync_applied, json_each(CASE WHEN json_valid(sync_applied.specs)
+                                                 THEN sync_applied.specs ELSE '[]' END) AS spec
      ) WHERE d IS NOT NULL";
 
 impl Store {

@@ -433,6 +433,15 @@ mod tests {
         store
             .record_applied("device.a", 1, &[spec("pump", &fleet_used, "x")])
             .unwrap();
+        // A record whose specs do not parse (damage) does not stop collection.
+        store
+            .lock()
+            .execute(
+                "INSERT INTO sync_applied (key, version, applied_unix, apps, specs)
+                 VALUES ('group.x', 1, 0, '[]', 'not json')",
+                [],
+            )
+            .unwrap();
         let big = file_bytes(&path);
         let collected = store.collect().unwrap();
         assert_eq!(collected.generations, 2, "{collected:?}");
