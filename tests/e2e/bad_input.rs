@@ -268,7 +268,7 @@ fn a_full_disk_is_reported_and_loses_nothing() {
         let result = daemon.ctl(&["push", &big]);
         assert_eq!(result.code, 7, "{result:?}");
         assert!(
-            result.stderr.contains("is full: free some space"),
+            result.stderr.contains("free some space, then retry"),
             "{}",
             result.stderr
         );

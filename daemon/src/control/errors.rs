@@ -32,7 +32,7 @@ pub fn status_of(error: &ReconcileError) -> Status {
 pub fn store_status(error: &StoreError) -> Status {
     let message = error.to_string();
     match error {
-        StoreError::Full { .. } | StoreError::OverBudget { .. } => {
+        StoreError::Full { .. } | StoreError::NoRoom { .. } | StoreError::OverBudget { .. } => {
             Status::resource_exhausted(message)
         }
         StoreError::Gone(_) => Status::not_found(message),

@@ -174,13 +174,27 @@ impl Store {
 
     /// Refuses `incoming` more bytes if they would leave less than a reserve's worth free on
     /// the disk (kept for the store's own writes: commits, logs), or take the store past its
-    /// budget after collecting what nothing uses.
+    /// budget, in both cases after collecting what nothing uses.
     pub(super) fn check_room(&self, incoming: u64) -> Result<(), StoreError> {
-        if super::reserve::free_bytes(&self.path)
-            .is_some_and(|free| free < incoming + super::reserve::RESERVE_BYTES)
-        {
-            return Err(StoreError::Full {
-                path: self.path.clone(),
+        let short = || {
+            super::reserve::free_bytes(&self.path)
+                .filter(|free| *free < incoming + super::reserve::RESERVE_BYTES)
+        };
+        if short().is_some() {
+            let collected = self.collect()?;
+            tracing::info!(?collected, "collected to make room on the disk");
+        }
+        if let Some(free) = short() {
+            return Err(if free < incoming {
+                StoreError::Full {
+                    path: self.path.clone(),
+                }
+            } else {
+                StoreError::NoRoom {
+                    path: self.path.clone(),
+                    free,
+                    incoming,
+                }
             });
         }
         let Some(budget) = self.policy().budget else {

@@ -55,10 +55,25 @@ pub enum StoreError {
         used: u64,
         incoming: u64,
     },
+    #[error(
+        "the disk holding {path} has {} free: this needs {} and cairn keeps {} aside for the \
+         store's own writes; free some space, then retry",
+        mebibytes(*free), mebibytes(*incoming), ByteSize(reserve::RESERVE_BYTES)
+    )]
+    NoRoom {
+        path: PathBuf,
+        free: u64,
+        incoming: u64,
+    },
     #[error("{0} is no longer stored (older than the generations kept)")]
     Gone(String),
     #[error("state database error: {0}")]
     Sqlite(String),
+}
+
+/// `1.2MiB`: sizes in messages, where exact bytes would only be noise.
+fn mebibytes(bytes: u64) -> String {
+    format!("{:.1}MiB", bytes as f64 / f64::from(1u32 << 20))
 }
 
 /// The owner of an app: who may change it.
