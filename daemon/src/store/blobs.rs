@@ -62,7 +62,7 @@ impl Store {
         let connection = self.lock();
         connection
             .execute(
-                "UPDATE blobs SET created_unix = ?2 WHERE digest = ?1",
+                "UPDATE blobs SET touched_unix = ?2 WHERE digest = ?1",
                 params![digest.to_string(), now_unix()],
             )
             .map(|changed| changed == 1)

@@ -89,7 +89,8 @@ impl Store {
                 )
                 .map_err(|e| self.error(e))? as u64;
             let unused = format!(
-                "SELECT digest FROM blobs WHERE created_unix <= ?1 AND digest NOT IN ({IN_USE})"
+                "SELECT digest FROM blobs
+                 WHERE max(created_unix, touched_unix) <= ?1 AND digest NOT IN ({IN_USE})"
             );
             let cutoff = now_unix() - policy.grace_secs;
             let (count, bytes): (i64, i64) = transaction

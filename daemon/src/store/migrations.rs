@@ -94,6 +94,9 @@ const MIGRATIONS: &[&str] = &[
         app TEXT PRIMARY KEY,
         id INTEGER NOT NULL UNIQUE
      );",
+    // 7: when a component was last about to be used (a deploy, a push of it again, a fleet
+    // fetch that found it): collection's grace period counts from then too.
+    "ALTER TABLE blobs ADD COLUMN touched_unix INTEGER NOT NULL DEFAULT 0;",
 ];
 
 #[derive(Debug, thiserror::Error)]
