@@ -431,33 +431,13 @@ mod tests {
 
     #[test]
     fn a_filtered_process_keeps_its_threads_and_fails_every_escape_with_a_named_denial() {
-        if std::env::var_os(CHILD).is_some() {
+        if std::env::var_os(CHILD).is_some() || std::env::var_os(REFUSED_CHILD).is_some() {
             return;
         }
-        if let Some(why) = unavailable() {
-            // Only an emulator (qemu-user runs the aarch64 tests) may lack filters: a native
-            // x86_64 kernel that says it has none is a broken probe, not a reason to skip.
-            assert_ne!(std::env::consts::ARCH, "x86_64", "{why}");
-            eprintln!("SKIPPED: no seccomp filter can be tested here: {why}");
+        // The filter binds the whole process, so it is tried in a child.
+        let Some(stderr) = in_child("filtered_child", CHILD) else {
             return;
-        }
-        // The filter binds the whole process, so it is tried in a child: this test binary,
-        // running only `filtered_child`.
-        let output = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "pool::seccomp::tests::filtered_child",
-                "--nocapture",
-            ])
-            .env(CHILD, "1")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success() && stdout.contains("1 passed"),
-            "the child failed: {stdout}\n{stderr}"
-        );
+        };
         for call in [
             "socket", "execve", "kill", "ptrace", "openat", "clone", "prctl", "tgkill", "ioctl",
             "fcntl",
@@ -572,26 +552,35 @@ mod tests {
         if std::env::var_os(REFUSED_CHILD).is_some() || std::env::var_os(CHILD).is_some() {
             return;
         }
+        in_child("refused_child", REFUSED_CHILD);
+    }
+
+    /// Runs this test binary again with only the test `name` (of this module), `marker` set
+    /// so that it runs for real there; asserts that it passed and returns its stderr. `None`
+    /// (having said so) where no filter can be tried: only an emulator (qemu-user runs the
+    /// aarch64 tests) may lack filters, so a native x86_64 kernel that says it has none fails.
+    fn in_child(name: &str, marker: &str) -> Option<String> {
         if let Some(why) = unavailable() {
             assert_ne!(std::env::consts::ARCH, "x86_64", "{why}");
             eprintln!("SKIPPED: no seccomp filter can be tested here: {why}");
-            return;
+            return None;
         }
         let output = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
-                "pool::seccomp::tests::refused_child",
+                &format!("pool::seccomp::tests::{name}"),
                 "--nocapture",
             ])
-            .env(REFUSED_CHILD, "1")
+            .env(marker, "1")
             .output()
             .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
             output.status.success() && stdout.contains("1 passed"),
-            "the child failed: {stdout}\n{}",
-            String::from_utf8_lossy(&output.stderr)
+            "the child {name} failed: {stdout}\n{stderr}"
         );
+        Some(stderr)
     }
 
     /// Runs only as the child of the test above: a filter such as systemd's SystemCallFilter
