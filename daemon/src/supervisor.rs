@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How often failed apps are retried, and the status line refreshed when there is no watchdog.
 const LOOP_PERIOD: Duration = Duration::from_secs(10);
-/// How often the store collects what it no longer keeps (`Store::collect`); also once at start.
+/// How often the store collects what it no longer keeps (`Store::collect`); also once at
+/// start, before READY.
 const COLLECT_PERIOD: Duration = Duration::from_secs(3600);
 
 /// `overlay`: how laying the import folder's config.toml over the config file went (`None`:
@@ -51,10 +52,7 @@ pub async fn run(
     });
     // What is no longer kept goes first: a store made before collection existed may be mostly
     // that, and the conversion below copies what is left.
-    match store.collect() {
-        Ok(collected) => tracing::debug!(?collected, "collected before start"),
-        Err(error) => tracing::warn!(%error, "could not collect what the store no longer keeps"),
-    }
+    log_collection(store.collect());
     match store.convert_to_incremental() {
         Ok(false) => {}
         Ok(true) => tracing::info!("the store was rewritten once so that it can shrink"),
@@ -233,10 +231,12 @@ async fn status_line(reconciler: &Reconciler) -> String {
     line
 }
 
-/// Collects what the store no longer keeps, now and every `COLLECT_PERIOD`; sets space aside
-/// again (`Store::keep_reserve`) once a full disk has room, checked every `LOOP_PERIOD`.
+/// Collects what the store no longer keeps every `COLLECT_PERIOD` (the start collected
+/// already); sets space aside again (`Store::keep_reserve`) once a full disk has room,
+/// checked every `LOOP_PERIOD`.
 async fn collect_periodically(store: Arc<Store>, compiler: Arc<Compiler>) {
-    let mut tick = tokio::time::interval(COLLECT_PERIOD);
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + COLLECT_PERIOD, COLLECT_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reserve_tick = tokio::time::interval(LOOP_PERIOD);
     reserve_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -253,19 +253,22 @@ async fn collect_periodically(store: Arc<Store>, compiler: Arc<Compiler>) {
                 continue;
             }
         }
-        match store.call(|store| store.collect()).await {
-            Ok(collected)
-                if crate::store::Collected {
-                    file_bytes_freed: 0,
-                    ..collected
-                } == crate::store::Collected::default() => {}
-            Ok(collected) => tracing::info!(?collected, "collected what the store no longer keeps"),
-            Err(error) => {
-                tracing::warn!(%error, "could not collect what the store no longer keeps")
-            }
-        }
+        log_collection(store.call(|store| store.collect()).await);
         // Code compiled for limits no app has any more (a redeploy with new limits) goes too.
         drop_unused_compiled_code(&store, &compiler).await;
+    }
+}
+
+/// Says what a collection removed, if anything (a WAL cut back alone is not news).
+fn log_collection(result: Result<crate::store::Collected, crate::store::StoreError>) {
+    match result {
+        Ok(collected)
+            if crate::store::Collected {
+                file_bytes_freed: 0,
+                ..collected
+            } == crate::store::Collected::default() => {}
+        Ok(collected) => tracing::info!(?collected, "collected what the store no longer keeps"),
+        Err(error) => tracing::warn!(%error, "could not collect what the store no longer keeps"),
     }
 }
 
