@@ -4,7 +4,7 @@
 //! a line is dropped and counted, and the count is shown in `cairnctl status`. Each app keeps
 //! its newest lines up to a count and a byte budget (`Keep`).
 
-use crate::store::{now_unix, LogRecord, NewLogLine, OutboxBounds, OutboxKind, Store};
+use crate::store::{now_unix, LogRecord, NewLogLine, OutboxBounds, Store};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -156,8 +156,7 @@ async fn write_loop(
         let forward = outbox.clone();
         let result = store
             .call(move |store| {
-                let ids = store.append_logs(&batch)?;
-                if let Some((device, bounds)) = forward {
+                let reports = forward.map(|(device, bounds)| {
                     let reports: Vec<Vec<u8>> = batch
                         .iter()
                         .map(|line| {
@@ -168,8 +167,15 @@ async fn write_loop(
                             .expect("log reports serialise")
                         })
                         .collect();
-                    store.outbox_push_many(OutboxKind::Log, &reports, bounds)?;
-                }
+                    (reports, bounds)
+                });
+                // Stored and queued for the upstream in one transaction.
+                let ids = store.append_logs_reported(
+                    &batch,
+                    reports
+                        .as_ref()
+                        .map(|(reports, bounds)| (reports.as_slice(), *bounds)),
+                )?;
                 Ok((batch, ids))
             })
             .await;

@@ -24,7 +24,18 @@ pub struct LogRecord {
 
 impl Store {
     /// Appends lines in one transaction and returns their ids, in order.
+    #[cfg(test)]
     pub fn append_logs(&self, lines: &[NewLogLine]) -> Result<Vec<u64>, StoreError> {
+        self.append_logs_reported(lines, None)
+    }
+
+    /// `append_logs`, with `reports` of them queued for the upstream in the same transaction:
+    /// a kill stores both or neither, so a stored line always reaches the upstream.
+    pub fn append_logs_reported(
+        &self,
+        lines: &[NewLogLine],
+        reports: Option<(&[Vec<u8>], super::OutboxBounds)>,
+    ) -> Result<Vec<u64>, StoreError> {
         let mut connection = self.lock();
         let transaction = connection.transaction().map_err(|e| self.error(e))?;
         let mut ids = Vec::with_capacity(lines.len());
@@ -46,6 +57,10 @@ impl Store {
                     .map_err(|e| self.error(e))?;
                 ids.push(transaction.last_insert_rowid() as u64);
             }
+        }
+        if let Some((payloads, bounds)) = reports {
+            super::outbox::push_in(&transaction, super::OutboxKind::Log, payloads, bounds)
+                .map_err(|e| self.error(e))?;
         }
         transaction.commit().map_err(|e| self.error(e))?;
         Ok(ids)

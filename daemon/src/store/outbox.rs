@@ -65,55 +65,7 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let mut connection = self.lock();
         let transaction = connection.transaction().map_err(|e| self.error(e))?;
-        let now = now_unix();
-        {
-            let mut insert = transaction
-                .prepare_cached("INSERT INTO outbox (kind, payload, bytes, created_unix) VALUES (?1, ?2, ?3, ?4)")
-                .map_err(|e| self.error(e))?;
-            for payload in payloads {
-                insert
-                    .execute(params![kind.as_str(), payload, payload.len() as i64, now])
-                    .map_err(|e| self.error(e))?;
-            }
-        }
-        let mut dropped = transaction
-            .execute(
-                "DELETE FROM outbox WHERE created_unix < ?1",
-                [now - bounds.max_age_secs],
-            )
-            .map_err(|e| self.error(e))? as u64;
-        let mut total: i64 = transaction
-            .query_row("SELECT COALESCE(SUM(bytes), 0) FROM outbox", [], |row| {
-                row.get(0)
-            })
-            .map_err(|e| self.error(e))?;
-        for shed in ["log", "event", "status"] {
-            while total as u64 > bounds.max_bytes {
-                let oldest: Option<(i64, i64)> = transaction
-                    .query_row(
-                        "SELECT id, bytes FROM outbox WHERE kind = ?1 ORDER BY id LIMIT 1",
-                        [shed],
-                        |row| Ok((row.get(0)?, row.get(1)?)),
-                    )
-                    .optional()
-                    .map_err(|e| self.error(e))?;
-                let Some((id, bytes)) = oldest else { break };
-                transaction
-                    .execute("DELETE FROM outbox WHERE id = ?1", [id])
-                    .map_err(|e| self.error(e))?;
-                total -= bytes;
-                dropped += 1;
-            }
-        }
-        if dropped > 0 {
-            transaction
-                .execute(
-                    "INSERT INTO counters (name, value) VALUES ('outbox_dropped', ?1)
-                     ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-                    [dropped as i64],
-                )
-                .map_err(|e| self.error(e))?;
-        }
+        let dropped = push_in(&transaction, kind, payloads, bounds).map_err(|e| self.error(e))?;
         transaction.commit().map_err(|e| self.error(e))?;
         Ok(dropped)
     }
@@ -165,4 +117,55 @@ impl Store {
             dropped: dropped as u64,
         })
     }
+}
+
+/// Queues `payloads` within `transaction` (one with what they report, so that a kill commits
+/// both or neither), then sheds what the bounds no longer allow: logs first, then events,
+/// then status. Returns how many rows were dropped.
+pub(super) fn push_in(
+    transaction: &rusqlite::Transaction<'_>,
+    kind: OutboxKind,
+    payloads: &[Vec<u8>],
+    bounds: OutboxBounds,
+) -> rusqlite::Result<u64> {
+    let now = now_unix();
+    {
+        let mut insert = transaction.prepare_cached(
+            "INSERT INTO outbox (kind, payload, bytes, created_unix) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for payload in payloads {
+            insert.execute(params![kind.as_str(), payload, payload.len() as i64, now])?;
+        }
+    }
+    let mut dropped = transaction.execute(
+        "DELETE FROM outbox WHERE created_unix < ?1",
+        [now - bounds.max_age_secs],
+    )? as u64;
+    let mut total: i64 =
+        transaction.query_row("SELECT COALESCE(SUM(bytes), 0) FROM outbox", [], |row| {
+            row.get(0)
+        })?;
+    for shed in ["log", "event", "status"] {
+        while total as u64 > bounds.max_bytes {
+            let oldest: Option<(i64, i64)> = transaction
+                .query_row(
+                    "SELECT id, bytes FROM outbox WHERE kind = ?1 ORDER BY id LIMIT 1",
+                    [shed],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .optional()?;
+            let Some((id, bytes)) = oldest else { break };
+            transaction.execute("DELETE FROM outbox WHERE id = ?1", [id])?;
+            total -= bytes;
+            dropped += 1;
+        }
+    }
+    if dropped > 0 {
+        transaction.execute(
+            "INSERT INTO counters (name, value) VALUES ('outbox_dropped', ?1)
+                 ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            [dropped as i64],
+        )?;
+    }
+    Ok(dropped)
 }
