@@ -21,6 +21,38 @@ pub const REPORT_SUBJECTS: &str = "cairn.report.>";
 /// The largest signed document a device reads.
 pub const MAX_DOCUMENT: usize = 1 << 20;
 
+/// The report stream: every device's reports, with a 24-hour window in which a re-sent
+/// report (same `Nats-Msg-Id`) is dropped as a duplicate.
+pub fn report_stream_config(replicas: usize) -> async_nats::jetstream::stream::Config {
+    async_nats::jetstream::stream::Config {
+        name: REPORT_STREAM.to_string(),
+        subjects: vec![REPORT_SUBJECTS.to_string()],
+        duplicate_window: std::time::Duration::from_secs(24 * 3600),
+        num_replicas: replicas,
+        ..Default::default()
+    }
+}
+
+/// The desired-state bucket. Direct gets let a device's credentials allow reading only its
+/// own keys (`$JS.API.DIRECT.GET.KV_cairn-desired.$KV.cairn-desired.device.ID`).
+pub fn desired_bucket_config(replicas: usize) -> async_nats::jetstream::kv::Config {
+    async_nats::jetstream::kv::Config {
+        bucket: DESIRED_BUCKET.to_string(),
+        history: 5,
+        max_value_size: MAX_DOCUMENT as i32,
+        num_replicas: replicas,
+        ..Default::default()
+    }
+}
+
+pub fn artifact_store_config(replicas: usize) -> async_nats::jetstream::object_store::Config {
+    async_nats::jetstream::object_store::Config {
+        bucket: ARTIFACT_BUCKET.to_string(),
+        num_replicas: replicas,
+        ..Default::default()
+    }
+}
+
 /// Why the lattice turned a connection away, when the fix is a setting of whoever connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectRefusal {
@@ -54,8 +86,35 @@ pub fn group_key(group: &str) -> String {
     format!("group.{group}")
 }
 
-pub fn report_subject(device: &str) -> String {
-    format!("cairn.report.{device}")
+/// Where a device publishes one kind of report (`status`, `event`, `log`):
+/// `cairn.report.ID.KIND`. A device's NATS user may publish on `cairn.report.ID.>` only.
+pub fn report_subject(device: &str, kind: &str) -> String {
+    format!("cairn.report.{device}.{kind}")
+}
+
+/// Every device's status reports; the last one per subject is each device's latest status.
+pub const STATUS_SUBJECTS: &str = "cairn.report.*.status";
+
+/// The device id of a report subject (`cairn.report.ID.KIND`).
+pub fn report_device(subject: &str) -> Option<&str> {
+    subject.strip_prefix("cairn.report.")?.split('.').next()
+}
+
+/// Checks a device id or group name: it becomes one token of a NATS subject and a KV key, so
+/// 1 to 64 of `A-Z a-z 0-9 _ -`.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a valid {what}: use 1 to 64 letters, digits, `_` or `-` (it becomes part of a NATS subject)"
+        ))
+    }
 }
 
 /// What a device should run, for one target (`device.ID` or `group.NAME`).
@@ -95,6 +154,8 @@ pub enum Rejection {
     BadSignature,
     #[error("the document is for `{target}`, not this device or its groups")]
     WrongTarget { target: String },
+    #[error("mix-and-match: the document was signed for `{target}` but stored under `{key}`; a document is only valid under the key it was signed for")]
+    MixAndMatch { key: String, target: String },
     #[error("version {version} is not newer than the applied version {applied}: a replay or rollback, refused")]
     Stale { version: u64, applied: u64 },
     #[error(
@@ -117,11 +178,13 @@ pub fn sign(document: &Document, key: &SigningKey) -> Vec<u8> {
     serde_json::to_vec(&signed).expect("a signed document serialises")
 }
 
-/// Checks a stored document: size, form, a trusted key, the signature, the target, the
-/// version against what was applied for that target, and the expiry.
+/// Checks a stored document read from `key`: size, form, a trusted key, the signature, the
+/// target (one of this device's, and the very key it was read from), the version against what
+/// was applied for that key, and the expiry.
 pub fn verify(
     bytes: &[u8],
     trusted: &[VerifyingKey],
+    key: &str,
     targets: &[String],
     applied: u64,
     now_unix: i64,
@@ -131,23 +194,30 @@ pub fn verify(
     }
     let signed: Signed =
         serde_json::from_slice(bytes).map_err(|e| Rejection::Malformed(e.to_string()))?;
-    let key = parse_public_key(&signed.key).map_err(Rejection::Malformed)?;
-    if !trusted.contains(&key) {
+    let signer = parse_public_key(&signed.key).map_err(Rejection::Malformed)?;
+    if !trusted.contains(&signer) {
         return Err(Rejection::UntrustedKey { key: signed.key });
     }
     let signature: [u8; 64] = hex::decode(&signed.signature)
         .ok()
         .and_then(|raw| raw.try_into().ok())
         .ok_or_else(|| Rejection::Malformed("the signature is not 64 hex-encoded bytes".into()))?;
-    key.verify(
-        signed.payload.as_bytes(),
-        &Signature::from_bytes(&signature),
-    )
-    .map_err(|_| Rejection::BadSignature)?;
+    signer
+        .verify(
+            signed.payload.as_bytes(),
+            &Signature::from_bytes(&signature),
+        )
+        .map_err(|_| Rejection::BadSignature)?;
     let document: Document =
         serde_json::from_str(&signed.payload).map_err(|e| Rejection::Malformed(e.to_string()))?;
     if !targets.contains(&document.target) {
         return Err(Rejection::WrongTarget {
+            target: document.target,
+        });
+    }
+    if document.target != key {
+        return Err(Rejection::MixAndMatch {
+            key: key.to_string(),
             target: document.target,
         });
     }
@@ -257,28 +327,50 @@ mod tests {
         let targets = [device_key("edge-1"), group_key("north")];
         let signed = sign(&document(3, 1000), &key);
         assert_eq!(
-            verify(&signed, &trusted, &targets, 2, 500).unwrap(),
+            verify(&signed, &trusted, "device.edge-1", &targets, 2, 500).unwrap(),
             document(3, 1000)
         );
 
         assert_eq!(
-            verify(&signed, &trusted, &targets, 3, 500),
+            verify(&signed, &trusted, "device.edge-1", &targets, 3, 500),
             Err(Rejection::Stale {
                 version: 3,
                 applied: 3
             })
         );
         assert!(matches!(
-            verify(&signed, &trusted, &targets, 0, 1000),
+            verify(&signed, &trusted, "device.edge-1", &targets, 0, 1000),
             Err(Rejection::Expired { .. })
         ));
         assert!(matches!(
-            verify(&signed, &trusted, &[group_key("south")], 0, 500),
+            verify(
+                &signed,
+                &trusted,
+                "device.edge-1",
+                &[group_key("south")],
+                0,
+                500
+            ),
             Err(Rejection::WrongTarget { .. })
         ));
+        // A valid document copied under another of the device's keys is refused.
+        assert_eq!(
+            verify(&signed, &trusted, "group.north", &targets, 0, 500),
+            Err(Rejection::MixAndMatch {
+                key: "group.north".into(),
+                target: "device.edge-1".into()
+            })
+        );
         let stranger = generate_key().unwrap();
         assert!(matches!(
-            verify(&signed, &[stranger.verifying_key()], &targets, 0, 500),
+            verify(
+                &signed,
+                &[stranger.verifying_key()],
+                "device.edge-1",
+                &targets,
+                0,
+                500
+            ),
             Err(Rejection::UntrustedKey { .. })
         ));
 
@@ -286,17 +378,17 @@ mod tests {
         tampered.payload = tampered.payload.replace("\"version\":3", "\"version\":30");
         let tampered = serde_json::to_vec(&tampered).unwrap();
         assert_eq!(
-            verify(&tampered, &trusted, &targets, 0, 500),
+            verify(&tampered, &trusted, "device.edge-1", &targets, 0, 500),
             Err(Rejection::BadSignature)
         );
 
         assert!(matches!(
-            verify(b"{}", &trusted, &targets, 0, 500),
+            verify(b"{}", &trusted, "device.edge-1", &targets, 0, 500),
             Err(Rejection::Malformed(_))
         ));
         let huge = vec![b' '; MAX_DOCUMENT + 1];
         assert!(matches!(
-            verify(&huge, &trusted, &targets, 0, 500),
+            verify(&huge, &trusted, "device.edge-1", &targets, 0, 500),
             Err(Rejection::TooLarge { .. })
         ));
     }

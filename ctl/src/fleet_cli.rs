@@ -3,7 +3,7 @@
 
 use crate::output::{print_json, print_table, row};
 use anyhow::{anyhow, bail, Context as _, Result};
-use async_nats::jetstream::{self, kv, object_store};
+use async_nats::jetstream::{self, kv};
 use cairn_core::fleet;
 use clap::{Args, Subcommand};
 use sha2::{Digest as _, Sha256};
@@ -52,10 +52,27 @@ pub enum FleetCommand {
         /// The group of devices this state is for.
         #[arg(long)]
         group: Option<String>,
-        /// How long devices accept this state, such as 30d or 12h.
+        /// How long devices accept this state, such as 30d or 12h. Past it a device keeps
+        /// serving what it has and reports the state expired.
         #[arg(long, default_value = "30d")]
         expires: String,
+        /// The version to publish. Default: one above both the version stored upstream and
+        /// the highest version any device reports applied for this target (so a deleted key
+        /// or bucket does not restart at 1, which every device would refuse as stale). A
+        /// version not above those is refused.
+        #[arg(long)]
+        version: Option<u64>,
         state: PathBuf,
+    },
+    /// Make the upstream's streams and buckets (desired state, artifacts, reports) with the
+    /// given replicas; run once per lattice, before devices with least-privilege credentials
+    /// (which may not create them) connect. Existing ones are kept and listed.
+    Init {
+        #[command(flatten)]
+        upstream: Upstream,
+        /// Copies JetStream keeps of each: 3 on a cluster of three or more servers.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+        replicas: u8,
     },
     /// Show the devices' last reports: apps, generations, errors, when last seen.
     Status {
@@ -113,14 +130,31 @@ pub async fn run(command: FleetCommand, json_output: bool) -> Result<()> {
             device,
             group,
             expires,
+            version,
             state,
         } => {
             let target = match (device, group) {
-                (Some(device), _) => fleet::device_key(&device),
-                (None, Some(group)) => fleet::group_key(&group),
+                (Some(device), _) => {
+                    fleet::check_name("device id", &device).map_err(|e| anyhow!(e))?;
+                    fleet::device_key(&device)
+                }
+                (None, Some(group)) => {
+                    fleet::check_name("group name", &group).map_err(|e| anyhow!(e))?;
+                    fleet::group_key(&group)
+                }
                 (None, None) => bail!("give --device ID or --group NAME"),
             };
-            publish(&upstream, &key, target, &expires, &state, json_output).await
+            let publication = Publication {
+                key_file: &key,
+                target,
+                expires: &expires,
+                version,
+                state: &state,
+            };
+            publish(&upstream, publication, json_output).await
+        }
+        FleetCommand::Init { upstream, replicas } => {
+            init(&upstream, replicas as usize, json_output).await
         }
         FleetCommand::Status { upstream, device } => {
             status(&upstream, device.as_deref(), json_output).await
@@ -165,10 +199,7 @@ async fn upload(upstream: &Upstream, file: &Path, json_output: bool) -> Result<(
     let store = match context.get_object_store(fleet::ARTIFACT_BUCKET).await {
         Ok(store) => store,
         Err(_) => context
-            .create_object_store(object_store::Config {
-                bucket: fleet::ARTIFACT_BUCKET.to_string(),
-                ..Default::default()
-            })
+            .create_object_store(fleet::artifact_store_config(1))
             .await
             .map_err(|e| anyhow!("cannot create the artifact store: {e}"))?,
     };
@@ -191,14 +222,27 @@ async fn upload(upstream: &Upstream, file: &Path, json_output: bool) -> Result<(
     Ok(())
 }
 
+/// What `fleet publish` was asked to publish.
+struct Publication<'a> {
+    key_file: &'a Path,
+    target: String,
+    expires: &'a str,
+    version: Option<u64>,
+    state: &'a Path,
+}
+
 async fn publish(
     upstream: &Upstream,
-    key_file: &Path,
-    target: String,
-    expires: &str,
-    state: &Path,
+    publication: Publication<'_>,
     json_output: bool,
 ) -> Result<()> {
+    let Publication {
+        key_file,
+        target,
+        expires,
+        version,
+        state,
+    } = publication;
     let key = fleet::read_key(key_file).map_err(|e| anyhow!(e))?;
     let text = std::fs::read_to_string(state)
         .with_context(|| format!("cannot read {}", state.display()))?;
@@ -209,23 +253,33 @@ async fn publish(
     let bucket = match context.get_key_value(fleet::DESIRED_BUCKET).await {
         Ok(bucket) => bucket,
         Err(_) => context
-            .create_key_value(kv::Config {
-                bucket: fleet::DESIRED_BUCKET.to_string(),
-                history: 5,
-                max_value_size: fleet::MAX_DOCUMENT as i32,
-                ..Default::default()
-            })
+            .create_key_value(fleet::desired_bucket_config(1))
             .await
             .map_err(|e| anyhow!("cannot create the desired-state bucket: {e}"))?,
     };
-    // Versions only grow: one more than what is there now.
-    let previous = match bucket.get(target.as_str()).await {
-        Ok(Some(bytes)) => serde_json::from_slice::<fleet::Signed>(&bytes)
-            .ok()
-            .and_then(|signed| serde_json::from_str::<fleet::Document>(&signed.payload).ok())
-            .map(|document| document.version)
-            .unwrap_or(0),
-        _ => 0,
+    // Versions only grow, anchored twice: on what is stored (read with its revision, so the
+    // write below lands only if nothing was published in between) and on what devices report
+    // applied (so a deleted key or bucket does not start again at 1).
+    let entry = bucket
+        .entry(target.as_str())
+        .await
+        .map_err(|e| anyhow!("cannot read {target} from the desired-state bucket: {e}"))?;
+    let stored = entry
+        .as_ref()
+        .filter(|e| e.operation == kv::Operation::Put)
+        .and_then(|e| serde_json::from_slice::<fleet::Signed>(&e.value).ok())
+        .and_then(|signed| serde_json::from_str::<fleet::Document>(&signed.payload).ok())
+        .map(|document| document.version)
+        .unwrap_or(0);
+    let reported = reported_version(&context, &target).await?;
+    let floor = stored.max(reported);
+    let version = match version {
+        Some(version) if version <= floor => bail!(
+            "version {version} is not above {floor} (stored upstream: {stored}; highest a device reports applied: {reported}): devices would refuse it as stale; leave out --version to publish {}",
+            floor + 1
+        ),
+        Some(version) => version,
+        None => floor + 1,
     };
     // Warn about components devices could not fetch.
     if let Ok(store) = context.get_object_store(fleet::ARTIFACT_BUCKET).await {
@@ -242,17 +296,41 @@ async fn publish(
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs() as i64;
     let document = fleet::Document {
-        version: previous + 1,
+        version,
         target: target.clone(),
         issued_unix: now,
         expires_unix: now + lifetime.0.as_secs() as i64,
         apps,
     };
     let signed = fleet::sign(&document, &key);
-    bucket
-        .put(target.as_str(), signed.into())
-        .await
-        .map_err(|e| anyhow!("publishing to {target} failed: {e}"))?;
+    pause_before_write_for_tests();
+    let written = match &entry {
+        Some(entry) => bucket
+            .update(target.as_str(), signed.into(), entry.revision)
+            .await
+            .map_err(|e| {
+                (
+                    e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                    e.to_string(),
+                )
+            }),
+        None => bucket
+            .create(target.as_str(), signed.into())
+            .await
+            .map_err(|e| {
+                (
+                    e.kind() == kv::CreateErrorKind::AlreadyExists,
+                    e.to_string(),
+                )
+            }),
+    };
+    match written {
+        Ok(_) => {}
+        Err((true, _)) => bail!(
+            "another publish to {target} landed while this one was being made; nothing was written (publishing both would split the fleet); publish again to build on the new version"
+        ),
+        Err((false, error)) => bail!("publishing to {target} failed: {error}"),
+    }
     if json_output {
         print_json(
             &serde_json::json!({"target": target, "version": document.version, "expires_unix": document.expires_unix, "apps": document.apps.len()}),
@@ -264,6 +342,115 @@ async fn publish(
             document.apps.len(),
             cairn_core::time::utc(document.expires_unix)
         );
+    }
+    Ok(())
+}
+
+/// Tests make two publishes overlap: with `CAIRNCTL_TEST_PAUSE_BEFORE_WRITE` naming a file,
+/// publish makes that file once it has read the stored version, then waits (up to a minute)
+/// until the file is removed before writing.
+fn pause_before_write_for_tests() {
+    let Some(path) = std::env::var_os("CAIRNCTL_TEST_PAUSE_BEFORE_WRITE") else {
+        return;
+    };
+    let path = PathBuf::from(path);
+    if std::fs::write(&path, b"paused\n").is_err() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while path.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Each device's latest status report.
+async fn latest_statuses(
+    context: &jetstream::Context,
+    device: Option<&str>,
+) -> Result<Option<Vec<serde_json::Value>>> {
+    use futures_util::StreamExt;
+    let Ok(stream) = context.get_stream(fleet::REPORT_STREAM).await else {
+        return Ok(None);
+    };
+    let subjects: Vec<String> = match device {
+        Some(device) => vec![fleet::report_subject(device, "status")],
+        None => {
+            let mut info = stream.info_with_subjects(fleet::STATUS_SUBJECTS).await?;
+            let mut subjects = Vec::new();
+            while let Some(entry) = info.next().await {
+                subjects.push(entry?.0);
+            }
+            subjects.sort();
+            subjects
+        }
+    };
+    let mut reports = Vec::new();
+    for subject in subjects {
+        if let Ok(message) = stream.get_last_raw_message_by_subject(&subject).await {
+            reports.push(serde_json::from_slice(&message.payload).unwrap_or_default());
+        }
+    }
+    Ok(Some(reports))
+}
+
+/// The highest version of `target` any device's latest status report says it applied.
+async fn reported_version(context: &jetstream::Context, target: &str) -> Result<u64> {
+    let reports = latest_statuses(context, None).await?.unwrap_or_default();
+    Ok(reports
+        .iter()
+        .filter_map(|report| report["applied"].as_array())
+        .flatten()
+        .filter(|applied| applied["key"].as_str() == Some(target))
+        .filter_map(|applied| applied["version"].as_u64())
+        .max()
+        .unwrap_or(0))
+}
+
+/// `fleet init`: the report stream, the desired-state bucket and the artifact store.
+async fn init(upstream: &Upstream, replicas: usize, json_output: bool) -> Result<()> {
+    let client = connect(upstream).await?;
+    let context = jetstream::new(client);
+    let mut made = Vec::new();
+    let mut kept = Vec::new();
+    match context.get_stream(fleet::REPORT_STREAM).await {
+        Ok(_) => kept.push(fleet::REPORT_STREAM),
+        Err(_) => {
+            context
+                .create_stream(fleet::report_stream_config(replicas))
+                .await
+                .map_err(|e| anyhow!("cannot create the report stream: {e}"))?;
+            made.push(fleet::REPORT_STREAM);
+        }
+    }
+    match context.get_key_value(fleet::DESIRED_BUCKET).await {
+        Ok(_) => kept.push(fleet::DESIRED_BUCKET),
+        Err(_) => {
+            context
+                .create_key_value(fleet::desired_bucket_config(replicas))
+                .await
+                .map_err(|e| anyhow!("cannot create the desired-state bucket: {e}"))?;
+            made.push(fleet::DESIRED_BUCKET);
+        }
+    }
+    match context.get_object_store(fleet::ARTIFACT_BUCKET).await {
+        Ok(_) => kept.push(fleet::ARTIFACT_BUCKET),
+        Err(_) => {
+            context
+                .create_object_store(fleet::artifact_store_config(replicas))
+                .await
+                .map_err(|e| anyhow!("cannot create the artifact store: {e}"))?;
+            made.push(fleet::ARTIFACT_BUCKET);
+        }
+    }
+    if json_output {
+        print_json(&serde_json::json!({"made": made, "kept": kept, "replicas": replicas}));
+    } else {
+        for name in &made {
+            println!("made {name} with {replicas} replica(s)");
+        }
+        for name in &kept {
+            println!("kept {name} (it exists; its replicas are unchanged)");
+        }
     }
     Ok(())
 }
@@ -283,46 +470,14 @@ fn parse_lifetime(text: &str) -> Result<cairn_core::spec::HumanDuration> {
 async fn status(upstream: &Upstream, device: Option<&str>, json_output: bool) -> Result<()> {
     let client = connect(upstream).await?;
     let context = jetstream::new(client);
-    let reports_stream = context
-        .get_stream(fleet::REPORT_STREAM)
-        .await
-        .map_err(|_| {
-            anyhow!(
-                "no device has reported yet (the stream {} does not exist)",
-                fleet::REPORT_STREAM
-            )
-        })?;
-    let subjects: Vec<String> = match device {
-        Some(device) => vec![fleet::report_subject(device)],
-        None => {
-            use futures_util::StreamExt;
-            let mut info = reports_stream
-                .info_with_subjects(fleet::REPORT_SUBJECTS)
-                .await?;
-            let mut subjects = Vec::new();
-            while let Some(entry) = info.next().await {
-                subjects.push(entry?.0);
-            }
-            subjects.sort();
-            subjects
-        }
+    let Some(reports) = latest_statuses(&context, device).await? else {
+        bail!(
+            "no device has reported yet (the stream {} does not exist)",
+            fleet::REPORT_STREAM
+        );
     };
-    let mut reports = Vec::new();
-    for subject in subjects {
-        match reports_stream
-            .get_last_raw_message_by_subject(&subject)
-            .await
-        {
-            Ok(message) => {
-                let report: serde_json::Value =
-                    serde_json::from_slice(&message.payload).unwrap_or_default();
-                reports.push(report);
-            }
-            Err(_) if device.is_some() => {
-                bail!("device `{}` has not reported", device.unwrap_or_default())
-            }
-            Err(_) => {}
-        }
+    if let (Some(device), true) = (device, reports.is_empty()) {
+        bail!("device `{device}` has not reported");
     }
     if json_output {
         print_json(&serde_json::Value::Array(reports));
@@ -354,7 +509,18 @@ fn device_row(report: &serde_json::Value, now: i64) -> Vec<String> {
             a["status"].as_str().unwrap_or("?")
         ))
     });
-    let errors = strings(&report["errors"], &|e| e.as_str().map(str::to_string));
+    let mut errors = strings(&report["applied"], &|a| {
+        (a["expired"] == true).then(|| {
+            format!(
+                "{} version {} expired",
+                a["key"].as_str().unwrap_or("?"),
+                a["version"]
+            )
+        })
+    });
+    errors.extend(strings(&report["errors"], &|e| {
+        e.as_str().map(str::to_string)
+    }));
     let seen = match report["unix"].as_i64() {
         Some(unix) => format!("{} ({} ago)", cairn_core::time::utc(unix), ago(now - unix)),
         None => "?".to_string(),

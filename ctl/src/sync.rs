@@ -31,13 +31,28 @@ pub async fn run(
     Ok(())
 }
 
+/// Past its expiry an applied document is still served, and shown as expired: the upstream
+/// may be frozen, or this device cut off from it.
+fn expired(applied: &proto::AppliedVersion, now: i64) -> bool {
+    applied.expires_unix > 0 && applied.expires_unix <= now
+}
+
 fn print_sync(status: &proto::SyncStatusReply, json_output: bool) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     if json_output {
         print_json(&json!({
             "state": status.state, "upstream": status.upstream, "device": status.device,
+            "device_source": status.device_source, "installation": status.installation,
             "last_success": status.last_success_unix, "last_error": status.last_error,
             "backlog": status.backlog, "dropped": status.dropped,
-            "applied": status.applied.iter().map(|a| json!({"key": a.key, "version": a.version, "applied": a.applied_unix})).collect::<Vec<_>>(),
+            "applied": status.applied.iter().map(|a| json!({
+                "key": a.key, "version": a.version, "applied": a.applied_unix,
+                "expires": a.expires_unix, "expired": expired(a, now), "complete": a.complete,
+                "retry": a.retry,
+            })).collect::<Vec<_>>(),
             "rejections": status.rejections.iter().map(|r| json!({"key": r.key, "reason": r.reason, "at": r.unix})).collect::<Vec<_>>(),
         }));
         return;
@@ -45,7 +60,17 @@ fn print_sync(status: &proto::SyncStatusReply, json_output: bool) {
     let mut rows = vec![
         row(["state", &status.state]),
         row(["upstream", &status.upstream]),
-        row(["device", &status.device]),
+        row([
+            "device",
+            &match status.device_source.as_str() {
+                "store" => format!(
+                    "{} (made at first start; set [upstream] device to name it)",
+                    status.device
+                ),
+                _ => status.device.clone(),
+            },
+        ]),
+        row(["installation", &status.installation]),
         row([
             "last success",
             &if status.last_success_unix == 0 {
@@ -64,14 +89,25 @@ fn print_sync(status: &proto::SyncStatusReply, json_output: bool) {
         ]),
     ];
     for applied in &status.applied {
-        rows.push(row([
-            &format!("applied {}", applied.key),
-            &format!(
-                "version {} at {}",
-                applied.version,
-                utc(applied.applied_unix)
-            ),
-        ]));
+        let mut text = format!(
+            "version {} at {}",
+            applied.version,
+            utc(applied.applied_unix)
+        );
+        if expired(applied, now) {
+            text += &format!(
+                ", EXPIRED at {} (still served; no newer version has arrived)",
+                utc(applied.expires_unix)
+            );
+        } else if applied.expires_unix > 0 {
+            text += &format!(", valid until {}", utc(applied.expires_unix));
+        }
+        if !applied.retry.is_empty() {
+            text += &format!(", retrying: {}", applied.retry);
+        } else if !applied.complete {
+            text += ", incomplete (retried)";
+        }
+        rows.push(row([&format!("applied {}", applied.key), &text]));
     }
     for rejection in &status.rejections {
         rows.push(row([

@@ -115,7 +115,9 @@ pub struct UpstreamConfig {
     /// A CA certificate (PEM) to verify the server's TLS certificate with.
     #[serde(default)]
     pub tls_ca: Option<PathBuf>,
-    /// This device's id in the fleet. Default: the host name.
+    /// This device's id in the fleet. Default: an id made at first start and kept in the
+    /// store (`cairnctl sync status` shows it); never the host name, which every device
+    /// flashed from one image shares.
     #[serde(default)]
     pub device: Option<String>,
     #[serde(default)]
@@ -132,6 +134,14 @@ pub struct UpstreamConfig {
     /// …and nothing older than this.
     #[serde(default = "default_outbox_age")]
     pub outbox_max_age: HumanDuration,
+    /// Replicas of the report stream when this device has to make it (`cairnctl fleet init
+    /// --replicas` makes everything upstream): 3 on a JetStream cluster.
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+}
+
+fn default_replicas() -> usize {
+    1
 }
 
 impl UpstreamConfig {
@@ -250,6 +260,18 @@ impl Config {
             .map_err(|e: toml::de::Error| e.message().to_string())?;
         if let Some(upstream) = &config.upstream {
             upstream.trusted()?;
+            if let Some(device) = &upstream.device {
+                cairn_core::fleet::check_name("upstream.device", device)?;
+            }
+            for group in &upstream.groups {
+                cairn_core::fleet::check_name("group in upstream.groups", group)?;
+            }
+            if !(1..=5).contains(&upstream.replicas) {
+                return Err(format!(
+                    "upstream.replicas = {} is out of range: JetStream keeps 1 to 5 replicas",
+                    upstream.replicas
+                ));
+            }
         }
         if config.log_bytes_per_app.0 < 64 << 10 {
             return Err(format!(
@@ -393,6 +415,12 @@ mod tests {
         assert_eq!(upstream.groups, vec!["x".to_string()]);
         assert_eq!(config.drain_timeout.0, Duration::from_secs(3));
 
+        // A device id that would break the NATS subjects it goes into: the overlay is refused.
+        std::fs::write(&overlay, "[upstream]\ndevice = \"pump.7\"\n").unwrap();
+        let (config, outcome) = Config::load_with_overlay(Some(&base), &overlay).unwrap();
+        let problem = outcome.unwrap_err().to_string();
+        assert!(problem.contains("not a valid upstream.device"), "{problem}");
+        assert!(config.upstream.unwrap().device.is_none());
         std::fs::write(&overlay, "[upstream\ndevice = 1\n").unwrap();
         let (config, outcome) = Config::load_with_overlay(Some(&base), &overlay).unwrap();
         let problem = outcome.unwrap_err();

@@ -43,7 +43,9 @@ pub fn fleet_document(data: &[u8]) {
         };
         serde_json::to_vec(&signed).expect("a signed document serialises")
     };
-    let _ = cairn_core::fleet::verify(&bytes, &trusted, &targets, 3, 1_800_000_000);
+    // Read from the device key or the group key, by the mode's second bit.
+    let read_from = &targets[usize::from(mode & 2 != 0)];
+    let _ = cairn_core::fleet::verify(&bytes, &trusted, read_from, &targets, 3, 1_800_000_000);
 }
 
 /// A config file (`cairnd.toml`, or the import folder's `config.toml` laid over it).

@@ -61,15 +61,16 @@ pub async fn run(
         }
     }
     let compiler = Compiler::new();
-    let outbox = config.upstream.as_ref().map(|upstream| {
-        (
-            crate::sync::device_id(upstream),
+    let outbox = match config.upstream.as_ref() {
+        Some(upstream) => Some((
+            crate::sync::device_id(upstream, &store)?,
             crate::store::OutboxBounds {
                 max_bytes: upstream.outbox_max_bytes.0,
                 max_age_secs: upstream.outbox_max_age.0.as_secs() as i64,
             },
-        )
-    });
+        )),
+        None => None,
+    };
     let keep = crate::logs::Keep {
         lines: config.log_lines_per_app,
         bytes: config.log_bytes_per_app.0,

@@ -65,6 +65,15 @@ impl Lattice {
         self.device_config_in(device, &[])
     }
 
+    /// A device with no id configured: it uses the one its store made.
+    pub fn unnamed_device_config(&self, groups: &[&str]) -> String {
+        format!(
+            "[upstream]\nnats = \"{}\"\ngroups = {groups:?}\ntrusted_keys = [\"{}\"]\n",
+            self.nats.url(),
+            self.public
+        )
+    }
+
     pub fn device_config_in(&self, device: &str, groups: &[&str]) -> String {
         format!(
             "[upstream]\nnats = \"{}\"\ndevice = \"{device}\"\ngroups = {groups:?}\ntrusted_keys = [\"{}\"]\n",
@@ -166,7 +175,7 @@ impl Lattice {
     /// Every report message in the stream for `device`, as JSON.
     pub fn reports(&self, device: &str) -> Vec<serde_json::Value> {
         let url = self.nats.url();
-        let subject = format!("cairn.report.{device}");
+        let subject = format!("cairn.report.{device}.>");
         self.block_on(async move {
             let client = async_nats::connect(url).await.unwrap();
             let stream = async_nats::jetstream::new(client)

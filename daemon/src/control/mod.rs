@@ -109,6 +109,8 @@ impl ControlService {
             state: link.state.to_string(),
             upstream: self.sync.upstream(),
             device: self.sync.device().to_string(),
+            installation: self.sync.installation().to_string(),
+            device_source: self.sync.device_source().to_string(),
             last_success_unix: link.last_success_unix,
             last_error: link.last_error,
             backlog: outbox.waiting,
@@ -116,9 +118,12 @@ impl ControlService {
             applied: applied
                 .into_iter()
                 .map(|a| proto::AppliedVersion {
+                    retry: self.sync.retry_reason(&a.key).unwrap_or_default(),
                     key: a.key,
                     version: a.version,
                     applied_unix: a.applied_unix,
+                    expires_unix: a.expires_unix,
+                    complete: a.complete,
                 })
                 .collect(),
             rejections: rejections

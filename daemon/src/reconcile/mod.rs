@@ -192,10 +192,13 @@ impl Reconciler {
                     },
                 });
             }
+            // Idle (scaled to zero) counts as up: the same spec again must not start a new
+            // generation, or a fleet document re-applied (a retry, a new version that keeps
+            // this app) would wake every idle app it lists.
             let unchanged = running.spec == spec
                 && matches!(
                     running.state,
-                    State::Running { .. } | State::Starting { .. }
+                    State::Running { .. } | State::Starting { .. } | State::Idle { .. }
                 );
             Ok(unchanged.then(|| views::view(&spec.name, running)))
         });

@@ -13,6 +13,27 @@ pub struct AppliedRecord {
     pub apps: Vec<String>,
     /// The apps as the document gave them (empty for records written before schema 3).
     pub specs: Vec<AppSpec>,
+    /// When the document stops being valid (0: recorded before schema 8, unknown).
+    pub expires_unix: i64,
+    /// Whether every deploy and removal it asked for succeeded; if not, sync retries.
+    pub complete: bool,
+}
+
+/// What one applied document was, for `record_applied`.
+pub struct Applied<'a> {
+    pub key: &'a str,
+    pub version: u64,
+    pub specs: &'a [AppSpec],
+    pub expires_unix: i64,
+    pub complete: bool,
+}
+
+/// Who this installation is (schema 8): `installation` is random per store file, `device` the
+/// fleet id used when the config names none.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub installation: String,
+    pub device: String,
 }
 
 /// A fleet document (or one of its apps) that was refused, and why.
@@ -28,7 +49,7 @@ impl Store {
         let connection = self.lock();
         let mut statement = connection
             .prepare(
-                "SELECT key, version, applied_unix, apps, specs FROM sync_applied ORDER BY key",
+                "SELECT key, version, applied_unix, apps, specs, expires_unix, complete FROM sync_applied ORDER BY key",
             )
             .map_err(|e| self.error(e))?;
         let rows = statement
@@ -39,6 +60,8 @@ impl Store {
                     applied_unix: row.get(2)?,
                     apps: serde_json::from_str(&row.get::<_, String>(3)?).unwrap_or_default(),
                     specs: serde_json::from_str(&row.get::<_, String>(4)?).unwrap_or_default(),
+                    expires_unix: row.get(5)?,
+                    complete: row.get(6)?,
                 })
             })
             .map_err(|e| self.error(e))?;
@@ -46,28 +69,48 @@ impl Store {
             .map_err(|e| self.error(e))
     }
 
-    pub fn record_applied(
-        &self,
-        key: &str,
-        version: u64,
-        specs: &[AppSpec],
-    ) -> Result<(), StoreError> {
-        let names: Vec<String> = specs.iter().map(|s| s.name.to_string()).collect();
+    pub fn record_applied(&self, applied: &Applied<'_>) -> Result<(), StoreError> {
+        let names: Vec<String> = applied.specs.iter().map(|s| s.name.to_string()).collect();
         let connection = self.lock();
         connection
             .execute(
-                "INSERT INTO sync_applied (key, version, applied_unix, apps, specs) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (key) DO UPDATE SET version = excluded.version, applied_unix = excluded.applied_unix, apps = excluded.apps, specs = excluded.specs",
+                "INSERT INTO sync_applied (key, version, applied_unix, apps, specs, expires_unix, complete) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (key) DO UPDATE SET version = excluded.version, applied_unix = excluded.applied_unix, apps = excluded.apps, specs = excluded.specs, expires_unix = excluded.expires_unix, complete = excluded.complete",
                 params![
-                    key,
-                    version as i64,
+                    applied.key,
+                    applied.version as i64,
                     now_unix(),
                     serde_json::to_string(&names).expect("names serialise"),
-                    serde_json::to_string(specs).expect("specs serialise")
+                    serde_json::to_string(applied.specs).expect("specs serialise"),
+                    applied.expires_unix,
+                    applied.complete,
                 ],
             )
             .map_err(|e| self.error(e))?;
         Ok(())
+    }
+
+    /// Forgets a key the device no longer reads (a group it left), once its apps are gone.
+    pub fn forget_applied(&self, key: &str) -> Result<(), StoreError> {
+        self.lock()
+            .execute("DELETE FROM sync_applied WHERE key = ?1", [key])
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    pub fn identity(&self) -> Result<Identity, StoreError> {
+        let connection = self.lock();
+        let value = |name: &str| {
+            connection.query_row(
+                "SELECT value FROM identity WHERE name = ?1",
+                [name],
+                |row| row.get::<_, String>(0),
+            )
+        };
+        Ok(Identity {
+            installation: value("installation").map_err(|e| self.error(e))?,
+            device: value("device").map_err(|e| self.error(e))?,
+        })
     }
 
     /// Records a refused document; keeps the newest 100.

@@ -97,6 +97,22 @@ const MIGRATIONS: &[&str] = &[
     // 7: when a component was last about to be used (a deploy, a push of it again, a fleet
     // fetch that found it): collection's grace period counts from then too.
     "ALTER TABLE blobs ADD COLUMN touched_unix INTEGER NOT NULL DEFAULT 0;",
+    // 8: who this installation is. `installation` is random, made with the file, so no two
+    // installations (and no re-flash) share report message ids. `device` is the fleet id used
+    // when the config names none: an upgraded store keeps the id its own document was applied
+    // under (the host name then), a new one gets a random id, never the host name an image sets.
+    // And for each applied document its expiry (a frozen upstream is noticed) and whether all
+    // its deploys succeeded (a failed one is retried).
+    "CREATE TABLE identity (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+     );
+     INSERT INTO identity (name, value) VALUES ('installation', lower(hex(randomblob(16))));
+     INSERT INTO identity (name, value) VALUES ('device', coalesce(
+        (SELECT substr(key, 8) FROM sync_applied WHERE key LIKE 'device.%' ORDER BY applied_unix DESC LIMIT 1),
+        'cairn-' || lower(hex(randomblob(8)))));
+     ALTER TABLE sync_applied ADD COLUMN expires_unix INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE sync_applied ADD COLUMN complete INTEGER NOT NULL DEFAULT 1;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -158,5 +174,50 @@ mod tests {
             err.to_string().contains("newer than this cairnd knows"),
             "{err}"
         );
+    }
+
+    fn identity(connection: &Connection) -> (String, String) {
+        let value = |name: &str| {
+            connection
+                .query_row("SELECT value FROM identity WHERE name = ?1", [name], |r| {
+                    r.get::<_, String>(0)
+                })
+                .unwrap()
+        };
+        (value("installation"), value("device"))
+    }
+
+    #[test]
+    fn every_store_gets_its_own_identity_and_an_upgraded_one_keeps_its_device_id() {
+        let mut first = Connection::open_in_memory().unwrap();
+        let mut second = Connection::open_in_memory().unwrap();
+        run(&mut first).unwrap();
+        run(&mut second).unwrap();
+        let (installation, device) = identity(&first);
+        assert_eq!(installation.len(), 32, "{installation}");
+        assert!(installation.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(
+            device.starts_with("cairn-") && device.len() == 22,
+            "{device}"
+        );
+        assert!(cairn_core::fleet::check_name("device id", &device).is_ok());
+        assert_ne!(identity(&first), identity(&second));
+        assert_ne!(identity(&first).0, identity(&second).0);
+        assert_ne!(identity(&first).1, identity(&second).1);
+
+        // A store from before schema 8 whose device had applied its own document keeps the
+        // id that document was published for.
+        let mut old = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..7] {
+            old.execute_batch(sql).unwrap();
+        }
+        old.pragma_update(None, "user_version", 7).unwrap();
+        old.execute(
+            "INSERT INTO sync_applied (key, version, applied_unix, apps) VALUES ('group.north', 2, 5, '[]'), ('device.pump-7', 3, 6, '[]')",
+            [],
+        )
+        .unwrap();
+        run(&mut old).unwrap();
+        assert_eq!(identity(&old).1, "pump-7");
     }
 }

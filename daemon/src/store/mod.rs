@@ -26,7 +26,7 @@ mod reserve;
 
 pub use collect::{Collected, Policy};
 pub use compiled::Compiled;
-pub use fleet::AppliedRecord;
+pub use fleet::{Applied, AppliedRecord};
 pub use logs::{LogRecord, NewLogLine};
 pub use outbox::{OutboxBounds, OutboxKind};
 
@@ -446,7 +446,13 @@ mod tests {
         let fleet_used = blob(&store, 1 << 20, 11, Some(("fleet", "a", "fleet")));
         let fleet_loose = blob(&store, 1 << 20, 12, Some(("fleet", "b", "fleet")));
         store
-            .record_applied("device.a", 1, &[spec("pump", &fleet_used, "x")])
+            .record_applied(&Applied {
+                key: "device.a",
+                version: 1,
+                specs: &[spec("pump", &fleet_used, "x")],
+                expires_unix: 0,
+                complete: true,
+            })
             .unwrap();
         // A record whose specs do not parse (damage) does not stop collection.
         store
@@ -731,14 +737,30 @@ mod tests {
         let store = Store::open(&dir.path().join("cairn.db")).unwrap();
         let web = spec("web", &Digest::of(b"web"), "hi");
         store
-            .record_applied("device.a", 3, std::slice::from_ref(&web))
+            .record_applied(&Applied {
+                key: "device.a",
+                version: 3,
+                specs: std::slice::from_ref(&web),
+                expires_unix: 99,
+                complete: false,
+            })
             .unwrap();
         let applied = store.applied().unwrap();
         assert_eq!(applied[0].apps, ["web"]);
         assert_eq!(applied[0].specs, [web]);
-        store.record_applied("device.a", 4, &[]).unwrap();
+        assert_eq!((applied[0].expires_unix, applied[0].complete), (99, false));
+        store
+            .record_applied(&Applied {
+                key: "device.a",
+                version: 4,
+                specs: &[],
+                expires_unix: 100,
+                complete: true,
+            })
+            .unwrap();
         let applied = store.applied().unwrap();
         assert_eq!((applied[0].version, applied[0].apps.len()), (4, 0));
+        assert!(applied[0].complete);
         for i in 0..120 {
             store
                 .record_rejection("device.a", &format!("reason {i}"))

@@ -33,6 +33,8 @@ pub struct OutboxBounds {
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub id: u64,
+    /// `log`, `event` or `status`: the last token of the report's subject.
+    pub kind: String,
     pub payload: Vec<u8>,
 }
 
@@ -74,13 +76,14 @@ impl Store {
     pub fn outbox_peek(&self, limit: u64) -> Result<Vec<OutboxRow>, StoreError> {
         let connection = self.lock();
         let mut statement = connection
-            .prepare("SELECT id, payload FROM outbox ORDER BY id LIMIT ?1")
+            .prepare("SELECT id, payload, kind FROM outbox ORDER BY id LIMIT ?1")
             .map_err(|e| self.error(e))?;
         let rows = statement
             .query_map([limit as i64], |row| {
                 Ok(OutboxRow {
                     id: row.get::<_, i64>(0)? as u64,
                     payload: row.get(1)?,
+                    kind: row.get(2)?,
                 })
             })
             .map_err(|e| self.error(e))?;

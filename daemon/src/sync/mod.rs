@@ -4,34 +4,40 @@
 //! value first, then watching), refuses what it should not trust (`cairn_core::fleet::verify`),
 //! fetches missing artifacts by digest, hands apps to the reconciler as fleet-owned, and
 //! publishes the reports waiting in the outbox with publish acks and `Nats-Msg-Id`
-//! de-duplication, deleting each row only after its ack. All NATS access lives here.
+//! de-duplication (`INSTALLATION-ROW`, unique per store file), deleting each row only after its
+//! ack. A document that cannot be realised waits its own backoff (`retry`); the link, the
+//! reports and the other keys go on. All NATS access lives here.
 
+mod apply;
+mod artifact;
 mod precedence;
+mod retry;
 
-use crate::admission;
 use crate::config::UpstreamConfig;
-use crate::digest::Digest;
-use crate::reconcile::{ReconcileError, Reconciler};
-use crate::spec::AppName;
+use crate::reconcile::Reconciler;
 use crate::store::{now_unix, OutboxBounds, OutboxKind, Store};
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream;
 use cairn_core::fleet;
 use ed25519_dalek::VerifyingKey;
 use futures_util::StreamExt;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::io::AsyncReadExt;
+use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_CAP: Duration = Duration::from_secs(60);
-/// How often a connected device checks its link, flushes the outbox and reports.
+/// A session that stayed up this long was a success: the connection backoff starts over.
+/// One that ends sooner (a refusal right after connecting) keeps growing it, so a device never
+/// reconnects in a hot loop.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// How often a device checks its link, flushes the outbox, retries documents that are due and
+/// looks for expired ones.
 const TICK: Duration = Duration::from_secs(2);
-/// A download with no progress for this long is abandoned (and retried on the next link).
-const DOWNLOAD_STALL: Duration = Duration::from_secs(15);
 /// Outbox rows published per batch before waiting for their acks.
 const FLUSH_BATCH: u64 = 256;
+/// How often a session without the report stream looks for it again.
+const STREAM_RETRY: Duration = Duration::from_secs(30);
 
 /// What a failed connection means for this device's `[upstream]` settings.
 fn connect_failure(error: &async_nats::ConnectError) -> String {
@@ -75,6 +81,10 @@ pub struct LinkState {
 pub struct Sync {
     config: Option<UpstreamConfig>,
     device: String,
+    /// Where `device` came from: `config` or `store` (made at first start).
+    device_source: &'static str,
+    /// Random per store file: report message ids are `INSTALLATION-ROW`.
+    installation: String,
     trusted: Vec<VerifyingKey>,
     store: Arc<Store>,
     reconciler: Arc<Reconciler>,
@@ -82,6 +92,9 @@ pub struct Sync {
     wake: Notify,
     /// Counts finished connection attempts, so `sync now` can wait for the next one.
     attempts: watch::Sender<u64>,
+    retries: Mutex<retry::Retries>,
+    /// Applied documents whose expiry was reported: (key, version).
+    expired: Mutex<std::collections::BTreeSet<(String, u64)>>,
 }
 
 impl Sync {
@@ -91,7 +104,15 @@ impl Sync {
         store: Arc<Store>,
         reconciler: Arc<Reconciler>,
     ) -> anyhow::Result<Arc<Sync>> {
-        let device = config.as_ref().map(device_id).unwrap_or_default();
+        let identity = store.identity()?;
+        let device_source = match config.as_ref().and_then(|c| c.device.as_ref()) {
+            Some(_) => "config",
+            None => "store",
+        };
+        let device = match &config {
+            Some(config) => device_id(config, &store)?,
+            None => identity.device.clone(),
+        };
         let trusted = match &config {
             Some(config) => config.trusted().map_err(anyhow::Error::msg)?,
             None => Vec::new(),
@@ -108,11 +129,15 @@ impl Sync {
             }),
             config,
             device,
+            device_source,
+            installation: identity.installation,
             trusted,
             store,
             reconciler,
             wake: Notify::new(),
             attempts,
+            retries: Mutex::default(),
+            expired: Mutex::default(),
         });
         if sync.config.is_some() {
             tokio::spawn(Arc::clone(&sync).run());
@@ -120,8 +145,27 @@ impl Sync {
         Ok(sync)
     }
 
+    /// This device's id in the fleet: the config's `[upstream] device`, else the one made at
+    /// first start and kept in the store.
     pub fn device(&self) -> &str {
         &self.device
+    }
+
+    pub fn device_source(&self) -> &'static str {
+        self.device_source
+    }
+
+    pub fn installation(&self) -> &str {
+        &self.installation
+    }
+
+    /// Why `key` is waiting for a retry, if it is.
+    pub fn retry_reason(&self, key: &str) -> Option<String> {
+        self.retries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reason(key)
+            .map(str::to_string)
     }
 
     pub fn upstream(&self) -> String {
@@ -196,27 +240,41 @@ impl Sync {
             .call(|store| Ok((store.applied()?, store.rejections(10)?)))
             .await
             .unwrap_or_default();
+        let now = now_unix();
         serde_json::json!({
             "device": self.device,
-            "unix": now_unix(),
+            "installation": self.installation,
+            "unix": now,
             "apps": apps.iter().map(|a| serde_json::json!({
                 "name": a.name, "generation": a.generation, "status": a.status,
                 "owner": a.owner, "digest": a.digest.to_string(), "error": a.error,
             })).collect::<Vec<_>>(),
-            "applied": applied.iter().map(|a| serde_json::json!({"key": a.key, "version": a.version})).collect::<Vec<_>>(),
+            "applied": applied.iter().map(|a| serde_json::json!({
+                "key": a.key, "version": a.version, "expires_unix": a.expires_unix,
+                "expired": a.expires_unix > 0 && a.expires_unix <= now, "complete": a.complete,
+            })).collect::<Vec<_>>(),
             "errors": rejections.iter().map(|r| format!("{}: {}", r.key, r.reason)).collect::<Vec<_>>(),
         })
     }
 
     async fn run(self: Arc<Self>) {
+        // Groups taken out of the config: their apps go now, link or not.
+        if let Err(error) = self.leave_unfollowed().await {
+            tracing::warn!(%error, "could not let go of the keys this device no longer follows");
+        }
+        self.queue_incomplete().await;
         let mut failures: u32 = 0;
         loop {
             self.set_link(|link| link.state = "connecting");
-            let result = self.session(&mut failures).await;
+            let mut connected = None;
+            let result = self.session(&mut connected).await;
             let error = match result {
                 Ok(()) => "the session ended".to_string(),
                 Err(error) => error.to_string(),
             };
+            if connected.is_some_and(|at: Instant| at.elapsed() >= HEALTHY_SESSION) {
+                failures = 0;
+            }
             failures = failures.saturating_add(1);
             tracing::info!(%error, "upstream unavailable; local operation goes on");
             self.set_link(|link| {
@@ -224,10 +282,21 @@ impl Sync {
                 link.last_error = error;
             });
             self.attempts.send_modify(|count| *count += 1);
-            let delay = jittered_backoff(failures);
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.wake.notified() => {}
+            let until =
+                tokio::time::Instant::now() + retry::backoff(failures, BACKOFF_FIRST, BACKOFF_CAP);
+            // Offline, documents whose artifacts are here are still retried, and expiry watched.
+            let mut tick = tokio::time::interval(TICK);
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = self.wake.notified() => break,
+                    _ = tick.tick() => {
+                        if let Err(error) = self.retry_due(None).await {
+                            tracing::warn!(%error, "a retry failed");
+                        }
+                        self.check_expiry().await;
+                    }
+                }
             }
         }
     }
@@ -265,20 +334,24 @@ impl Sync {
 
     /// One connected session: report, apply the latest desired state, then watch until the
     /// link breaks.
-    async fn session(&self, failures: &mut u32) -> Result<(), SyncError> {
+    async fn session(&self, connected: &mut Option<Instant>) -> Result<(), SyncError> {
         let client = self.connect().await?;
         let context = jetstream::new(client.clone());
-        *failures = 0;
+        *connected = Some(Instant::now());
         self.set_link(|link| {
             link.state = "connected";
             link.last_success_unix = now_unix();
             link.last_error.clear();
         });
         self.attempts.send_modify(|count| *count += 1);
-        self.ensure_report_stream(&context).await?;
+        // Without the report stream reports wait in the outbox; desired state still applies.
+        let mut stream_ready = self.ensure_report_stream(&context).await;
+        let mut stream_checked = Instant::now();
         self.report(OutboxKind::Status, self.status_report().await)
             .await;
-        self.flush(&context).await?;
+        if stream_ready {
+            self.flush(&context).await?;
+        }
 
         let targets = self.targets();
         let mut bucket = match context.get_key_value(fleet::DESIRED_BUCKET).await {
@@ -307,7 +380,7 @@ impl Sync {
             tokio::select! {
                 entry = async { watch.as_mut().expect("guarded").next().await }, if watch.is_some() => match entry {
                     Some(Ok(entry)) if entry.operation == async_nats::jetstream::kv::Operation::Put => {
-                        self.apply(&context, &entry.key, &entry.value).await?;
+                        self.apply(Some(&context), &entry.key, &entry.value).await?;
                     }
                     Some(Ok(_)) => {}
                     Some(Err(error)) => return Err(upstream_error(error)),
@@ -317,7 +390,15 @@ impl Sync {
                     if client.connection_state() != async_nats::connection::State::Connected {
                         return Err(SyncError::Lost);
                     }
-                    self.flush(&context).await?;
+                    if !stream_ready && stream_checked.elapsed() >= STREAM_RETRY {
+                        stream_ready = self.ensure_report_stream(&context).await;
+                        stream_checked = Instant::now();
+                    }
+                    if stream_ready {
+                        self.flush(&context).await?;
+                    }
+                    self.retry_due(Some(&context)).await?;
+                    self.check_expiry().await;
                     self.set_link(|link| link.last_success_unix = now_unix());
                     if bucket.is_none() {
                         // Nothing published yet: stay connected, keep reporting, look again.
@@ -334,7 +415,9 @@ impl Sync {
                         self.apply_latest(&context, bucket, &targets).await?;
                     }
                     self.report(OutboxKind::Status, self.status_report().await).await;
-                    self.flush(&context).await?;
+                    if stream_ready {
+                        self.flush(&context).await?;
+                    }
                     self.attempts.send_modify(|count| *count += 1);
                 }
             }
@@ -351,29 +434,41 @@ impl Sync {
     ) -> Result<(), SyncError> {
         for key in targets {
             if let Some(value) = bucket.get(key.as_str()).await.map_err(upstream_error)? {
-                self.apply(context, key, &value).await?;
+                self.apply(Some(context), key, &value).await?;
             }
         }
         Ok(())
     }
 
-    async fn ensure_report_stream(&self, context: &jetstream::Context) -> Result<(), SyncError> {
-        context
-            .get_or_create_stream(stream::Config {
-                name: fleet::REPORT_STREAM.to_string(),
-                subjects: vec![fleet::REPORT_SUBJECTS.to_string()],
-                duplicate_window: Duration::from_secs(24 * 3600),
-                ..Default::default()
-            })
+    /// Finds the report stream, or makes it (`cairnctl fleet init` makes it upstream; a
+    /// device whose credentials may not create it waits for that). False, with the reason in
+    /// the link's last error, when there is none: reports then wait in the outbox.
+    async fn ensure_report_stream(&self, context: &jetstream::Context) -> bool {
+        if context.get_stream(fleet::REPORT_STREAM).await.is_ok() {
+            return true;
+        }
+        let replicas = self.config.as_ref().map_or(1, |c| c.replicas);
+        match context
+            .create_stream(fleet::report_stream_config(replicas))
             .await
-            .map(drop)
-            .map_err(upstream_error)
+        {
+            Ok(_) => true,
+            Err(error) => {
+                let message = format!(
+                    "reports wait in the outbox: the stream {} is missing upstream and this device could not make it ({error}); `cairnctl fleet init` makes it",
+                    fleet::REPORT_STREAM
+                );
+                tracing::warn!("{message}");
+                self.set_link(|link| link.last_error = message);
+                false
+            }
+        }
     }
 
     /// Publishes waiting reports, oldest first; a row goes only after the stream acked it.
-    /// Its message id (`device-row`) makes a re-send after a crash a duplicate the stream drops.
+    /// Its message id (`installation-row`: the store file's random id, so no two devices and
+    /// no re-flash share one) makes a re-send after a crash a duplicate the stream drops.
     async fn flush(&self, context: &jetstream::Context) -> Result<(), SyncError> {
-        let subject = fleet::report_subject(&self.device);
         loop {
             let rows = self
                 .store
@@ -387,10 +482,11 @@ impl Sync {
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert(
                     "Nats-Msg-Id",
-                    format!("{}-{}", self.device, row.id).as_str(),
+                    format!("{}-{}", self.installation, row.id).as_str(),
                 );
+                let subject = fleet::report_subject(&self.device, &row.kind);
                 let ack = context
-                    .publish_with_headers(subject.clone(), headers, row.payload.clone().into())
+                    .publish_with_headers(subject, headers, row.payload.clone().into())
                     .await
                     .map_err(upstream_error)?;
                 acks.push((row.id, ack));
@@ -413,251 +509,16 @@ impl Sync {
                 .await?;
         }
     }
-
-    /// Checks one document and, if it is to be trusted, makes it so.
-    async fn apply(
-        &self,
-        context: &jetstream::Context,
-        key: &str,
-        value: &[u8],
-    ) -> Result<(), SyncError> {
-        let owned_key = key.to_string();
-        let applied = self.store.call(move |store| store.applied()).await?;
-        let previous = applied.iter().find(|a| a.key == owned_key);
-        let applied_version = previous.map(|a| a.version).unwrap_or(0);
-        let document = match fleet::verify(
-            value,
-            &self.trusted,
-            &self.targets(),
-            applied_version,
-            now_unix(),
-        ) {
-            Ok(document) => document,
-            Err(rejection) => {
-                // Seeing the applied document again on reconnect is not news.
-                if matches!(rejection, fleet::Rejection::Stale { version, applied } if version == applied)
-                {
-                    return Ok(());
-                }
-                self.reject(key, &rejection.to_string()).await?;
-                return Ok(());
-            }
-        };
-        let plan = precedence::plan(&self.targets(), key, &document.apps, &applied);
-        // Every artifact first (shadowed apps too, so a later handover works offline): nothing
-        // changes unless all of them are here.
-        for digest in plan.artifacts() {
-            if let Err(error) = self.fetch_artifact(context, digest).await {
-                // Not applied; the next attempt tries again.
-                self.set_link(|link| link.last_error = error.to_string());
-                self.report(OutboxKind::Event, serde_json::json!({"device": self.device, "unix": now_unix(), "event": "artifact", "key": key, "error": error.to_string()})).await;
-                return Err(error);
-            }
-        }
-        for (app, by) in &plan.shadowed {
-            tracing::info!(app = %app.name, key, by, "fleet app shadowed by a key that wins it");
-            self.report(OutboxKind::Event, serde_json::json!({"device": self.device, "unix": now_unix(), "event": "shadowed", "key": key, "app": app.name.to_string(), "by": by})).await;
-        }
-        let mut problems = Vec::new();
-        for (from, app) in plan.deploys {
-            if from != key {
-                tracing::info!(app = %app.name, key, from, "handing a fleet app to the next key that lists it");
-            }
-            let name = app.name.clone();
-            match self
-                .reconciler
-                .deploy(app, crate::store::Owner::Fleet)
-                .await
-            {
-                Ok(_) => {}
-                Err(error @ ReconcileError::OwnedElsewhere { .. }) => {
-                    problems.push(format!("conflict: {error}"))
-                }
-                Err(error) => problems.push(format!("app `{name}`: {error}")),
-            }
-        }
-        for gone in plan.removals {
-            if let Ok(name) = gone.parse::<AppName>() {
-                if let Err(error) = self
-                    .reconciler
-                    .remove_owned(&name, crate::store::Owner::Fleet)
-                    .await
-                {
-                    problems.push(format!("removing `{gone}`: {error}"));
-                }
-            }
-        }
-        let (record_key, version, specs) =
-            (key.to_string(), document.version, document.apps.clone());
-        self.store
-            .call(move |store| store.record_applied(&record_key, version, &specs))
-            .await?;
-        for problem in &problems {
-            let (rejection_key, reason) = (key.to_string(), problem.clone());
-            self.store
-                .call(move |store| store.record_rejection(&rejection_key, &reason))
-                .await?;
-        }
-        tracing::info!(
-            key,
-            version,
-            problems = problems.len(),
-            "applied fleet state"
-        );
-        self.report(OutboxKind::Status, self.status_report().await)
-            .await;
-        Ok(())
-    }
-
-    async fn reject(&self, key: &str, reason: &str) -> Result<(), SyncError> {
-        tracing::warn!(key, reason, "refused fleet state");
-        let (owned_key, owned_reason) = (key.to_string(), reason.to_string());
-        self.store
-            .call(move |store| store.record_rejection(&owned_key, &owned_reason))
-            .await?;
-        self.report(
-            OutboxKind::Event,
-            serde_json::json!({"device": self.device, "unix": now_unix(), "event": "rejected", "key": key, "reason": reason}),
-        )
-        .await;
-        Ok(())
-    }
-
-    /// Makes sure the store holds `digest`: downloaded whole, size-bounded and verified before
-    /// it enters the store, so an interrupted download leaves nothing behind.
-    async fn fetch_artifact(
-        &self,
-        context: &jetstream::Context,
-        digest: &Digest,
-    ) -> Result<(), SyncError> {
-        let wanted = digest.clone();
-        if self
-            .store
-            .call(move |store| store.touch_blob(&wanted))
-            .await?
-        {
-            return Ok(());
-        }
-        let max = self
-            .config
-            .as_ref()
-            .map(|c| c.max_artifact_size.0)
-            .unwrap_or(256 << 20);
-        let bucket = context
-            .get_object_store(fleet::ARTIFACT_BUCKET)
-            .await
-            .map_err(|e| SyncError::Upstream(format!("no artifact store upstream: {e}")))?;
-        let info = bucket.info(digest.to_string()).await.map_err(|e| {
-            SyncError::Upstream(format!(
-                "artifact {digest} is not in the upstream store: {e}"
-            ))
-        })?;
-        if info.size as u64 > max {
-            return Err(SyncError::Upstream(format!(
-                "artifact {digest} is {} bytes, over this device's max_artifact_size of {max}",
-                info.size
-            )));
-        }
-        let mut object = bucket
-            .get(digest.to_string())
-            .await
-            .map_err(upstream_error)?;
-        // Read in chunks, watching the link: when it drops the object reader would wait for
-        // a reconnection that may never come, so give up at once (or when nothing arrives for
-        // DOWNLOAD_STALL) and start over on the next connection.
-        let client = context.client();
-        let limit = admission::Limit {
-            bytes: max,
-            setting: "max_artifact_size",
-        };
-        let mut intake = admission::Intake::new(limit, Some(info.size as u64));
-        let mut chunk = vec![0u8; 256 << 10];
-        let mut last_progress = tokio::time::Instant::now();
-        loop {
-            if client.connection_state() != async_nats::connection::State::Connected {
-                return Err(SyncError::Upstream(format!(
-                    "downloading {digest} was interrupted after {} of {} bytes: the link dropped; nothing was stored and the download starts over on the next connection",
-                    intake.len(),
-                    info.size
-                )));
-            }
-            if last_progress.elapsed() > DOWNLOAD_STALL {
-                return Err(SyncError::Upstream(format!(
-                    "downloading {digest} stalled after {} of {} bytes; nothing was stored and the download starts over on the next connection (`cairnctl sync now` tries at once)",
-                    intake.len(),
-                    info.size
-                )));
-            }
-            let read =
-                match tokio::time::timeout(Duration::from_millis(500), object.read(&mut chunk))
-                    .await
-                {
-                    Err(_) => continue,
-                    Ok(read) => read.map_err(|e| {
-                        SyncError::Upstream(format!("downloading {digest} was interrupted: {e}"))
-                    })?,
-                };
-            if read == 0 {
-                break;
-            }
-            intake.push(&chunk[..read]).map_err(|e| {
-                SyncError::Upstream(format!("artifact {digest} is larger than announced: {e}"))
-            })?;
-            last_progress = tokio::time::Instant::now();
-        }
-        let tag = admission::Tag {
-            name: "fleet".into(),
-            tag: digest.to_string(),
-            source: "fleet",
-        };
-        admission::admit(&self.store, intake, Some(digest), Some(tag))
-            .await
-            .map_err(|e| match e {
-                admission::AdmitError::Store(error) => SyncError::Store(error),
-                other => SyncError::Upstream(format!("artifact {digest}: {other}")),
-            })?;
-        Ok(())
-    }
 }
 
-/// The device's id in the fleet: configured, else the host name.
-pub fn device_id(config: &UpstreamConfig) -> String {
-    config.device.clone().unwrap_or_else(|| {
-        nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_else(|_| "device".into())
-    })
-}
-
-/// Exponential backoff with ±25% jitter, so a fleet does not reconnect in lockstep.
-fn jittered_backoff(failures: u32) -> Duration {
-    let base = BACKOFF_FIRST
-        .saturating_mul(1 << failures.saturating_sub(1).min(10))
-        .min(BACKOFF_CAP);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let jitter = (nanos % 500) as f64 / 1000.0 + 0.75; // 0.75 ..= 1.25
-    base.mul_f64(jitter)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_cap_with_jitter() {
-        for failures in 1..20 {
-            let delay = jittered_backoff(failures);
-            let base = BACKOFF_FIRST
-                .saturating_mul(1 << (failures - 1).min(10))
-                .min(BACKOFF_CAP);
-            assert!(
-                delay >= base.mul_f64(0.75) && delay <= base.mul_f64(1.25),
-                "{failures}: {delay:?}"
-            );
-        }
-        assert!(jittered_backoff(30) <= BACKOFF_CAP.mul_f64(1.25));
+/// The device's id in the fleet: the config's `[upstream] device`, else the one made when the
+/// store was (never the host name: every device flashed from one image shares that).
+pub fn device_id(
+    config: &UpstreamConfig,
+    store: &Store,
+) -> Result<String, crate::store::StoreError> {
+    match &config.device {
+        Some(device) => Ok(device.clone()),
+        None => Ok(store.identity()?.device),
     }
 }

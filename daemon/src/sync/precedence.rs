@@ -84,6 +84,32 @@ pub(super) fn plan(
     plan
 }
 
+/// The plan for leaving `left`, a key the device no longer follows (a group taken out of the
+/// config): each app it listed goes to the best key still followed that lists it, with that
+/// key's spec (a no-op when that key held it already), or is removed when none does.
+pub(super) fn leave(targets: &[String], left: &str, applied: &[AppliedRecord]) -> Plan {
+    let rank = |key: &str| targets.iter().position(|t| t == key);
+    let mut plan = Plan::default();
+    let Some(record) = applied.iter().find(|a| a.key == left) else {
+        return plan;
+    };
+    for gone in &record.apps {
+        let next = applied
+            .iter()
+            .filter(|o| o.key != left)
+            .filter_map(|o| {
+                let spec = o.specs.iter().find(|s| s.name.as_str() == gone)?;
+                Some((rank(&o.key)?, o.key.clone(), spec.clone()))
+            })
+            .min_by_key(|(r, _, _)| *r);
+        match next {
+            Some((_, from, spec)) => plan.deploys.push((from, spec)),
+            None => plan.removals.push(gone.clone()),
+        }
+    }
+    plan
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +137,8 @@ mod tests {
             applied_unix: 0,
             apps: specs.iter().map(|s| s.name.to_string()).collect(),
             specs,
+            expires_unix: 0,
+            complete: true,
         }
     }
 
@@ -250,6 +278,72 @@ mod tests {
                     .and_then(|a| a.specs.iter().find(|s| s.name == spec.name))
                     .unwrap_or(spec);
                 assert_eq!(given, spec, "{}", case.name);
+            }
+        }
+    }
+
+    #[test]
+    fn leaving_a_key_hands_its_apps_to_the_best_key_left_or_removes_them() {
+        let targets: Vec<String> = ["device.d", "group.b"].map(String::from).to_vec();
+        // (name, before, deploys (app, from), removals)
+        type Row = (
+            &'static str,
+            &'static [(&'static str, &'static [&'static str])],
+            &'static [(&'static str, &'static str)],
+            &'static [&'static str],
+        );
+        let rows: [Row; 4] = [
+            (
+                "an app only the left group listed is removed",
+                &[("group.a", &["web"])],
+                &[],
+                &["web"],
+            ),
+            (
+                "an app the left group won passes to the next group with its spec",
+                &[("group.a", &["web=from-a"]), ("group.b", &["web=from-b"])],
+                &[("web", "group.b")],
+                &[],
+            ),
+            (
+                "an app the device key holds stays with it",
+                &[
+                    ("group.a", &["web"]),
+                    ("device.d", &["web=mine"]),
+                    ("group.b", &["web"]),
+                ],
+                &[("web", "device.d")],
+                &[],
+            ),
+            (
+                "a key never applied changes nothing",
+                &[("group.b", &["web"])],
+                &[],
+                &[],
+            ),
+        ];
+        for (name, before, deploys, removals) in rows {
+            let before: Vec<AppliedRecord> =
+                before.iter().map(|(k, apps)| applied(k, apps)).collect();
+            let plan = leave(&targets, "group.a", &before);
+            let got: Vec<(String, String)> = plan
+                .deploys
+                .iter()
+                .map(|(from, spec)| (spec.name.to_string(), from.clone()))
+                .collect();
+            let wanted: Vec<(String, String)> = deploys
+                .iter()
+                .map(|(a, k)| (a.to_string(), k.to_string()))
+                .collect();
+            assert_eq!(got, wanted, "{name}: deploys");
+            assert_eq!(plan.removals, removals, "{name}: removals");
+            for (from, spec) in &plan.deploys {
+                let given = before
+                    .iter()
+                    .find(|a| &a.key == from)
+                    .and_then(|a| a.specs.iter().find(|s| s.name == spec.name))
+                    .expect("a handed-over spec is its key's");
+                assert_eq!(given, spec, "{name}");
             }
         }
     }
