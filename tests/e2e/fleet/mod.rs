@@ -4,7 +4,9 @@
 use cairn_tests::{component, fleet, fleet_ok, free_port, get, wait_for, Daemon, Lattice};
 use std::time::Duration;
 
+mod convergence;
 mod links;
+mod trust;
 
 pub(super) fn sync_status(daemon: &Daemon) -> serde_json::Value {
     daemon.ctl(&["-o", "json", "sync", "status"]).json()
