@@ -20,6 +20,8 @@ pub const REPORT_STREAM: &str = "CAIRN_REPORTS";
 pub const REPORT_SUBJECTS: &str = "cairn.report.>";
 /// The largest signed document a device reads.
 pub const MAX_DOCUMENT: usize = 1 << 20;
+/// Where the root's delegation of signing keys lives in `DESIRED_BUCKET`.
+pub const DELEGATION_KEY: &str = "trust.delegation";
 
 /// The report stream: every device's reports, with a 24-hour window in which a re-sent
 /// report (same `Nats-Msg-Id`) is dropped as a duplicate.
@@ -128,6 +130,19 @@ pub struct Document {
     pub apps: Vec<AppSpec>,
 }
 
+/// A root key's word on which keys may sign documents, until when. The root key is kept
+/// offline; devices trust it (`upstream.trusted_roots`). Rotating or revoking a signing key is
+/// a new delegation with a higher serial; a device never goes back to a lower one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delegation {
+    pub serial: u64,
+    pub issued_unix: i64,
+    pub expires_unix: i64,
+    /// Signing keys (hex public keys) whose documents devices accept.
+    pub keys: Vec<String>,
+}
+
 /// A document and its signature as stored in the KV bucket.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -146,8 +161,12 @@ pub enum Rejection {
     TooLarge { size: usize },
     #[error("the document is malformed: {0}")]
     Malformed(String),
-    #[error("the document is signed by key {key}, which this device does not trust (upstream.trusted_keys)")]
+    #[error("the document is signed by key {key}, which this device does not trust (not in upstream.trusted_keys, nor delegated by a root in upstream.trusted_roots)")]
     UntrustedKey { key: String },
+    #[error("the delegation is signed by key {key}, which is not one of this device's roots (upstream.trusted_roots)")]
+    UntrustedRoot { key: String },
+    #[error("delegation serial {serial} is not newer than the serial {current} this device holds: a replay of an older delegation (one that may name a revoked key), refused")]
+    StaleDelegation { serial: u64, current: u64 },
     #[error(
         "the signature does not match the document: it was altered or signed with another key"
     )]
@@ -168,7 +187,21 @@ pub enum Rejection {
 
 /// Signs `document` with `key`, giving the bytes to store.
 pub fn sign(document: &Document, key: &SigningKey) -> Vec<u8> {
-    let payload = serde_json::to_string(document).expect("a document serialises");
+    sign_payload(
+        serde_json::to_string(document).expect("a document serialises"),
+        key,
+    )
+}
+
+/// Signs `delegation` with the root `key`, giving the bytes to store.
+pub fn sign_delegation(delegation: &Delegation, root: &SigningKey) -> Vec<u8> {
+    sign_payload(
+        serde_json::to_string(delegation).expect("a delegation serialises"),
+        root,
+    )
+}
+
+fn sign_payload(payload: String, key: &SigningKey) -> Vec<u8> {
     let signature = key.sign(payload.as_bytes());
     let signed = Signed {
         key: hex::encode(key.verifying_key().as_bytes()),
@@ -189,27 +222,14 @@ pub fn verify(
     applied: u64,
     now_unix: i64,
 ) -> Result<Document, Rejection> {
-    if bytes.len() > MAX_DOCUMENT {
-        return Err(Rejection::TooLarge { size: bytes.len() });
-    }
-    let signed: Signed =
-        serde_json::from_slice(bytes).map_err(|e| Rejection::Malformed(e.to_string()))?;
-    let signer = parse_public_key(&signed.key).map_err(Rejection::Malformed)?;
+    let (signer, payload) = open_signed(bytes)?;
     if !trusted.contains(&signer) {
-        return Err(Rejection::UntrustedKey { key: signed.key });
+        return Err(Rejection::UntrustedKey {
+            key: hex::encode(signer.as_bytes()),
+        });
     }
-    let signature: [u8; 64] = hex::decode(&signed.signature)
-        .ok()
-        .and_then(|raw| raw.try_into().ok())
-        .ok_or_else(|| Rejection::Malformed("the signature is not 64 hex-encoded bytes".into()))?;
-    signer
-        .verify(
-            signed.payload.as_bytes(),
-            &Signature::from_bytes(&signature),
-        )
-        .map_err(|_| Rejection::BadSignature)?;
     let document: Document =
-        serde_json::from_str(&signed.payload).map_err(|e| Rejection::Malformed(e.to_string()))?;
+        serde_json::from_str(&payload).map_err(|e| Rejection::Malformed(e.to_string()))?;
     if !targets.contains(&document.target) {
         return Err(Rejection::WrongTarget {
             target: document.target,
@@ -235,6 +255,65 @@ pub fn verify(
     }
     check_apps(&document.apps).map_err(Rejection::BadApp)?;
     Ok(document)
+}
+
+/// Size, form and signature of a stored signed value: its signer and payload, not yet trusted.
+fn open_signed(bytes: &[u8]) -> Result<(VerifyingKey, String), Rejection> {
+    if bytes.len() > MAX_DOCUMENT {
+        return Err(Rejection::TooLarge { size: bytes.len() });
+    }
+    let signed: Signed =
+        serde_json::from_slice(bytes).map_err(|e| Rejection::Malformed(e.to_string()))?;
+    let signer = parse_public_key(&signed.key).map_err(Rejection::Malformed)?;
+    let signature: [u8; 64] = hex::decode(&signed.signature)
+        .ok()
+        .and_then(|raw| raw.try_into().ok())
+        .ok_or_else(|| Rejection::Malformed("the signature is not 64 hex-encoded bytes".into()))?;
+    signer
+        .verify(
+            signed.payload.as_bytes(),
+            &Signature::from_bytes(&signature),
+        )
+        .map_err(|_| Rejection::BadSignature)?;
+    Ok((signer, signed.payload))
+}
+
+/// Checks a stored delegation: signed by one of `roots`, a serial not below `current` (the
+/// same serial is the one held, seen again), not expired, every key well formed. Returns it
+/// with its keys parsed.
+pub fn verify_delegation(
+    bytes: &[u8],
+    roots: &[VerifyingKey],
+    current: u64,
+    now_unix: i64,
+) -> Result<(Delegation, Vec<VerifyingKey>), Rejection> {
+    let (signer, payload) = open_signed(bytes)?;
+    if !roots.contains(&signer) {
+        return Err(Rejection::UntrustedRoot {
+            key: hex::encode(signer.as_bytes()),
+        });
+    }
+    let delegation: Delegation =
+        serde_json::from_str(&payload).map_err(|e| Rejection::Malformed(e.to_string()))?;
+    if delegation.serial < current || delegation.serial == 0 {
+        return Err(Rejection::StaleDelegation {
+            serial: delegation.serial,
+            current,
+        });
+    }
+    if delegation.expires_unix <= now_unix {
+        return Err(Rejection::Expired {
+            expires_unix: delegation.expires_unix,
+            now_unix,
+        });
+    }
+    let keys = delegation
+        .keys
+        .iter()
+        .map(|key| parse_public_key(key))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Rejection::Malformed)?;
+    Ok((delegation, keys))
 }
 
 fn check_apps(apps: &[AppSpec]) -> Result<(), String> {
@@ -391,6 +470,64 @@ mod tests {
             verify(&huge, &trusted, "device.edge-1", &targets, 0, 500),
             Err(Rejection::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn a_delegation_names_the_signing_keys_and_never_goes_back() {
+        let root = generate_key().unwrap();
+        let roots = [root.verifying_key()];
+        let (a, b) = (generate_key().unwrap(), generate_key().unwrap());
+        let delegation = |serial: u64, keys: &[&SigningKey], expires_unix: i64| Delegation {
+            serial,
+            issued_unix: 100,
+            expires_unix,
+            keys: keys
+                .iter()
+                .map(|k| hex::encode(k.verifying_key().as_bytes()))
+                .collect(),
+        };
+        let first = sign_delegation(&delegation(1, &[&a], 1000), &root);
+        let (held, keys) = verify_delegation(&first, &roots, 0, 500).unwrap();
+        assert_eq!((held.serial, keys), (1, vec![a.verifying_key()]));
+        // The same one again is fine (a reconnect); a newer one rotates.
+        assert!(verify_delegation(&first, &roots, 1, 500).is_ok());
+        let second = sign_delegation(&delegation(2, &[&b], 1000), &root);
+        let (_, keys) = verify_delegation(&second, &roots, 1, 500).unwrap();
+        assert_eq!(keys, vec![b.verifying_key()]);
+        // Going back to serial 1 (which named the revoked key) is refused.
+        assert_eq!(
+            verify_delegation(&first, &roots, 2, 500),
+            Err(Rejection::StaleDelegation {
+                serial: 1,
+                current: 2
+            })
+        );
+        // Only a root may delegate; an expired delegation is refused.
+        let by_a = sign_delegation(&delegation(3, &[&a], 1000), &a);
+        assert!(matches!(
+            verify_delegation(&by_a, &roots, 2, 500),
+            Err(Rejection::UntrustedRoot { .. })
+        ));
+        assert!(matches!(
+            verify_delegation(&second, &roots, 2, 1000),
+            Err(Rejection::Expired { .. })
+        ));
+        // A document is not a delegation.
+        let document = sign(&document(1, 1000), &root);
+        assert!(matches!(
+            verify_delegation(&document, &roots, 0, 500),
+            Err(Rejection::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn names_that_would_break_a_subject_are_refused() {
+        for good in ["edge-1", "pump_7", "cairn-0123456789abcdef"] {
+            assert!(check_name("device id", good).is_ok(), "{good}");
+        }
+        for bad in ["", "a.b", "a b", "a*", "a>", &"x".repeat(65)] {
+            assert!(check_name("device id", bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -64,6 +64,23 @@ pub enum FleetCommand {
         version: Option<u64>,
         state: PathBuf,
     },
+    /// Sign with a root key (kept offline) and publish which signing keys devices accept, with
+    /// an expiry. Devices that list the root in upstream.trusted_roots take the newest
+    /// delegation and never go back. Rotate: delegate the old and the new key, move publishing
+    /// to the new one, then delegate the new one alone (which revokes the old).
+    Delegate {
+        #[command(flatten)]
+        upstream: Upstream,
+        /// The root key (made by `fleet keygen`).
+        #[arg(long, value_name = "FILE")]
+        root: PathBuf,
+        /// A signing key's public key (hex, as `fleet keygen` prints it); repeat for several.
+        #[arg(long = "signing-key", value_name = "HEX", required = true)]
+        signing_keys: Vec<String>,
+        /// How long devices accept this delegation, such as 365d.
+        #[arg(long, default_value = "365d")]
+        expires: String,
+    },
     /// Make the upstream's streams and buckets (desired state, artifacts, reports) with the
     /// given replicas; run once per lattice, before devices with least-privilege credentials
     /// (which may not create them) connect. Existing ones are kept and listed.
@@ -153,6 +170,12 @@ pub async fn run(command: FleetCommand, json_output: bool) -> Result<()> {
             };
             publish(&upstream, publication, json_output).await
         }
+        FleetCommand::Delegate {
+            upstream,
+            root,
+            signing_keys,
+            expires,
+        } => delegate(&upstream, &root, &signing_keys, &expires, json_output).await,
         FleetCommand::Init { upstream, replicas } => {
             init(&upstream, replicas as usize, json_output).await
         }
@@ -183,7 +206,7 @@ fn keygen(out: &Path, json_output: bool) -> Result<()> {
         print_json(&serde_json::json!({"public_key": public, "private_key_file": out}));
     } else {
         println!("{public}");
-        eprintln!("private key written to {}; devices trust it with upstream.trusted_keys = [\"{public}\"]", out.display());
+        eprintln!("private key written to {}; devices trust it with upstream.trusted_keys = [\"{public}\"] (or, for a root key that delegates signing keys with `fleet delegate`, upstream.trusted_roots)", out.display());
     }
     Ok(())
 }
@@ -303,34 +326,7 @@ async fn publish(
         apps,
     };
     let signed = fleet::sign(&document, &key);
-    pause_before_write_for_tests();
-    let written = match &entry {
-        Some(entry) => bucket
-            .update(target.as_str(), signed.into(), entry.revision)
-            .await
-            .map_err(|e| {
-                (
-                    e.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                    e.to_string(),
-                )
-            }),
-        None => bucket
-            .create(target.as_str(), signed.into())
-            .await
-            .map_err(|e| {
-                (
-                    e.kind() == kv::CreateErrorKind::AlreadyExists,
-                    e.to_string(),
-                )
-            }),
-    };
-    match written {
-        Ok(_) => {}
-        Err((true, _)) => bail!(
-            "another publish to {target} landed while this one was being made; nothing was written (publishing both would split the fleet); publish again to build on the new version"
-        ),
-        Err((false, error)) => bail!("publishing to {target} failed: {error}"),
-    }
+    write_anchored(&bucket, &target, entry.as_ref(), signed).await?;
     if json_output {
         print_json(
             &serde_json::json!({"target": target, "version": document.version, "expires_unix": document.expires_unix, "apps": document.apps.len()}),
@@ -344,6 +340,117 @@ async fn publish(
         );
     }
     Ok(())
+}
+
+/// `fleet delegate`: a root-signed list of signing keys, at the next serial, written only if
+/// nothing else was published in between.
+async fn delegate(
+    upstream: &Upstream,
+    root_file: &Path,
+    signing_keys: &[String],
+    expires: &str,
+    json_output: bool,
+) -> Result<()> {
+    let root = fleet::read_key(root_file).map_err(|e| anyhow!(e))?;
+    let mut keys = Vec::new();
+    for key in signing_keys {
+        fleet::parse_public_key(key).map_err(|e| anyhow!("--signing-key: {e}"))?;
+        let key = key.trim().to_lowercase();
+        if hex::encode(root.verifying_key().as_bytes()) == key {
+            bail!("--signing-key {key} is the root itself: keep the root offline and delegate a separate signing key");
+        }
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    let lifetime = parse_lifetime(expires)?;
+    let client = connect(upstream).await?;
+    let context = jetstream::new(client);
+    let bucket = match context.get_key_value(fleet::DESIRED_BUCKET).await {
+        Ok(bucket) => bucket,
+        Err(_) => context
+            .create_key_value(fleet::desired_bucket_config(1))
+            .await
+            .map_err(|e| anyhow!("cannot create the desired-state bucket: {e}"))?,
+    };
+    let entry = bucket
+        .entry(fleet::DELEGATION_KEY)
+        .await
+        .map_err(|e| anyhow!("cannot read the delegation: {e}"))?;
+    let stored = entry
+        .as_ref()
+        .filter(|e| e.operation == kv::Operation::Put)
+        .and_then(|e| serde_json::from_slice::<fleet::Signed>(&e.value).ok())
+        .and_then(|signed| serde_json::from_str::<fleet::Delegation>(&signed.payload).ok())
+        .map(|d| d.serial)
+        .unwrap_or(0);
+    let reported = latest_statuses(&context, None)
+        .await?
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| r["delegation_serial"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    let delegation = fleet::Delegation {
+        serial: stored.max(reported) + 1,
+        issued_unix: now,
+        expires_unix: now + lifetime.0.as_secs() as i64,
+        keys,
+    };
+    let signed = fleet::sign_delegation(&delegation, &root);
+    write_anchored(&bucket, fleet::DELEGATION_KEY, entry.as_ref(), signed).await?;
+    if json_output {
+        print_json(
+            &serde_json::json!({"serial": delegation.serial, "keys": delegation.keys, "expires_unix": delegation.expires_unix}),
+        );
+    } else {
+        println!(
+            "published delegation {} of {} signing key(s), valid until {} UTC; devices trust the root with upstream.trusted_roots = [\"{}\"]",
+            delegation.serial,
+            delegation.keys.len(),
+            cairn_core::time::utc(delegation.expires_unix),
+            hex::encode(root.verifying_key().as_bytes())
+        );
+    }
+    Ok(())
+}
+
+/// Writes `value` under `key` only if the key is still at `entry`'s revision (or still absent):
+/// a concurrent publish makes this fail with a clear message instead of one silently winning.
+async fn write_anchored(
+    bucket: &kv::Store,
+    key: &str,
+    entry: Option<&kv::Entry>,
+    value: Vec<u8>,
+) -> Result<()> {
+    pause_before_write_for_tests();
+    let written = match entry {
+        Some(entry) => bucket
+            .update(key, value.into(), entry.revision)
+            .await
+            .map_err(|e| {
+                (
+                    e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                    e.to_string(),
+                )
+            }),
+        None => bucket.create(key, value.into()).await.map_err(|e| {
+            (
+                e.kind() == kv::CreateErrorKind::AlreadyExists,
+                e.to_string(),
+            )
+        }),
+    };
+    match written {
+        Ok(_) => Ok(()),
+        Err((true, _)) => bail!(
+            "another publish to {key} landed while this one was being made; nothing was written (publishing both would split the fleet); publish again to build on the new version"
+        ),
+        Err((false, error)) => bail!("publishing to {key} failed: {error}"),
+    }
 }
 
 /// Tests make two publishes overlap: with `CAIRNCTL_TEST_PAUSE_BEFORE_WRITE` naming a file,

@@ -46,6 +46,7 @@ fn print_sync(status: &proto::SyncStatusReply, json_output: bool) {
         print_json(&json!({
             "state": status.state, "upstream": status.upstream, "device": status.device,
             "device_source": status.device_source, "installation": status.installation,
+            "delegation": {"serial": status.delegation_serial, "expires": status.delegation_expires_unix},
             "last_success": status.last_success_unix, "last_error": status.last_error,
             "backlog": status.backlog, "dropped": status.dropped,
             "applied": status.applied.iter().map(|a| json!({
@@ -71,6 +72,20 @@ fn print_sync(status: &proto::SyncStatusReply, json_output: bool) {
             },
         ]),
         row(["installation", &status.installation]),
+        row([
+            "delegation",
+            &match status.delegation_serial {
+                0 => "none".to_string(),
+                serial if status.delegation_expires_unix <= now => format!(
+                    "serial {serial}, EXPIRED at {}: delegated keys are not trusted",
+                    utc(status.delegation_expires_unix)
+                ),
+                serial => format!(
+                    "serial {serial}, valid until {}",
+                    utc(status.delegation_expires_unix)
+                ),
+            },
+        ]),
         row([
             "last success",
             &if status.last_success_unix == 0 {

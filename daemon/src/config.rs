@@ -125,6 +125,10 @@ pub struct UpstreamConfig {
     /// Public keys (hex) whose signed desired state this device accepts.
     #[serde(default)]
     pub trusted_keys: Vec<String>,
+    /// Root public keys (hex): the signing keys a root's delegation names (`cairnctl fleet
+    /// delegate`) are accepted too, until the delegation expires or a newer one drops them.
+    #[serde(default)]
+    pub trusted_roots: Vec<String>,
     /// The largest artifact this device downloads.
     #[serde(default = "default_max_artifact")]
     pub max_artifact_size: ByteSize,
@@ -145,26 +149,38 @@ fn default_replicas() -> usize {
 }
 
 impl UpstreamConfig {
-    /// The trusted fleet keys, parsed; none at all is an error (every document would be
-    /// refused).
-    pub fn trusted(&self) -> Result<Vec<ed25519_dalek::VerifyingKey>, String> {
-        let keys = self
-            .trusted_keys
-            .iter()
-            .map(|key| {
-                cairn_core::fleet::parse_public_key(key)
-                    .map_err(|e| format!("upstream.trusted_keys: {e}"))
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        if keys.is_empty() {
+    /// The trusted signing keys and roots, parsed; neither at all is an error (every document
+    /// would be refused).
+    pub fn trust(&self) -> Result<TrustConfig, String> {
+        let parse = |keys: &[String], setting: &str| {
+            keys.iter()
+                .map(|key| {
+                    cairn_core::fleet::parse_public_key(key)
+                        .map_err(|e| format!("upstream.{setting}: {e}"))
+                })
+                .collect::<Result<Vec<_>, String>>()
+        };
+        let trust = TrustConfig {
+            keys: parse(&self.trusted_keys, "trusted_keys")?,
+            roots: parse(&self.trusted_roots, "trusted_roots")?,
+        };
+        if trust.keys.is_empty() && trust.roots.is_empty() {
             return Err(
-                "upstream.trusted_keys is empty: the device would refuse every document; \
-                        add the fleet's public key (cairnctl fleet keygen prints it)"
+                "upstream.trusted_keys and upstream.trusted_roots are empty: the device would \
+                 refuse every document; add the fleet's public key (cairnctl fleet keygen prints \
+                 it) or its root key (which delegates signing keys: cairnctl fleet delegate)"
                     .into(),
             );
         }
-        Ok(keys)
+        Ok(trust)
     }
+}
+
+/// Whom a device trusts: signing keys directly, and roots that delegate signing keys.
+#[derive(Debug, Clone, Default)]
+pub struct TrustConfig {
+    pub keys: Vec<ed25519_dalek::VerifyingKey>,
+    pub roots: Vec<ed25519_dalek::VerifyingKey>,
 }
 
 fn default_max_artifact() -> ByteSize {
@@ -259,7 +275,7 @@ impl Config {
             .try_into()
             .map_err(|e: toml::de::Error| e.message().to_string())?;
         if let Some(upstream) = &config.upstream {
-            upstream.trusted()?;
+            upstream.trust()?;
             if let Some(device) = &upstream.device {
                 cairn_core::fleet::check_name("upstream.device", device)?;
             }
@@ -433,7 +449,10 @@ mod tests {
         std::fs::write(&overlay, "[upstream]\ntrusted_keys = []\n").unwrap();
         let (config, outcome) = Config::load_with_overlay(Some(&base), &overlay).unwrap();
         let problem = outcome.unwrap_err().to_string();
-        assert!(problem.contains("trusted_keys is empty"), "{problem}");
+        assert!(
+            problem.contains("trusted_keys and upstream.trusted_roots are empty"),
+            "{problem}"
+        );
         assert_eq!(config.upstream.unwrap().trusted_keys, vec![KEY.to_string()]);
 
         std::fs::write(&overlay, "drain_timeout = \"soon\"\n").unwrap();

@@ -111,6 +111,8 @@ impl ControlService {
             device: self.sync.device().to_string(),
             installation: self.sync.installation().to_string(),
             device_source: self.sync.device_source().to_string(),
+            delegation_serial: self.sync.delegation().map_or(0, |d| d.0),
+            delegation_expires_unix: self.sync.delegation().map_or(0, |d| d.1),
             last_success_unix: link.last_success_unix,
             last_error: link.last_error,
             backlog: outbox.waiting,

@@ -98,6 +98,30 @@ impl Store {
         Ok(())
     }
 
+    /// The root's delegation this device holds: (serial, the signed bytes as stored upstream).
+    pub fn delegation(&self) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        use rusqlite::OptionalExtension;
+        self.lock()
+            .query_row(
+                "SELECT serial, signed FROM fleet_delegation WHERE id = 1",
+                [],
+                |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.error(e))
+    }
+
+    pub fn record_delegation(&self, serial: u64, signed: &[u8]) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "INSERT INTO fleet_delegation (id, serial, signed) VALUES (1, ?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET serial = excluded.serial, signed = excluded.signed",
+                params![serial as i64, signed],
+            )
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
     pub fn identity(&self) -> Result<Identity, StoreError> {
         let connection = self.lock();
         let value = |name: &str| {

@@ -101,8 +101,9 @@ const MIGRATIONS: &[&str] = &[
     // installations (and no re-flash) share report message ids. `device` is the fleet id used
     // when the config names none: an upgraded store keeps the id its own document was applied
     // under (the host name then), a new one gets a random id, never the host name an image sets.
-    // And for each applied document its expiry (a frozen upstream is noticed) and whether all
-    // its deploys succeeded (a failed one is retried).
+    // For each applied document its expiry (a frozen upstream is noticed) and whether all its
+    // deploys succeeded (a failed one is retried). And the root's delegation of signing keys
+    // held, so a device never goes back to an older one (which may name a revoked key).
     "CREATE TABLE identity (
         name TEXT PRIMARY KEY,
         value TEXT NOT NULL
@@ -112,7 +113,12 @@ const MIGRATIONS: &[&str] = &[
         (SELECT substr(key, 8) FROM sync_applied WHERE key LIKE 'device.%' ORDER BY applied_unix DESC LIMIT 1),
         'cairn-' || lower(hex(randomblob(8)))));
      ALTER TABLE sync_applied ADD COLUMN expires_unix INTEGER NOT NULL DEFAULT 0;
-     ALTER TABLE sync_applied ADD COLUMN complete INTEGER NOT NULL DEFAULT 1;",
+     ALTER TABLE sync_applied ADD COLUMN complete INTEGER NOT NULL DEFAULT 1;
+     CREATE TABLE fleet_delegation (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        serial INTEGER NOT NULL,
+        signed BLOB NOT NULL
+     );",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -27,7 +27,7 @@ impl Sync {
         let applied_version = previous.map(|a| a.version).unwrap_or(0);
         let document = match fleet::verify(
             value,
-            &self.trusted,
+            &self.signers(),
             key,
             &self.targets(),
             applied_version,

@@ -10,15 +10,16 @@
 
 mod apply;
 mod artifact;
+mod keys;
 mod precedence;
 mod retry;
+mod trust;
 
 use crate::config::UpstreamConfig;
 use crate::reconcile::Reconciler;
 use crate::store::{now_unix, OutboxBounds, OutboxKind, Store};
 use async_nats::jetstream;
 use cairn_core::fleet;
-use ed25519_dalek::VerifyingKey;
 use futures_util::StreamExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -85,7 +86,7 @@ pub struct Sync {
     device_source: &'static str,
     /// Random per store file: report message ids are `INSTALLATION-ROW`.
     installation: String,
-    trusted: Vec<VerifyingKey>,
+    trust: Mutex<trust::Trusted>,
     store: Arc<Store>,
     reconciler: Arc<Reconciler>,
     link: Mutex<LinkState>,
@@ -113,10 +114,11 @@ impl Sync {
             Some(config) => device_id(config, &store)?,
             None => identity.device.clone(),
         };
-        let trusted = match &config {
-            Some(config) => config.trusted().map_err(anyhow::Error::msg)?,
-            None => Vec::new(),
+        let trust = match &config {
+            Some(config) => config.trust().map_err(anyhow::Error::msg)?,
+            None => Default::default(),
         };
+        let trust = trust::Trusted::load(trust, &store)?;
         let (attempts, _) = watch::channel(0);
         let sync = Arc::new(Sync {
             link: Mutex::new(LinkState {
@@ -131,7 +133,7 @@ impl Sync {
             device,
             device_source,
             installation: identity.installation,
-            trusted,
+            trust: Mutex::new(trust),
             store,
             reconciler,
             wake: Notify::new(),
@@ -198,6 +200,33 @@ impl Sync {
         change(&mut self.link.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
+    /// The keys whose documents are trusted now: `trusted_keys` and the delegated ones.
+    fn signers(&self) -> Vec<ed25519_dalek::VerifyingKey> {
+        self.trust
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .signers(now_unix())
+    }
+
+    /// The delegation held: (serial, expiry), if any.
+    pub fn delegation(&self) -> Option<(u64, i64)> {
+        self.trust.lock().unwrap_or_else(|p| p.into_inner()).held()
+    }
+
+    /// What the device watches: its targets, and the delegation when it trusts roots.
+    fn watched(&self) -> Vec<String> {
+        let mut keys = self.targets();
+        if self
+            .trust
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .has_roots()
+        {
+            keys.insert(0, fleet::DELEGATION_KEY.to_string());
+        }
+        keys
+    }
+
     fn targets(&self) -> Vec<String> {
         let mut targets = vec![fleet::device_key(&self.device)];
         if let Some(config) = &self.config {
@@ -253,6 +282,7 @@ impl Sync {
                 "key": a.key, "version": a.version, "expires_unix": a.expires_unix,
                 "expired": a.expires_unix > 0 && a.expires_unix <= now, "complete": a.complete,
             })).collect::<Vec<_>>(),
+            "delegation_serial": self.delegation().map_or(0, |(serial, _)| serial),
             "errors": rejections.iter().map(|r| format!("{}: {}", r.key, r.reason)).collect::<Vec<_>>(),
         })
     }
@@ -311,8 +341,11 @@ impl Sync {
             message,
         };
         // The name shows in the server's connection list (connz), so operators see devices.
+        // Replies (publish acks, reads, watches) come to an inbox named for the device, so its
+        // NATS user can be allowed to subscribe to its own replies and nobody else's.
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("cairnd {}", self.device))
+            .custom_inbox_prefix(format!("_INBOX_{}", self.device))
             .connection_timeout(CONNECT_TIMEOUT);
         if let Some(path) = &config.credentials {
             options = options
@@ -353,7 +386,7 @@ impl Sync {
             self.flush(&context).await?;
         }
 
-        let targets = self.targets();
+        let keys = self.watched();
         let mut bucket = match context.get_key_value(fleet::DESIRED_BUCKET).await {
             Ok(bucket) => Some(bucket),
             Err(error) => {
@@ -363,27 +396,23 @@ impl Sync {
         };
         // Watch first, then read the current values: a document published in between is then
         // seen by the watch (seeing one twice is harmless: the same version is not news).
-        let mut watch = match &bucket {
-            Some(bucket) => Some(
-                bucket
-                    .watch_many(targets.iter().map(String::as_str))
-                    .await
-                    .map_err(upstream_error)?,
-            ),
+        let mut changes = match &bucket {
+            Some(_) => Some(keys::watch(&context, &self.device, &keys).await?),
             None => None,
         };
         if let Some(bucket) = &bucket {
-            self.apply_latest(&context, bucket, &targets).await?;
+            self.apply_latest(&context, bucket, &keys).await?;
         }
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
-                entry = async { watch.as_mut().expect("guarded").next().await }, if watch.is_some() => match entry {
-                    Some(Ok(entry)) if entry.operation == async_nats::jetstream::kv::Operation::Put => {
-                        self.apply(Some(&context), &entry.key, &entry.value).await?;
+                change = async { changes.as_mut().expect("guarded").next().await }, if changes.is_some() => match change {
+                    Some(Ok((key, Some(value)))) => {
+                        let bucket = bucket.as_ref().expect("a watch has its bucket");
+                        self.on_value(&context, bucket, &keys, &key, &value).await?;
                     }
-                    Some(Ok(_)) => {}
-                    Some(Err(error)) => return Err(upstream_error(error)),
+                    Some(Ok((_, None))) => {}
+                    Some(Err(error)) => return Err(error),
                     None => return Err(SyncError::Lost),
                 },
                 _ = tick.tick() => {
@@ -403,8 +432,8 @@ impl Sync {
                     if bucket.is_none() {
                         // Nothing published yet: stay connected, keep reporting, look again.
                         if let Ok(found) = context.get_key_value(fleet::DESIRED_BUCKET).await {
-                            watch = Some(found.watch_many(targets.iter().map(String::as_str)).await.map_err(upstream_error)?);
-                            self.apply_latest(&context, &found, &targets).await?;
+                            changes = Some(keys::watch(&context, &self.device, &keys).await?);
+                            self.apply_latest(&context, &found, &keys).await?;
                             bucket = Some(found);
                         }
                     }
@@ -412,7 +441,7 @@ impl Sync {
                 _ = self.wake.notified() => {
                     // `sync now` while connected: read the latest state again and report.
                     if let Some(bucket) = &bucket {
-                        self.apply_latest(&context, bucket, &targets).await?;
+                        self.apply_latest(&context, bucket, &keys).await?;
                     }
                     self.report(OutboxKind::Status, self.status_report().await).await;
                     if stream_ready {
@@ -424,18 +453,46 @@ impl Sync {
         }
     }
 
-    /// Applies the current value of each target key (on connect, on `sync now`, and when the
-    /// bucket first appears).
+    /// Applies the current value of each watched key, the delegation first (on connect, on
+    /// `sync now`, and when the bucket first appears).
     async fn apply_latest(
         &self,
         context: &jetstream::Context,
         bucket: &jetstream::kv::Store,
-        targets: &[String],
+        keys: &[String],
     ) -> Result<(), SyncError> {
-        for key in targets {
+        for key in keys {
             if let Some(value) = bucket.get(key.as_str()).await.map_err(upstream_error)? {
-                self.apply(Some(context), key, &value).await?;
+                if key == fleet::DELEGATION_KEY {
+                    self.apply_delegation(&value).await?;
+                } else {
+                    self.apply(Some(context), key, &value).await?;
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// A new value of one watched key. A new delegation may make documents refused before
+    /// trusted now: they are read again.
+    async fn on_value(
+        &self,
+        context: &jetstream::Context,
+        bucket: &jetstream::kv::Store,
+        keys: &[String],
+        key: &str,
+        value: &[u8],
+    ) -> Result<(), SyncError> {
+        if key != fleet::DELEGATION_KEY {
+            return self.apply(Some(context), key, value).await;
+        }
+        if self.apply_delegation(value).await? {
+            let documents: Vec<String> = keys
+                .iter()
+                .filter(|k| k.as_str() != fleet::DELEGATION_KEY)
+                .cloned()
+                .collect();
+            self.apply_latest(context, bucket, &documents).await?;
         }
         Ok(())
     }

@@ -293,3 +293,120 @@ fn versions_survive_a_deleted_bucket_and_concurrent_publishes_never_split_the_fl
     })
     .unwrap();
 }
+
+// Over 100 lines: one scenario (trust, rotate, revoke, replay), each step checked.
+#[test]
+fn signing_keys_rotate_and_revoke_through_a_root_delegation() {
+    let Some(lattice) = Lattice::start("signing_keys_rotate_and_revoke_through_a_root_delegation")
+    else {
+        return;
+    };
+    let dir = lattice.dir.path();
+    let keygen = |name: &str| {
+        let path = dir.join(name);
+        let public = cairn_tests::fleet_ok(&["keygen", "--out", path.to_str().unwrap()])
+            .trim()
+            .to_string();
+        (path, public)
+    };
+    let (root, root_public) = keygen("root.key");
+    let (old, old_public) = keygen("old.key");
+    let (new, new_public) = keygen("new.key");
+    // The device trusts the root only.
+    let config = format!(
+        "[upstream]\nnats = \"{}\"\ndevice = \"edge-r\"\ntrusted_roots = [\"{root_public}\"]\n",
+        lattice.nats.url()
+    );
+    let daemon = Daemon::start_with(Some(&config), &[]);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let addr = listen.parse().unwrap();
+    let publish = |key: &std::path::Path, greeting: &str| {
+        let result = lattice.publish_with(key, "edge-r", "rotated", &listen, greeting, "30d");
+        assert_eq!(result.code, 0, "{}", result.stderr);
+    };
+    let delegate = |keys: &[&str]| {
+        let mut args: Vec<&str> = vec!["delegate"];
+        args.extend(lattice.upstream.iter().map(String::as_str));
+        args.extend(["--root", root.to_str().unwrap()]);
+        for key in keys {
+            args.extend(["--signing-key", key]);
+        }
+        cairn_tests::fleet_ok(&args)
+    };
+
+    // Signed by a key no root delegated yet: refused.
+    publish(&old, "one");
+    daemon.ctl_ok(&["sync", "now"]);
+    wait_for(
+        "the undelegated key refused",
+        Duration::from_secs(30),
+        || rejected(&daemon, "does not trust"),
+    )
+    .unwrap();
+    // The root delegates it: the document refused before applies, with no new publish.
+    assert!(delegate(&[&old_public]).contains("published delegation 1"));
+    wait_greeting(addr, "one");
+    assert_eq!(sync_status(&daemon)["delegation"]["serial"], 1);
+    let first_delegation = lattice.kv_get("trust.delegation");
+
+    // Rotation: both keys, then the new one publishes.
+    delegate(&[&old_public, &new_public]);
+    wait_for("delegation 2", Duration::from_secs(30), || {
+        sync_status(&daemon)["delegation"]["serial"] == 2
+    })
+    .unwrap();
+    publish(&new, "two");
+    wait_greeting(addr, "two");
+
+    // Revocation: the new key alone. The old key's next document is refused.
+    delegate(&[&new_public]);
+    wait_for("delegation 3", Duration::from_secs(30), || {
+        sync_status(&daemon)["delegation"]["serial"] == 3
+    })
+    .unwrap();
+    publish(&old, "revoked");
+    daemon.ctl_ok(&["sync", "now"]);
+    wait_for("the revoked key refused", Duration::from_secs(30), || {
+        rejected(&daemon, "does not trust")
+            && sync_status(&daemon)["rejections"][0]["key"] == "device.edge-r"
+    })
+    .unwrap();
+    assert_eq!(get(addr, "/").unwrap().body, "two from cairn\n");
+
+    // A replay of delegation 1 (which named the revoked key) is refused, and the old key
+    // stays refused; a delegation signed by a signing key, not the root, too.
+    lattice.kv_put("trust.delegation", first_delegation);
+    daemon.ctl_ok(&["sync", "now"]);
+    wait_for(
+        "the replayed delegation refused",
+        Duration::from_secs(30),
+        || rejected(&daemon, "not newer than the serial 3"),
+    )
+    .unwrap();
+    assert_eq!(sync_status(&daemon)["delegation"]["serial"], 3);
+    let mut args: Vec<&str> = vec!["delegate"];
+    args.extend(lattice.upstream.iter().map(String::as_str));
+    args.extend([
+        "--root",
+        new.to_str().unwrap(),
+        "--signing-key",
+        &old_public,
+    ]);
+    cairn_tests::fleet_ok(&args);
+    daemon.ctl_ok(&["sync", "now"]);
+    wait_for(
+        "the signing key's delegation refused",
+        Duration::from_secs(30),
+        || rejected(&daemon, "not one of this device's roots"),
+    )
+    .unwrap();
+    assert_eq!(get(addr, "/").unwrap().body, "two from cairn\n");
+
+    // The held delegation survives a restart: the old key is still refused after it.
+    let mut daemon = daemon;
+    daemon.stop();
+    daemon.restart();
+    assert_eq!(sync_status(&daemon)["delegation"]["serial"], 3);
+    publish(&new, "three");
+    wait_greeting(addr, "three");
+}
