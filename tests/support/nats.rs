@@ -64,6 +64,11 @@ impl Nats {
         Some(nats)
     }
 
+    /// What the server logged (permission refusals, cluster events).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }

@@ -444,6 +444,10 @@ impl Sync {
                         self.apply_latest(&context, bucket, &keys).await?;
                     }
                     self.report(OutboxKind::Status, self.status_report().await).await;
+                    if !stream_ready {
+                        stream_ready = self.ensure_report_stream(&context).await;
+                        stream_checked = Instant::now();
+                    }
                     if stream_ready {
                         self.flush(&context).await?;
                     }

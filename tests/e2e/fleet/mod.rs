@@ -6,6 +6,7 @@ use std::time::Duration;
 
 mod convergence;
 mod links;
+mod privilege;
 mod trust;
 
 pub(super) fn sync_status(daemon: &Daemon) -> serde_json::Value {
