@@ -176,7 +176,7 @@ impl Store {
     /// Refuses `incoming` more bytes if they would leave less than a reserve's worth free on
     /// the disk (kept for the store's own writes: commits, logs), or take the store past its
     /// budget, in both cases after collecting what nothing uses.
-    pub(super) fn check_room(&self, incoming: u64) -> Result<(), StoreError> {
+    pub fn check_room(&self, incoming: u64) -> Result<(), StoreError> {
         let short = || {
             super::reserve::free_bytes(&self.path)
                 .filter(|free| *free < incoming + super::reserve::RESERVE_BYTES)

@@ -114,6 +114,11 @@ pub fn now_unix() -> i64 {
 }
 
 impl Store {
+    /// The folder the database lives in (the state directory).
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     /// When that fails and a reserve was set aside (`reserve`), the reserve is given back and
     /// the database opened again: a full disk does not stop cairnd from starting.

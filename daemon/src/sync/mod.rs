@@ -293,6 +293,7 @@ impl Sync {
             tracing::warn!(%error, "could not let go of the keys this device no longer follows");
         }
         self.queue_incomplete().await;
+        artifact::remove_abandoned(&self.downloads());
         let mut failures: u32 = 0;
         loop {
             self.set_link(|link| link.state = "connecting");

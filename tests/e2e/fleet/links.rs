@@ -11,10 +11,10 @@ fn padded_hello(dir: &Path, pad: usize) -> PathBuf {
 }
 
 #[test]
-fn a_download_cut_halfway_leaves_nothing_and_completes_after_the_link_returns() {
-    let Some(mut lattice) = Lattice::start(
-        "a_download_cut_halfway_leaves_nothing_and_completes_after_the_link_returns",
-    ) else {
+fn a_download_cut_halfway_stores_nothing_and_resumes_where_it_stopped() {
+    let Some(mut lattice) =
+        Lattice::start("a_download_cut_halfway_stores_nothing_and_resumes_where_it_stopped")
+    else {
         return;
     };
     const PAD: usize = 96 << 20;
@@ -76,10 +76,27 @@ fn a_download_cut_halfway_leaves_nothing_and_completes_after_the_link_returns() 
         .unwrap()
         .is_empty());
 
-    // The link returns: the download starts over and the app serves the whole artifact.
+    // What arrived before the cut is kept beside the store, with its checkpoint.
+    let checkpoint = daemon
+        .state
+        .join("downloads")
+        .join(format!("{}.json", digest.replace(':', "-")));
+    let kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&checkpoint).expect("a checkpoint")).unwrap();
+    let kept = kept["bytes"].as_u64().unwrap();
+    assert!(kept >= 1 << 20, "only {kept} bytes kept of the {sent} sent");
+
+    // The link returns: the download resumes from there, not from zero, and the app serves
+    // the whole artifact.
     lattice.nats.restart();
     daemon.ctl_ok(&["sync", "now"]);
     wait_greeting(listen.parse().unwrap(), "big");
+    let resent = lattice.nats.bytes_sent_to("cairnd edge-5").unwrap();
+    assert!(
+        resent < PAD as u64 - kept + (2 << 20),
+        "{resent} bytes sent after the cut for a {PAD}-byte artifact of which {kept} were kept"
+    );
+    assert!(!checkpoint.exists(), "the checkpoint outlived the download");
     let stored = daemon
         .stored_blob(&digest)
         .expect("the artifact is in the store");
