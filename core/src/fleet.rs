@@ -55,6 +55,24 @@ pub fn artifact_store_config(replicas: usize) -> async_nats::jetstream::object_s
     }
 }
 
+/// The servers of an upstream: one URL, or several separated by commas (the servers of a
+/// cluster; the client tries them in turn).
+pub fn server_addrs(text: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    let addrs = text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|url| {
+            url.parse::<async_nats::ServerAddr>()
+                .map_err(|e| format!("`{url}` is not a NATS server address: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() {
+        return Err("no NATS server given".into());
+    }
+    Ok(addrs)
+}
+
 /// Why the lattice turned a connection away, when the fix is a setting of whoever connected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectRefusal {

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 #[derive(Args)]
 pub struct Upstream {
-    /// The NATS server, such as nats://nats.example:4222.
-    #[arg(long, value_name = "URL")]
+    /// The NATS server, such as nats://nats.example:4222; the servers of a cluster separated
+    /// by commas.
+    #[arg(long, value_name = "URL[,URL...]")]
     nats: String,
     /// A NATS credentials file.
     #[arg(long, value_name = "FILE")]
@@ -117,7 +118,7 @@ async fn connect(upstream: &Upstream) -> Result<async_nats::Client> {
     }
     tokio::time::timeout(
         Duration::from_secs(15),
-        options.connect(upstream.nats.as_str()),
+        options.connect(fleet::server_addrs(&upstream.nats).map_err(|e| anyhow!("--nats: {e}"))?),
     )
     .await
     .map_err(|_| anyhow!("no answer from {} within 15s", upstream.nats))?

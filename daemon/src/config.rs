@@ -103,7 +103,8 @@ impl Default for StoreConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// The NATS server, such as nats://nats.example:4222.
+    /// The NATS server, such as nats://nats.example:4222; the servers of a cluster separated
+    /// by commas (tried in turn).
     pub nats: String,
     /// A NATS credentials file.
     #[serde(default)]
@@ -276,6 +277,8 @@ impl Config {
             .map_err(|e: toml::de::Error| e.message().to_string())?;
         if let Some(upstream) = &config.upstream {
             upstream.trust()?;
+            cairn_core::fleet::server_addrs(&upstream.nats)
+                .map_err(|e| format!("upstream.nats: {e}"))?;
             if let Some(device) = &upstream.device {
                 cairn_core::fleet::check_name("upstream.device", device)?;
             }

@@ -18,6 +18,8 @@ pub fn fleet_ok(args: &[&str]) -> String {
 /// hello component uploaded to its artifact store: what a fleet device syncs with.
 pub struct Lattice {
     pub nats: Nats,
+    /// The other servers of a cluster (`Lattice::cluster`); empty for one server.
+    pub others: Vec<Nats>,
     /// What cairnctl fleet is given to reach the server: `--nats URL`, and `--tls-ca` if set.
     pub upstream: Vec<String>,
     pub key: PathBuf,
@@ -35,7 +37,60 @@ impl Lattice {
     /// with `tls_ca` when given.
     pub fn start_with(test: &str, config: Option<&str>, tls_ca: Option<&Path>) -> Option<Lattice> {
         let nats = Nats::start_with_config(test, config)?;
-        let mut upstream = vec!["--nats".to_string(), nats.url()];
+        Some(Lattice::on(nats, Vec::new(), tls_ca))
+    }
+
+    /// A JetStream cluster of three servers on loopback (routes between them), with the
+    /// upstream's streams and buckets made with `replicas` by `cairnctl fleet init`.
+    pub fn cluster(test: &str, replicas: u8) -> Option<Lattice> {
+        nats_server_binary().or_else(|| {
+            skip(test, "no nats-server found (./bootstrap test installs it)");
+            None
+        })?;
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for (index, port) in routes.iter().enumerate() {
+            let others: Vec<String> = routes
+                .iter()
+                .filter(|p| *p != port)
+                .map(|p| format!("\"nats://127.0.0.1:{p}\""))
+                .collect();
+            let config = format!(
+                "server_name: n{index}\ncluster {{\n  name: cairn-test\n  listen: \"127.0.0.1:{port}\"\n  routes: [{}]\n}}\n",
+                others.join(", ")
+            );
+            nodes.push(Nats::start_with_config(test, Some(&config))?);
+        }
+        let urls: Vec<String> = nodes.iter().map(Nats::url).collect();
+        let urls = urls.join(",");
+        // The cluster elects its JetStream leader in a few seconds; until then init fails.
+        let replicas = replicas.to_string();
+        wait_for(
+            "the cluster to take fleet init",
+            Duration::from_secs(60),
+            || fleet(&["init", "--nats", &urls, "--replicas", &replicas]).code == 0,
+        )
+        .unwrap();
+        let first = nodes.remove(0);
+        Some(Lattice::on(first, nodes, None))
+    }
+
+    /// Every server's URL, comma-separated: what devices and cairnctl are given.
+    pub fn urls(&self) -> String {
+        std::iter::once(&self.nats)
+            .chain(&self.others)
+            .map(Nats::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn on(nats: Nats, others: Vec<Nats>, tls_ca: Option<&Path>) -> Lattice {
+        let urls = std::iter::once(&nats)
+            .chain(&others)
+            .map(Nats::url)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut upstream = vec!["--nats".to_string(), urls];
         if let Some(ca) = tls_ca {
             upstream.extend(["--tls-ca".to_string(), ca.to_str().unwrap().to_string()]);
         }
@@ -51,14 +106,15 @@ impl Lattice {
             .chain([hello.to_str().unwrap()])
             .collect();
         let digest = fleet_ok(&upload).trim().to_string();
-        Some(Lattice {
+        Lattice {
             nats,
+            others,
             upstream,
             key,
             public,
             digest,
             dir,
-        })
+        }
     }
 
     pub fn device_config(&self, device: &str) -> String {
@@ -69,7 +125,7 @@ impl Lattice {
     pub fn unnamed_device_config(&self, groups: &[&str]) -> String {
         format!(
             "[upstream]\nnats = \"{}\"\ngroups = {groups:?}\ntrusted_keys = [\"{}\"]\n",
-            self.nats.url(),
+            self.urls(),
             self.public
         )
     }
@@ -77,7 +133,7 @@ impl Lattice {
     pub fn device_config_in(&self, device: &str, groups: &[&str]) -> String {
         format!(
             "[upstream]\nnats = \"{}\"\ndevice = \"{device}\"\ngroups = {groups:?}\ntrusted_keys = [\"{}\"]\n",
-            self.nats.url(),
+            self.urls(),
             self.public
         )
     }
@@ -149,9 +205,9 @@ impl Lattice {
     }
 
     pub fn kv_get(&self, key: &str) -> Vec<u8> {
-        let url = self.nats.url();
+        let url = self.urls();
         self.block_on(async move {
-            let client = async_nats::connect(url).await.unwrap();
+            let client = connect_all(&url).await;
             let kv = async_nats::jetstream::new(client)
                 .get_key_value("cairn-desired")
                 .await
@@ -161,9 +217,9 @@ impl Lattice {
     }
 
     pub fn kv_put(&self, key: &str, value: Vec<u8>) {
-        let url = self.nats.url();
+        let url = self.urls();
         self.block_on(async move {
-            let client = async_nats::connect(url).await.unwrap();
+            let client = connect_all(&url).await;
             let kv = async_nats::jetstream::new(client)
                 .get_key_value("cairn-desired")
                 .await
@@ -172,31 +228,66 @@ impl Lattice {
         })
     }
 
-    /// Every report message in the stream for `device`, as JSON.
+    /// Every report message in the stream for `device`, as JSON: as many as the stream held
+    /// when asked (retried while a cluster re-elects its leaders).
     pub fn reports(&self, device: &str) -> Vec<serde_json::Value> {
-        let url = self.nats.url();
+        let url = self.urls();
         let subject = format!("cairn.report.{device}.>");
         self.block_on(async move {
-            let client = async_nats::connect(url).await.unwrap();
-            let stream = async_nats::jetstream::new(client)
-                .get_stream("CAIRN_REPORTS")
-                .await
-                .unwrap();
-            let consumer = stream
-                .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
-                    filter_subject: subject,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
-            let mut messages = consumer.messages().await.unwrap();
-            let mut reports = Vec::new();
-            while let Ok(Some(Ok(message))) =
-                tokio::time::timeout(Duration::from_secs(2), messages.next()).await
-            {
-                reports.push(serde_json::from_slice(&message.payload).unwrap());
+            let mut last_error = String::new();
+            for _ in 0..20 {
+                match read_reports(&url, &subject).await {
+                    Ok(reports) => return reports,
+                    Err(error) => last_error = error,
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            reports
+            panic!("cannot read the reports on {subject}: {last_error}");
         })
     }
+}
+
+async fn read_reports(url: &str, subject: &str) -> Result<Vec<serde_json::Value>, String> {
+    let client = connect_all(url).await;
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("CAIRN_REPORTS")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let pending = consumer
+        .info()
+        .await
+        .map_err(|e| e.to_string())?
+        .num_pending;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let mut reports = Vec::new();
+    while (reports.len() as u64) < pending {
+        match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
+            Ok(Some(Ok(message))) => {
+                reports.push(serde_json::from_slice(&message.payload).unwrap())
+            }
+            Ok(Some(Err(error))) => return Err(error.to_string()),
+            Ok(None) | Err(_) => {
+                return Err(format!("{} of {pending} reports read", reports.len()))
+            }
+        }
+    }
+    Ok(reports)
+}
+
+/// A client of every server in `urls` (comma-separated), retrying while the cluster settles.
+pub async fn connect_all(urls: &str) -> async_nats::Client {
+    let servers: Vec<async_nats::ServerAddr> =
+        urls.split(',').map(|u| u.parse().unwrap()).collect();
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(servers)
+        .await
+        .unwrap()
 }

@@ -64,6 +64,10 @@ impl Nats {
         Some(nats)
     }
 
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// What the server logged (permission refusals, cluster events).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()

@@ -360,7 +360,8 @@ impl Sync {
         if let Some(ca) = &config.tls_ca {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
         }
-        tokio::time::timeout(CONNECT_TIMEOUT * 2, options.connect(config.nats.as_str()))
+        let servers = fleet::server_addrs(&config.nats).map_err(connect_error)?;
+        tokio::time::timeout(CONNECT_TIMEOUT * 2, options.connect(servers))
             .await
             .map_err(|_| connect_error("no answer".into()))?
             .map_err(|e| connect_error(connect_failure(&e)))
@@ -515,6 +516,14 @@ impl Sync {
             .await
         {
             Ok(_) => true,
+            // It exists (its info did not answer: a cluster electing the stream's leader):
+            // publishing will tell.
+            Err(error)
+                if matches!(error.kind(), jetstream::context::CreateStreamErrorKind::JetStream(e)
+                    if e.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST) =>
+            {
+                true
+            }
             Err(error) => {
                 let message = format!(
                     "reports wait in the outbox: the stream {} is missing upstream and this device could not make it ({error}); `cairnctl fleet init` makes it",

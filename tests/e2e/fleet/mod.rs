@@ -4,6 +4,7 @@
 use cairn_tests::{component, fleet, fleet_ok, free_port, get, wait_for, Daemon, Lattice};
 use std::time::Duration;
 
+mod cluster;
 mod convergence;
 mod links;
 mod privilege;
