@@ -80,7 +80,7 @@ check: lint components
 # Everything, including what does not fit CI's budget: the whole suite, the arm64 image booted
 # under QEMU, and the Raspberry Pi image (about 40 minutes more the first time, for the cached
 # arm64 Debian root; about 10 after that), the hostile suite and the crash loop.
-test-all: test (boot-test "arm64") test-rpi hostile (hostile "--pinned") crash power-cut fuzz
+test-all: test (boot-test "arm64") test-rpi hostile (hostile "--pinned") crash linkcut power-cut fuzz
 
 # Fuzzing, outside CI (about SECONDS x 6, plus a few minutes of building once): each target
 # in fuzz/ (manifest, fleet_document, config, import_manifest, pool_frames, control_request)
@@ -111,6 +111,13 @@ fuzz seconds="60" *targets="manifest fleet_document config import_manifest pool_
 # (images/power-cut); figures to RELIABILITY.md.
 power-cut cycles="20": (image "amd64") components
     CAIRN_POWER_CUT_REPORT=RELIABILITY.md images/power-cut images/out/cairn-{{version}}-amd64.img {{hello}} {{cycles}}
+
+# Link cuts (50 rounds, about 3 minutes after the release build; needs root): two devices
+# sync over a link cut, taken down or made poor at random; every device converges and every
+# log line arrives exactly once. Figures to RELIABILITY.md.
+linkcut rounds="50": components
+    cargo build --release --workspace --bins
+    CAIRN_PROFILE=release CAIRN_LINKCUT_ROUNDS={{rounds}} CAIRN_LINKCUT_REPORT=1 cargo test --release -p cairn-tests --test linkcut
 
 # The crash loop (100 rounds, about 5 minutes after the release build): a random operation (deploy, rollback, rm, push,
 # a log flood through the outbox to a real nats-server, a fleet document to fetch) with cairnd
@@ -228,3 +235,4 @@ bench *flags: components
     cargo build --release --workspace --bins
     cargo bench -p cairn-tests --bench serve -- {{flags}}
     cargo bench -p cairn-tests --bench fleet -- {{flags}}
+    cargo bench -p cairn-tests --bench poorlink -- {{flags}}

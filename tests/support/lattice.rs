@@ -40,6 +40,12 @@ impl Lattice {
         Some(Lattice::on(nats, Vec::new(), tls_ca))
     }
 
+    /// A lattice whose server sits on the far side of `link` (see `netem`).
+    pub fn behind(test: &str, link: &crate::netem::Link) -> Option<Lattice> {
+        let nats = Nats::start_behind(test, link)?;
+        Some(Lattice::on(nats, Vec::new(), None))
+    }
+
     /// A JetStream cluster of three servers on loopback (routes between them), with the
     /// upstream's streams and buckets made with `replicas` by `cairnctl fleet init`.
     pub fn cluster(test: &str, replicas: u8) -> Option<Lattice> {

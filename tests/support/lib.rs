@@ -7,6 +7,7 @@ mod daemon;
 mod http;
 mod lattice;
 mod nats;
+pub mod netem;
 pub mod report;
 
 pub use daemon::{cgroup_dirs, wait_child, Daemon, NotificationRecorder};

