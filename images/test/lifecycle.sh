@@ -26,7 +26,10 @@ version() {  # the installed version, or none (also when only conffiles are left
 # systemd.run= makes this command the boot's goal instead of multi-user.target: reach it.
 systemctl start multi-user.target
 ready
+# The fleet id: made at first start (the image carries no store), kept across an upgrade.
+device() { cairnctl sync status | awk '$1 == "device" { print $2 }'; }
 echo "RESULT installed=$(version) apps=$(apps)"
+echo "RESULT device=$(device)"
 echo "RESULT cgroup=$(stat -fc %T /sys/fs/cgroup) limits=$(cairnctl status | sed -n 's/^limits *//p' | tr ' ' '_')"
 # The hello app's pool (a spare pool process, not yet any app's, waits beside it).
 pool=$(pgrep -f 'cairnd pool --app hello' | head -1)
@@ -45,6 +48,7 @@ systemd-analyze security --no-pager cairnd.service >"$dir/security.txt" 2>&1
 dpkg -i "$dir/cairn-upgrade.deb"
 ready
 echo "RESULT upgraded=$(version) apps=$(apps)"
+echo "RESULT upgraded_device=$(device)"
 
 dpkg -r cairn
 echo "RESULT removed=$(version) state=$(test -f /var/lib/cairn/cairn.db && echo kept || echo gone) active=$(systemctl is-active cairnd)"

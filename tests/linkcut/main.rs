@@ -1,9 +1,10 @@
 //! Link cuts: two devices sync with a nats-server on the far side of a link (`netem::Link`:
 //! the server in a network namespace of its own, every packet through a forwarder that delays,
 //! drops, rate-limits and cuts). Each round publishes a new version for both devices and
-//! makes each log a burst of lines that go up through the outbox, then disturbs the link at a
-//! random moment: a cut (packets dropped, no reset) or the interface taken down, for 0.5 to 4
-//! s, or a poor spell (delay 20 to 200 ms, loss 1 to 5%, 1 to 20 Mbit/s). At the end, with
+//! makes each log a burst of lines that go up through the outbox, then cuts the link at a
+//! random moment (packets dropped with no reset, or the interface taken down) for 0.5 to 4 s,
+//! then makes it poor until the next round (delay 20 to 200 ms one way, loss 1 to 5%, 1 to 20
+//! Mbit/s). At the end, with
 //! the link clean, every device must be at the last version and every log line it stores must
 //! have reached the upstream exactly once.
 //!
@@ -83,42 +84,45 @@ fn main() {
     let mut tally = std::collections::BTreeMap::<&str, u32>::new();
     for round in 1..=rounds {
         let version = format!("r{round}");
+        // The operator publishes from elsewhere: not through the device's poor link.
+        link.clear();
         for device in &devices {
             lattice.publish(device.id, "fleet-app", &device.fleet_app, &version);
             let lines = format!("/lines?200-{version}-{}", device.id);
             assert_eq!(get(device.web, &lines).unwrap().status, 200);
         }
-        // The disturbance lands while the devices fetch, deploy and flush.
+        // The cut lands at a random moment while the devices fetch, deploy and flush.
         std::thread::sleep(Duration::from_millis(rng.between(0, 1500)));
         let hold = Duration::from_millis(rng.between(500, 4000));
-        match rng.between(0, 2) {
-            0 => {
-                *tally.entry("cut").or_default() += 1;
-                link.set(Shape {
-                    cut: true,
-                    ..Default::default()
-                });
-                std::thread::sleep(hold);
-            }
-            1 => {
-                *tally.entry("interface down").or_default() += 1;
-                link.interface(false);
-                std::thread::sleep(hold);
-                link.interface(true);
-            }
-            _ => {
-                *tally.entry("poor spell").or_default() += 1;
-                link.set(Shape {
-                    delay: Duration::from_millis(rng.between(20, 200)),
-                    loss: rng.between(1, 5) as f64 / 100.0,
-                    rate: rng.between(1, 20) * 1_000_000,
-                    cut: false,
-                });
-                std::thread::sleep(hold.max(Duration::from_secs(2)));
-            }
+        if rng.between(0, 1) == 0 {
+            *tally.entry("cut").or_default() += 1;
+            link.set(Shape {
+                cut: true,
+                ..Default::default()
+            });
+            std::thread::sleep(hold);
+        } else {
+            *tally.entry("interface down").or_default() += 1;
+            link.interface(false);
+            std::thread::sleep(hold);
+            link.interface(true);
         }
+        // Then a poor spell until the next round.
+        let poor = Shape {
+            delay: Duration::from_millis(rng.between(20, 200)),
+            loss: rng.between(1, 5) as f64 / 100.0,
+            rate: rng.between(1, 20) * 1_000_000,
+            cut: false,
+        };
+        link.set(poor);
+        std::thread::sleep(Duration::from_millis(rng.between(1000, 3000)));
         link.clear();
-        println!("round {round}: {version} published; link disturbed for {hold:?}");
+        println!(
+            "round {round}: {version} published; link cut for {hold:?}, then {} ms, {:.0}% loss, {} Mbit/s",
+            poor.delay.as_millis(),
+            poor.loss * 100.0,
+            poor.rate / 1_000_000
+        );
     }
     let last = format!("r{rounds}");
     let mut checked = 0;
@@ -179,9 +183,9 @@ fn main() {
     if std::env::var_os("CAIRN_LINKCUT_REPORT").is_some() {
         let body = format!(
             "## Link cuts\n\n`just linkcut {rounds}` on {}: {rounds} rounds in {elapsed:.0?} (seed {seed}), disturbances {tally:?}. \
-             Two devices, a new version each per round and 200 log lines each per round, the link to the nats-server \
-             cut (packets dropped), its interface taken down, or made poor (20 to 200 ms one way, 1 to 5% loss, 1 to \
-             20 Mbit/s) at a random moment. Both devices converged on the last version; {checked} stored log lines \
+             Two devices, a new version each per round and 200 log lines each per round; each round the link to \
+             the nats-server is cut at a random moment (packets dropped, or its interface taken down) for 0.5 to 4 s, \
+             then made poor (20 to 200 ms one way, 1 to 5% loss, 1 to 20 Mbit/s) until the next round. Both devices converged on the last version; {checked} stored log lines \
              each reached the stream exactly once. The link is a TUN pair with a forwarder in the test (this kernel \
              has no `sch_netem`); see tests/support/netem.rs.\n",
             cairn_tests::report::machine()
