@@ -295,7 +295,16 @@ async fn publish(
         .and_then(|signed| serde_json::from_str::<fleet::Document>(&signed.payload).ok())
         .map(|document| document.version)
         .unwrap_or(0);
-    let reported = reported_version(&context, &target).await?;
+    let reported = reported_floor(&context, stored, &target, |report| {
+        report["applied"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|applied| applied["key"].as_str() == Some(target.as_str()))
+            .filter_map(|applied| applied["version"].as_u64())
+            .max()
+    })
+    .await?;
     let floor = stored.max(reported);
     let version = match version {
         Some(version) if version <= floor => bail!(
@@ -303,7 +312,9 @@ async fn publish(
             floor + 1
         ),
         Some(version) => version,
-        None => floor + 1,
+        None => floor
+            .checked_add(1)
+            .ok_or_else(|| anyhow!("{target} is at the highest version there is"))?,
     };
     // Warn about components devices could not fetch.
     if let Ok(store) = context.get_object_store(fleet::ARTIFACT_BUCKET).await {
@@ -385,18 +396,18 @@ async fn delegate(
         .and_then(|signed| serde_json::from_str::<fleet::Delegation>(&signed.payload).ok())
         .map(|d| d.serial)
         .unwrap_or(0);
-    let reported = latest_statuses(&context, None)
-        .await?
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|r| r["delegation_serial"].as_u64())
-        .max()
-        .unwrap_or(0);
+    let reported = reported_floor(&context, stored, fleet::DELEGATION_KEY, |report| {
+        report["delegation_serial"].as_u64()
+    })
+    .await?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs() as i64;
     let delegation = fleet::Delegation {
-        serial: stored.max(reported) + 1,
+        serial: stored
+            .max(reported)
+            .checked_add(1)
+            .ok_or_else(|| anyhow!("the delegation serial is at its maximum"))?,
         issued_unix: now,
         expires_unix: now + lifetime.0.as_secs() as i64,
         keys,
@@ -501,17 +512,39 @@ async fn latest_statuses(
     Ok(Some(reports))
 }
 
-/// The highest version of `target` any device's latest status report says it applied.
-async fn reported_version(context: &jetstream::Context, target: &str) -> Result<u64> {
-    let reports = latest_statuses(context, None).await?.unwrap_or_default();
-    Ok(reports
-        .iter()
-        .filter_map(|report| report["applied"].as_array())
-        .flatten()
-        .filter(|applied| applied["key"].as_str() == Some(target))
-        .filter_map(|applied| applied["version"].as_u64())
-        .max()
-        .unwrap_or(0))
+/// Reported numbers above the stored one by more than this are not taken as a floor: a
+/// device's own reports are its word, and a hostile one could otherwise wedge a key.
+const CREDIBLE_GAP: u64 = 1_000_000;
+
+/// The highest number (`read` from each latest status report) devices report for `key`, as a
+/// floor for the next one. A device key counts only its own device's reports; numbers far
+/// above `stored` are ignored with a warning naming the device.
+async fn reported_floor(
+    context: &jetstream::Context,
+    stored: u64,
+    key: &str,
+    read: impl Fn(&serde_json::Value) -> Option<u64>,
+) -> Result<u64> {
+    let device = key.strip_prefix("device.");
+    let reports = latest_statuses(context, device).await?.unwrap_or_default();
+    let mut floor = 0;
+    for report in &reports {
+        let Some(number) = read(report) else {
+            continue;
+        };
+        let from = report["device"].as_str().unwrap_or("?");
+        if number > stored.saturating_add(CREDIBLE_GAP) {
+            eprintln!(
+                "warning: device `{from}` reports {number} for {key}, far above the {stored} stored; not taken as a floor"
+            );
+            continue;
+        }
+        if number > stored {
+            eprintln!("note: device `{from}` reports {number} applied for {key}, above the {stored} stored upstream; continuing from it");
+        }
+        floor = floor.max(number);
+    }
+    Ok(floor)
 }
 
 /// `fleet init`: the report stream, the desired-state bucket and the artifact store.

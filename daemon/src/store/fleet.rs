@@ -17,6 +17,9 @@ pub struct AppliedRecord {
     pub expires_unix: i64,
     /// Whether every deploy and removal it asked for succeeded; if not, sync retries.
     pub complete: bool,
+    /// SHA-256 (hex) of the value as read from the bucket: the same bytes seen again are not
+    /// news ('' for records from before schema 8).
+    pub value_sha256: String,
 }
 
 /// What one applied document was, for `record_applied`.
@@ -26,6 +29,7 @@ pub struct Applied<'a> {
     pub specs: &'a [AppSpec],
     pub expires_unix: i64,
     pub complete: bool,
+    pub value_sha256: &'a str,
 }
 
 /// Who this installation is (schema 8): `installation` is random per store file, `device` the
@@ -49,7 +53,7 @@ impl Store {
         let connection = self.lock();
         let mut statement = connection
             .prepare(
-                "SELECT key, version, applied_unix, apps, specs, expires_unix, complete FROM sync_applied ORDER BY key",
+                "SELECT key, version, applied_unix, apps, specs, expires_unix, complete, value_sha256 FROM sync_applied ORDER BY key",
             )
             .map_err(|e| self.error(e))?;
         let rows = statement
@@ -62,6 +66,7 @@ impl Store {
                     specs: serde_json::from_str(&row.get::<_, String>(4)?).unwrap_or_default(),
                     expires_unix: row.get(5)?,
                     complete: row.get(6)?,
+                    value_sha256: row.get(7)?,
                 })
             })
             .map_err(|e| self.error(e))?;
@@ -74,8 +79,8 @@ impl Store {
         let connection = self.lock();
         connection
             .execute(
-                "INSERT INTO sync_applied (key, version, applied_unix, apps, specs, expires_unix, complete) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (key) DO UPDATE SET version = excluded.version, applied_unix = excluded.applied_unix, apps = excluded.apps, specs = excluded.specs, expires_unix = excluded.expires_unix, complete = excluded.complete",
+                "INSERT INTO sync_applied (key, version, applied_unix, apps, specs, expires_unix, complete, value_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (key) DO UPDATE SET version = excluded.version, applied_unix = excluded.applied_unix, apps = excluded.apps, specs = excluded.specs, expires_unix = excluded.expires_unix, complete = excluded.complete, value_sha256 = excluded.value_sha256",
                 params![
                     applied.key,
                     applied.version as i64,
@@ -84,7 +89,19 @@ impl Store {
                     serde_json::to_string(applied.specs).expect("specs serialise"),
                     applied.expires_unix,
                     applied.complete,
+                    applied.value_sha256,
                 ],
+            )
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// Marks the applied documents complete (every fleet app at its winning spec).
+    pub fn mark_applied_complete(&self) -> Result<(), StoreError> {
+        self.lock()
+            .execute(
+                "UPDATE sync_applied SET complete = 1 WHERE complete = 0",
+                [],
             )
             .map_err(|e| self.error(e))?;
         Ok(())

@@ -110,10 +110,13 @@ const MIGRATIONS: &[&str] = &[
      );
      INSERT INTO identity (name, value) VALUES ('installation', lower(hex(randomblob(16))));
      INSERT INTO identity (name, value) VALUES ('device', coalesce(
-        (SELECT substr(key, 8) FROM sync_applied WHERE key LIKE 'device.%' ORDER BY applied_unix DESC LIMIT 1),
+        (SELECT substr(key, 8) FROM sync_applied WHERE key LIKE 'device.%'
+           AND length(key) BETWEEN 8 AND 71 AND substr(key, 8) NOT GLOB '*[^A-Za-z0-9_-]*'
+           ORDER BY applied_unix DESC LIMIT 1),
         'cairn-' || lower(hex(randomblob(8)))));
      ALTER TABLE sync_applied ADD COLUMN expires_unix INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE sync_applied ADD COLUMN complete INTEGER NOT NULL DEFAULT 1;
+     ALTER TABLE sync_applied ADD COLUMN value_sha256 TEXT NOT NULL DEFAULT '';
      CREATE TABLE fleet_delegation (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         serial INTEGER NOT NULL,
@@ -225,5 +228,20 @@ mod tests {
         .unwrap();
         run(&mut old).unwrap();
         assert_eq!(identity(&old).1, "pump-7");
+
+        // A host name with dots cannot be a subject token: a random id instead.
+        let mut dotted = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..7] {
+            dotted.execute_batch(sql).unwrap();
+        }
+        dotted.pragma_update(None, "user_version", 7).unwrap();
+        dotted
+            .execute(
+                "INSERT INTO sync_applied (key, version, applied_unix, apps) VALUES ('device.pump.plant', 3, 6, '[]')",
+                [],
+            )
+            .unwrap();
+        run(&mut dotted).unwrap();
+        assert!(identity(&dotted).1.starts_with("cairn-"));
     }
 }

@@ -457,6 +457,7 @@ mod tests {
                 specs: &[spec("pump", &fleet_used, "x")],
                 expires_unix: 0,
                 complete: true,
+                value_sha256: "",
             })
             .unwrap();
         // A record whose specs do not parse (damage) does not stop collection.
@@ -748,6 +749,7 @@ mod tests {
                 specs: std::slice::from_ref(&web),
                 expires_unix: 99,
                 complete: false,
+                value_sha256: "",
             })
             .unwrap();
         let applied = store.applied().unwrap();
@@ -761,6 +763,7 @@ mod tests {
                 specs: &[],
                 expires_unix: 100,
                 complete: true,
+                value_sha256: "",
             })
             .unwrap();
         let applied = store.applied().unwrap();

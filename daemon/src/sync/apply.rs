@@ -2,7 +2,7 @@
 //! realising it (artifacts, then deploys and removals in precedence order), retrying what
 //! failed, letting go of keys the device no longer follows, and noticing expiry.
 
-use super::retry;
+use super::retry::{self, Pending};
 use super::{precedence, Sync, SyncError};
 use crate::reconcile::ReconcileError;
 use crate::spec::AppName;
@@ -21,10 +21,20 @@ impl Sync {
         key: &str,
         value: &[u8],
     ) -> Result<(), SyncError> {
+        if !self.targets().iter().any(|t| t == key) {
+            return Ok(());
+        }
         let owned_key = key.to_string();
         let applied = self.store.call(move |store| store.applied()).await?;
         let previous = applied.iter().find(|a| a.key == owned_key);
         let applied_version = previous.map(|a| a.version).unwrap_or(0);
+        // The applied value seen again (a reconnect, `sync now`) is not news, even when it
+        // would now be refused (its signing key rotated out, expired: expiry is watched
+        // apart); anything else at the applied version is.
+        let sha = value_sha256(value);
+        if previous.is_some_and(|p| p.value_sha256 == sha) {
+            return Ok(());
+        }
         let document = match fleet::verify(
             value,
             &self.signers(),
@@ -35,15 +45,17 @@ impl Sync {
         ) {
             Ok(document) => document,
             Err(rejection) => {
-                // Seeing the applied document again on reconnect is not news.
-                if matches!(rejection, fleet::Rejection::Stale { version, applied } if version == applied)
+                // A record from before schema 8 has no hash: the same version is not news.
+                let unhashed = previous.is_some_and(|p| p.value_sha256.is_empty());
+                if unhashed
+                    && matches!(rejection, fleet::Rejection::Stale { version, applied } if version == applied)
                 {
                     return Ok(());
                 }
                 return self.reject(key, &rejection.to_string()).await;
             }
         };
-        self.realise(context, key, document).await
+        self.realise(context, key, document, value).await
     }
 
     /// Makes a verified document so: every artifact first (nothing changes unless all are
@@ -54,6 +66,7 @@ impl Sync {
         context: Option<&jetstream::Context>,
         key: &str,
         document: Document,
+        value: &[u8],
     ) -> Result<(), SyncError> {
         let applied = self.store.call(|store| store.applied()).await?;
         let plan = precedence::plan(&self.targets(), key, &document.apps, &applied);
@@ -77,7 +90,8 @@ impl Sync {
             };
             if let Err(error) = fetched {
                 let reason = error.to_string();
-                self.failed(key, "artifact", &reason, document).await;
+                self.failed(key, "artifact", &reason, Pending::Value(value.to_vec()))
+                    .await;
                 return Ok(());
             }
         }
@@ -103,17 +117,20 @@ impl Sync {
         }
         for gone in plan.removals {
             if let Ok(name) = gone.parse::<AppName>() {
-                if let Err(error) = self.reconciler.remove_owned(&name, Owner::Fleet).await {
-                    problems.push(format!("removing `{gone}`: {error}"));
+                match self.reconciler.remove_owned(&name, Owner::Fleet).await {
+                    // A local app of that name is not the fleet's to remove.
+                    Ok(()) | Err(ReconcileError::OwnedElsewhere { .. }) => {}
+                    Err(error) => problems.push(format!("removing `{gone}`: {error}")),
                 }
             }
         }
-        let (record_key, version, expires_unix, specs, complete) = (
+        let (record_key, version, expires_unix, specs, complete, sha) = (
             key.to_string(),
             document.version,
             document.expires_unix,
             document.apps.clone(),
             problems.is_empty(),
+            value_sha256(value),
         );
         self.store
             .call(move |store| {
@@ -123,6 +140,7 @@ impl Sync {
                     specs: &specs,
                     expires_unix,
                     complete,
+                    value_sha256: &sha,
                 })
             })
             .await?;
@@ -134,8 +152,9 @@ impl Sync {
         );
         if complete {
             self.retries().succeeded(key);
+            self.clear_error(key);
         } else {
-            self.failed(key, "deploy", &problems.join("; "), document)
+            self.failed(key, "deploy", &problems.join("; "), Pending::Reconcile)
                 .await;
         }
         self.report(OutboxKind::Status, self.status_report().await)
@@ -145,8 +164,8 @@ impl Sync {
 
     /// Records that `key` could not be realised, schedules its retry, and reports it unless
     /// the same failure was reported lately.
-    async fn failed(&self, key: &str, what: &str, reason: &str, document: Document) {
-        let delay = self.retries().failed(key, reason, document, Instant::now());
+    async fn failed(&self, key: &str, what: &str, reason: &str, pending: Pending) {
+        let delay = self.retries().failed(key, reason, pending, Instant::now());
         tracing::warn!(key, reason, retry_in = ?delay, "fleet state not realised; retrying");
         self.set_link(|link| link.last_error = format!("{key}: {reason}"));
         if self.first_report(key, reason) {
@@ -164,6 +183,7 @@ impl Sync {
 
     /// A refused document: recorded for `sync status`, reported unless reported lately.
     pub(super) async fn reject(&self, key: &str, reason: &str) -> Result<(), SyncError> {
+        self.retries().forget(key);
         if !self.first_report(key, reason) {
             return Ok(());
         }
@@ -180,6 +200,16 @@ impl Sync {
         Ok(())
     }
 
+    /// The link's last error, if it was about `key`, is history once `key` is realised.
+    fn clear_error(&self, key: &str) {
+        let prefix = format!("{key}: ");
+        self.set_link(|link| {
+            if link.last_error.starts_with(&prefix) {
+                link.last_error.clear();
+            }
+        });
+    }
+
     fn retries(&self) -> std::sync::MutexGuard<'_, retry::Retries> {
         self.retries.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -188,26 +218,79 @@ impl Sync {
         self.retries().should_report(key, reason, Instant::now())
     }
 
-    /// Realises again the documents whose backoff is over. Offline (`context` none) that
-    /// works for a document whose artifacts are all here.
+    /// Tries again the keys whose backoff is over. Offline (`context` none) that works for a
+    /// document whose artifacts are all here.
     pub(super) async fn retry_due(
         &self,
         context: Option<&jetstream::Context>,
     ) -> Result<(), SyncError> {
         let due = self.retries().due(Instant::now());
-        for (key, document) in due {
-            // A newer version applied meanwhile replaces the one waiting.
-            let owned_key = key.clone();
-            let applied = self.store.call(move |store| store.applied()).await?;
-            let current = applied.iter().find(|a| a.key == owned_key);
-            if current.is_some_and(|a| {
-                a.version > document.version || a.complete && a.version == document.version
-            }) {
+        let targets = self.targets();
+        for (key, pending) in due {
+            if !targets.contains(&key) {
                 self.retries().succeeded(&key);
                 continue;
             }
-            tracing::info!(key, version = document.version, "retrying fleet state");
-            self.realise(context, &key, document).await?;
+            tracing::info!(key, "retrying fleet state");
+            match pending {
+                Pending::Value(value) => self.apply(context, &key, &value).await?,
+                Pending::Reconcile => self.reconcile_fleet(&key).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings every fleet app to the spec of the key that wins it, and removes fleet apps no
+    /// followed key lists: what a document whose deploys, removals or handovers partly failed
+    /// still owes, whatever the diff that failed was.
+    async fn reconcile_fleet(&self, key: &str) -> Result<(), SyncError> {
+        let targets = self.targets();
+        let rank = |k: &str| targets.iter().position(|t| t == k);
+        let applied = self.store.call(|store| store.applied()).await?;
+        let mut winners: std::collections::BTreeMap<String, (usize, crate::spec::AppSpec)> =
+            Default::default();
+        for record in &applied {
+            let Some(r) = rank(&record.key) else { continue };
+            for spec in &record.specs {
+                let better = winners
+                    .get(spec.name.as_str())
+                    .is_none_or(|(held, _)| r < *held);
+                if better {
+                    winners.insert(spec.name.to_string(), (r, spec.clone()));
+                }
+            }
+        }
+        let mut problems = Vec::new();
+        for (name, (_, spec)) in winners.iter() {
+            match self.reconciler.deploy(spec.clone(), Owner::Fleet).await {
+                Ok(_) => {}
+                Err(error @ ReconcileError::OwnedElsewhere { .. }) => {
+                    problems.push(format!("conflict: {error}"))
+                }
+                Err(error) => problems.push(format!("app `{name}`: {error}")),
+            }
+        }
+        for app in self.reconciler.list().await {
+            if app.owner == Owner::Fleet.as_str() && !winners.contains_key(&app.name) {
+                if let Ok(name) = app.name.parse::<AppName>() {
+                    if let Err(error) = self.reconciler.remove_owned(&name, Owner::Fleet).await {
+                        problems.push(format!("removing `{}`: {error}", app.name));
+                    }
+                }
+            }
+        }
+        if problems.is_empty() {
+            self.store
+                .call(|store| store.mark_applied_complete())
+                .await?;
+            self.retries().succeeded(key);
+            self.clear_error(key);
+            tracing::info!(key, "fleet state complete");
+            self.report(OutboxKind::Status, self.status_report().await)
+                .await;
+        } else {
+            self.failed(key, "deploy", &problems.join("; "), Pending::Reconcile)
+                .await;
         }
         Ok(())
     }
@@ -218,18 +301,15 @@ impl Sync {
         let Ok(applied) = self.store.call(|store| store.applied()).await else {
             return;
         };
-        for record in applied.into_iter().filter(|a| !a.complete) {
-            let document = Document {
-                version: record.version,
-                target: record.key.clone(),
-                issued_unix: 0,
-                expires_unix: record.expires_unix,
-                apps: record.specs,
-            };
+        let targets = self.targets();
+        for record in applied
+            .into_iter()
+            .filter(|a| !a.complete && targets.contains(&a.key))
+        {
             self.retries().failed(
                 &record.key,
                 "a deploy failed before the restart",
-                document,
+                Pending::Reconcile,
                 Instant::now(),
             );
         }
@@ -246,14 +326,17 @@ impl Sync {
             for (from, app) in plan.deploys {
                 tracing::info!(app = %app.name, left = record.key, from, "handing a fleet app to the next key that lists it");
                 let name = app.name.clone();
-                if let Err(error) = self.reconciler.deploy(app, Owner::Fleet).await {
-                    problems.push(format!("app `{name}`: {error}"));
+                match self.reconciler.deploy(app, Owner::Fleet).await {
+                    // A local app holds the name: it is not the fleet's to hand over.
+                    Ok(_) | Err(ReconcileError::OwnedElsewhere { .. }) => {}
+                    Err(error) => problems.push(format!("app `{name}`: {error}")),
                 }
             }
             for gone in &plan.removals {
                 if let Ok(name) = gone.parse::<AppName>() {
-                    if let Err(error) = self.reconciler.remove_owned(&name, Owner::Fleet).await {
-                        problems.push(format!("removing `{gone}`: {error}"));
+                    match self.reconciler.remove_owned(&name, Owner::Fleet).await {
+                        Ok(()) | Err(ReconcileError::OwnedElsewhere { .. }) => {}
+                        Err(error) => problems.push(format!("removing `{gone}`: {error}")),
                     }
                 }
             }
@@ -302,4 +385,9 @@ impl Sync {
             self.report(OutboxKind::Event, serde_json::json!({"device": self.device, "unix": now, "event": "expired", "key": record.key, "version": record.version, "expires_unix": record.expires_unix})).await;
         }
     }
+}
+
+fn value_sha256(value: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(value))
 }

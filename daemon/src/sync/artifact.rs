@@ -100,6 +100,27 @@ fn reopen(partial: &Partial, keep: Option<u64>) -> std::io::Result<(std::fs::Fil
     Ok((file, hasher))
 }
 
+/// Removes the partial downloads of other artifacts that nothing touched for 10 minutes, so
+/// downloads abandoned for another document do not pile up beside the store.
+fn remove_others(dir: &Path, digest: &Digest) {
+    let mine = digest.to_string().replace(':', "-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let idle = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(600));
+        if idle && !name.starts_with(&mine) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Removes partial downloads nobody touched for a week (their documents changed since).
 pub(super) fn remove_abandoned(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -159,13 +180,20 @@ impl Sync {
                 "artifact {digest} is {size} bytes, over this device's max_artifact_size of {max}"
             )));
         }
-        let room = size;
-        self.store.call(move |store| store.check_room(room)).await?;
+        if info.deleted {
+            return Err(SyncError::Upstream(format!(
+                "artifact {digest} was deleted from the upstream store"
+            )));
+        }
         let dir = self.downloads();
         std::fs::create_dir_all(&dir)
             .map_err(|e| SyncError::Upstream(format!("cannot make {}: {e}", dir.display())))?;
+        remove_others(&dir, digest);
         let partial = Partial::new(&dir, digest);
         let checkpoint = partial.resume_point(&info.nuid);
+        // Room for the rest of the part file and for the component in the store after it.
+        let room = (2 * size).saturating_sub(checkpoint.as_ref().map_or(0, |c| c.bytes));
+        self.store.call(move |store| store.check_room(room)).await?;
         let local = |e: std::io::Error| {
             SyncError::Upstream(format!(
                 "downloading {digest}: {}: {e}",
@@ -204,10 +232,16 @@ impl Sync {
         }
         drop(file);
         let actual = Digest::from_sha256(hasher.finalize().into());
-        if kept != size || actual != *digest {
+        if kept != size {
             partial.remove();
             return Err(SyncError::Upstream(format!(
-                "artifact {digest} arrived as {kept} bytes hashing to {actual}, not the {size} bytes announced; discarded, it is fetched again from the start"
+                "artifact {digest} arrived as {kept} bytes, not the {size} bytes announced; discarded, it is fetched again from the start"
+            )));
+        }
+        if actual != *digest {
+            partial.remove();
+            return Err(SyncError::Upstream(format!(
+                "artifact {digest} arrived hashing to {actual}: damaged, or not what it is named; discarded, it is fetched again from the start"
             )));
         }
         let limit = admission::Limit {
@@ -295,6 +329,11 @@ impl Sync {
                 .info()
                 .map(|i| i.stream_sequence)
                 .map_err(|e| SyncError::Upstream(format!("artifact {digest}: {e}")))?;
+            // A consumer recreated after a quick reconnect may start over from the object's
+            // first chunk: what is kept already is skipped, not appended again.
+            if sequence < next_sequence {
+                continue;
+            }
             let payload = &chunk.message.payload;
             if *kept + payload.len() as u64 > size {
                 partial.remove();

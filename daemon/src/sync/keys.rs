@@ -16,7 +16,7 @@ pub(super) type Change = Result<(String, Option<Bytes>), SyncError>;
 
 pub(super) type Changes = SelectAll<BoxStream<'static, Change>>;
 
-/// Watches `keys` from now on (values already there are read with `get`).
+/// Watches `keys`: each key's current value, then every new one.
 pub(super) async fn watch(
     context: &jetstream::Context,
     device: &str,
@@ -35,7 +35,10 @@ pub(super) async fn watch(
                 deliver_subject: context.client().new_inbox(),
                 description: Some(format!("cairnd {device} watching {key}")),
                 filter_subject: format!("$KV.{}.{key}", fleet::DESIRED_BUCKET),
-                deliver_policy: consumer::DeliverPolicy::New,
+                // The key's current value first, then each new one. (Not `New`: an ordered
+                // consumer recreated after a quick reconnect, having delivered nothing, starts
+                // over from the first message and would replay the key's history.)
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
                 replay_policy: consumer::ReplayPolicy::Instant,
                 ..Default::default()
             })

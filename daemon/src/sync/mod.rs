@@ -507,6 +507,18 @@ impl Sync {
     /// device whose credentials may not create it waits for that). False, with the reason in
     /// the link's last error, when there is none: reports then wait in the outbox.
     async fn ensure_report_stream(&self, context: &jetstream::Context) -> bool {
+        let found = self.find_report_stream(context).await;
+        if found {
+            self.set_link(|link| {
+                if link.last_error.starts_with("reports wait") {
+                    link.last_error.clear();
+                }
+            });
+        }
+        found
+    }
+
+    async fn find_report_stream(&self, context: &jetstream::Context) -> bool {
         if context.get_stream(fleet::REPORT_STREAM).await.is_ok() {
             return true;
         }

@@ -139,6 +139,7 @@ mod tests {
             specs,
             expires_unix: 0,
             complete: true,
+            value_sha256: String::new(),
         }
     }
 

@@ -4,7 +4,6 @@
 //! held up by it. The same failure is reported upstream when it is new or changed, and then at
 //! most once per `REPORT_EVERY`, so a device with a broken document does not flood the stream.
 
-use cairn_core::fleet::Document;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -44,9 +43,19 @@ struct Entry {
     failures: u32,
     due: Instant,
     reason: String,
-    /// The verified document to realise again (its artifacts were not all fetched, or one of
-    /// its deploys failed).
-    pending: Document,
+    pending: Pending,
+}
+
+/// What a retry of one key does.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Pending {
+    /// Check and realise this value again (as read from the bucket: its artifacts were not
+    /// all fetched). Checked again, so a key revoked or a document expired meanwhile is
+    /// refused rather than applied.
+    Value(Vec<u8>),
+    /// The key's document is recorded but not complete (a deploy, removal or handover
+    /// failed): bring every fleet app to the spec of the key that wins it.
+    Reconcile,
 }
 
 /// The keys waiting for a retry, and what was last reported about each failing key.
@@ -58,7 +67,7 @@ pub(super) struct Retries {
 
 impl Retries {
     /// `key` failed for `reason`; returns when it is tried again.
-    pub fn failed(&mut self, key: &str, reason: &str, pending: Document, now: Instant) -> Duration {
+    pub fn failed(&mut self, key: &str, reason: &str, pending: Pending, now: Instant) -> Duration {
         let failures = self.waiting.get(key).map_or(0, |e| e.failures) + 1;
         let delay = backoff(failures, FIRST, CAP);
         self.waiting.insert(
@@ -79,10 +88,16 @@ impl Retries {
         self.reported.remove(key);
     }
 
+    /// Drops `key`'s waiting retry (its latest value was refused: what waited is superseded),
+    /// keeping what was last reported about it.
+    pub fn forget(&mut self, key: &str) {
+        self.waiting.remove(key);
+    }
+
     /// The retries due at `now`, taken out of the waiting list: a retry that fails again is
     /// put back by `failed`, keeping its count.
-    pub fn due(&mut self, now: Instant) -> Vec<(String, Document)> {
-        let mut due: Vec<(String, Document)> = self
+    pub fn due(&mut self, now: Instant) -> Vec<(String, Pending)> {
+        let mut due: Vec<(String, Pending)> = self
             .waiting
             .iter()
             .filter(|(_, e)| e.due <= now)
@@ -122,14 +137,8 @@ impl Retries {
 mod tests {
     use super::*;
 
-    fn document(version: u64) -> Document {
-        Document {
-            version,
-            target: "group.north".into(),
-            issued_unix: 0,
-            expires_unix: 0,
-            apps: Vec::new(),
-        }
+    fn document(version: u64) -> Pending {
+        Pending::Value(vec![version as u8])
     }
 
     #[test]

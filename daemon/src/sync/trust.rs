@@ -13,6 +13,9 @@ use ed25519_dalek::VerifyingKey;
 pub(super) struct Trusted {
     config: TrustConfig,
     delegation: Option<(Delegation, Vec<VerifyingKey>)>,
+    /// The highest serial this device ever held, kept even when that delegation no longer
+    /// verifies (the config's roots changed): no older delegation is taken after it.
+    floor: u64,
 }
 
 impl Trusted {
@@ -22,8 +25,10 @@ impl Trusted {
         let mut trusted = Trusted {
             config,
             delegation: None,
+            floor: 0,
         };
         if let Some((serial, bytes)) = store.delegation()? {
+            trusted.floor = serial;
             // Checked again as if new (serial 0 up), but not for expiry: an expired delegation
             // is held (a replay of an older one stays refused), it just delegates nothing.
             match fleet::verify_delegation(&bytes, &trusted.config.roots, serial, i64::MIN) {
@@ -51,6 +56,12 @@ impl Trusted {
         keys
     }
 
+    /// The serial a new delegation must reach (the same serial is the one held, seen again).
+    fn current(&self) -> u64 {
+        self.held()
+            .map_or(self.floor, |(serial, _)| serial.max(self.floor))
+    }
+
     pub fn held(&self) -> Option<(u64, i64)> {
         self.delegation
             .as_ref()
@@ -62,13 +73,17 @@ impl Sync {
     /// Checks a delegation read from the bucket; a newer valid one replaces the one held.
     /// True when the signing keys changed (documents refused before may now apply).
     pub(super) async fn apply_delegation(&self, value: &[u8]) -> Result<bool, SyncError> {
-        let (roots, current) = {
+        let (roots, current, holding) = {
             let trust = self.trust.lock().unwrap_or_else(|p| p.into_inner());
-            (trust.config.roots.clone(), trust.held().map_or(0, |h| h.0))
+            (
+                trust.config.roots.clone(),
+                trust.current(),
+                trust.held().is_some(),
+            )
         };
         let (delegation, keys) = match fleet::verify_delegation(value, &roots, current, now_unix())
         {
-            Ok(held) if held.0.serial == current => return Ok(false),
+            Ok(held) if held.0.serial == current && holding => return Ok(false),
             Ok(held) => held,
             Err(rejection) => {
                 self.reject(fleet::DELEGATION_KEY, &rejection.to_string())

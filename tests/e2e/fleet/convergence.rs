@@ -177,13 +177,21 @@ fn leaving_a_group_hands_its_apps_down_or_removes_them_even_offline() {
         .map(|a| a["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["shared"], "{apps}");
-    let keys: Vec<String> = sync_status(&daemon)["applied"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["key"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(keys, ["group.second"]);
+    // The left key's record goes once its apps are handled.
+    wait_for(
+        "group.first to be forgotten",
+        Duration::from_secs(30),
+        || {
+            let keys: Vec<String> = sync_status(&daemon)["applied"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["key"].as_str().unwrap().to_string())
+                .collect();
+            keys == ["group.second"]
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
 }
 
 #[test]

@@ -358,12 +358,44 @@ fn signing_keys_rotate_and_revoke_through_a_root_delegation() {
     publish(&new, "two");
     wait_greeting(addr, "two");
 
+    // A document the old key signed while still trusted, waiting for its artifact when the
+    // key is revoked, is not applied once the artifact appears: a retry checks it again.
+    let late = cairn_tests::padded_hello(&dir.join("late.wasm"), b'R', 300 << 10);
+    let late_digest = format!("sha256:{}", sha256_hex(&std::fs::read(&late).unwrap()));
+    let pending = lattice.publish_component(
+        &old,
+        "edge-r",
+        &late_digest,
+        "rotated",
+        &listen,
+        "pending",
+        "30d",
+    );
+    assert_eq!(pending.code, 0, "{}", pending.stderr);
+    daemon.ctl_ok(&["sync", "now"]);
+    wait_for(
+        "the pending artifact failure",
+        Duration::from_secs(30),
+        || rejected(&daemon, &late_digest),
+    )
+    .unwrap();
+
     // Revocation: the new key alone. The old key's next document is refused.
     delegate(&[&new_public]);
     wait_for("delegation 3", Duration::from_secs(30), || {
         sync_status(&daemon)["delegation"]["serial"] == 3
     })
     .unwrap();
+    let mut upload: Vec<&str> = vec!["upload"];
+    upload.extend(lattice.upstream.iter().map(String::as_str));
+    upload.push(late.to_str().unwrap());
+    cairn_tests::fleet_ok(&upload);
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        get(addr, "/").unwrap().body,
+        "two from cairn\n",
+        "a document of the revoked key was applied by a retry"
+    );
     publish(&old, "revoked");
     daemon.ctl_ok(&["sync", "now"]);
     wait_for("the revoked key refused", Duration::from_secs(30), || {
@@ -409,4 +441,12 @@ fn signing_keys_rotate_and_revoke_through_a_root_delegation() {
     assert_eq!(sync_status(&daemon)["delegation"]["serial"], 3);
     publish(&new, "three");
     wait_greeting(addr, "three");
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
