@@ -12,7 +12,7 @@ pub mod report;
 
 pub use daemon::{cgroup_dirs, wait_child, Daemon, NotificationRecorder};
 pub use http::{get, http, is_listening, Response};
-pub use lattice::{fleet, fleet_ok, Lattice};
+pub use lattice::{connect_all, fleet, fleet_ok, Lattice};
 pub use nats::{nats_server_binary, Nats};
 
 use anyhow::{anyhow, bail, Context, Result};
