@@ -182,12 +182,13 @@ fn main() {
     );
     if std::env::var_os("CAIRN_LINKCUT_REPORT").is_some() {
         let body = format!(
-            "## Link cuts\n\n`just linkcut {rounds}` on {}: {rounds} rounds in {elapsed:.0?} (seed {seed}), disturbances {tally:?}. \
-             Two devices, a new version each per round and 200 log lines each per round; each round the link to \
-             the nats-server is cut at a random moment (packets dropped, or its interface taken down) for 0.5 to 4 s, \
-             then made poor (20 to 200 ms one way, 1 to 5% loss, 1 to 20 Mbit/s) until the next round. Both devices converged on the last version; {checked} stored log lines \
-             each reached the stream exactly once. The link is a TUN pair with a forwarder in the test (this kernel \
-             has no `sch_netem`); see tests/support/netem.rs.\n",
+            "## Link cuts\n\n{rounds} rounds in {elapsed:.0?} (seed {seed}), cuts {tally:?}. Two devices, a new \
+             version each per round and 200 log lines each per round; each round the link to the nats-server is cut \
+             at a random moment (packets dropped, or its interface taken down) for 0.5 to 4 s, then made poor (20 to \
+             200 ms one way, 1 to 5% loss, 1 to 20 Mbit/s) until the next round. Both devices converged on the last \
+             version; {checked} stored log lines each reached the stream exactly once. The link is a TUN pair with a \
+             forwarder in the test (this kernel has no `sch_netem`); see tests/support/netem.rs.\n\n{}\n- command: \
+             `just linkcut {rounds}`\n",
             cairn_tests::report::machine()
         );
         cairn_tests::report::write_section_in(
