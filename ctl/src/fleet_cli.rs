@@ -284,17 +284,12 @@ async fn publish(
     // Versions only grow, anchored twice: on what is stored (read with its revision, so the
     // write below lands only if nothing was published in between) and on what devices report
     // applied (so a deleted key or bucket does not start again at 1).
-    let entry = bucket
-        .entry(target.as_str())
-        .await
-        .map_err(|e| anyhow!("cannot read {target} from the desired-state bucket: {e}"))?;
-    let stored = entry
-        .as_ref()
-        .filter(|e| e.operation == kv::Operation::Put)
-        .and_then(|e| serde_json::from_slice::<fleet::Signed>(&e.value).ok())
-        .and_then(|signed| serde_json::from_str::<fleet::Document>(&signed.payload).ok())
-        .map(|document| document.version)
-        .unwrap_or(0);
+    let (entry, stored) = stored_number(&bucket, &target, |payload| {
+        serde_json::from_str::<fleet::Document>(payload)
+            .ok()
+            .map(|d| d.version)
+    })
+    .await?;
     let reported = reported_floor(&context, stored, &target, |report| {
         report["applied"]
             .as_array()
@@ -385,17 +380,12 @@ async fn delegate(
             .await
             .map_err(|e| anyhow!("cannot create the desired-state bucket: {e}"))?,
     };
-    let entry = bucket
-        .entry(fleet::DELEGATION_KEY)
-        .await
-        .map_err(|e| anyhow!("cannot read the delegation: {e}"))?;
-    let stored = entry
-        .as_ref()
-        .filter(|e| e.operation == kv::Operation::Put)
-        .and_then(|e| serde_json::from_slice::<fleet::Signed>(&e.value).ok())
-        .and_then(|signed| serde_json::from_str::<fleet::Delegation>(&signed.payload).ok())
-        .map(|d| d.serial)
-        .unwrap_or(0);
+    let (entry, stored) = stored_number(&bucket, fleet::DELEGATION_KEY, |payload| {
+        serde_json::from_str::<fleet::Delegation>(payload)
+            .ok()
+            .map(|d| d.serial)
+    })
+    .await?;
     let reported = reported_floor(&context, stored, fleet::DELEGATION_KEY, |report| {
         report["delegation_serial"].as_u64()
     })
@@ -428,6 +418,26 @@ async fn delegate(
         );
     }
     Ok(())
+}
+
+/// `key`'s entry (kept for its revision) and the number its signed payload carries (`read`:
+/// a document's version, a delegation's serial; 0 when there is none).
+async fn stored_number(
+    bucket: &kv::Store,
+    key: &str,
+    read: impl Fn(&str) -> Option<u64>,
+) -> Result<(Option<kv::Entry>, u64)> {
+    let entry = bucket
+        .entry(key)
+        .await
+        .map_err(|e| anyhow!("cannot read {key} from the desired-state bucket: {e}"))?;
+    let number = entry
+        .as_ref()
+        .filter(|e| e.operation == kv::Operation::Put)
+        .and_then(|e| serde_json::from_slice::<fleet::Signed>(&e.value).ok())
+        .and_then(|signed| read(&signed.payload))
+        .unwrap_or(0);
+    Ok((entry, number))
 }
 
 /// Writes `value` under `key` only if the key is still at `entry`'s revision (or still absent):
@@ -553,35 +563,41 @@ async fn init(upstream: &Upstream, replicas: usize, json_output: bool) -> Result
     let context = jetstream::new(client);
     let mut made = Vec::new();
     let mut kept = Vec::new();
-    match context.get_stream(fleet::REPORT_STREAM).await {
-        Ok(_) => kept.push(fleet::REPORT_STREAM),
-        Err(_) => {
-            context
+    // Each is a stream underneath; it exists or is made with the replicas asked for.
+    for (name, stream) in [
+        (fleet::REPORT_STREAM, fleet::REPORT_STREAM.to_string()),
+        (
+            fleet::DESIRED_BUCKET,
+            format!("KV_{}", fleet::DESIRED_BUCKET),
+        ),
+        (
+            fleet::ARTIFACT_BUCKET,
+            format!("OBJ_{}", fleet::ARTIFACT_BUCKET),
+        ),
+    ] {
+        if context.get_stream(&stream).await.is_ok() {
+            kept.push(name);
+            continue;
+        }
+        let created = match name {
+            fleet::REPORT_STREAM => context
                 .create_stream(fleet::report_stream_config(replicas))
                 .await
-                .map_err(|e| anyhow!("cannot create the report stream: {e}"))?;
-            made.push(fleet::REPORT_STREAM);
-        }
-    }
-    match context.get_key_value(fleet::DESIRED_BUCKET).await {
-        Ok(_) => kept.push(fleet::DESIRED_BUCKET),
-        Err(_) => {
-            context
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            fleet::DESIRED_BUCKET => context
                 .create_key_value(fleet::desired_bucket_config(replicas))
                 .await
-                .map_err(|e| anyhow!("cannot create the desired-state bucket: {e}"))?;
-            made.push(fleet::DESIRED_BUCKET);
-        }
-    }
-    match context.get_object_store(fleet::ARTIFACT_BUCKET).await {
-        Ok(_) => kept.push(fleet::ARTIFACT_BUCKET),
-        Err(_) => {
-            context
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            _ => context
                 .create_object_store(fleet::artifact_store_config(replicas))
                 .await
-                .map_err(|e| anyhow!("cannot create the artifact store: {e}"))?;
-            made.push(fleet::ARTIFACT_BUCKET);
-        }
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        };
+        created.map_err(|e| anyhow!("cannot create {name}: {e}"))?;
+        made.push(name);
     }
     if json_output {
         print_json(&serde_json::json!({"made": made, "kept": kept, "replicas": replicas}));

@@ -10,27 +10,13 @@
 //! `cargo test` runs a short slice (`CAIRN_CRASH_ROUNDS`, default 6); `just crash` runs 100
 //! rounds and writes its figures to RELIABILITY.md. `CAIRN_CRASH_SEED` replays a run.
 
+use cairn_tests::random::Rng;
 use cairn_tests::{component, fleet_ok, get, wait_for, Daemon, Lattice};
 use sha2::Digest as _;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// xorshift64*: enough randomness to pick operations and moments, and a seed to replay them.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Op {
     Deploy,
@@ -85,20 +71,7 @@ struct Harness {
 }
 
 fn main() {
-    let rounds: u32 = std::env::var("CAIRN_CRASH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(6);
-    let seed: u64 = std::env::var("CAIRN_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let (rounds, seed) = cairn_tests::random::rounds_and_seed("CAIRN_CRASH", 6);
     println!("crash loop: {rounds} rounds, CAIRN_CRASH_SEED={seed}");
     let Some(lattice) = Lattice::start("crash loop") else {
         return;

@@ -309,7 +309,22 @@ fn a_pools_user_cannot_drive_the_daemon_nor_touch_another_pool() {
     let mut daemon = Daemon::start_with(Some("[control]\nread_access = \"any\"\n"), &[]);
     let first = daemon.deploy_hello("first", &[]);
     let second = daemon.deploy_hello("second", &[]);
-    let pid = |daemon: &Daemon, app: &str| daemon.app_status(app)["pid"].as_u64().unwrap();
+    // The pool serving each app once it has settled: under a loaded CI run a pool was once
+    // gone by the time its threads were read; the daemon's log then says why.
+    let pid = |daemon: &Daemon, app: &str| {
+        let read = || daemon.app_status(app)["pid"].as_u64().unwrap();
+        let mut seen = read();
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(250));
+            let now = read();
+            if now == seen && std::path::Path::new(&format!("/proc/{now}/task")).exists() {
+                return now;
+            }
+            eprintln!("{app}: pool {seen} became {now}:\n{}", daemon.log());
+            seen = now;
+        }
+        panic!("{app}'s pool did not settle")
+    };
     let (first_pid, second_pid) = (pid(&daemon, "first"), pid(&daemon, "second"));
 
     // Each pool has a user of its own, in every id of every thread, with no groups and no

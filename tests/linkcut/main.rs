@@ -12,26 +12,12 @@
 //! `CAIRN_LINKCUT_SEED` to replay, `CAIRN_LINKCUT_REPORT=1` writes RELIABILITY.md's section.
 
 use cairn_tests::netem::{Link, Shape};
+use cairn_tests::random::Rng;
 use cairn_tests::{get, wait_for, Daemon, Lattice};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 const DEVICES: [&str; 2] = ["cut-1", "cut-2"];
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn between(&mut self, low: u64, high: u64) -> u64 {
-        low + self.next() % (high - low + 1)
-    }
-}
 
 struct Device {
     id: &'static str,
@@ -41,20 +27,7 @@ struct Device {
 }
 
 fn main() {
-    let rounds: u32 = std::env::var("CAIRN_LINKCUT_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(5);
-    let seed: u64 = std::env::var("CAIRN_LINKCUT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let (rounds, seed) = cairn_tests::random::rounds_and_seed("CAIRN_LINKCUT", 5);
     let link = match Link::create() {
         Ok(link) => link,
         Err(reason) => {

@@ -8,6 +8,7 @@ mod http;
 mod lattice;
 mod nats;
 pub mod netem;
+pub mod random;
 pub mod report;
 
 pub use daemon::{cgroup_dirs, wait_child, Daemon, NotificationRecorder};

@@ -37,6 +37,19 @@ pub fn nats_server_binary() -> Option<PathBuf> {
 }
 
 impl Nats {
+    fn unstarted(binary: PathBuf, host: String, namespace: Option<String>) -> Nats {
+        Nats {
+            child: None,
+            port: free_port(),
+            monitor: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            binary,
+            config: None,
+            host,
+            namespace,
+        }
+    }
+
     /// Starts a server, or `None` (after recording the skip) when none is installed.
     pub fn start(test: &str) -> Option<Nats> {
         Nats::start_with_config(test, None)
@@ -51,16 +64,7 @@ impl Nats {
             );
             return None;
         };
-        let mut nats = Nats {
-            child: None,
-            port: free_port(),
-            monitor: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            binary,
-            config: None,
-            host: "127.0.0.1".into(),
-            namespace: None,
-        };
+        let mut nats = Nats::unstarted(binary, "127.0.0.1".into(), None);
         if let Some(text) = config {
             let path = nats.dir.path().join("nats.conf");
             std::fs::write(&path, text).unwrap();
@@ -93,16 +97,11 @@ impl Nats {
             );
             None
         })?;
-        let mut nats = Nats {
-            child: None,
-            port: free_port(),
-            monitor: free_port(),
-            dir: tempfile::tempdir().unwrap(),
+        let mut nats = Nats::unstarted(
             binary,
-            config: None,
-            host: link.remote_addr.clone(),
-            namespace: Some(link.namespace.clone()),
-        };
+            link.remote_addr.clone(),
+            Some(link.namespace.clone()),
+        );
         nats.restart();
         Some(nats)
     }
