@@ -65,10 +65,11 @@ pub enum FleetCommand {
         version: Option<u64>,
         state: PathBuf,
     },
-    /// Sign with a root key (kept offline) and publish which signing keys devices accept, with
-    /// an expiry. Devices that list the root in upstream.trusted_roots take the newest
-    /// delegation and never go back. Rotate: delegate the old and the new key, move publishing
-    /// to the new one, then delegate the new one alone (which revokes the old).
+    /// Publish, signed by an offline root key, which signing keys devices accept
+    ///
+    /// Devices that list the root in upstream.trusted_roots take the newest delegation and
+    /// never go back to an older one. To rotate: delegate the old and the new key, publish
+    /// with the new one, then delegate the new one alone (which revokes the old).
     Delegate {
         #[command(flatten)]
         upstream: Upstream,
@@ -82,9 +83,10 @@ pub enum FleetCommand {
         #[arg(long, default_value = "365d")]
         expires: String,
     },
-    /// Make the upstream's streams and buckets (desired state, artifacts, reports) with the
-    /// given replicas; run once per lattice, before devices with least-privilege credentials
-    /// (which may not create them) connect. Existing ones are kept and listed.
+    /// Make the upstream's streams and buckets (desired state, artifacts, reports)
+    ///
+    /// Run once per lattice, before devices with least-privilege credentials (which may not
+    /// make them) connect; --replicas 3 on a cluster. Existing ones are kept and listed.
     Init {
         #[command(flatten)]
         upstream: Upstream,
