@@ -143,6 +143,12 @@ fn memory_is_capped_per_instance() {
 fn over_the_instance_limit_answers_503_at_once() {
     let daemon = Daemon::start();
     let addr = daemon.deploy_hello("narrow", &["--instances", "1", "--timeout", "10s"]);
+    // The deploy's health probe may still hold the only instance for a moment (seen under
+    // qemu-user on a loaded run): start once it is free.
+    wait_for("the instance to be free", Duration::from_secs(10), || {
+        daemon.app_status("narrow")["in_flight"] == 0
+    })
+    .unwrap();
     let slow = std::thread::spawn(move || get(addr, "/sleep?1500").unwrap());
     wait_for(
         "the slow request to hold the only instance",
