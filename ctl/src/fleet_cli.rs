@@ -276,13 +276,7 @@ async fn publish(
     let lifetime: cairn_core::spec::HumanDuration = parse_lifetime(expires)?;
     let client = connect(upstream).await?;
     let context = jetstream::new(client);
-    let bucket = match context.get_key_value(fleet::DESIRED_BUCKET).await {
-        Ok(bucket) => bucket,
-        Err(_) => context
-            .create_key_value(fleet::desired_bucket_config(1))
-            .await
-            .map_err(|e| anyhow!("cannot create the desired-state bucket: {e}"))?,
-    };
+    let bucket = desired_bucket(&context).await?;
     // Versions only grow, anchored twice: on what is stored (read with its revision, so the
     // write below lands only if nothing was published in between) and on what devices report
     // applied (so a deleted key or bucket does not start again at 1).
@@ -375,13 +369,7 @@ async fn delegate(
     let lifetime = parse_lifetime(expires)?;
     let client = connect(upstream).await?;
     let context = jetstream::new(client);
-    let bucket = match context.get_key_value(fleet::DESIRED_BUCKET).await {
-        Ok(bucket) => bucket,
-        Err(_) => context
-            .create_key_value(fleet::desired_bucket_config(1))
-            .await
-            .map_err(|e| anyhow!("cannot create the desired-state bucket: {e}"))?,
-    };
+    let bucket = desired_bucket(&context).await?;
     let (entry, stored) = stored_number(&bucket, fleet::DELEGATION_KEY, |payload| {
         serde_json::from_str::<fleet::Delegation>(payload)
             .ok()
@@ -420,6 +408,17 @@ async fn delegate(
         );
     }
     Ok(())
+}
+
+/// The desired-state bucket, made (one replica; `fleet init` for more) if there is none yet.
+async fn desired_bucket(context: &jetstream::Context) -> Result<kv::Store> {
+    match context.get_key_value(fleet::DESIRED_BUCKET).await {
+        Ok(bucket) => Ok(bucket),
+        Err(_) => context
+            .create_key_value(fleet::desired_bucket_config(1))
+            .await
+            .map_err(|e| anyhow!("cannot create the desired-state bucket: {e}")),
+    }
 }
 
 /// `key`'s entry (kept for its revision) and the number its signed payload carries (`read`:
