@@ -288,3 +288,13 @@ pub fn fill_disk(dir: &Path, name: &str) -> PathBuf {
     }
     path
 }
+
+/// The digest cairn names a component by: `sha256:` and the hex of its bytes' SHA-256.
+pub fn digest_of(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let hex: String = sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
+}

@@ -30,7 +30,7 @@ fn a_failing_document_backs_off_alone_and_converges_by_itself_once_fixed() {
     let daemon = Daemon::start_with(Some(&lattice.device_config_in("edge-b", &["broken"])), &[]);
     // The group names a component nobody has uploaded yet.
     let missing = padded_hello(&lattice.dir.path().join("later.wasm"), b'L', 600 << 10);
-    let digest = format!("sha256:{}", sha2_hex(&std::fs::read(&missing).unwrap()));
+    let digest = cairn_tests::digest_of(&std::fs::read(&missing).unwrap());
     let grouped = format!("127.0.0.1:{}", free_port());
     let result = lattice.publish_component(
         &lattice.key,
@@ -101,14 +101,6 @@ fn a_failing_document_backs_off_alone_and_converges_by_itself_once_fixed() {
     })
     .unwrap();
     assert_eq!(applied(&daemon, "device.edge-b")["retry"], "");
-}
-
-fn sha2_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 #[test]

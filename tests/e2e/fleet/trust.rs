@@ -361,7 +361,7 @@ fn signing_keys_rotate_and_revoke_through_a_root_delegation() {
     // A document the old key signed while still trusted, waiting for its artifact when the
     // key is revoked, is not applied once the artifact appears: a retry checks it again.
     let late = cairn_tests::padded_hello(&dir.join("late.wasm"), b'R', 300 << 10);
-    let late_digest = format!("sha256:{}", sha256_hex(&std::fs::read(&late).unwrap()));
+    let late_digest = cairn_tests::digest_of(&std::fs::read(&late).unwrap());
     let pending = lattice.publish_component(
         &old,
         "edge-r",
@@ -441,12 +441,4 @@ fn signing_keys_rotate_and_revoke_through_a_root_delegation() {
     assert_eq!(sync_status(&daemon)["delegation"]["serial"], 3);
     publish(&new, "three");
     wait_greeting(addr, "three");
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
