@@ -374,10 +374,32 @@ pub fn parse_public_key(text: &str) -> Result<VerifyingKey, String> {
         .map_err(|e| format!("`{}` is not a valid ed25519 public key: {e}", text.trim()))
 }
 
+/// Fills `buffer` from the kernel's random source.
+pub fn random_bytes(buffer: &mut [u8]) -> std::io::Result<()> {
+    std::fs::File::open("/dev/urandom")?.read_exact(buffer)
+}
+
+/// Random bytes where a failure must not stop anything (jitter, names that only need to
+/// differ): the clock's nanoseconds if the kernel's source cannot be read. Never for keys.
+pub fn loose_random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    if random_bytes(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+            .to_le_bytes();
+        for (byte, nano) in bytes.iter_mut().zip(nanos.iter().cycle()) {
+            *byte = *nano;
+        }
+    }
+    bytes
+}
+
 /// A new signing key from the kernel's random source.
 pub fn generate_key() -> std::io::Result<SigningKey> {
     let mut seed = [0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut seed)?;
+    random_bytes(&mut seed)?;
     Ok(SigningKey::from_bytes(&seed))
 }
 

@@ -67,15 +67,5 @@ pub(super) async fn watch(
 
 /// Eight hex digits, so a session's consumer names never meet a previous session's.
 fn random_suffix() -> String {
-    let mut bytes = [0u8; 4];
-    let read = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes));
-    if read.is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        bytes = nanos.to_le_bytes();
-    }
-    hex::encode(bytes)
+    hex::encode(cairn_core::fleet::loose_random::<4>())
 }

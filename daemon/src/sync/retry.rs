@@ -22,20 +22,7 @@ pub(super) fn backoff(failures: u32, first: Duration, cap: Duration) -> Duration
 
 /// A number in [0, 1) that differs between devices and calls.
 fn jitter() -> f64 {
-    let mut byte = [0u8; 2];
-    if getrandom(&mut byte).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        return (nanos % 1000) as f64 / 1000.0;
-    }
-    u16::from_le_bytes(byte) as f64 / 65536.0
-}
-
-fn getrandom(buffer: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(buffer)
+    u16::from_le_bytes(cairn_core::fleet::loose_random()) as f64 / 65536.0
 }
 
 #[derive(Debug)]
