@@ -62,12 +62,22 @@ lint:
 # unit and end-to-end tests on release builds; the amd64 .deb (lintian) and image booted under
 # QEMU (import, serving, growth, persistence, the package's upgrade/remove/purge); the arm64
 # cross build and the whole end-to-end suite on it under qemu-user.
+# Each step's time is printed (`== STEP took N s`), so a slow CI run says where it went.
 test: lint components
+    #!/usr/bin/env bash
+    set -euo pipefail
+    start=$SECONDS
+    step() {
+        local t=$SECONDS
+        echo "== $*"
+        "$@"
+        echo "== took $((SECONDS - t)) s: $* (test: $((SECONDS - start)) s so far)"
+    }
     rm -f target/test-skips.log
-    cargo build --release --workspace --bins
-    CAIRN_PROFILE=release cargo test --release --workspace
-    just boot-test amd64
-    just test-arm64
+    step cargo build --release --workspace --bins
+    step env CAIRN_PROFILE=release cargo test --release --workspace
+    step just boot-test amd64
+    step just test-arm64
     if [ -s target/test-skips.log ]; then echo "Tests that could not run here:"; cat target/test-skips.log; fi
 
 # The quick loop while developing: lints, unit and end-to-end tests on debug builds.
