@@ -90,7 +90,7 @@ check: lint components
 # Everything, including what does not fit CI's budget: the whole suite, the arm64 image booted
 # under QEMU, and the Raspberry Pi image (about 40 minutes more the first time, for the cached
 # arm64 Debian root; about 10 after that), the hostile suite and the crash loop.
-test-all: test (boot-test "arm64") test-rpi hostile (hostile "--pinned") crash linkcut power-cut fuzz
+test-all: test test-arm64-fleet (boot-test "arm64") test-rpi hostile (hostile "--pinned") crash linkcut power-cut fuzz
 
 # Fuzzing, outside CI (about SECONDS x 6, plus a few minutes of building once): each target
 # in fuzz/ (manifest, fleet_document, config, import_manifest, pool_frames, control_request)
@@ -201,10 +201,21 @@ binfmt-arm64:
 smoke-arm64: binfmt-arm64 components release-arm64
     QEMU_LD_PREFIX=/usr/aarch64-linux-gnu CAIRN_PROFILE=release CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e -- --exact lifecycle::apps_come_back_after_sigterm_and_kill_9_without_recompiling
 
-# The whole end-to-end suite against arm64 cairnd/cairnctl under qemu-user (Cranelift's aarch64
-# backend compiles the components).
-test-arm64: binfmt-arm64 components release-arm64
-    QEMU_LD_PREFIX=/usr/aarch64-linux-gnu CAIRN_PROFILE=release CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e
+# The end-to-end suite against arm64 cairnd/cairnctl under qemu-user (Cranelift's aarch64
+# backend compiles the components), built with the `arm64-test` profile (release without LTO,
+# minutes faster to link). The fleet tests exercise no code that differs by architecture and
+# are slow under qemu-user: CI runs two of them here (converging, a resumed download), and
+# `just test-arm64-fleet` (in test-all) the rest.
+test-arm64: binfmt-arm64 components
+    cargo build --profile arm64-test --workspace --bins --target {{arm64_target}}
+    QEMU_LD_PREFIX=/usr/aarch64-linux-gnu CAIRN_PROFILE=arm64-test CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e -- --skip fleet::
+    QEMU_LD_PREFIX=/usr/aarch64-linux-gnu CAIRN_PROFILE=arm64-test CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e -- --exact fleet::a_device_converges_stays_up_offline_and_catches_up_to_the_latest fleet::links::a_download_cut_halfway_stores_nothing_and_resumes_where_it_stopped
+
+# Every fleet test against arm64 cairnd/cairnctl under qemu-user (about 4 minutes after the
+# arm64 build; in test-all).
+test-arm64-fleet: binfmt-arm64 components
+    cargo build --profile arm64-test --workspace --bins --target {{arm64_target}}
+    QEMU_LD_PREFIX=/usr/aarch64-linux-gnu CAIRN_PROFILE=arm64-test CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e -- fleet::
 
 # Benchmarks in release mode, printed as tables and written to BENCHMARKS.md: fleet sync
 # (outbox flush, time to converge) and serving (cairn vs `wasmtime serve` vs native hyper).

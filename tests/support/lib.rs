@@ -69,9 +69,12 @@ fn cargo() -> Command {
     command
 }
 
-/// Whether to use release binaries (`CAIRN_PROFILE=release`, as the benchmarks do).
-pub fn release() -> bool {
-    std::env::var("CAIRN_PROFILE").is_ok_and(|p| p == "release")
+/// The cargo profile of the binaries under test (`CAIRN_PROFILE`: `release`, as CI and the
+/// benchmarks use, or another profile of the workspace such as `arm64-test`); `None`: debug.
+pub fn profile() -> Option<String> {
+    std::env::var("CAIRN_PROFILE")
+        .ok()
+        .filter(|p| !p.is_empty() && p != "debug" && p != "dev")
 }
 
 /// The target the binaries under test are built for (`CAIRN_TARGET`, such as
@@ -99,7 +102,7 @@ pub fn binaries() -> &'static (PathBuf, PathBuf) {
             // Exactly `just build`'s command: another package selection unifies features
             // differently and would rebuild (and relink) both binaries on every run.
             .args(["build", "--quiet", "--workspace", "--bins"])
-            .args(release().then_some("--release"))
+            .args(profile().map(|profile| format!("--profile={profile}")))
             .args(cross_target().map(|target| format!("--target={target}")))
             .status()
             .expect("cargo runs");
@@ -108,7 +111,7 @@ pub fn binaries() -> &'static (PathBuf, PathBuf) {
         if let Some(target) = cross_target() {
             dir = dir.join(target);
         }
-        let dir = dir.join(if release() { "release" } else { "debug" });
+        let dir = dir.join(profile().unwrap_or_else(|| "debug".into()));
         (dir.join("cairnd"), dir.join("cairnctl"))
     })
 }

@@ -23,6 +23,8 @@ use tokio::io::AsyncWriteExt;
 const DOWNLOAD_STALL: Duration = Duration::from_secs(15);
 /// How much may arrive between two checkpoints (what a crash can cost a resumed download).
 const CHECKPOINT_EVERY: u64 = 1 << 20;
+/// At most one progress line in the log this often while a download goes on.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// Partial downloads not touched for this long are removed at start.
 const ABANDONED_AFTER: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -212,8 +214,10 @@ impl Sync {
         };
         let mut file = tokio::fs::File::from_std(file);
         let mut kept = checkpoint.as_ref().map_or(0, |c| c.bytes);
-        if kept > 0 {
-            tracing::info!(%digest, kept, size, "resuming a download");
+        let started = std::time::Instant::now();
+        match kept {
+            0 => tracing::info!(%digest, size, "downloading an artifact"),
+            _ => tracing::info!(%digest, kept, size, "resuming a download"),
         }
         if kept < size {
             let from = checkpoint.as_ref().map(|c| c.next_sequence);
@@ -248,6 +252,7 @@ impl Sync {
             bytes: max,
             setting: "max_artifact_size",
         };
+        tracing::info!(%digest, size, took = ?started.elapsed(), "artifact downloaded and verified");
         let path = partial.part.clone();
         let intake =
             tokio::task::spawn_blocking(move || admission::Intake::from_file(&path, limit))
@@ -265,6 +270,7 @@ impl Sync {
             admission::AdmitError::Store(error) => SyncError::Store(error),
             other => SyncError::Upstream(format!("artifact {digest}: {other}")),
         })?;
+        tracing::info!(%digest, took = ?started.elapsed(), "artifact admitted to the store");
         Ok(())
     }
 
@@ -302,6 +308,7 @@ impl Sync {
             .await
             .map_err(|e| SyncError::Upstream(format!("cannot read artifact {digest}: {e}")))?;
         let mut chunks = consumer.messages().await.map_err(upstream_error)?;
+        let mut last_progress = std::time::Instant::now();
         let client = context.client();
         let mut since_checkpoint = 0u64;
         let mut next_sequence = from.unwrap_or(0);
@@ -352,6 +359,10 @@ impl Sync {
                 self.checkpoint(partial, file, nuid, next_sequence, *kept)
                     .await?;
                 since_checkpoint = 0;
+                if last_progress.elapsed() >= PROGRESS_EVERY {
+                    tracing::info!(%digest, kept = *kept, size, "download progress");
+                    last_progress = std::time::Instant::now();
+                }
             }
         };
         if result.is_err() && since_checkpoint > 0 {
