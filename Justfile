@@ -61,7 +61,7 @@ lint:
 # The whole test suite, as CI runs it (under an hour on 2 cores from a clean clone): lints;
 # unit and end-to-end tests on release builds; the amd64 .deb (lintian) and image booted under
 # QEMU (import, serving, growth, persistence, the package's upgrade/remove/purge); the arm64
-# cross build and the whole end-to-end suite on it under qemu-user.
+# cross build and the end-to-end suite on it under qemu-user (two of its fleet tests).
 # Each step's time is printed (`== STEP took N s`), so a slow CI run says where it went.
 test: lint components
     #!/usr/bin/env bash
