@@ -211,8 +211,8 @@ test-arm64: binfmt-arm64 components
     QEMU_LD_PREFIX=/usr/aarch64-linux-gnu CAIRN_PROFILE=arm64-test CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e -- --skip fleet::
     QEMU_LD_PREFIX=/usr/aarch64-linux-gnu CAIRN_PROFILE=arm64-test CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e -- --exact fleet::a_device_converges_stays_up_offline_and_catches_up_to_the_latest fleet::links::a_download_cut_halfway_stores_nothing_and_resumes_where_it_stopped
 
-# Every fleet test against arm64 cairnd/cairnctl under qemu-user (about 4 minutes after the
-# arm64 build; in test-all).
+# Every fleet test against arm64 cairnd/cairnctl under qemu-user (in test-all; about 2 to 4
+# minutes after the arm64 build, judged from full arm64 runs).
 test-arm64-fleet: binfmt-arm64 components
     cargo build --profile arm64-test --workspace --bins --target {{arm64_target}}
     QEMU_LD_PREFIX=/usr/aarch64-linux-gnu CAIRN_PROFILE=arm64-test CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e -- fleet::
