@@ -89,6 +89,14 @@ fn main() {
         std::thread::sleep(Duration::from_millis(100));
     };
     link.clear();
+    // The daemon's own account of the fetch (start, progress, verified, admitted), to tell
+    // the phases apart.
+    println!("publish at {:?} after the bench started; the device's log of it:", std::time::SystemTime::now() - started.elapsed());
+    for line in daemon.log().lines().filter(|l| {
+        l.contains("artifact") || l.contains("download") || l.contains("fleet state")
+    }) {
+        println!("  {line}");
+    }
     let ideal_s = ideal.as_secs_f64();
     let body = match serving {
         Some(took) => {
