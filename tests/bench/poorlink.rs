@@ -91,10 +91,18 @@ fn main() {
     link.clear();
     // The daemon's own account of the fetch (start, progress, verified, admitted), to tell
     // the phases apart.
-    println!("publish at {:?} after the bench started; the device's log of it:", std::time::SystemTime::now() - started.elapsed());
-    for line in daemon.log().lines().filter(|l| {
-        l.contains("artifact") || l.contains("download") || l.contains("fleet state")
-    }) {
+    let published_at = (std::time::SystemTime::now() - started.elapsed())
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    println!(
+        "published at unix {:.3} s; the device's log of the fetch:",
+        published_at.as_secs_f64()
+    );
+    for line in daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains("artifact") || l.contains("download") || l.contains("fleet state"))
+    {
         println!("  {line}");
     }
     let ideal_s = ideal.as_secs_f64();
