@@ -9,6 +9,8 @@ hello := components_target / "wasm32-wasip2/release/hello.wasm"
 wasmtime_version := "48.0.8"
 version := `sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1`
 arm64_target := "aarch64-unknown-linux-gnu"
+# How the host's test harness runs against the arm64 test build under qemu-user.
+arm64_test_env := "QEMU_LD_PREFIX=/usr/aarch64-linux-gnu CAIRN_PROFILE=arm64-test CAIRN_TARGET=" + arm64_target
 
 # List the recipes.
 default:
@@ -206,16 +208,18 @@ smoke-arm64: binfmt-arm64 components release-arm64
 # minutes faster to link). The fleet tests exercise no code that differs by architecture and
 # are slow under qemu-user: CI runs two of them here (converging, a resumed download), and
 # `just test-arm64-fleet` (in test-all) the rest.
-test-arm64: binfmt-arm64 components
-    cargo build --profile arm64-test --workspace --bins --target {{arm64_target}}
-    QEMU_LD_PREFIX=/usr/aarch64-linux-gnu CAIRN_PROFILE=arm64-test CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e -- --skip fleet::
-    QEMU_LD_PREFIX=/usr/aarch64-linux-gnu CAIRN_PROFILE=arm64-test CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e -- --exact fleet::a_device_converges_stays_up_offline_and_catches_up_to_the_latest fleet::links::a_download_cut_halfway_stores_nothing_and_resumes_where_it_stopped
+test-arm64: binfmt-arm64 components build-arm64-test
+    {{arm64_test_env}} cargo test --release -p cairn-tests --test e2e -- --skip fleet::
+    {{arm64_test_env}} cargo test --release -p cairn-tests --test e2e -- --exact fleet::a_device_converges_stays_up_offline_and_catches_up_to_the_latest fleet::links::a_download_cut_halfway_stores_nothing_and_resumes_where_it_stopped
 
 # Every fleet test against arm64 cairnd/cairnctl under qemu-user (in test-all; about 2 to 4
 # minutes after the arm64 build, judged from full arm64 runs).
-test-arm64-fleet: binfmt-arm64 components
+test-arm64-fleet: binfmt-arm64 components build-arm64-test
+    {{arm64_test_env}} cargo test --release -p cairn-tests --test e2e -- fleet::
+
+# The arm64 binaries the arm64 tests run (the `arm64-test` profile).
+build-arm64-test:
     cargo build --profile arm64-test --workspace --bins --target {{arm64_target}}
-    QEMU_LD_PREFIX=/usr/aarch64-linux-gnu CAIRN_PROFILE=arm64-test CAIRN_TARGET={{arm64_target}} cargo test --release -p cairn-tests --test e2e -- fleet::
 
 # Benchmarks in release mode, printed as tables and written to BENCHMARKS.md: fleet sync
 # (outbox flush, time to converge) and serving (cairn vs `wasmtime serve` vs native hyper).
