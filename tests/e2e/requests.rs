@@ -168,6 +168,14 @@ fn over_the_instance_limit_answers_503_at_once() {
         rejected.headers
     );
     assert_eq!(slow.join().unwrap().status, 200);
+    // The instance is the guest's until its handler returns, which may be a moment after its
+    // client has the whole response (seen under qemu-user): once it is free, it serves again.
+    wait_for(
+        "the instance to be free again",
+        Duration::from_secs(10),
+        || daemon.app_status("narrow")["in_flight"] == 0,
+    )
+    .unwrap();
     assert_eq!(get(addr, "/").unwrap().status, 200);
     assert_eq!(daemon.app_status("narrow")["rejected"], 1);
 }
