@@ -48,17 +48,27 @@ fn a_request_past_its_timeout_answers_500_and_the_next_is_served() {
     .unwrap();
 }
 
-/// Asks `app` at `addr` for something slow (`/sleep?20000`), waits until that request holds
-/// an instance, then hangs up before any answer.
+/// The timeout of a deserted guest: long enough for status polls, each a cairnctl run, to see
+/// it hold its instance. Under qemu-user on a busy machine one poll can take seconds (8 s
+/// were missed there with the hostile tests beside it), so it is longer there.
+fn deserted_timeout() -> (&'static str, Duration) {
+    match cairn_tests::cross_target() {
+        Some(_) => ("20s", Duration::from_secs(20)),
+        None => ("8s", Duration::from_secs(8)),
+    }
+}
+
+/// Asks `app` at `addr` for something slower than its timeout (`/sleep?60000`), waits until
+/// that request holds an instance, then hangs up before any answer.
 fn desert_a_slow_request(daemon: &Daemon, app: &str, addr: std::net::SocketAddr) {
     use std::io::Write;
     let mut client = std::net::TcpStream::connect(addr).unwrap();
     client
-        .write_all(b"GET /sleep?20000 HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .write_all(b"GET /sleep?60000 HTTP/1.1\r\nhost: localhost\r\n\r\n")
         .unwrap();
     wait_for(
         "the request to hold the instance",
-        Duration::from_secs(10),
+        deserted_timeout().1,
         || daemon.app_status(app)["in_flight"] == 1,
     )
     .unwrap();
@@ -67,17 +77,16 @@ fn desert_a_slow_request(daemon: &Daemon, app: &str, addr: std::net::SocketAddr)
 #[test]
 fn a_guest_runs_to_its_end_when_its_client_goes_away() {
     let daemon = Daemon::start();
-    // The guest holds its instance only until its timeout: long enough for status polls to see
-    // it, each a cairnctl run (slow under qemu-user on a busy machine: 500 ms, then 3 s, were
-    // missed there).
-    let addr = daemon.deploy_hello("deserted", &["--instances", "1", "--timeout", "8s"]);
+    // The guest holds its instance only until its timeout (`deserted_timeout`).
+    let (timeout, wait) = deserted_timeout();
+    let addr = daemon.deploy_hello("deserted", &["--instances", "1", "--timeout", timeout]);
     assert_eq!(get(addr, "/").unwrap().status, 200);
     desert_a_slow_request(&daemon, "deserted", addr);
     // The guest is not cut off with its client: it holds its slot until its timeout ends it,
     // and that outcome is counted and logged like any other.
     wait_for(
         "the guest to reach its timeout",
-        Duration::from_secs(20),
+        wait + Duration::from_secs(15),
         || daemon.app_status("deserted")["timeouts"] == 1,
     )
     .unwrap();
@@ -93,9 +102,10 @@ fn a_guest_runs_to_its_end_when_its_client_goes_away() {
 
 #[test]
 fn a_drained_generation_lets_a_deserted_guest_finish() {
-    let daemon = Daemon::start();
-    // 8 s, as above: long enough for the status polls to see the guest under qemu-user.
-    let addr = daemon.deploy_hello("leftover", &["--instances", "1", "--timeout", "8s"]);
+    // The drain must outlast the guest's timeout (10 s by default; 20 s under qemu-user).
+    let daemon = Daemon::start_with(Some("drain_timeout = \"60s\"\n"), &[]);
+    let (timeout, wait) = deserted_timeout();
+    let addr = daemon.deploy_hello("leftover", &["--instances", "1", "--timeout", timeout]);
     desert_a_slow_request(&daemon, "leftover", addr);
     // A new generation: the old pool drains with no connection left, but its guest still
     // runs. It must not be cut off with the pool; its outcome is reported like any other.
@@ -118,7 +128,7 @@ fn a_drained_generation_lets_a_deserted_guest_finish() {
     assert_eq!(get(addr, "/").unwrap().body, "again from cairn\n");
     wait_for(
         "the old guest's timeout to be logged",
-        Duration::from_secs(25),
+        wait + Duration::from_secs(20),
         || {
             daemon
                 .ctl_ok(&["logs", "leftover"])
