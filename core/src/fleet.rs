@@ -339,6 +339,14 @@ fn check_apps(apps: &[AppSpec]) -> Result<(), String> {
     for app in apps {
         app.validate()
             .map_err(|e: SpecError| format!("app `{}`: {e}", app.name))?;
+        if !app.secrets.is_empty() {
+            // Signed is not sealed: whoever may read the bucket, and every device of the
+            // target, would read them.
+            return Err(format!(
+                "app `{}` has [secrets]: fleet documents are signed, not encrypted, so they carry no secrets; use [config] for what anyone may read, and deploy an app that needs secrets on the device (cairnctl deploy --secret-file)",
+                app.name
+            ));
+        }
         if !names.insert(app.name.clone()) {
             return Err(format!("app `{}` is listed twice", app.name));
         }
@@ -578,6 +586,10 @@ mod tests {
             "[[app]]\nname = \"a\"\ncomponent = \"{DIGEST}\"\n[app.http]\nlisten = \"127.0.0.1:1\"\n[[app]]\nname = \"a\"\ncomponent = \"{DIGEST}\"\n[app.http]\nlisten = \"127.0.0.1:2\"\n"
         );
         assert!(parse_state(&twice).unwrap_err().contains("listed twice"));
+        let secret = format!("[[app]]\nname = \"web\"\ncomponent = \"{DIGEST}\"\n[app.http]\nlisten = \"127.0.0.1:8080\"\n[app.config]\nurl = \"x\"\n[app.secrets]\ntoken = \"s3cret\"\n");
+        let refused = parse_state(&secret).unwrap_err();
+        assert!(refused.contains("carry no secrets"), "{refused}");
+        assert!(!refused.contains("s3cret"), "{refused}");
         assert!(parse_state("[[ap]]\n")
             .unwrap_err()
             .contains("unknown field"));

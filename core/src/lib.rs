@@ -4,10 +4,11 @@
 //! Layout: `spec` and `digest` (the typed app manifest both sides parse), `fleet` (the signed
 //! desired-state document devices accept from the upstream lattice), `proto` (the control
 //! protocol, generated from `proto/cairn.proto`), `paths` (where the socket and state live by
-//! default), `time` (UTC times without a tz database).
+//! default), `time` (UTC times without a tz database), `levels` (log levels and how streams rank).
 
 pub mod digest;
 pub mod fleet;
+pub mod levels;
 pub mod paths;
 pub mod spec;
 pub mod time;

@@ -229,6 +229,45 @@ pub struct AppSpec {
     pub limits: Limits,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Runtime configuration the guest reads through `wasi:config/store` or Spin's
+    /// `variables`. Left out of the stored JSON when empty, so a cairn from before `[config]`
+    /// still reads the specs that do not use it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+    /// Read by the guest exactly as `[config]`, shown to nobody: `status`, logs, reports and
+    /// fleet status name the keys at most.
+    #[serde(default, skip_serializing_if = "Secrets::is_empty")]
+    pub secrets: Secrets,
+}
+
+/// An app's `[secrets]`. Its `Debug` names the keys only, so no log line or error that prints
+/// a spec can carry a value.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secrets(pub BTreeMap<String, String>);
+
+impl Secrets {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.keys()
+    }
+}
+
+impl fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()?;
+        f.write_str(" (values hidden)")
+    }
+}
+
+/// Where a value the guest asked for by key came from (`AppSpec::config_value`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigSource {
+    Config,
+    Secret,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -268,6 +307,11 @@ pub struct HttpSpec {
 /// The most an app's `[env]` keys and values may hold together: a pool is started with them
 /// in one message of the pool protocol, which is bounded.
 pub const MAX_ENV_BYTES: usize = 256 << 10;
+/// The most an app's `[config]` and `[secrets]` keys and values may hold together, for the
+/// same reason as `MAX_ENV_BYTES`.
+pub const MAX_CONFIG_BYTES: usize = 256 << 10;
+/// The longest `[config]` or `[secrets]` key.
+pub const MAX_CONFIG_KEY: usize = 128;
 
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -523,7 +567,52 @@ impl AppSpec {
                 )));
             }
         }
+        self.validate_config()
+    }
+
+    fn validate_config(&self) -> Result<(), SpecError> {
+        let tables = [("config", &self.config), ("secrets", &self.secrets.0)];
+        let mut bytes = 0;
+        for (table, entries) in tables {
+            for (key, value) in entries {
+                let fits = !key.is_empty()
+                    && key.len() <= MAX_CONFIG_KEY
+                    && key
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+                if !fits {
+                    return Err(invalid(format!(
+                        "[{table}] key `{key}` is not allowed: use 1 to {MAX_CONFIG_KEY} letters, digits, `_`, `.` or `-` (Spin components read lower-case names such as `api_url`)"
+                    )));
+                }
+                bytes += key.len() + value.len();
+            }
+        }
+        if let Some(key) = self.config.keys().find(|k| self.secrets.0.contains_key(*k)) {
+            return Err(invalid(format!(
+                "`{key}` is in both [config] and [secrets]: give it in one of them"
+            )));
+        }
+        if bytes > MAX_CONFIG_BYTES {
+            return Err(invalid(format!(
+                "[config] and [secrets] hold {bytes} bytes; at most {MAX_CONFIG_BYTES} are allowed (put large data in the component or in key-value state)"
+            )));
+        }
         Ok(())
+    }
+
+    /// The value the guest reads for `key`, from `[config]` or `[secrets]` (a key is never
+    /// in both).
+    pub fn config_value(&self, key: &str) -> Option<(&str, ConfigSource)> {
+        self.config
+            .get(key)
+            .map(|v| (v.as_str(), ConfigSource::Config))
+            .or_else(|| {
+                self.secrets
+                    .0
+                    .get(key)
+                    .map(|v| (v.as_str(), ConfigSource::Secret))
+            })
     }
 }
 
@@ -645,6 +734,24 @@ mod tests {
                 "missing field `http`",
             ),
             ("this is = not toml [".to_string(), "line 1"),
+            (
+                manifest("[config]\n\"a b\" = \"x\"\n"),
+                "[config] key `a b`",
+            ),
+            (manifest("[secrets]\n\"\" = \"x\"\n"), "[secrets] key ``"),
+            (
+                manifest(&format!("[config]\n{} = \"x\"\n", "k".repeat(129))),
+                "is not allowed",
+            ),
+            (manifest("[config]\nport = 5\n"), "expected a string"),
+            (
+                manifest("[config]\ntoken = \"a\"\n[secrets]\ntoken = \"b\"\n"),
+                "in both [config] and [secrets]",
+            ),
+            (
+                manifest(&format!("[config]\nbig = \"{}\"\n", "x".repeat(300 << 10))),
+                "at most 262144",
+            ),
         ];
         for (text, expected) in cases {
             let err = AppSpec::from_manifest(&text).unwrap_err().to_string();
@@ -653,6 +760,36 @@ mod tests {
                 "manifest:\n{text}\nerror: {err}\nexpected: {expected}"
             );
         }
+    }
+
+    #[test]
+    fn config_and_secrets_are_read_alike_and_secrets_never_printed() {
+        let spec = AppSpec::from_manifest(&manifest(
+            "[config]\napi_url = \"https://example.net\"\n[secrets]\napi_token = \"s3cret-value\"\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            spec.config_value("api_url"),
+            Some(("https://example.net", ConfigSource::Config))
+        );
+        assert_eq!(
+            spec.config_value("api_token"),
+            Some(("s3cret-value", ConfigSource::Secret))
+        );
+        assert_eq!(spec.config_value("nothing"), None);
+        let printed = format!("{spec:?}");
+        assert!(printed.contains("api_token"), "{printed}");
+        assert!(!printed.contains("s3cret-value"), "{printed}");
+        // The store keeps them (it is the device's own, root's only); they round-trip.
+        let back = AppSpec::from_stored_json(&spec.to_stored_json()).unwrap();
+        assert_eq!(back, spec);
+        // A spec without them stores no trace of them, so older cairn still reads it.
+        let plain = AppSpec::from_manifest(&manifest("")).unwrap();
+        let json = plain.to_stored_json();
+        assert!(
+            !json.contains("config") && !json.contains("secrets"),
+            "{json}"
+        );
     }
 
     #[test]

@@ -51,6 +51,15 @@ pub struct DeployArgs {
     /// An environment variable for the app, K=V (repeatable).
     #[arg(long = "env", value_name = "K=V")]
     env: Vec<String>,
+    /// A runtime configuration value the app reads through wasi:config or Spin's variables,
+    /// K=V (repeatable; replaces the manifest's [config] K).
+    #[arg(long = "config", value_name = "K=V")]
+    config: Vec<String>,
+    /// A secret the app reads like configuration, its value read from FILE (a trailing
+    /// newline dropped) so that it never shows in a process list; status, logs and reports
+    /// never show it (repeatable; replaces the manifest's [secrets] K).
+    #[arg(long = "secret-file", value_name = "K=FILE")]
+    secret_file: Vec<String>,
 }
 
 /// `cairnctl deploy`.
@@ -275,17 +284,76 @@ fn refine(table: &mut toml::Table, args: &DeployArgs) -> Result<(), Failure> {
         http.insert("health".into(), health.clone().into());
         table.insert("http".into(), http.into());
     }
-    if !args.env.is_empty() {
-        let mut env = section(table, "env");
-        for pair in &args.env {
+    let mut secrets = Vec::new();
+    for pair in &args.secret_file {
+        let (key, path) = pair
+            .split_once('=')
+            .ok_or_else(|| invalid(format!("--secret-file {pair}: write it as KEY=FILE")))?;
+        secrets.push(format!("{key}={}", read_secret(Path::new(path))?));
+    }
+    let flagged = [
+        ("env", "--env", &args.env),
+        ("config", "--config", &args.config),
+        ("secrets", "--secret-file", &secrets),
+    ];
+    for (name, flag, pairs) in flagged {
+        if pairs.is_empty() {
+            continue;
+        }
+        let mut entries = section(table, name);
+        for pair in pairs {
             let (key, value) = pair
                 .split_once('=')
-                .ok_or_else(|| invalid(format!("--env {pair}: write it as KEY=VALUE")))?;
-            env.insert(key.into(), value.into());
+                .ok_or_else(|| invalid(format!("{flag} {pair}: write it as KEY=VALUE")))?;
+            entries.insert(key.into(), value.into());
         }
-        table.insert("env".into(), env.into());
+        table.insert(name.into(), entries.into());
     }
     Ok(())
+}
+
+/// A secret's value from its file: regular files only, within the manifest's bound, one
+/// trailing newline dropped (as `echo` leaves it).
+fn read_secret(path: &Path) -> Result<String, Failure> {
+    use std::io::Read;
+    let limit = cairn_core::spec::MAX_CONFIG_BYTES as u64;
+    // Looked at before it is opened: opening a FIFO would wait for a writer.
+    let meta = std::fs::metadata(path)
+        .map_err(|e| invalid(format!("--secret-file: {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(invalid(format!(
+            "--secret-file: {} is not a regular file",
+            path.display()
+        )));
+    }
+    let file = std::fs::File::open(path).map_err(|e| {
+        invalid(format!(
+            "--secret-file: cannot open {}: {e}",
+            path.display()
+        ))
+    })?;
+    let mut text = String::new();
+    file.take(limit + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| {
+            invalid(format!(
+                "--secret-file: cannot read {}: {e}",
+                path.display()
+            ))
+        })?;
+    if text.len() as u64 > limit {
+        return Err(invalid(format!(
+            "--secret-file: {} is over {limit} bytes",
+            path.display()
+        )));
+    }
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -341,5 +409,45 @@ mod tests {
         let refused = refine(&mut table, &broken.args).err().unwrap();
         assert_eq!(refused.code, exit::INVALID);
         assert!(refused.message.contains("KEY=VALUE"), "{}", refused.message);
+    }
+
+    #[test]
+    fn config_and_secret_files_refine_a_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret=with=equals\n").unwrap();
+        let mut table: toml::Table = toml::from_str(
+            "name = \"web\"\n[config]\nkept = \"yes\"\nurl = \"old\"\n[secrets]\nother = \"x\"\n",
+        )
+        .unwrap();
+        let secret = format!("api_token={}", token.display());
+        let deploy = Deploy::parse_from([
+            "deploy",
+            "--config",
+            "url=https://example.net",
+            "--secret-file",
+            secret.as_str(),
+        ]);
+        refine(&mut table, &deploy.args)
+            .map_err(|f| f.message)
+            .unwrap();
+        assert_eq!(table["config"]["url"].as_str(), Some("https://example.net"));
+        assert_eq!(table["config"]["kept"].as_str(), Some("yes"));
+        assert_eq!(
+            table["secrets"]["api_token"].as_str(),
+            Some("s3cret=with=equals")
+        );
+        assert_eq!(table["secrets"]["other"].as_str(), Some("x"));
+
+        for (path, expected) in [
+            (dir.path().to_path_buf(), "not a regular file"),
+            (dir.path().join("missing"), "missing"),
+        ] {
+            let flag = format!("k={}", path.display());
+            let deploy = Deploy::parse_from(["deploy", "--secret-file", flag.as_str()]);
+            let refused = refine(&mut table, &deploy.args).err().unwrap();
+            assert_eq!(refused.code, exit::INVALID);
+            assert!(refused.message.contains(expected), "{}", refused.message);
+        }
     }
 }

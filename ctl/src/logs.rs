@@ -13,6 +13,7 @@ pub async fn show(
     app: String,
     follow: bool,
     tail: Option<u64>,
+    level: Option<String>,
     json_output: bool,
 ) -> Result<(), Failure> {
     let mut stream = client
@@ -20,6 +21,7 @@ pub async fn show(
             app,
             follow,
             tail: tail.unwrap_or(0),
+            level: level.unwrap_or_default(),
         })
         .await?
         .into_inner();

@@ -68,6 +68,10 @@ enum Command {
         /// Only the last N lines [default: all kept lines].
         #[arg(long, value_name = "N")]
         tail: Option<u64>,
+        /// Only lines at LEVEL or above. Lines logged through wasi:logging carry their level;
+        /// stdout and stderr count as info, cairn's own notes as warn.
+        #[arg(long, value_name = "LEVEL", value_parser = cairn_core::levels::LEVELS)]
+        level: Option<String>,
     },
     /// Make an earlier generation current again (by default, the one before the current).
     Rollback {
@@ -174,9 +178,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Ls => apps::list(client, json_output).await,
         Command::Components => components::list(client, json_output).await,
         Command::Status { app } => status::show(client, app, json_output).await,
-        Command::Logs { app, follow, tail } => {
-            logs::show(client, app, follow, tail, json_output).await
-        }
+        Command::Logs {
+            app,
+            follow,
+            tail,
+            level,
+        } => logs::show(client, app, follow, tail, level, json_output).await,
         Command::Rollback { app, to } => apps::rollback(client, app, to, json_output).await,
         Command::Rm { app } => apps::remove(client, app, json_output).await,
         Command::Gc => components::collect(client, json_output).await,

@@ -122,6 +122,8 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
         );
         object.insert("generations".into(), json!(detail.generations.iter().map(|g| json!({"generation": g.generation, "digest": g.digest, "created": g.created_unix, "current": g.current})).collect::<Vec<_>>()));
         object.insert("env".into(), json!(detail.env));
+        object.insert("config".into(), json!(detail.config));
+        object.insert("secrets".into(), json!(detail.secrets));
         object.insert("allocator".into(), json!(detail.allocator));
         object.insert("requests".into(), json!(detail.requests));
         object.insert("in_flight".into(), json!(detail.in_flight));
@@ -206,6 +208,13 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
     }
     for (key, value) in &detail.env {
         rows.push(row([&format!("env {key}"), value]));
+    }
+    let config: std::collections::BTreeMap<_, _> = detail.config.iter().collect();
+    for (key, value) in config {
+        rows.push(row([&format!("config {key}"), value]));
+    }
+    for key in &detail.secrets {
+        rows.push(row([&format!("secret {key}"), "(never shown)"]));
     }
     for generation in &detail.generations {
         let marker = if generation.current { " (current)" } else { "" };

@@ -729,7 +729,7 @@ fn forward(logs: &LogHub, app: &AppName, generation: u64, lines: Vec<protocol::L
         let stream = match chunk.stream.as_str() {
             "stdout" => "stdout",
             "stderr" => "stderr",
-            _ => "cairn",
+            other => cairn_core::levels::level(other).unwrap_or("cairn"),
         };
         logs.emit(app.as_str(), generation, stream, chunk.text.as_bytes());
     }

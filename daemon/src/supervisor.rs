@@ -158,13 +158,26 @@ pub async fn run(
     Ok(())
 }
 
-/// The state directory (made, mode 0750) and the store in it.
+/// The state directory (made, mode 0750) and the store in it, its files readable by cairnd's
+/// user alone (apps' `[secrets]` are in it), whatever the umask was when they were made.
 fn open_store(state_dir: &Path, db: &Path) -> anyhow::Result<Arc<Store>> {
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("cannot create the state directory {}", state_dir.display()))?;
     std::fs::set_permissions(state_dir, std::fs::Permissions::from_mode(0o750))
         .with_context(|| format!("cannot set permissions on {}", state_dir.display()))?;
-    Ok(Arc::new(Store::open(db)?))
+    let store = Store::open(db)?;
+    // SQLite gives the WAL and shared-memory files the database's mode when it makes them.
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", db.display()));
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e)
+                    .with_context(|| format!("cannot set permissions on {}", file.display()));
+            }
+            _ => {}
+        }
+    }
+    Ok(Arc::new(store))
 }
 
 /// How limits are enforced here: the configured (or default) parent cgroup with the caps

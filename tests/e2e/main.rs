@@ -4,6 +4,7 @@
 mod access;
 mod bad_input;
 mod fleet;
+mod host_apis;
 mod hostile;
 mod import;
 mod lifecycle;

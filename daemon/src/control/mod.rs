@@ -419,8 +419,24 @@ impl Control for ControlService {
         request: Request<proto::LogsRequest>,
     ) -> Result<Response<LogStream>, Status> {
         self.access.check(&request, "read logs", false)?;
-        let proto::LogsRequest { app, follow, tail } = request.into_inner();
+        let proto::LogsRequest {
+            app,
+            follow,
+            tail,
+            level,
+        } = request.into_inner();
         let name = app_name(&app)?;
+        let min_rank = match level.as_str() {
+            "" => 0,
+            named => cairn_core::levels::level(named)
+                .map(cairn_core::levels::rank)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "`{named}` is not a log level: use one of {}",
+                        cairn_core::levels::LEVELS.join(", ")
+                    ))
+                })?,
+        };
         self.reconciler
             .detail(&name)
             .await
@@ -430,7 +446,7 @@ impl Control for ControlService {
         let tail_of = app.clone();
         let recorded = self
             .store
-            .call(move |store| store.tail_logs(&tail_of, tail))
+            .call(move |store| store.tail_logs(&tail_of, tail, min_rank))
             .await
             .map_err(|e| store_status(&e))?;
         let last_seen = recorded.last().map(|r| r.id).unwrap_or(0);
@@ -449,7 +465,11 @@ impl Control for ControlService {
         tokio::spawn(async move {
             loop {
                 match live.recv().await {
-                    Ok(record) if record.app == app && record.id > last_seen => {
+                    Ok(record)
+                        if record.app == app
+                            && record.id > last_seen
+                            && cairn_core::levels::rank(&record.stream) >= min_rank =>
+                    {
                         if sender.send(Ok(line(record))).await.is_err() {
                             return;
                         }

@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tonic::Status;
 
-/// How much of an app's `[env]` a caller sees.
+/// How much of an app's `[env]` and `[config]` a caller sees (of `[secrets]`, every caller
+/// sees the keys only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Env {
     Values,
@@ -17,8 +18,22 @@ pub(super) enum Env {
     KeysOnly,
 }
 
-/// What a reader who may not change state sees for an `[env]` value.
+/// What a reader who may not change state sees for an `[env]` or `[config]` value.
 pub(super) const HIDDEN: &str = "(hidden: only callers who may change state see values)";
+
+/// `entries` as a caller with `env` sees them.
+fn shown(
+    entries: &std::collections::BTreeMap<String, String>,
+    env: Env,
+) -> std::collections::HashMap<String, String> {
+    entries
+        .iter()
+        .map(|(key, value)| match env {
+            Env::Values => (key.clone(), value.clone()),
+            Env::KeysOnly => (key.clone(), HIDDEN.to_string()),
+        })
+        .collect()
+}
 
 impl ControlService {
     pub(super) async fn daemon_status(&self) -> Result<proto::DaemonStatus, Status> {
@@ -104,15 +119,9 @@ impl ControlService {
                     current: g.generation == detail.view.generation,
                 })
                 .collect(),
-            env: match env {
-                Env::Values => detail.spec.env.clone().into_iter().collect(),
-                Env::KeysOnly => detail
-                    .spec
-                    .env
-                    .keys()
-                    .map(|key| (key.clone(), HIDDEN.to_string()))
-                    .collect(),
-            },
+            env: shown(&detail.spec.env, env),
+            config: shown(&detail.spec.config, env),
+            secrets: detail.spec.secrets.keys().cloned().collect(),
             allocator: detail.allocator,
             requests: detail.requests,
             in_flight: detail.in_flight,

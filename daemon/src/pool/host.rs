@@ -3,6 +3,7 @@
 //! denied, and its stdout and stderr captured in memory up to a bound.
 
 use bytes::{Bytes, BytesMut};
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -21,6 +22,59 @@ pub struct Host {
     pub table: ResourceTable,
     pub limits: StoreLimits,
     pub hooks: DenyOutgoingHttp,
+    /// What `wasi:config` and Spin's variables read (`interfaces`).
+    pub config: Arc<GuestConfig>,
+    /// What the guest logged through `wasi:logging` during this request.
+    pub logged: GuestLog,
+}
+
+/// A request's `wasi:logging` lines, each with its level, kept up to `OUTPUT_LIMIT` bytes.
+#[derive(Default)]
+pub struct GuestLog {
+    pub lines: Vec<(&'static str, String)>,
+    bytes: usize,
+    /// Lines were dropped past the bound.
+    pub cut: bool,
+}
+
+impl GuestLog {
+    pub fn push(&mut self, level: &'static str, context: &str, message: &str) {
+        let line = if context.is_empty() {
+            message.to_string()
+        } else {
+            format!("{context}: {message}")
+        };
+        if self.bytes + line.len() > OUTPUT_LIMIT {
+            self.cut = true;
+            return;
+        }
+        self.bytes += line.len();
+        self.lines.push((level, line));
+    }
+}
+
+/// An app's `[config]` and `[secrets]` as its guests read them: one map, since a key is never
+/// in both (`AppSpec::validate`).
+#[derive(Default)]
+pub struct GuestConfig(BTreeMap<String, String>);
+
+impl GuestConfig {
+    pub fn of(spec: &crate::spec::AppSpec) -> GuestConfig {
+        let mut values = spec.config.clone();
+        values.extend(spec.secrets.0.clone());
+        GuestConfig(values)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.0.get(key)
+    }
+
+    pub fn all(&self) -> Vec<(String, String)> {
+        self.0
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect()
+    }
 }
 
 impl WasiView for Host {

@@ -13,6 +13,7 @@
 mod connection;
 mod host;
 mod http;
+mod interfaces;
 pub mod protocol;
 mod runtime;
 pub mod seccomp;
@@ -327,6 +328,7 @@ async fn serve(
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let config = host::GuestConfig::of(&spec);
     let (name, limits) = (spec.name.clone(), spec.limits.clone());
     let handle = tokio::runtime::Handle::current();
     // On this thread (the runtime's `block_on`, not a worker): it built the prepared engine,
@@ -339,6 +341,7 @@ async fn serve(
             &facts,
             &limits,
             env,
+            config,
             reporter,
             probe,
             prepared,
@@ -703,6 +706,15 @@ fn reporter(logs: LogQueue, budget: LogBudget, counters: Arc<Counters>) -> runti
             if !output.is_empty() {
                 budgeted(stream, output);
             }
+        }
+        for (level, line) in &report.logged.lines {
+            budgeted(level, line.as_bytes());
+        }
+        if report.logged.cut {
+            budgeted(
+                "cairn",
+                b"[cairn: wasi:logging lines of this request cut at 64KiB]",
+            );
         }
         // A method or path can be as long as the head allows (up to 1 MiB): only its start is
         // worth a log line, and the frame bound must hold.

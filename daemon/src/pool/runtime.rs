@@ -9,7 +9,7 @@
 //! by an epoch deadline and a memory cap, and a guest failure is reported, never fatal to the
 //! host. This module knows nothing of the store, the reconciler or the control API.
 
-use super::host::{DenyOutgoingHttp, Host, OutputCapture};
+use super::host::{DenyOutgoingHttp, GuestConfig, Host, OutputCapture};
 use super::seccomp;
 use crate::counters::InFlight;
 use crate::engine::{
@@ -50,6 +50,8 @@ pub struct RequestReport {
     pub outcome: Outcome,
     pub stdout: Bytes,
     pub stderr: Bytes,
+    /// What it logged through `wasi:logging`.
+    pub logged: super::host::GuestLog,
     pub method: String,
     pub path: String,
 }
@@ -129,6 +131,7 @@ impl Runtime {
         facts: &CodeFacts,
         limits: &Limits,
         env: Vec<(String, String)>,
+        config: GuestConfig,
         reporter: Reporter,
         probe: bool,
         prepared: Option<PreparedEngine>,
@@ -137,6 +140,7 @@ impl Runtime {
         let settings = AppSettings {
             name: app.clone(),
             env,
+            config: Arc::new(config),
             memory: memory_reservation(limits) as usize,
             timeout: limits.timeout.0,
             reporter,
@@ -204,7 +208,8 @@ impl Runtime {
         let instance_pre = linker.instantiate_pre(&component).map_err(|e| {
             RuntimeError::Link(format!(
                 "{e:#}; cairn provides wasi:cli, wasi:clocks, wasi:random, wasi:io, wasi:filesystem, \
-                 wasi:sockets and wasi:http at 0.2.x"
+                 wasi:sockets and wasi:http at 0.2.x, and {}",
+                super::interfaces::PROVIDED
             ))
         })?;
         let pre = ProxyPre::new(instance_pre).map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
@@ -216,6 +221,7 @@ impl Runtime {
             settings: Arc::new(AppSettings {
                 name: settings.name.clone(),
                 env: settings.env.clone(),
+                config: Arc::clone(&settings.config),
                 memory: settings.memory,
                 timeout: settings.timeout,
                 reporter: Arc::clone(&settings.reporter),
@@ -235,6 +241,8 @@ fn host_linker(engine: &Engine) -> Result<Linker<Host>, RuntimeError> {
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)
         .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
+        .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+    super::interfaces::add_to_linker(&mut linker)
         .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
     Ok(linker)
 }
@@ -301,6 +309,7 @@ pub fn open_page_map() {
 struct AppSettings {
     name: AppName,
     env: Vec<(String, String)>,
+    config: Arc<GuestConfig>,
     memory: usize,
     timeout: Duration,
     reporter: Reporter,
@@ -345,6 +354,8 @@ impl LoadedApp {
                 .memory_size(self.settings.memory)
                 .build(),
             hooks: DenyOutgoingHttp,
+            config: Arc::clone(&self.settings.config),
+            logged: Default::default(),
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|host| &mut host.limits);
@@ -436,11 +447,13 @@ impl LoadedApp {
                 Ok(Err(error)) => Outcome::Trap(describe_failure(&error)),
                 Err(_elapsed) => Outcome::Timeout,
             };
+            let logged = std::mem::take(&mut store.data_mut().logged);
             drop(store);
             (settings.reporter)(RequestReport {
                 outcome: outcome.clone(),
                 stdout: stdout.take(),
                 stderr: stderr.take(),
+                logged,
                 method,
                 path,
             });

@@ -66,18 +66,29 @@ impl Store {
         Ok(ids)
     }
 
-    /// The last `tail` lines of `app` (all kept lines when `tail` is 0), oldest first.
-    pub fn tail_logs(&self, app: &str, tail: u64) -> Result<Vec<LogRecord>, StoreError> {
+    /// The last `tail` lines of `app` (all kept lines when `tail` is 0) whose stream ranks
+    /// `min_rank` or above (`cairn_core::levels::rank`; 0 keeps every line), oldest first.
+    pub fn tail_logs(
+        &self,
+        app: &str,
+        tail: u64,
+        min_rank: usize,
+    ) -> Result<Vec<LogRecord>, StoreError> {
         let connection = self.lock();
         let limit = if tail == 0 { -1 } else { tail as i64 };
+        // The ranks of `levels::rank`, in SQL, so that `tail` counts the lines kept.
         let mut statement = connection
-            .prepare(
+            .prepare_cached(
                 "SELECT id, app, generation, unix_millis, stream, line FROM
-                   (SELECT * FROM logs WHERE app = ?1 ORDER BY id DESC LIMIT ?2) ORDER BY id",
+                   (SELECT * FROM logs WHERE app = ?1
+                      AND CASE stream WHEN 'trace' THEN 0 WHEN 'debug' THEN 1 WHEN 'warn' THEN 3
+                             WHEN 'cairn' THEN 3 WHEN 'error' THEN 4 WHEN 'critical' THEN 5
+                             ELSE 2 END >= ?3
+                    ORDER BY id DESC LIMIT ?2) ORDER BY id",
             )
             .map_err(|e| self.error(e))?;
         let rows = statement
-            .query_map(params![app, limit], |row| {
+            .query_map(params![app, limit, min_rank as i64], |row| {
                 Ok(LogRecord {
                     id: row.get::<_, i64>(0)? as u64,
                     app: row.get(1)?,

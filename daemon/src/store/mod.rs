@@ -613,7 +613,7 @@ mod tests {
         // 6 bytes a line: the newest four fit in 25.
         assert_eq!(store.prune_all_logs().unwrap(), 6);
         let left: Vec<String> = (0..3)
-            .flat_map(|i| store.tail_logs(&format!("app{i}"), 0).unwrap())
+            .flat_map(|i| store.tail_logs(&format!("app{i}"), 0, 0).unwrap())
             .map(|l| l.line)
             .collect();
         assert_eq!(left, ["line 6", "line 9", "line 7", "line 8"]);
@@ -795,27 +795,70 @@ mod tests {
         let ids = store.append_logs(&lines).unwrap();
         assert_eq!(ids.len(), 10);
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
-        let tail = store.tail_logs("web", 3).unwrap();
+        let tail = store.tail_logs("web", 3, 0).unwrap();
         assert_eq!(
             tail.iter().map(|l| l.line.as_str()).collect::<Vec<_>>(),
             ["line 7", "line 8", "line 9"]
         );
-        assert_eq!(store.tail_logs("web", 0).unwrap().len(), 10);
+        assert_eq!(store.tail_logs("web", 0, 0).unwrap().len(), 10);
         assert_eq!(store.prune_logs("web", 4, u64::MAX).unwrap(), 6);
         assert_eq!(
-            store.tail_logs("web", 0).unwrap().first().unwrap().line,
+            store.tail_logs("web", 0, 0).unwrap().first().unwrap().line,
             "line 6"
         );
         // Each line is 6 bytes: a 13-byte budget keeps the newest two.
         assert_eq!(store.prune_logs("web", 100, 13).unwrap(), 2);
         assert_eq!(
             store
-                .tail_logs("web", 0)
+                .tail_logs("web", 0, 0)
                 .unwrap()
                 .iter()
                 .map(|l| l.line.as_str())
                 .collect::<Vec<_>>(),
             ["line 8", "line 9"]
         );
+    }
+
+    #[test]
+    fn logs_filtered_by_level_rank_as_the_levels_module_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("cairn.db")).unwrap();
+        let streams = [
+            "trace", "debug", "info", "warn", "error", "critical", "stdout", "stderr", "cairn",
+        ];
+        let lines: Vec<NewLogLine> = streams
+            .iter()
+            .enumerate()
+            .map(|(i, stream)| NewLogLine {
+                app: "web".into(),
+                generation: 1,
+                unix_millis: i as i64,
+                stream,
+                line: stream.to_string(),
+            })
+            .collect();
+        store.append_logs(&lines).unwrap();
+        for (min, _) in cairn_core::levels::LEVELS.iter().enumerate() {
+            let kept: Vec<String> = store
+                .tail_logs("web", 0, min)
+                .unwrap()
+                .into_iter()
+                .map(|l| l.line)
+                .collect();
+            let expected: Vec<String> = streams
+                .iter()
+                .filter(|s| cairn_core::levels::rank(s) >= min)
+                .map(|s| s.to_string())
+                .collect();
+            assert_eq!(kept, expected, "at rank {min}");
+        }
+        // `tail` counts the lines kept, not the lines scanned.
+        let last_two: Vec<String> = store
+            .tail_logs("web", 2, 3)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.line)
+            .collect();
+        assert_eq!(last_two, ["critical", "cairn"]);
     }
 }

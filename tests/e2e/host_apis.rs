@@ -1,0 +1,218 @@
+//! What an app can use beyond WASI and `wasi:http`, through the interfaces other ecosystems'
+//! components import: runtime configuration and secrets (`wasi:config/store` at both
+//! versions in use, Spin's `variables`), with components built by those ecosystems' own
+//! toolchains (`host-apis`: wit-bindgen from the upstream WIT; `spin-app`: spin-sdk).
+
+use cairn_tests::{component, free_port, get, is_root, Daemon};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+
+const NOBODY: u32 = 65534;
+const SECRET: &str = "s3cret-value-7f3a";
+
+/// Deploys `component` as `name` from a manifest with `tables` (TOML) after its `[http]`.
+fn deploy(daemon: &Daemon, name: &str, component_name: &str, tables: &str) -> SocketAddr {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let manifest = daemon.dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"{name}\"\ncomponent = \"{}\"\n[http]\nlisten = \"{addr}\"\nhealth = \"/health\"\n{tables}",
+            component(component_name).display()
+        ),
+    )
+    .unwrap();
+    daemon.ctl_ok(&["deploy", "-f", manifest.to_str().unwrap()]);
+    addr
+}
+
+fn answer(addr: SocketAddr, path: &str) -> (u16, String) {
+    let response = get(addr, path).unwrap();
+    (response.status, response.body)
+}
+
+#[test]
+fn config_and_secrets_reach_the_guest_through_every_interface_and_nobody_else() {
+    let daemon = Daemon::start_with(
+        Some("[control]\nread_access = \"any\"\ngroup = \"cairn-e2e-none\"\n"),
+        &[],
+    );
+    let tables = format!(
+        "[config]\napi_url = \"https://example.net/v1\"\nmode = \"fast\"\n[secrets]\napi_token = \"{SECRET}\"\n"
+    );
+    let wasmcloud = deploy(&daemon, "wasmcloud", "host_apis", &tables);
+    let spin = deploy(&daemon, "spin", "spin_app", &tables);
+
+    // wasi:config, both versions: values, secrets alike, and a missing key is `none`.
+    for route in ["/config-draft", "/config-rc"] {
+        assert_eq!(
+            answer(wasmcloud, &format!("{route}?api_url")),
+            (200, "https://example.net/v1".to_string())
+        );
+        assert_eq!(
+            answer(wasmcloud, &format!("{route}?api_token")),
+            (200, SECRET.to_string())
+        );
+        assert_eq!(answer(wasmcloud, &format!("{route}?missing")).0, 404);
+    }
+    let (status, all) = answer(wasmcloud, "/config-all");
+    assert_eq!(status, 200);
+    assert_eq!(
+        all,
+        format!("api_token={SECRET}\napi_url=https://example.net/v1\nmode=fast\n")
+    );
+
+    // Spin's variables, with Spin's errors for an undefined and an ill-formed name.
+    assert_eq!(
+        answer(spin, "/variable?api_url"),
+        (200, "https://example.net/v1".to_string())
+    );
+    assert_eq!(
+        answer(spin, "/variable?api_token"),
+        (200, SECRET.to_string())
+    );
+    let (status, body) = answer(spin, "/variable?missing");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.starts_with("undefined"), "{body}");
+    let (status, body) = answer(spin, "/variable?Api-Url");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("lower-case"), "{body}");
+
+    // Who sees what: the secret's key to everyone, its value to nobody; [config] values to
+    // callers who may change state only.
+    let as_root = daemon.app_status("wasmcloud");
+    assert_eq!(as_root["config"]["api_url"], "https://example.net/v1");
+    assert_eq!(as_root["secrets"], serde_json::json!(["api_token"]));
+    let mut shown = vec![
+        daemon.ctl_ok(&["-o", "json", "status", "wasmcloud"]),
+        daemon.ctl_ok(&["status", "spin"]),
+        daemon.ctl_ok(&["logs", "wasmcloud"]),
+        daemon.ctl_ok(&["logs", "spin"]),
+        daemon.ctl_ok(&["-o", "json", "ls"]),
+    ];
+    if is_root() {
+        for args in [
+            &["-o", "json", "status", "spin"][..],
+            &["status", "wasmcloud"][..],
+        ] {
+            let reader = daemon.ctl_as(Some(NOBODY), args);
+            assert_eq!(reader.code, 0, "{reader:?}");
+            assert!(reader.stdout.contains("api_token"), "{}", reader.stdout);
+            assert!(!reader.stdout.contains("example.net"), "{}", reader.stdout);
+            shown.push(reader.stdout);
+        }
+    } else {
+        cairn_tests::skip(
+            "config_and_secrets_…: the reader's view",
+            "needs root to run cairnctl as another uid",
+        );
+    }
+    let table = daemon.ctl_ok(&["status", "wasmcloud"]);
+    assert!(table.contains("secret api_token"), "{table}");
+    assert!(table.contains("config api_url"), "{table}");
+    shown.push(table);
+    shown.push(daemon.log());
+    for text in &shown {
+        assert!(!text.contains(SECRET), "the secret shows in:\n{text}");
+    }
+
+    // The store that keeps it is its owner's alone, database and WAL.
+    for suffix in ["", "-wal"] {
+        let file = format!("{}{suffix}", daemon.database().display());
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file}");
+    }
+
+    // A secret from a file (never on a command line), replacing the manifest's.
+    let token = daemon.dir.join("token");
+    std::fs::write(&token, "rotated-token\n").unwrap();
+    let flag = format!("api_token={}", token.display());
+    let manifest = daemon.dir.join("spin.toml");
+    daemon.ctl_ok(&[
+        "deploy",
+        "-f",
+        manifest.to_str().unwrap(),
+        "--secret-file",
+        &flag,
+    ]);
+    assert_eq!(
+        answer(spin, "/variable?api_token"),
+        (200, "rotated-token".to_string())
+    );
+    assert_eq!(
+        answer(spin, "/variable?api_url"),
+        (200, "https://example.net/v1".to_string())
+    );
+}
+
+#[test]
+fn an_app_without_config_reads_nothing_and_bad_config_is_refused() {
+    let daemon = Daemon::start();
+    let bare = deploy(&daemon, "bare", "host_apis", "");
+    assert_eq!(answer(bare, "/config-all"), (200, String::new()));
+    assert_eq!(answer(bare, "/config-rc?api_url").0, 404);
+
+    let manifest = daemon.dir.join("both.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"both\"\ncomponent = \"{}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n[config]\ntoken = \"a\"\n[secrets]\ntoken = \"{SECRET}\"\n",
+            component("host_apis").display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let refused = daemon.ctl(&["deploy", "-f", manifest.to_str().unwrap()]);
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused.stderr.contains("in both [config] and [secrets]"),
+        "{}",
+        refused.stderr
+    );
+    assert!(!refused.stderr.contains(SECRET), "{}", refused.stderr);
+}
+
+#[test]
+fn wasi_logging_lines_keep_their_level_and_logs_filter_by_it() {
+    let daemon = Daemon::start();
+    let app = deploy(&daemon, "logger", "host_apis", "");
+    assert_eq!(answer(app, "/log?tag-1"), (200, "logged".to_string()));
+    daemon.wait_logged("logger", "tag-1 at critical");
+
+    let lines: Vec<serde_json::Value> = daemon
+        .ctl_ok(&["-o", "json", "logs", "logger"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .filter(|line: &serde_json::Value| line["line"].as_str().unwrap().contains("tag-1"))
+        .collect();
+    let seen: Vec<(String, String)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["stream"].as_str().unwrap().into(),
+                l["line"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String)> = ["trace", "debug", "info", "warn", "error", "critical"]
+        .iter()
+        .map(|level| (level.to_string(), format!("host-apis: tag-1 at {level}")))
+        .collect();
+    assert_eq!(seen, expected);
+
+    // At warn and above: warn, error, critical, and cairn's own notes; not the rest.
+    let warn = daemon.ctl_ok(&["logs", "logger", "--level", "warn"]);
+    for kept in ["tag-1 at warn", "tag-1 at error", "tag-1 at critical"] {
+        assert!(warn.contains(kept), "{warn}");
+    }
+    for dropped in ["tag-1 at info", "tag-1 at debug", "tag-1 at trace"] {
+        assert!(!warn.contains(dropped), "{warn}");
+    }
+    let last = daemon.ctl_ok(&["logs", "logger", "--level", "error", "--tail", "1"]);
+    assert!(last.contains("tag-1 at critical"), "{last}");
+    assert_eq!(last.lines().count(), 1, "{last}");
+
+    let refused = daemon.ctl(&["logs", "logger", "--level", "loud"]);
+    assert_ne!(refused.code, 0);
+    assert!(refused.stderr.contains("critical"), "{}", refused.stderr);
+}
