@@ -590,6 +590,9 @@ mod tests {
         let refused = parse_state(&secret).unwrap_err();
         assert!(refused.contains("carry no secrets"), "{refused}");
         assert!(!refused.contains("s3cret"), "{refused}");
+        let typed = format!("[[app]]\nname = \"web\"\ncomponent = \"{DIGEST}\"\n[app.http]\nlisten = \"127.0.0.1:8080\"\n[app.secrets]\ntok = 13579\n");
+        let refused = parse_state(&typed).unwrap_err();
+        assert!(!refused.contains("13579"), "{refused}");
         assert!(parse_state("[[ap]]\n")
             .unwrap_err()
             .contains("unknown field"));

@@ -227,12 +227,16 @@ pub struct AppSpec {
     pub http: HttpSpec,
     #[serde(default)]
     pub limits: Limits,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "quiet::env")]
     pub env: BTreeMap<String, String>,
     /// Runtime configuration the guest reads through `wasi:config/store` or Spin's
     /// `variables`. Left out of the stored JSON when empty, so a cairn from before `[config]`
     /// still reads the specs that do not use it.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "quiet::config"
+    )]
     pub config: BTreeMap<String, String>,
     /// Read by the guest exactly as `[config]`, shown to nobody: `status`, logs, reports and
     /// fleet status name the keys at most.
@@ -244,7 +248,103 @@ pub struct AppSpec {
 /// a spec can carry a value.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct Secrets(pub BTreeMap<String, String>);
+pub struct Secrets(#[serde(deserialize_with = "quiet::secrets")] pub BTreeMap<String, String>);
+
+/// Reading `[env]`, `[config]` and `[secrets]` without ever quoting a value: serde's own
+/// errors show what they refused (`invalid type: integer \`1234\``), and these errors reach
+/// logs, the import report and readers. A value that is not a string, or a table that is not
+/// a table, is refused by key and table name only.
+mod quiet {
+    use serde::de::{Deserializer, Error, MapAccess, Visitor};
+    use std::collections::BTreeMap;
+    use std::fmt;
+
+    pub fn env<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+        d.deserialize_map(Table("env"))
+    }
+
+    pub fn config<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+        d.deserialize_map(Table("config"))
+    }
+
+    pub fn secrets<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+        d.deserialize_map(Table("secrets"))
+    }
+
+    struct Table(&'static str);
+
+    /// Everything but a table is refused the same way, without its value.
+    macro_rules! refuse {
+        ($($method:ident: $type:ty),*) => {$(
+            fn $method<E: Error>(self, _: $type) -> Result<Self::Value, E> {
+                Err(E::custom(format!("[{}] must be a table of strings", self.0)))
+            }
+        )*};
+    }
+
+    impl<'de> Visitor<'de> for Table {
+        type Value = BTreeMap<String, String>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "[{}] as a table of strings", self.0)
+        }
+
+        refuse!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64, visit_str: &str);
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(A::Error::custom(format!(
+                "[{}] must be a table of strings",
+                self.0
+            )))
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut values = BTreeMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                let value = map.next_value::<Text>().map_err(|_| {
+                    A::Error::custom(format!(
+                        "[{}] `{}` must be a string (quote it)",
+                        self.0,
+                        super::clip(&key)
+                    ))
+                })?;
+                values.insert(key, value.0);
+            }
+            Ok(values)
+        }
+    }
+
+    /// A string value; anything else fails, and the caller words the error.
+    struct Text(String);
+
+    impl<'de> serde::Deserialize<'de> for Text {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Text, D::Error> {
+            struct Only;
+            impl<'de> Visitor<'de> for Only {
+                type Value = Text;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_str<E: Error>(self, v: &str) -> Result<Text, E> {
+                    Ok(Text(v.to_string()))
+                }
+                fn visit_string<E: Error>(self, v: String) -> Result<Text, E> {
+                    Ok(Text(v))
+                }
+            }
+            d.deserialize_string(Only)
+        }
+    }
+}
+
+/// A key as an error message shows it: at most 64 characters (a key can be as long as the
+/// manifest, and the message travels in a bounded header).
+fn clip(key: &str) -> String {
+    match key.char_indices().nth(64) {
+        Some((cut, _)) => format!("{}…", &key[..cut]),
+        None => key.to_string(),
+    }
+}
 
 impl Secrets {
     pub fn is_empty(&self) -> bool {
@@ -563,7 +663,8 @@ impl AppSpec {
         for key in self.env.keys() {
             if key.is_empty() || key.contains('=') || key.contains('\0') {
                 return Err(invalid(format!(
-                    "[env] key `{key}` is not a valid variable name"
+                    "[env] key `{}` is not a valid variable name",
+                    clip(key)
                 )));
             }
         }
@@ -582,7 +683,8 @@ impl AppSpec {
                         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
                 if !fits {
                     return Err(invalid(format!(
-                        "[{table}] key `{key}` is not allowed: use 1 to {MAX_CONFIG_KEY} letters, digits, `_`, `.` or `-` (Spin components read lower-case names such as `api_url`)"
+                        "[{table}] key `{}` is not allowed: use 1 to {MAX_CONFIG_KEY} letters, digits, `_`, `.` or `-` (Spin components read lower-case names such as `api_url`)",
+                        clip(key)
                     )));
                 }
                 bytes += key.len() + value.len();
@@ -743,7 +845,10 @@ mod tests {
                 manifest(&format!("[config]\n{} = \"x\"\n", "k".repeat(129))),
                 "is not allowed",
             ),
-            (manifest("[config]\nport = 5\n"), "expected a string"),
+            (
+                manifest("[config]\nport = 5\n"),
+                "[config] `port` must be a string",
+            ),
             (
                 manifest("[config]\ntoken = \"a\"\n[secrets]\ntoken = \"b\"\n"),
                 "in both [config] and [secrets]",
@@ -760,6 +865,57 @@ mod tests {
                 "manifest:\n{text}\nerror: {err}\nexpected: {expected}"
             );
         }
+    }
+
+    #[test]
+    fn a_refused_value_is_never_quoted() {
+        for (tables, expected) in [
+            (
+                "[secrets]\ntok = 12345678\n",
+                "[secrets] `tok` must be a string",
+            ),
+            (
+                "[secrets]\ntok = 31415.9265\n",
+                "[secrets] `tok` must be a string",
+            ),
+            (
+                "[secrets]\ntok = [98765]\n",
+                "[secrets] `tok` must be a string",
+            ),
+            (
+                "[secrets]\ntok = { n = 98765 }\n",
+                "[secrets] `tok` must be a string",
+            ),
+            ("secrets = \"LEAKED-98765\"\n", "[secrets] must be a table"),
+            ("secrets = 98765\n", "[secrets] must be a table"),
+            (
+                "[config]\nport = 98765.5\n",
+                "[config] `port` must be a string",
+            ),
+            ("[env]\nPIN = 98765\n", "[env] `PIN` must be a string"),
+        ] {
+            // The tables go before [http] would take them: at the top level of the manifest.
+            let text = format!(
+                "name = \"hello\"\ncomponent = \"{DIGEST}\"\n{}[http]\nlisten = \"127.0.0.1:8080\"\n",
+                if tables.starts_with('[') { "" } else { tables }
+            );
+            let text = if tables.starts_with('[') {
+                format!("{text}{tables}")
+            } else {
+                text
+            };
+            let err = AppSpec::from_manifest(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{tables}: {err}");
+            assert!(
+                !err.contains("98765") && !err.contains("31415"),
+                "{tables}: {err}"
+            );
+        }
+        let long = "k".repeat(20_000);
+        let err = AppSpec::from_manifest(&manifest(&format!("[config]\n{long} = \"v\"\n")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 400, "{} bytes", err.len());
     }
 
     #[test]

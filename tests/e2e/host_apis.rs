@@ -170,6 +170,26 @@ fn an_app_without_config_reads_nothing_and_bad_config_is_refused() {
         refused.stderr
     );
     assert!(!refused.stderr.contains(SECRET), "{}", refused.stderr);
+
+    // A value of the wrong type is refused by its key, never quoted.
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"typed\"\ncomponent = \"{}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n[secrets]\npin = 98765432\n",
+            component("host_apis").display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let refused = daemon.ctl(&["deploy", "-f", manifest.to_str().unwrap()]);
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused.stderr.contains("[secrets] `pin` must be a string"),
+        "{}",
+        refused.stderr
+    );
+    assert!(!refused.stderr.contains("98765432"), "{}", refused.stderr);
+    assert!(!daemon.log().contains("98765432"));
 }
 
 #[test]
