@@ -21,6 +21,13 @@ use tokio::io::AsyncWriteExt;
 
 /// A download with no progress for this long is abandoned (and retried with its document).
 const DOWNLOAD_STALL: Duration = Duration::from_secs(15);
+/// About how many bytes of an artifact are asked for ahead of what has arrived (the pull
+/// window; between a half and one and a half of it is in flight). Enough to keep a slow link
+/// busy, and little enough that the server never holds for this device more than a few
+/// seconds of a 1 Mbit/s link: nats-server drops a client as a slow consumer when one write
+/// to it waits past its write deadline (10 s by default), which a push consumer's window did
+/// to a device on 1 Mbit/s about every 15 s (seen in `just bench`'s poor link).
+const PULL_WINDOW: u64 = 256 << 10;
 /// How much may arrive between two checkpoints (what a crash can cost a resumed download).
 const CHECKPOINT_EVERY: u64 = 1 << 20;
 /// At most one progress line in the log this often while a download goes on.
@@ -221,10 +228,12 @@ impl Sync {
         }
         if kept < size {
             let from = checkpoint.as_ref().map(|c| c.next_sequence);
+            let chunk_size = size.div_ceil(info.chunks.max(1) as u64).max(1);
             self.download(
                 context,
                 &info.nuid,
                 from,
+                chunk_size,
                 digest,
                 size,
                 &partial,
@@ -274,15 +283,17 @@ impl Sync {
         Ok(())
     }
 
-    /// Reads the object's chunks from stream sequence `from` (the start when `None`) into
-    /// `file`, checkpointing as it goes, until `size` bytes are kept. Watches the link: when it
-    /// drops, or nothing arrives for DOWNLOAD_STALL, it stops with what was kept saved.
+    /// Reads the object's chunks (of `chunk_size` bytes) from stream sequence `from` (the start
+    /// when `None`) into `file`, checkpointing as it goes, until `size` bytes are kept, asking
+    /// for `PULL_WINDOW` at a time. Watches the link: when it drops, or nothing arrives for
+    /// DOWNLOAD_STALL, it stops with what was kept saved.
     #[allow(clippy::too_many_arguments)]
     async fn download(
         &self,
         context: &jetstream::Context,
         nuid: &str,
         from: Option<u64>,
+        chunk_size: u64,
         digest: &Digest,
         size: u64,
         partial: &Partial,
@@ -299,10 +310,12 @@ impl Sync {
             None => consumer::DeliverPolicy::All,
         };
         let consumer = stream
-            .create_consumer(consumer::push::OrderedConfig {
-                deliver_subject: context.client().new_inbox(),
+            .create_consumer(consumer::pull::OrderedConfig {
                 filter_subject: format!("$O.{}.C.{nuid}", fleet::ARTIFACT_BUCKET),
                 deliver_policy,
+                // The ordered pull asks for `max_batch` chunks at a time, and again when half
+                // of them are in.
+                max_batch: (PULL_WINDOW / chunk_size).max(1) as i64,
                 ..Default::default()
             })
             .await
@@ -312,6 +325,7 @@ impl Sync {
         let client = context.client();
         let mut since_checkpoint = 0u64;
         let mut next_sequence = from.unwrap_or(0);
+        let kept_at_start = *kept;
         let interrupted = |why: &str, kept: u64| {
             SyncError::Upstream(format!(
                 "downloading {digest} {why} after {kept} of {size} bytes; what arrived is kept and the download resumes from there (`cairnctl sync now` tries at once)"
@@ -325,6 +339,11 @@ impl Sync {
                 break Err(interrupted("was interrupted: the link dropped", *kept));
             }
             let chunk = match tokio::time::timeout(DOWNLOAD_STALL, chunks.next()).await {
+                // Nothing at all: the server may be refusing the pull requests themselves.
+                Err(_) if *kept == kept_at_start => break Err(interrupted(
+                    "received nothing for 15 s (a device whose NATS user is confined needs `$JS.API.CONSUMER.MSG.NEXT.OBJ_cairn-artifacts.*`: see the README's least privilege)",
+                    *kept,
+                )),
                 Err(_) => break Err(interrupted("stalled", *kept)),
                 Ok(None) => break Err(interrupted("was interrupted", *kept)),
                 Ok(Some(Err(error))) => {

@@ -19,6 +19,8 @@ fn device_user(id: &str, password: &str, groups: &[&str]) -> String {
         "$JS.API.DIRECT.GET.OBJ_cairn-artifacts.>".to_string(),
         "$JS.API.CONSUMER.CREATE.OBJ_cairn-artifacts".to_string(),
         "$JS.API.CONSUMER.CREATE.OBJ_cairn-artifacts.>".to_string(),
+        // Artifacts are pulled (a bounded window), so the device asks for the next chunks.
+        "$JS.API.CONSUMER.MSG.NEXT.OBJ_cairn-artifacts.*".to_string(),
         "$JS.FC.>".to_string(),
     ];
     for key in &keys {
