@@ -9,6 +9,12 @@ use std::time::Duration;
 
 /// The permissions of device `id` in groups `groups`, in nats-server's syntax.
 fn device_user(id: &str, password: &str, groups: &[&str]) -> String {
+    device_user_with(id, password, groups, true)
+}
+
+/// As `device_user`; without `pull`, the set before artifacts were pulled (no
+/// `CONSUMER.MSG.NEXT` on the artifact stream).
+fn device_user_with(id: &str, password: &str, groups: &[&str], pull: bool) -> String {
     let mut keys = vec![format!("device.{id}"), "trust.delegation".to_string()];
     keys.extend(groups.iter().map(|g| format!("group.{g}")));
     let mut allow = vec![
@@ -19,10 +25,12 @@ fn device_user(id: &str, password: &str, groups: &[&str]) -> String {
         "$JS.API.DIRECT.GET.OBJ_cairn-artifacts.>".to_string(),
         "$JS.API.CONSUMER.CREATE.OBJ_cairn-artifacts".to_string(),
         "$JS.API.CONSUMER.CREATE.OBJ_cairn-artifacts.>".to_string(),
-        // Artifacts are pulled (a bounded window), so the device asks for the next chunks.
-        "$JS.API.CONSUMER.MSG.NEXT.OBJ_cairn-artifacts.*".to_string(),
         "$JS.FC.>".to_string(),
     ];
+    if pull {
+        // Artifacts are pulled (a bounded window), so the device asks for the next chunks.
+        allow.push("$JS.API.CONSUMER.MSG.NEXT.OBJ_cairn-artifacts.*".to_string());
+    }
     for key in &keys {
         allow.push(format!(
             "$JS.API.DIRECT.GET.KV_cairn-desired.$KV.cairn-desired.{key}"
@@ -200,4 +208,49 @@ fn each_device_reads_only_its_own_state_and_reports_only_as_itself() {
             .all(|l| l.contains("$JS.API.STREAM.CREATE.CAIRN_REPORTS")),
         "{cairnd_refusals:#?}"
     );
+}
+
+#[test]
+fn a_device_confined_without_the_pull_permission_is_told_what_it_lacks() {
+    let config = format!(
+        "authorization {{\n  users = [\n    {{ user: operator, password: \"operator-only\" }}\n    {}\n  ]\n}}\nno_auth_user: operator\n",
+        device_user_with("edge-c", "pass-c", &[], false),
+    );
+    let Some(lattice) = Lattice::start_with("confined_without_pull", Some(&config), None) else {
+        return;
+    };
+    let mut init: Vec<&str> = vec!["init"];
+    init.extend(lattice.upstream.iter().map(String::as_str));
+    fleet_ok(&init);
+    let addr = format!("127.0.0.1:{}", free_port());
+    lattice.publish("edge-c", "web", &addr, "web");
+    let device_config = format!(
+        "[upstream]\nnats = \"{}\"\ndevice = \"edge-c\"\nuser = \"edge-c\"\npassword = \"pass-c\"\ntrusted_keys = [\"{}\"]\n",
+        lattice.nats.url(),
+        lattice.public
+    );
+    let daemon = Daemon::start_with(Some(&device_config), &[]);
+    // The pull requests are refused by the server; after the stall the device says why.
+    wait_for(
+        "the refusal to name the missing permission",
+        Duration::from_secs(60),
+        || {
+            sync_status(&daemon)["rejections"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| {
+                    r["key"] == "device.edge-c"
+                        && r["reason"]
+                            .as_str()
+                            .is_some_and(|reason| reason.contains("CONSUMER.MSG.NEXT"))
+                })
+        },
+    )
+    .unwrap();
+    assert!(cairn_tests::get(addr.parse().unwrap(), "/").is_err());
+    assert!(lattice
+        .nats
+        .log()
+        .contains("Publish Violation - Subject \"$JS.API.CONSUMER.MSG.NEXT.OBJ_cairn-artifacts."));
 }
