@@ -14,6 +14,8 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 
 /// Output kept per stream per request; the rest is cut and the cut is marked.
 const OUTPUT_LIMIT: usize = 64 << 10;
+/// What a kept `wasi:logging` line costs beyond its text (its entry in `GuestLog`).
+const LINE_OVERHEAD: usize = std::mem::size_of::<(&str, String)>();
 
 /// The `T` of every request's `Store`.
 pub struct Host {
@@ -44,11 +46,14 @@ impl GuestLog {
         } else {
             format!("{context}: {message}")
         };
-        if self.bytes + line.len() > OUTPUT_LIMIT {
+        // Each line is charged its bookkeeping too, so a guest logging empty messages in a
+        // loop fills the bound instead of growing the list without end.
+        let cost = line.len() + LINE_OVERHEAD;
+        if self.bytes + cost > OUTPUT_LIMIT {
             self.cut = true;
             return;
         }
-        self.bytes += line.len();
+        self.bytes += cost;
         self.lines.push((level, line));
     }
 }
@@ -227,5 +232,19 @@ mod tests {
         assert!(taken.starts_with(&vec![b'x'; OUTPUT_LIMIT - 1]));
         assert!(String::from_utf8_lossy(&taken).contains("cut at 64KiB"));
         assert!(capture.take().is_empty());
+    }
+
+    #[test]
+    fn logged_lines_are_bounded_even_when_empty() {
+        let mut log = GuestLog::default();
+        for _ in 0..1_000_000 {
+            log.push("info", "", "");
+        }
+        assert!(log.cut);
+        assert!(log.lines.len() <= OUTPUT_LIMIT / LINE_OVERHEAD);
+        let mut log = GuestLog::default();
+        log.push("warn", "db", "slow");
+        assert_eq!(log.lines, [("warn", "db: slow".to_string())]);
+        assert!(!log.cut);
     }
 }
