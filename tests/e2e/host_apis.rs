@@ -152,44 +152,35 @@ fn an_app_without_config_reads_nothing_and_bad_config_is_refused() {
     assert_eq!(answer(bare, "/config-all"), (200, String::new()));
     assert_eq!(answer(bare, "/config-rc?api_url").0, 404);
 
-    let manifest = daemon.dir.join("both.toml");
-    std::fs::write(
-        &manifest,
-        format!(
-            "name = \"both\"\ncomponent = \"{}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n[config]\ntoken = \"a\"\n[secrets]\ntoken = \"{SECRET}\"\n",
-            component("host_apis").display(),
-            free_port()
+    // Each refused by the key, with no value quoted, whatever the value is.
+    for (tables, expected, value) in [
+        (
+            format!("[config]\ntoken = \"a\"\n[secrets]\ntoken = \"{SECRET}\"\n"),
+            "in both [config] and [secrets]",
+            SECRET,
         ),
-    )
-    .unwrap();
-    let refused = daemon.ctl(&["deploy", "-f", manifest.to_str().unwrap()]);
-    assert_ne!(refused.code, 0);
-    assert!(
-        refused.stderr.contains("in both [config] and [secrets]"),
-        "{}",
-        refused.stderr
-    );
-    assert!(!refused.stderr.contains(SECRET), "{}", refused.stderr);
-
-    // A value of the wrong type is refused by its key, never quoted.
-    std::fs::write(
-        &manifest,
-        format!(
-            "name = \"typed\"\ncomponent = \"{}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n[secrets]\npin = 98765432\n",
-            component("host_apis").display(),
-            free_port()
+        (
+            "[secrets]\npin = 98765432\n".to_string(),
+            "[secrets] `pin` must be a string",
+            "98765432",
         ),
-    )
-    .unwrap();
-    let refused = daemon.ctl(&["deploy", "-f", manifest.to_str().unwrap()]);
-    assert_ne!(refused.code, 0);
-    assert!(
-        refused.stderr.contains("[secrets] `pin` must be a string"),
-        "{}",
-        refused.stderr
-    );
-    assert!(!refused.stderr.contains("98765432"), "{}", refused.stderr);
-    assert!(!daemon.log().contains("98765432"));
+    ] {
+        let manifest = daemon.dir.join("refused.toml");
+        std::fs::write(
+            &manifest,
+            format!(
+                "name = \"refused\"\ncomponent = \"{}\"\n[http]\nlisten = \"127.0.0.1:{}\"\n{tables}",
+                component("host_apis").display(),
+                free_port()
+            ),
+        )
+        .unwrap();
+        let refused = daemon.ctl(&["deploy", "-f", manifest.to_str().unwrap()]);
+        assert_ne!(refused.code, 0);
+        assert!(refused.stderr.contains(expected), "{}", refused.stderr);
+        assert!(!refused.stderr.contains(value), "{}", refused.stderr);
+        assert!(!daemon.log().contains(value));
+    }
 }
 
 #[test]
