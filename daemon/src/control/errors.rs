@@ -8,7 +8,7 @@ use tonic::Status;
 
 /// Maps every internal error to the status a client can act on. One place, tested below.
 pub fn status_of(error: &ReconcileError) -> Status {
-    let message = error.to_string();
+    let message = bounded(error.to_string());
     match error {
         ReconcileError::Spec(_)
         | ReconcileError::Component { .. }
@@ -30,7 +30,7 @@ pub fn status_of(error: &ReconcileError) -> Status {
 }
 
 pub fn store_status(error: &StoreError) -> Status {
-    let message = error.to_string();
+    let message = bounded(error.to_string());
     match error {
         StoreError::Full { .. } | StoreError::NoRoom { .. } | StoreError::OverBudget { .. } => {
             Status::resource_exhausted(message)
@@ -43,7 +43,7 @@ pub fn store_status(error: &StoreError) -> Status {
 
 /// Why a component was not admitted, as a status.
 pub fn admission_status(error: &AdmitError) -> Status {
-    let message = error.to_string();
+    let message = bounded(error.to_string());
     match error {
         AdmitError::TooLarge { .. } => Status::resource_exhausted(message),
         AdmitError::File(_) | AdmitError::Mismatch { .. } | AdmitError::Invalid(_) => {
@@ -54,6 +54,24 @@ pub fn admission_status(error: &AdmitError) -> Status {
     }
 }
 
+/// The most of an error message a status carries. It travels in an HTTP/2 header, which the
+/// client refuses past its header-list bound (16 KiB): a longer message, such as one naming
+/// a key as long as the manifest, would reach the user as `h2 protocol error` instead.
+const MAX_MESSAGE: usize = 4 << 10;
+
+/// `message`, cut at `MAX_MESSAGE` bytes (on a character boundary) and marked.
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str("… [message cut]");
+    }
+    message
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,6 +79,17 @@ mod tests {
     use crate::spec::SpecError;
     use std::net::SocketAddr;
     use tonic::Code;
+
+    #[test]
+    fn a_long_message_is_cut_to_fit_a_header() {
+        let long = ReconcileError::Spec(SpecError::Invalid("é".repeat(10_000)));
+        let status = status_of(&long);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().len() <= MAX_MESSAGE + 32);
+        assert!(status.message().ends_with("[message cut]"));
+        let short = status_of(&ReconcileError::Spec(SpecError::Invalid("x".into())));
+        assert!(!short.message().contains("cut"));
+    }
 
     #[test]
     fn every_error_maps_to_a_status_a_client_can_act_on() {
