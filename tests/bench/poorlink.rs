@@ -28,9 +28,7 @@ fn main() {
     // Provisioned as the README's fleet flow has it (`fleet init`): on an upstream where
     // nothing was ever published, the device would find the first document's bucket only at
     // its next look (every 2 s), which is not the link's doing.
-    let mut init: Vec<&str> = vec!["init"];
-    init.extend(lattice.upstream.iter().map(String::as_str));
-    fleet_ok(&init);
+    lattice.init();
     let big = padded_hello(&lattice.dir.path().join("big.wasm"), b'P', SIZE);
     let bytes = std::fs::metadata(&big).unwrap().len();
     let mut upload: Vec<&str> = vec!["upload"];

@@ -10,20 +10,13 @@ use std::os::unix::fs::PermissionsExt;
 const NOBODY: u32 = 65534;
 const SECRET: &str = "s3cret-value-7f3a";
 
-/// Deploys `component` as `name` from a manifest with `tables` (TOML) after its `[http]`.
+/// Deploys `component_name` as `name` with a health path and `tables` (TOML) after `[http]`.
 fn deploy(daemon: &Daemon, name: &str, component_name: &str, tables: &str) -> SocketAddr {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let manifest = daemon.dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &manifest,
-        format!(
-            "name = \"{name}\"\ncomponent = \"{}\"\n[http]\nlisten = \"{addr}\"\nhealth = \"/health\"\n{tables}",
-            component(component_name).display()
-        ),
+    daemon.deploy_manifest(
+        name,
+        component_name,
+        &format!("health = \"/health\"\n{tables}"),
     )
-    .unwrap();
-    daemon.ctl_ok(&["deploy", "-f", manifest.to_str().unwrap()]);
-    addr
 }
 
 fn answer(addr: SocketAddr, path: &str) -> (u16, String) {

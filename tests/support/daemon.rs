@@ -419,13 +419,20 @@ impl Daemon {
     /// Deploys the hello component as `name` from a manifest with `http` lines under `[http]`
     /// and `limits` lines under `[limits]`, on a fresh port; returns the address.
     pub fn deploy_hello_manifest(&self, name: &str, http: &str, limits: &str) -> SocketAddr {
+        self.deploy_manifest(name, "hello", &format!("{http}\n[limits]\n{limits}\n"))
+    }
+
+    /// Deploys test component `component_name` as `name` from a manifest (kept as
+    /// `DIR/NAME.toml`) on a fresh port, `rest` following the `listen` line under `[http]`;
+    /// returns the address.
+    pub fn deploy_manifest(&self, name: &str, component_name: &str, rest: &str) -> SocketAddr {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let manifest = self.dir.join(format!("{name}.toml"));
         std::fs::write(
             &manifest,
             format!(
-                "name = \"{name}\"\ncomponent = \"{}\"\n[http]\nlisten = \"{addr}\"\n{http}\n[limits]\n{limits}\n",
-                component("hello").display()
+                "name = \"{name}\"\ncomponent = \"{}\"\n[http]\nlisten = \"{addr}\"\n{rest}",
+                component(component_name).display()
             ),
         )
         .unwrap();

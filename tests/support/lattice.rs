@@ -197,6 +197,13 @@ impl Lattice {
         fleet(&publish)
     }
 
+    /// `cairnctl fleet init` against this upstream, as an operator provisions it; its output.
+    pub fn init(&self) -> String {
+        let mut init: Vec<&str> = vec!["init"];
+        init.extend(self.upstream.iter().map(String::as_str));
+        fleet_ok(&init)
+    }
+
     pub fn publish(&self, device: &str, app: &str, listen: &str, greeting: &str) {
         let result = self.publish_with(&self.key, device, app, listen, greeting, "30d");
         assert_eq!(result.code, 0, "publish: {}", result.stderr);

@@ -4,7 +4,7 @@
 //! permissions; this test holds the server to them from the attacker's side.
 
 use super::{sync_status, wait_greeting};
-use cairn_tests::{fleet_ok, free_port, wait_for, Daemon, Lattice};
+use cairn_tests::{free_port, wait_for, Daemon, Lattice};
 use std::time::Duration;
 
 /// The permissions of device `id` in groups `groups`, in nats-server's syntax.
@@ -154,9 +154,7 @@ fn each_device_reads_only_its_own_state_and_reports_only_as_itself() {
     assert!(status["backlog"].as_u64().unwrap() > 0, "{status}");
 
     // The operator makes the upstream's streams; the device's reports then flow.
-    let mut init: Vec<&str> = vec!["init"];
-    init.extend(lattice.upstream.iter().map(String::as_str));
-    let made = fleet_ok(&init);
+    let made = lattice.init();
     assert!(made.contains("made CAIRN_REPORTS"), "{made}");
     daemon.ctl_ok(&["sync", "now"]);
     wait_for("the backlog to drain", Duration::from_secs(30), || {
@@ -219,9 +217,7 @@ fn a_device_confined_without_the_pull_permission_is_told_what_it_lacks() {
     let Some(lattice) = Lattice::start_with("confined_without_pull", Some(&config), None) else {
         return;
     };
-    let mut init: Vec<&str> = vec!["init"];
-    init.extend(lattice.upstream.iter().map(String::as_str));
-    fleet_ok(&init);
+    lattice.init();
     let addr = format!("127.0.0.1:{}", free_port());
     lattice.publish("edge-c", "web", &addr, "web");
     let device_config = format!(
