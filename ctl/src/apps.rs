@@ -439,8 +439,14 @@ mod tests {
         );
         assert_eq!(table["secrets"]["other"].as_str(), Some("x"));
 
+        // A FIFO is refused before it is opened (opening one waits for a writer).
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
         for (path, expected) in [
             (dir.path().to_path_buf(), "not a regular file"),
+            (fifo, "not a regular file"),
+            (PathBuf::from("/dev/zero"), "not a regular file"),
             (dir.path().join("missing"), "missing"),
         ] {
             let flag = format!("k={}", path.display());
