@@ -6,16 +6,19 @@
 dir=/boot/efi/test
 exec >"$dir/result.txt" 2>&1
 
+apps() { cairnctl ls | awk 'NR > 1 { printf "%s:%s:%s ", $1, $2, $3 }'; }
 ready() {
     for _ in $(seq 180); do
-        if systemctl is-active --quiet cairnd && cairnctl status >/dev/null 2>&1; then
+        # Answering is not enough: an app restored at start is `starting` until its pool is
+        # up, and what this script records is where the apps settle.
+        if systemctl is-active --quiet cairnd && cairnctl status >/dev/null 2>&1 \
+            && ! apps | grep -q ':starting'; then
             return 0
         fi
         sleep 1
     done
-    echo "cairnd did not become active"; systemctl status --no-pager cairnd; return 1
+    echo "cairnd did not become active, or an app stayed starting: $(apps)"; systemctl status --no-pager cairnd; return 1
 }
-apps() { cairnctl ls | awk 'NR > 1 { printf "%s:%s:%s ", $1, $2, $3 }'; }
 version() {  # the installed version, or none (also when only conffiles are left)
     case "$(dpkg-query -W -f='${db:Status-Abbrev}' cairn 2>/dev/null)" in
         ii*) dpkg-query -W -f='${Version}' cairn ;;
