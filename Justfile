@@ -13,7 +13,7 @@ arm64_target := "aarch64-unknown-linux-gnu"
 arm64_test_env := "QEMU_LD_PREFIX=/usr/aarch64-linux-gnu CAIRN_PROFILE=arm64-test CAIRN_TARGET=" + arm64_target
 # The end-to-end modules whose code is the same on every architecture: `just test-arm64` (CI)
 # skips them, `just test-arm64-rest` (test-all) runs them.
-arm64_elsewhere := "--skip access:: --skip bad_input:: --skip host_apis:: --skip import:: --skip service:: --skip store:: --skip fleet::"
+arm64_elsewhere := "--skip access:: --skip bad_input:: --skip host_apis:: --skip import:: --skip keyvalue:: --skip service:: --skip store:: --skip fleet::"
 
 # List the recipes.
 default:
@@ -231,7 +231,8 @@ build-arm64-test:
     cargo build --profile arm64-test --workspace --bins --target {{arm64_target}}
 
 # Benchmarks in release mode, printed as tables and written to BENCHMARKS.md: fleet sync
-# (outbox flush, time to converge) and serving (cairn vs `wasmtime serve` vs native hyper).
+# (outbox flush, time to converge), serving (cairn vs `wasmtime serve` vs native hyper) and
+# key-value (a read and a write per request against none, and writes per commit).
 # Installs wrk (apt) and wasmtime-cli at wasmtime_version (cargo install, into the tools dir) when
 # missing. `just bench --quick` does one round of each figure.
 # The hostile suite (about 3 minutes; `--quick` about 1): one app attacked (busy loops, a
@@ -268,5 +269,6 @@ bench *flags: components
     export CAIRN_WASMTIME="$tools/wasmtime-cli/bin/wasmtime" CAIRN_PROFILE=release
     cargo build --release --workspace --bins
     cargo bench -p cairn-tests --bench serve -- {{flags}}
+    cargo bench -p cairn-tests --bench keyvalue -- {{flags}}
     cargo bench -p cairn-tests --bench fleet -- {{flags}}
     cargo bench -p cairn-tests --bench poorlink -- {{flags}}

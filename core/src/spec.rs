@@ -242,6 +242,29 @@ pub struct AppSpec {
     /// fleet status name the keys at most.
     #[serde(default, skip_serializing_if = "Secrets::is_empty")]
     pub secrets: Secrets,
+    /// The app's key-value store (`wasi:keyvalue`, Spin's `key-value`). Without this table
+    /// every open is refused (`access-denied`), as Spin refuses a store it was not granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyvalue: Option<KeyValueSpec>,
+}
+
+/// `[keyvalue]`: the app's one store and its bound.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyValueSpec {
+    /// The bytes of keys plus values the store may hold; a write past it fails with the
+    /// interface's error.
+    #[serde(default = "default_kv_quota")]
+    pub quota: ByteSize,
+}
+
+/// `[keyvalue] quota` when the table leaves it out.
+pub const DEFAULT_KV_QUOTA: ByteSize = ByteSize(16 << 20);
+/// The bounds of `[keyvalue] quota`.
+pub const KV_QUOTA_RANGE: (u64, u64) = (1 << 10, 1 << 30);
+
+fn default_kv_quota() -> ByteSize {
+    DEFAULT_KV_QUOTA
 }
 
 /// An app's `[secrets]`. Its `Debug` names the keys only, so no log line or error that prints
@@ -668,6 +691,17 @@ impl AppSpec {
                 )));
             }
         }
+        if let Some(kv) = &self.keyvalue {
+            let (low, high) = KV_QUOTA_RANGE;
+            if kv.quota.0 < low || kv.quota.0 > high {
+                return Err(invalid(format!(
+                    "[keyvalue] quota = \"{}\" is out of range: use between {} and {}",
+                    kv.quota,
+                    ByteSize(low),
+                    ByteSize(high)
+                )));
+            }
+        }
         self.validate_config()
     }
 
@@ -775,6 +809,55 @@ mod tests {
         assert_eq!(limits.max_header_size, 4096);
         assert_eq!(limits.max_body, 1 << 20);
         assert_eq!(limits.max_connections, 7);
+    }
+
+    #[test]
+    fn keyvalue_has_a_default_quota_within_its_bounds() {
+        let spec = AppSpec::from_manifest(&manifest("")).unwrap();
+        assert_eq!(spec.keyvalue, None);
+        assert!(!spec.to_stored_json().contains("keyvalue"));
+        let spec = AppSpec::from_manifest(&manifest(
+            "[keyvalue]
+",
+        ))
+        .unwrap();
+        assert_eq!(spec.keyvalue.unwrap().quota, DEFAULT_KV_QUOTA);
+        let spec = AppSpec::from_manifest(&manifest(
+            "[keyvalue]
+quota = \"1GiB\"
+",
+        ))
+        .unwrap();
+        assert_eq!(spec.keyvalue.as_ref().unwrap().quota, ByteSize(1 << 30));
+        assert_eq!(
+            AppSpec::from_stored_json(&spec.to_stored_json()).unwrap(),
+            spec
+        );
+        for (extra, said) in [
+            (
+                "[keyvalue]
+quota = \"512\"
+",
+                "[keyvalue] quota = \"512B\" is out of range",
+            ),
+            (
+                "[keyvalue]
+quota = \"2GiB\"
+",
+                "use between 1KiB and 1GiB",
+            ),
+            (
+                "[keyvalue]
+store = \"x\"
+",
+                "unknown field `store`",
+            ),
+        ] {
+            let error = AppSpec::from_manifest(&manifest(extra))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(said), "{extra}: {error}");
+        }
     }
 
     #[test]

@@ -156,13 +156,27 @@ pub async fn rollback(
 pub async fn remove(
     client: &mut ControlClient<Channel>,
     app: String,
+    keep_data: bool,
     json_output: bool,
 ) -> Result<(), Failure> {
-    client
-        .remove(proto::RemoveRequest { app: app.clone() })
-        .await?;
+    let reply = client
+        .remove(proto::RemoveRequest {
+            app: app.clone(),
+            keep_data,
+        })
+        .await?
+        .into_inner();
     if json_output {
-        print_json(&json!({"removed": app}));
+        print_json(
+            &json!({"removed": app, "data_deleted": reply.data_deleted, "data_kept": keep_data}),
+        );
+    } else if keep_data {
+        println!("removed {app}; its key-value data was kept");
+    } else if let Some(bytes) = reply.data_deleted {
+        println!(
+            "removed {app} and its key-value data ({})",
+            crate::output::human_size(bytes)
+        );
     } else {
         println!("removed {app}");
     }

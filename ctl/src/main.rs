@@ -5,6 +5,7 @@
 mod apps;
 mod components;
 mod fleet_cli;
+mod kv;
 mod logs;
 mod output;
 mod status;
@@ -81,8 +82,22 @@ enum Command {
         to: Option<u64>,
     },
     /// Stop an app and forget its generations and logs (its components stay while they are
-    /// named; the rest are collected after `[store] grace`).
-    Rm { app: String },
+    /// named; the rest are collected after `[store] grace`). Its key-value data is deleted
+    /// too, unless `--keep-data`: an app deployed again under the same name then finds it.
+    Rm {
+        app: String,
+        /// Keep the app's key-value data.
+        #[arg(long)]
+        keep_data: bool,
+    },
+    /// An app's key-value data (what its guests keep through wasi:keyvalue or Spin's
+    /// key-value): list, read, write, delete, export and import. Listing keys needs read
+    /// access; values, writes and export need the right to change state.
+    Kv {
+        app: String,
+        #[command(subcommand)]
+        command: kv::KvCommand,
+    },
     /// Collect now what the store no longer keeps and give the space back: generations past
     /// `[store] keep_generations`, components no generation, name or fleet document uses
     /// (stored longer than `[store] grace` ago), their compiled code, and log text past
@@ -185,8 +200,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             level,
         } => logs::show(client, app, follow, tail, level, json_output).await,
         Command::Rollback { app, to } => apps::rollback(client, app, to, json_output).await,
-        Command::Rm { app } => apps::remove(client, app, json_output).await,
+        Command::Rm { app, keep_data } => apps::remove(client, app, keep_data, json_output).await,
         Command::Gc => components::collect(client, json_output).await,
+        Command::Kv { app, command } => kv::run(client, app, command, json_output).await,
         Command::Sync { command } => sync::run(client, command, json_output).await,
         Command::Fleet { .. } | Command::Completions { .. } | Command::Man { .. } => {
             unreachable!("handled above")

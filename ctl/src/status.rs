@@ -124,6 +124,10 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
         object.insert("env".into(), json!(detail.env));
         object.insert("config".into(), json!(detail.config));
         object.insert("secrets".into(), json!(detail.secrets));
+        object.insert(
+            "keyvalue".into(),
+            json!({"quota": detail.kv_quota, "used": detail.kv_used, "writes": detail.kv_writes, "commits": detail.kv_commits}),
+        );
         object.insert("allocator".into(), json!(detail.allocator));
         object.insert("requests".into(), json!(detail.requests));
         object.insert("in_flight".into(), json!(detail.in_flight));
@@ -215,6 +219,26 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
     }
     for key in &detail.secrets {
         rows.push(row([&format!("secret {key}"), "(never shown)"]));
+    }
+    match (detail.kv_quota, detail.kv_used) {
+        (0, None) => {}
+        (0, Some(used)) => rows.push(row([
+            "keyvalue",
+            &format!(
+                "{} kept, no [keyvalue] in this generation",
+                human_size(used)
+            ),
+        ])),
+        (quota, used) => rows.push(row([
+            "keyvalue",
+            &format!(
+                "{} of {} quota; {} writes in {} commits since cairnd started",
+                human_size(used.unwrap_or(0)),
+                human_size(quota),
+                detail.kv_writes,
+                detail.kv_commits
+            ),
+        ])),
     }
     for generation in &detail.generations {
         let marker = if generation.current { " (current)" } else { "" };

@@ -26,6 +26,7 @@ mod counters;
 mod engine;
 pub mod fuzzing;
 mod import;
+mod kv;
 mod limits;
 mod logs;
 mod pool;

@@ -120,6 +120,9 @@ pub struct Launch<'a> {
     /// The uid and gid the pool switches to before it runs any of the app's code (`None`:
     /// it stays cairnd's user).
     pub user: Option<(u32, u32)>,
+    /// The app's key-value store and quota, served on the pool's host-services socket
+    /// (`None`: the app has no `[keyvalue]` and every call is refused).
+    pub kv: Option<crate::kv::Grant>,
 }
 
 /// A running pool process, loaded and waiting for `serve` (or serving).
@@ -522,15 +525,31 @@ impl Spawner {
             user: launch.user,
             filter: crate::pool::seccomp::unavailable().is_none(),
         };
+        let (services, pool_services) = match std::os::unix::net::UnixStream::pair() {
+            Ok(pair) => pair,
+            Err(error) => {
+                kill();
+                return Err(SpawnError::Io(error));
+            }
+        };
         let fds = [
             launch.listener.as_raw_fd(),
             launch.code.fd.as_raw_fd(),
             launch.counters.raw_fd(),
+            pool_services.as_raw_fd(),
         ];
         if let Err(error) = protocol::send_with_fds(&control, &start, &fds) {
             kill();
             return Err(SpawnError::Io(error));
         }
+        drop(pool_services);
+        // Served until the pool closes its end (it exits, or is killed).
+        services.set_nonblocking(true)?;
+        tokio::spawn(crate::kv::serve(
+            tokio::net::UnixStream::from_std(services)?,
+            launch.kv.clone(),
+            app.clone(),
+        ));
         if overlap {
             confine()?;
         }

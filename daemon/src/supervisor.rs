@@ -90,6 +90,7 @@ pub async fn run(
         Arc::clone(&logs),
         Arc::clone(&cgroups),
         Arc::clone(&pool_users),
+        crate::kv::Stores::new(&config.state_dir)?,
         config.drain_timeout.0,
     );
 

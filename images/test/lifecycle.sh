@@ -48,10 +48,20 @@ denied=$(cairnctl -o json status hello | tr -d ' \n' | sed -n 's/.*"syscalls_den
 echo "RESULT filtered_threads=$filtered/$threads syscalls_denied=$denied"
 systemd-analyze security --no-pager cairnd.service >"$dir/security.txt" 2>&1
 
+# Key-value data must outlive the package's upgrade and its removal and reinstall: a second
+# app on the same component, with a store, given a key by the operator.
+digest=$(cairnctl -o json status hello | tr -d ' \n' | sed -n 's/.*"digest":"\(sha256:[0-9a-f]*\)".*/\1/p')
+printf 'name = "notes"\ncomponent = "%s"\n[http]\nlisten = "127.0.0.1:8081"\n[keyvalue]\nquota = "64KiB"\n' \
+    "$digest" >/run/notes.toml
+cairnctl deploy -f /run/notes.toml >/dev/null
+cairnctl kv notes set written-before "the upgrade" >/dev/null
+echo "RESULT kv=$(cairnctl kv notes get written-before)"
+
 dpkg -i "$dir/cairn-upgrade.deb"
 ready
 echo "RESULT upgraded=$(version) apps=$(apps)"
 echo "RESULT upgraded_device=$(device)"
+echo "RESULT upgraded_kv=$(cairnctl kv notes get written-before)"
 
 dpkg -r cairn
 echo "RESULT removed=$(version) state=$(test -f /var/lib/cairn/cairn.db && echo kept || echo gone) active=$(systemctl is-active cairnd)"
@@ -59,6 +69,7 @@ echo "RESULT removed=$(version) state=$(test -f /var/lib/cairn/cairn.db && echo 
 dpkg -i "$dir/cairn-upgrade.deb"
 ready
 echo "RESULT reinstalled=$(version) apps=$(apps)"
+echo "RESULT reinstalled_kv=$(cairnctl kv notes get written-before)"
 
 dpkg -P cairn
 echo "RESULT purged=$(version) state=$(test -e /var/lib/cairn && echo kept || echo gone) config=$(test -e /etc/cairn/cairnd.toml && echo kept || echo gone)"

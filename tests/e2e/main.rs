@@ -7,6 +7,7 @@ mod fleet;
 mod host_apis;
 mod hostile;
 mod import;
+mod keyvalue;
 mod lifecycle;
 mod limits;
 mod pools;

@@ -29,6 +29,17 @@ pub fn status_of(error: &ReconcileError) -> Status {
     }
 }
 
+pub fn kv_status(error: &crate::pool::services::KvError) -> Status {
+    use crate::pool::services::KvError;
+    let message = bounded(error.to_string());
+    match error {
+        KvError::Quota { .. } => Status::resource_exhausted(message),
+        KvError::Refused(_) => Status::invalid_argument(message),
+        KvError::AccessDenied => Status::failed_precondition(message),
+        KvError::Other(_) => Status::internal(message),
+    }
+}
+
 pub fn store_status(error: &StoreError) -> Status {
     let message = bounded(error.to_string());
     match error {

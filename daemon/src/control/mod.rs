@@ -298,11 +298,12 @@ impl Control for ControlService {
     ) -> Result<Response<proto::RemoveReply>, Status> {
         self.access.check(&request, "remove apps", true)?;
         let name = app_name(&request.get_ref().app)?;
-        self.reconciler
-            .remove(&name)
+        let data_deleted = self
+            .reconciler
+            .remove(&name, request.get_ref().keep_data)
             .await
             .map_err(|e| status_of(&e))?;
-        Ok(Response::new(proto::RemoveReply {}))
+        Ok(Response::new(proto::RemoveReply { data_deleted }))
     }
 
     async fn list_apps(
@@ -386,6 +387,88 @@ impl Control for ControlService {
         self.access.check(&request, "trigger a sync", true)?;
         self.sync.now().await;
         self.sync_reply().await.map(Response::new)
+    }
+
+    async fn kv(
+        &self,
+        request: Request<proto::KvRequest>,
+    ) -> Result<Response<proto::KvReply>, Status> {
+        use crate::pool::services::{Answer, Op};
+        use proto::kv_request::Op as Asked;
+        let asked = request.get_ref().op.clone().ok_or_else(|| {
+            Status::invalid_argument(
+                "a key-value request names no operation (list, get, set or delete)",
+            )
+        })?;
+        // Values are the app's data, often private: reading them is for those who may change
+        // state, as `[env]` and `[config]` values are. Readers list keys.
+        let (action, writes) = match &asked {
+            Asked::List(_) => ("list an app's keys", false),
+            Asked::Get(_) => ("read an app's key-value data", true),
+            Asked::Set(_) | Asked::Delete(_) => ("change an app's key-value data", true),
+        };
+        self.access.check(&request, action, writes)?;
+        let name = app_name(&request.get_ref().app)?;
+        let quota = self.reconciler.kv_quota(&name);
+        let store = self
+            .reconciler
+            .kv_store(&name)
+            .map_err(|error| errors::kv_status(&error))?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "{name} has no key-value data: no app of that name has a [keyvalue] table, and no data of one was kept"
+                ))
+            })?;
+        let asked_keys = match &asked {
+            Asked::Get(get) => get.keys.clone(),
+            _ => Vec::new(),
+        };
+        let op = match asked {
+            Asked::List(list) => Op::ListKeys {
+                cursor: list.cursor,
+            },
+            Asked::Get(get) => Op::GetMany { keys: get.keys },
+            Asked::Delete(delete) => Op::DeleteMany { keys: delete.keys },
+            Asked::Set(set) => Op::SetMany {
+                pairs: set
+                    .pairs
+                    .into_iter()
+                    .map(|pair| (pair.key, pair.value.unwrap_or_default()))
+                    .collect(),
+            },
+        };
+        if matches!(op, Op::SetMany { .. }) && quota.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "{name} runs without a [keyvalue] table, so it has no quota to write within: deploy it with one first"
+            )));
+        }
+        let answer = store
+            .run(op, quota.unwrap_or(0))
+            .await
+            .map_err(|error| errors::kv_status(&error))?;
+        let mut reply = proto::KvReply {
+            used: store.used(),
+            quota: quota.unwrap_or(0),
+            ..Default::default()
+        };
+        match answer {
+            Answer::Keys { keys, cursor } => {
+                reply.keys = keys;
+                reply.cursor = cursor;
+            }
+            Answer::Values(values) => {
+                reply.values = asked_keys
+                    .into_iter()
+                    .zip(values)
+                    .map(|(key, found)| proto::KvPair {
+                        key,
+                        value: found.map(|(_, value)| value),
+                    })
+                    .collect();
+            }
+            _ => {}
+        }
+        Ok(Response::new(reply))
     }
 
     async fn collect(

@@ -2,6 +2,7 @@
 //! every capability the app was not granted denied, `wasi:http` with outgoing requests
 //! denied, and its stdout and stderr captured in memory up to a bound.
 
+use super::services::Client;
 use bytes::{Bytes, BytesMut};
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -28,7 +29,26 @@ pub struct Host {
     pub config: Arc<GuestConfig>,
     /// What the guest logged through `wasi:logging` during this request.
     pub logged: GuestLog,
+    /// The app's key-value store as this instance reaches it (`interfaces`).
+    pub kv: KvAccess,
 }
+
+/// An instance's way to the app's key-value store: the pool's client of the host-services
+/// socket (`None`: the app has no `[keyvalue]`), and how many stores it holds open.
+pub struct KvAccess {
+    pub client: Option<Arc<Client>>,
+    pub open: usize,
+}
+
+impl KvAccess {
+    pub fn new(client: Option<Arc<Client>>) -> KvAccess {
+        KvAccess { client, open: 0 }
+    }
+}
+
+/// An open store as a guest holds it (`wasi:keyvalue`'s `bucket`, Spin's `store`): every app
+/// has one store, so the handle carries nothing but its existence.
+pub struct KvStore;
 
 /// A request's `wasi:logging` lines, each with its level, kept up to `OUTPUT_LIMIT` bytes.
 #[derive(Default)]

@@ -17,6 +17,7 @@ mod interfaces;
 pub mod protocol;
 mod runtime;
 pub mod seccomp;
+pub mod services;
 
 use crate::counters::{Counter, Counters};
 use http::{HttpServer, Serving};
@@ -228,7 +229,7 @@ pub fn run() -> i32 {
             }
         }
     };
-    let [listener, code, counters]: [OwnedFd; protocol::START_FDS] =
+    let [listener, code, counters, services]: [OwnedFd; protocol::START_FDS] =
         fds.try_into().expect("the count was checked above");
     let counters = match Counters::map(counters) {
         Ok(counters) => Arc::new(counters),
@@ -266,6 +267,7 @@ pub fn run() -> i32 {
         control,
         code,
         counters,
+        services,
         filter,
     };
     match runtime.block_on(serve(wasm, prepared, start, given)) {
@@ -283,6 +285,8 @@ struct Given {
     control: std::os::unix::net::UnixStream,
     code: OwnedFd,
     counters: Arc<Counters>,
+    /// The host-services socket (`services`): the app's key-value store.
+    services: OwnedFd,
     filter: Option<seccomp::Filter>,
 }
 
@@ -297,6 +301,7 @@ async fn serve(
         control,
         code,
         counters,
+        services,
         filter,
     } = given;
     control.set_nonblocking(true)?;
@@ -329,6 +334,17 @@ async fn serve(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let config = host::GuestConfig::of(&spec);
+    // An app without `[keyvalue]` never asks: its guests are refused in the pool.
+    let kv = match &spec.keyvalue {
+        Some(_) => {
+            let socket = std::os::unix::net::UnixStream::from(services);
+            socket.set_nonblocking(true)?;
+            Some(services::Client::start(tokio::net::UnixStream::from_std(
+                socket,
+            )?))
+        }
+        None => None,
+    };
     let (name, limits) = (spec.name.clone(), spec.limits.clone());
     let handle = tokio::runtime::Handle::current();
     // On this thread (the runtime's `block_on`, not a worker): it built the prepared engine,
@@ -342,6 +358,7 @@ async fn serve(
             &limits,
             env,
             config,
+            kv,
             reporter,
             probe,
             prepared,

@@ -9,8 +9,9 @@
 //! by an epoch deadline and a memory cap, and a guest failure is reported, never fatal to the
 //! host. This module knows nothing of the store, the reconciler or the control API.
 
-use super::host::{DenyOutgoingHttp, GuestConfig, Host, OutputCapture};
+use super::host::{DenyOutgoingHttp, GuestConfig, Host, KvAccess, OutputCapture};
 use super::seccomp;
+use super::services::Client;
 use crate::counters::InFlight;
 use crate::engine::{
     code_config, memory_reservation, pooled_config, CodeFacts, RuntimeError, Sizing,
@@ -132,6 +133,7 @@ impl Runtime {
         limits: &Limits,
         env: Vec<(String, String)>,
         config: GuestConfig,
+        kv: Option<Arc<Client>>,
         reporter: Reporter,
         probe: bool,
         prepared: Option<PreparedEngine>,
@@ -141,6 +143,7 @@ impl Runtime {
             name: app.clone(),
             env,
             config: Arc::new(config),
+            kv,
             memory: memory_reservation(limits) as usize,
             timeout: limits.timeout.0,
             reporter,
@@ -222,6 +225,7 @@ impl Runtime {
                 name: settings.name.clone(),
                 env: settings.env.clone(),
                 config: Arc::clone(&settings.config),
+                kv: settings.kv.clone(),
                 memory: settings.memory,
                 timeout: settings.timeout,
                 reporter: Arc::clone(&settings.reporter),
@@ -310,6 +314,8 @@ struct AppSettings {
     name: AppName,
     env: Vec<(String, String)>,
     config: Arc<GuestConfig>,
+    /// The app's key-value store, when it has `[keyvalue]`.
+    kv: Option<Arc<Client>>,
     memory: usize,
     timeout: Duration,
     reporter: Reporter,
@@ -356,6 +362,7 @@ impl LoadedApp {
             hooks: DenyOutgoingHttp,
             config: Arc::clone(&self.settings.config),
             logged: Default::default(),
+            kv: KvAccess::new(self.settings.kv.clone()),
         };
         let mut store = Store::new(&self.engine, host);
         store.limiter(|host| &mut host.limits);

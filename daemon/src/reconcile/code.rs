@@ -111,6 +111,16 @@ impl Reconciler {
     ) -> Result<Pool, ReconcileError> {
         let spec = attempt.spec;
         let user = self.pool_user(&spec.name).await?;
+        let kv = match &spec.keyvalue {
+            Some(keyvalue) => Some(crate::kv::Grant {
+                store: self
+                    .kv
+                    .open(&spec.name)
+                    .map_err(|error| ReconcileError::Pool(error.to_string()))?,
+                quota: keyvalue.quota.0,
+            }),
+            None => None,
+        };
         self.spawner
             .launch(spawn::Launch {
                 user,
@@ -124,6 +134,7 @@ impl Reconciler {
                 cgroup: attempt.cgroup,
                 logs: Arc::clone(&self.logs),
                 exits: self.exits.clone(),
+                kv,
             })
             .await
             .map_err(|error| match error {

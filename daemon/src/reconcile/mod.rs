@@ -109,6 +109,8 @@ pub struct Reconciler {
     pool_users: Arc<PoolUsers>,
     /// …and the ids found so far, so a wake from idle does not wait on the store for them.
     pool_ids: std::sync::Mutex<std::collections::HashMap<AppName, Option<(u32, u32)>>>,
+    /// Apps' key-value data: a pool is given its app's store at start, `remove` deletes it.
+    kv: Arc<crate::kv::Stores>,
 }
 
 impl Reconciler {
@@ -121,6 +123,7 @@ impl Reconciler {
         logs: Arc<LogHub>,
         cgroups: Arc<Cgroups>,
         pool_users: Arc<PoolUsers>,
+        kv: Arc<crate::kv::Stores>,
         drain: Duration,
     ) -> Arc<Reconciler> {
         let (exits, mut exit_events) = mpsc::channel(256);
@@ -139,6 +142,7 @@ impl Reconciler {
             cgroups,
             restarts,
             retrying: AtomicBool::new(false),
+            kv,
         });
         reconciler.spawner.refill(Duration::ZERO);
         let weak = Arc::downgrade(&reconciler);
@@ -284,7 +288,7 @@ impl Reconciler {
             return Ok(());
         };
         match lock.running(|running| running.owner) {
-            Some(current) if current == owner => self.remove_locked(lock).await,
+            Some(current) if current == owner => self.remove_locked(lock, false).await.map(drop),
             Some(_) => Err(ReconcileError::OwnedElsewhere {
                 app: name.to_string(),
                 owner: "local operator",
@@ -293,17 +297,57 @@ impl Reconciler {
         }
     }
 
-    /// Stops the app and forgets it.
-    pub async fn remove(&self, name: &AppName) -> Result<(), ReconcileError> {
+    /// The app's `[keyvalue]` quota, when it runs with one.
+    pub fn kv_quota(&self, name: &AppName) -> Option<u64> {
+        self.apps
+            .read(name, |running| {
+                running.spec.keyvalue.as_ref().map(|kv| kv.quota.0)
+            })
+            .flatten()
+    }
+
+    /// The app's key-value store, when it has data or a `[keyvalue]` table.
+    pub fn kv_store(
+        &self,
+        name: &AppName,
+    ) -> Result<Option<Arc<crate::kv::AppStore>>, crate::pool::services::KvError> {
+        if self.kv_quota(name).is_none() && self.kv.usage(name)?.is_none() {
+            return Ok(None);
+        }
+        self.kv.open(name).map(Some)
+    }
+
+    /// The bytes of key-value data the app holds, if it has any (kept data included).
+    pub fn kv_usage(&self, name: &AppName) -> Option<u64> {
+        self.kv.usage(name).unwrap_or(None)
+    }
+
+    /// The app's key-value writes and commits since its store was opened (zero when it has
+    /// none open).
+    pub fn kv_stats(&self, name: &AppName) -> (u64, u64) {
+        self.kv.stats(name)
+    }
+
+    /// Stops the app and forgets it; its key-value data goes too unless `keep_data`. Returns
+    /// the bytes of data deleted, if it had any.
+    pub async fn remove(
+        &self,
+        name: &AppName,
+        keep_data: bool,
+    ) -> Result<Option<u64>, ReconcileError> {
         let lock = self
             .apps
             .lock(name, false)
             .await
             .ok_or_else(|| ReconcileError::UnknownApp(name.to_string()))?;
-        self.remove_locked(lock).await
+        self.remove_locked(lock, keep_data).await
     }
 
-    async fn remove_locked(&self, lock: AppLock) -> Result<(), ReconcileError> {
+    async fn remove_locked(
+        &self,
+        lock: AppLock,
+        keep_data: bool,
+    ) -> Result<Option<u64>, ReconcileError> {
         let app = lock.name.clone();
         self.store.call(move |store| store.remove_app(&app)).await?;
         if let Some(running) = self.apps.remove(&lock) {
@@ -324,7 +368,18 @@ impl Reconciler {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&lock.name);
-        Ok(())
+        if keep_data {
+            return Ok(None);
+        }
+        // After the pool has stopped, still under the app's lock: no deploy of the same name
+        // can open the store meanwhile.
+        let deleted = self.kv.usage(&lock.name).unwrap_or(None);
+        self.kv.remove(&lock.name).map_err(|error| {
+            ReconcileError::Pool(format!(
+                "the app was removed, but not its key-value data: {error}"
+            ))
+        })?;
+        Ok(deleted)
     }
 
     /// Stops every app, draining requests in flight (side by side; each after a change under

@@ -8,6 +8,19 @@
 //! - `/config-all`        200, `key=value` lines from get-all (0.2.0-draft)
 //! - `/log?TAG`           logs `TAG at LEVEL` through wasi:logging at every level, context
 //!                        `host-apis`, then 200
+//! - `/kv/open?NAME`      200 if wasi:keyvalue's `open(NAME)` gives a bucket, else 500 and
+//!                        the error (`AccessDenied`, `NoSuchStore`, `Other(..)`)
+//! - `/kv/set?KEY=VALUE`  200 `ok`, or 500 and the error
+//! - `/kv/get?KEY`        200 and the value, 404 when absent
+//! - `/kv/fill?KEY=BYTES` sets KEY to BYTES bytes of `x` (the quota test)
+//! - `/kv/incr?KEY`       200 and the value after `atomics::increment(KEY, 1)`
+//! - `/kv/rw?KEY`         a read and a write: `get(KEY)` as a number (0 when absent), then
+//!                        `set(KEY, number + 1)`; 200 and the number written (the benchmark)
+//! - `/kv/keys`           200, the keys one per line (every page of `list-keys`)
+//! - `/spin-kv/get?KEY`   the same read through Spin's key-value (store "default"): both
+//!                        interfaces reach the one store
+//! - `/kv/batch?PREFIX=N` `set-many` of N keys `PREFIX-i`, then `get-many` of them and of one
+//!                        absent key: 200 and `N found, M absent`; then `delete-many`
 
 use wasip2::http::types::{
     Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
@@ -24,6 +37,8 @@ mod host {
 use host::wasi::config0_2_0_draft::store as config_draft;
 use host::wasi::config0_2_0_rc_1::store as config_rc1;
 use host::wasi::logging::logging::{self, Level};
+use host::fermyon::spin::key_value as spin_kv;
+use host::wasi::keyvalue::{atomics, batch, store as kv};
 
 struct HostApis;
 
@@ -68,9 +83,111 @@ impl wasip2::exports::http::incoming_handler::Guest for HostApis {
                 }
                 (200, "logged".to_string())
             }
+            route if route.starts_with("/kv/") => keyvalue(route, &query),
+            "/spin-kv/get" => match spin_kv::Store::open("default").and_then(|s| s.get(&query)) {
+                Ok(Some(value)) => (200, String::from_utf8_lossy(&value).into_owned()),
+                Ok(None) => (404, format!("no key {query}")),
+                Err(error) => (500, format!("{error:?}")),
+            },
             _ => (404, format!("no route {path}")),
         };
         respond(response_out, status, body.as_bytes());
+    }
+}
+
+/// The `/kv/` routes, each on the app's default store.
+fn keyvalue(route: &str, query: &str) -> (u16, String) {
+    let failed = |error: kv::Error| (500, format!("{error:?}"));
+    if route == "/kv/open" {
+        return match kv::open(query) {
+            Ok(_) => (200, "opened".to_string()),
+            Err(error) => failed(error),
+        };
+    }
+    let bucket = match kv::open("") {
+        Ok(bucket) => bucket,
+        Err(error) => return failed(error),
+    };
+    let (key, value) = query.split_once('=').unwrap_or((query, ""));
+    let done = |result: Result<(), kv::Error>| match result {
+        Ok(()) => (200, "ok".to_string()),
+        Err(error) => failed(error),
+    };
+    match route {
+        "/kv/set" => done(bucket.set(key, value.as_bytes())),
+        "/kv/fill" => {
+            let bytes = value.parse::<usize>().unwrap_or(0);
+            done(bucket.set(key, &vec![b'x'; bytes]))
+        }
+        "/kv/get" => match bucket.get(key) {
+            Ok(Some(value)) => (200, String::from_utf8_lossy(&value).into_owned()),
+            Ok(None) => (404, format!("no key {key}")),
+            Err(error) => failed(error),
+        },
+        "/kv/rw" => {
+            let current = match bucket.get(key) {
+                Ok(value) => value
+                    .and_then(|v| String::from_utf8(v).ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0),
+                Err(error) => return failed(error),
+            };
+            let next = (current + 1).to_string();
+            match bucket.set(key, next.as_bytes()) {
+                Ok(()) => (200, next),
+                Err(error) => failed(error),
+            }
+        }
+        "/kv/incr" => match atomics::increment(&bucket, key, 1) {
+            Ok(value) => (200, value.to_string()),
+            Err(error) => failed(error),
+        },
+        "/kv/keys" => {
+            let mut keys = String::new();
+            let mut cursor = None;
+            loop {
+                match bucket.list_keys(cursor) {
+                    Ok(page) => {
+                        for key in page.keys {
+                            keys.push_str(&key);
+                            keys.push('\n');
+                        }
+                        match page.cursor {
+                            Some(next) => cursor = Some(next),
+                            None => break (200, keys),
+                        }
+                    }
+                    Err(error) => break failed(error),
+                }
+            }
+        }
+        "/kv/batch" => {
+            let count = value.parse::<usize>().unwrap_or(0);
+            let keys: Vec<String> = (0..count).map(|i| format!("{key}-{i}")).collect();
+            let pairs: Vec<(String, Vec<u8>)> = keys
+                .iter()
+                .map(|k| (k.clone(), k.as_bytes().to_vec()))
+                .collect();
+            if let Err(error) = batch::set_many(&bucket, &pairs) {
+                return failed(error);
+            }
+            let mut asked = keys.clone();
+            asked.push(format!("{key}-absent"));
+            let found = match batch::get_many(&bucket, &asked) {
+                Ok(values) => values,
+                Err(error) => return failed(error),
+            };
+            let present = found
+                .iter()
+                .flatten()
+                .filter(|(k, v)| k.as_bytes() == v.as_slice())
+                .count();
+            if let Err(error) = batch::delete_many(&bucket, &keys) {
+                return failed(error);
+            }
+            (200, format!("{present} found, {} absent", found.len() - present))
+        }
+        _ => (404, format!("no route {route}")),
     }
 }
 
