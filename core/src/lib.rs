@@ -4,8 +4,10 @@
 //! Layout: `spec` and `digest` (the typed app manifest both sides parse), `fleet` (the signed
 //! desired-state document devices accept from the upstream lattice), `proto` (the control
 //! protocol, generated from `proto/cairn.proto`), `paths` (where the socket and state live by
-//! default), `time` (UTC times without a tz database), `levels` (log levels and how streams rank).
+//! default), `time` (UTC times without a tz database), `levels` (log levels and how streams rank),
+//! `cron` (the five-field expressions of `[[schedule]] cron`).
 
+pub mod cron;
 pub mod digest;
 pub mod fleet;
 pub mod levels;

@@ -246,6 +246,49 @@ pub struct AppSpec {
     /// every open is refused (`access-denied`), as Spin refuses a store it was not granted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keyvalue: Option<KeyValueSpec>,
+    /// `[[schedule]]`: requests cairnd sends the app on a timer.
+    #[serde(default, rename = "schedule", skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<ScheduleSpec>,
+}
+
+/// One `[[schedule]]`: a request to `path` of the app, `every` so long or at the times of a
+/// `cron` expression (UTC).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    /// Names the schedule in `status` and its runs; unique within the app.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub every: Option<HumanDuration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    pub path: String,
+    #[serde(default = "default_schedule_method")]
+    pub method: String,
+    /// What a run missed while cairnd was not running becomes at the next start.
+    #[serde(default)]
+    pub missed: Missed,
+}
+
+/// `[[schedule]] missed`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Missed {
+    /// Runs missed while cairnd was stopped (however many) run once at the next start.
+    #[default]
+    Once,
+    /// They are dropped: the next run is the next one due.
+    Skip,
+}
+
+/// At most this many `[[schedule]]`s per app.
+pub const MAX_SCHEDULES: usize = 16;
+/// The bounds of `[[schedule]] every`.
+pub const SCHEDULE_EVERY_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(31 * 24 * 3600));
+
+fn default_schedule_method() -> String {
+    "POST".to_string()
 }
 
 /// `[keyvalue]`: the app's one store and its bound.
@@ -691,6 +734,7 @@ impl AppSpec {
                 )));
             }
         }
+        self.validate_schedules()?;
         if let Some(kv) = &self.keyvalue {
             let (low, high) = KV_QUOTA_RANGE;
             if kv.quota.0 < low || kv.quota.0 > high {
@@ -703,6 +747,74 @@ impl AppSpec {
             }
         }
         self.validate_config()
+    }
+
+    fn validate_schedules(&self) -> Result<(), SpecError> {
+        if self.schedules.len() > MAX_SCHEDULES {
+            return Err(invalid(format!(
+                "{} [[schedule]] tables; at most {MAX_SCHEDULES} are allowed",
+                self.schedules.len()
+            )));
+        }
+        for (index, schedule) in self.schedules.iter().enumerate() {
+            let name = &schedule.name;
+            let named = |what: String| invalid(format!("[[schedule]] `{}`: {what}", clip(name)));
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            {
+                return Err(named("a name is 1 to 64 of a-z, 0-9, - and _".to_string()));
+            }
+            if self.schedules[..index].iter().any(|s| &s.name == name) {
+                return Err(named("two schedules have this name".to_string()));
+            }
+            match (&schedule.every, &schedule.cron) {
+                (Some(every), None) => {
+                    let (low, high) = SCHEDULE_EVERY_RANGE;
+                    if every.0 < low || every.0 > high {
+                        return Err(named(format!(
+                            "every = \"{every}\" is out of range: use between 1s and 31 days"
+                        )));
+                    }
+                }
+                (None, Some(cron)) => {
+                    let parsed = cron.parse::<crate::cron::Cron>().map_err(named)?;
+                    if parsed.next_after(0).is_none() {
+                        return Err(named(format!(
+                            "cron = \"{}\" matches no date (such as 30 February)",
+                            clip(cron)
+                        )));
+                    }
+                }
+                _ => {
+                    return Err(named(
+                        "give either `every` (such as \"10m\") or `cron` (such as \"0 * * * *\"), one of them".to_string(),
+                    ))
+                }
+            }
+            // What a request target may hold (RFC 3986's characters); the rest must be
+            // percent-encoded.
+            let usable =
+                |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%[]".contains(&b);
+            if !schedule.path.starts_with('/')
+                || schedule.path.len() > 1024
+                || !schedule.path.bytes().all(usable)
+            {
+                return Err(named(format!(
+                    "path = \"{}\" must start with / and hold only the characters of a URL path and query, others percent-encoded (at most 1024 bytes)",
+                    clip(&schedule.path)
+                )));
+            }
+            if !matches!(schedule.method.as_str(), "GET" | "POST" | "PUT") {
+                return Err(named(format!(
+                    "method = \"{}\": use GET, POST or PUT",
+                    clip(&schedule.method)
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn validate_config(&self) -> Result<(), SpecError> {
@@ -857,6 +969,64 @@ store = \"x\"
                 .unwrap_err()
                 .to_string();
             assert!(error.contains(said), "{extra}: {error}");
+        }
+    }
+
+    #[test]
+    fn schedules_take_an_interval_or_a_cron_and_say_what_is_wrong() {
+        let spec = AppSpec::from_manifest(&manifest(
+            "[[schedule]]\nname = \"upload\"\ncron = \"0 * * * *\"\npath = \"/upload\"\n[[schedule]]\nname = \"tick\"\nevery = \"10s\"\npath = \"/tick\"\nmethod = \"GET\"\nmissed = \"skip\"\n",
+        ))
+        .unwrap();
+        assert_eq!(spec.schedules.len(), 2);
+        assert_eq!(spec.schedules[0].method, "POST");
+        assert_eq!(spec.schedules[0].missed, Missed::Once);
+        assert_eq!(spec.schedules[1].missed, Missed::Skip);
+        assert_eq!(
+            AppSpec::from_stored_json(&spec.to_stored_json()).unwrap(),
+            spec
+        );
+        assert!(!AppSpec::from_manifest(&manifest(""))
+            .unwrap()
+            .to_stored_json()
+            .contains("schedule"));
+        let one = |body: &str| {
+            manifest(&format!(
+                "[[schedule]]\nname = \"s\"\npath = \"/s\"\n{body}"
+            ))
+        };
+        for (text, said) in [
+            (one(""), "give either `every`"),
+            (one("every = \"1s\"\ncron = \"* * * * *\"\n"), "one of them"),
+            (one("every = \"100ms\"\n"), "out of range"),
+            (one("cron = \"* * *\"\n"), "has 3 fields"),
+            (
+                one("every = \"1s\"\nmethod = \"DELETE\"\n"),
+                "use GET, POST or PUT",
+            ),
+            (
+                one("every = \"1s\"\nmissed = \"twice\"\n"),
+                "unknown variant `twice`",
+            ),
+            (
+                manifest("[[schedule]]\nname = \"s\"\npath = \"no-slash\"\nevery = \"1s\"\n"),
+                "must start with /",
+            ),
+            (
+                manifest("[[schedule]]\nname = \"Bad Name\"\npath = \"/\"\nevery = \"1s\"\n"),
+                "a name is 1 to 64",
+            ),
+            (
+                format!(
+                    "{}{}",
+                    one("every = \"1s\"\n"),
+                    "[[schedule]]\nname = \"s\"\npath = \"/\"\nevery = \"2s\"\n"
+                ),
+                "two schedules have this name",
+            ),
+        ] {
+            let error = AppSpec::from_manifest(&text).unwrap_err().to_string();
+            assert!(error.contains(said), "{text}: {error}");
         }
     }
 

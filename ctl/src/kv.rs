@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 const MAX_VALUE: usize = 1 << 20;
 /// What one import call carries at most (cairnd takes 1,000 keys and 4 MiB).
 const BATCH_KEYS: usize = 1000;
-const BATCH_BYTES: usize = 3 << 20;
+const BATCH_BYTES: usize = 4 << 20;
 /// Keys read per export call, halved while their values come to more than one answer holds.
 const EXPORT_KEYS: usize = 256;
 
@@ -244,8 +244,9 @@ async fn import(kv: &mut Kv<'_>, file: PathBuf, json_output: bool) -> Result<(),
     let opened = std::fs::File::open(&file)
         .map_err(|error| invalid(format!("cannot read {}: {error}", file.display())))?;
     let mut reader = std::io::BufReader::new(opened);
-    // A line holds one value (at most 1 MiB, a third more as base64) and its key.
-    let line_bound = MAX_VALUE * 3 / 2 + (64 << 10);
+    // A line holds one value (at most 1 MiB; escaped as JSON, up to six bytes for one) and its
+    // key (at most 1 KiB, escaped alike).
+    let line_bound = (MAX_VALUE + (1 << 10)) * 6 + 64;
     let mut batch: Vec<proto::KvPair> = Vec::new();
     let (mut batch_bytes, mut imported, mut number) = (0usize, 0u64, 0u64);
     let mut reply = None;
@@ -272,16 +273,18 @@ async fn import(kv: &mut Kv<'_>, file: PathBuf, json_output: bool) -> Result<(),
             continue;
         }
         let (key, value) = entry(&text).map_err(at)?;
-        batch_bytes += key.len() + value.len();
-        batch.push(proto::KvPair {
-            key,
-            value: Some(value),
-        });
-        if batch.len() >= BATCH_KEYS || batch_bytes >= BATCH_BYTES {
+        // Sent before this entry would take the batch past what cairnd takes in one call.
+        let size = key.len() + value.len();
+        if !batch.is_empty() && (batch.len() == BATCH_KEYS || batch_bytes + size > BATCH_BYTES) {
             imported += batch.len() as u64;
             reply = Some(send_batch(kv, &mut batch, imported).await?);
             batch_bytes = 0;
         }
+        batch_bytes += size;
+        batch.push(proto::KvPair {
+            key,
+            value: Some(value),
+        });
     }
     if !batch.is_empty() {
         imported += batch.len() as u64;

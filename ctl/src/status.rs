@@ -125,6 +125,22 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
         object.insert("config".into(), json!(detail.config));
         object.insert("secrets".into(), json!(detail.secrets));
         object.insert(
+            "schedules".into(),
+            json!(detail
+                .schedules
+                .iter()
+                .map(|s| json!({
+                    "name": s.name, "when": s.when, "request": s.request,
+                    "next_ms": s.next_unix_ms, "runs": s.runs, "skipped": s.skipped, "failed": s.failed,
+                    "recent": s.recent.iter().map(|r| json!({
+                        "due_ms": r.due_unix_ms, "started_ms": r.started_unix_ms,
+                        "duration_ms": r.duration_ms, "status": r.status, "error": r.error,
+                        "caught_up": r.caught_up,
+                    })).collect::<Vec<_>>(),
+                }))
+                .collect::<Vec<_>>()),
+        );
+        object.insert(
             "keyvalue".into(),
             json!({"quota": detail.kv_quota, "used": detail.kv_used, "writes": detail.kv_writes, "commits": detail.kv_commits}),
         );
@@ -219,6 +235,34 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
     }
     for key in &detail.secrets {
         rows.push(row([&format!("secret {key}"), "(never shown)"]));
+    }
+    for schedule in &detail.schedules {
+        let last = match schedule.recent.last() {
+            None => "not run yet".to_string(),
+            Some(run) if run.status != 0 => format!(
+                "last {} answered {} in {} ms",
+                crate::output::utc_millis(run.started_unix_ms),
+                run.status,
+                run.duration_ms
+            ),
+            Some(run) => format!(
+                "last {}: {}",
+                crate::output::utc_millis(run.started_unix_ms),
+                run.error
+            ),
+        };
+        let next = if schedule.next_unix_ms == 0 {
+            "never".to_string()
+        } else {
+            crate::output::utc_millis(schedule.next_unix_ms)
+        };
+        rows.push(row([
+            &format!("schedule {}", schedule.name),
+            &format!(
+                "{}, {}; {} runs, {} skipped, {} failed since cairnd started; {last}; next {next}",
+                schedule.when, schedule.request, schedule.runs, schedule.skipped, schedule.failed
+            ),
+        ]));
     }
     match (detail.kv_quota, detail.kv_used) {
         (0, None) => {}

@@ -19,7 +19,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 /// Most operations committed in one transaction.
 const GROUP_OPS: usize = 128;
@@ -30,12 +30,22 @@ const QUEUE: usize = 256;
 /// Bytes of calls one pool may have in flight (besides `services::MAX_IN_FLIGHT` calls).
 const IN_FLIGHT_BYTES: usize = 16 << 20;
 
+/// What each key costs the quota beyond its bytes: SQLite keeps the key twice (the table and
+/// its index) and a row's own bookkeeping, so a store of tiny keys is bounded on disk too.
+pub const KEY_OVERHEAD: u64 = 64;
+
 /// Every app's store, opened on first use and kept open until its data is removed or cairnd
 /// stops: opening counts the bytes stored (a scan of the table), which a wake from idle should
 /// not pay.
 pub struct Stores {
     dir: PathBuf,
-    open: Mutex<HashMap<AppName, Arc<AppStore>>>,
+    open: Mutex<HashMap<AppName, Slot>>,
+}
+
+enum Slot {
+    Open(Arc<AppStore>),
+    /// Its data is being deleted: nothing opens it meanwhile.
+    Removing,
 }
 
 /// What a pool may do with its app's store: which store, and its quota (`None`: the app has
@@ -62,10 +72,17 @@ pub struct Stats {
     pub commits: AtomicU64,
 }
 
-struct Job {
-    op: Op,
-    quota: u64,
-    answer: oneshot::Sender<Result<Answer, KvError>>,
+/// Where one operation's outcome goes.
+type Answering = oneshot::Sender<Result<Answer, KvError>>;
+
+enum Job {
+    Run {
+        op: Op,
+        quota: u64,
+        answer: Answering,
+    },
+    /// Close the database now (the data is about to be deleted) and refuse everything after.
+    Close(oneshot::Sender<()>),
 }
 
 impl Stores {
@@ -87,53 +104,86 @@ impl Stores {
         self.dir.join(format!("{app}.db"))
     }
 
-    /// The app's store, opened (and created) if it is not open yet.
-    pub fn open(&self, app: &AppName) -> Result<Arc<AppStore>, KvError> {
+    /// The app's store, opened (and created, unless `existing`) if it is not open yet.
+    fn get(&self, app: &AppName, existing: bool) -> Result<Option<Arc<AppStore>>, KvError> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(store) = open.get(app) {
-            return Ok(Arc::clone(store));
+        match open.get(app) {
+            Some(Slot::Open(store)) => return Ok(Some(Arc::clone(store))),
+            Some(Slot::Removing) => {
+                return Err(KvError::Other(format!(
+                    "{app}'s key-value data is being deleted"
+                )))
+            }
+            None => {}
         }
-        let store = Arc::new(AppStore::open(app, &self.path(app))?);
-        open.insert(app.clone(), Arc::clone(&store));
-        Ok(store)
-    }
-
-    /// The bytes the app's data takes (keys plus values), if it has any.
-    pub fn usage(&self, app: &AppName) -> Result<Option<u64>, KvError> {
-        if !self.path(app).exists() {
+        let path = self.path(app);
+        if existing && !path.exists() {
             return Ok(None);
         }
-        Ok(Some(self.open(app)?.used()))
+        let store = Arc::new(AppStore::open(app, &path)?);
+        open.insert(app.clone(), Slot::Open(Arc::clone(&store)));
+        Ok(Some(store))
+    }
+
+    /// The app's store, opened (and created) if it is not open yet: for a pool's start.
+    pub fn open(&self, app: &AppName) -> Result<Arc<AppStore>, KvError> {
+        self.get(app, false)
+            .map(|store| store.expect("a store is created when missing"))
+    }
+
+    /// The app's store if it has data on disk (never creating it): for the operator.
+    pub fn existing(&self, app: &AppName) -> Result<Option<Arc<AppStore>>, KvError> {
+        self.get(app, true)
+    }
+
+    /// The bytes the app's data takes (keys plus values and `KEY_OVERHEAD` per key), if it
+    /// has any.
+    pub fn usage(&self, app: &AppName) -> Result<Option<u64>, KvError> {
+        Ok(self.existing(app)?.map(|store| store.used()))
     }
 
     /// The app's writes and commits since its store was opened, if it is open.
     pub fn stats(&self, app: &AppName) -> (u64, u64) {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.get(app).map_or((0, 0), |store| store.stats())
+        match open.get(app) {
+            Some(Slot::Open(store)) => store.stats(),
+            _ => (0, 0),
+        }
     }
 
-    /// Deletes the app's data. Anything still holding the store gets errors from now on.
-    pub fn remove(&self, app: &AppName) -> std::io::Result<bool> {
-        if let Some(store) = self
+    /// Deletes the app's data: its worker closes the database first (SQLite deletes a WAL by
+    /// name when it closes, which must not be a later store's), and nothing opens it meanwhile.
+    /// Anything still holding the store gets errors from then on. Returns whether there was any.
+    pub async fn remove(&self, app: &AppName) -> std::io::Result<bool> {
+        let previous = self
             .open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(app)
-        {
+            .insert(app.clone(), Slot::Removing);
+        if let Some(Slot::Open(store)) = previous {
             store.removed.store(true, Ordering::Release);
+            let (closed, done) = oneshot::channel();
+            if store.jobs.send(Job::Close(closed)).await.is_ok() {
+                let _ = done.await;
+            }
         }
         let path = self.path(app);
         let existed = path.exists();
+        let mut outcome = Ok(existed);
         for suffix in ["", "-wal", "-shm", "-journal"] {
             let mut file = path.clone().into_os_string();
             file.push(suffix);
             match std::fs::remove_file(&file) {
                 Ok(()) => {}
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => return Err(error),
+                Err(error) => outcome = Err(error),
             }
         }
-        Ok(existed)
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(app);
+        outcome
     }
 }
 
@@ -152,16 +202,18 @@ impl AppStore {
         let connection = Connection::open(path).map_err(|e| failed(&e))?;
         connection
             .execute_batch(
-                "PRAGMA journal_mode = WAL;
+                "PRAGMA auto_vacuum = INCREMENTAL;
+                 PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = FULL;
                  PRAGMA cache_size = -512;
-                 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL);",
+                 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL);
+                 PRAGMA incremental_vacuum;",
             )
             .map_err(|e| failed(&e))?;
         let used: i64 = connection
             .query_row(
-                "SELECT COALESCE(SUM(length(CAST(key AS BLOB)) + length(value)), 0) FROM kv",
-                [],
+                "SELECT COALESCE(SUM(length(CAST(key AS BLOB)) + length(value) + ?1), 0) FROM kv",
+                [KEY_OVERHEAD as i64],
                 |row| row.get(0),
             )
             .map_err(|e| failed(&e))?;
@@ -170,7 +222,7 @@ impl AppStore {
         let (jobs, queue) = mpsc::channel(QUEUE);
         let stats = Arc::new(Stats::default());
         let worker = Worker {
-            connection,
+            connection: Some(connection),
             stats: Arc::clone(&stats),
             used: Arc::clone(&used),
             removed: Arc::clone(&removed),
@@ -209,24 +261,38 @@ impl AppStore {
         }
         let (answer, answered) = oneshot::channel();
         self.jobs
-            .send(Job { op, quota, answer })
+            .send(Job::Run { op, quota, answer })
             .await
             .map_err(|_| gone())?;
         answered.await.map_err(|_| gone())?
     }
 }
 
+/// The most bytes an answer to `op` can take, so a call's reservation covers its answer too.
+fn answer_bound(op: &Op) -> usize {
+    match op {
+        Op::Get { .. } => services::MAX_VALUE + (1 << 10),
+        Op::GetMany { .. } => services::MAX_BATCH_BYTES + (64 << 10),
+        Op::ListKeys { .. } => services::LIST_PAGE * (services::MAX_KEY + 16),
+        _ => 1 << 10,
+    }
+}
+
 /// Serves one pool's host-services socket until the pool closes it: every call is run against
-/// `grant`'s store (or refused when there is none), at most `MAX_IN_FLIGHT` calls and
-/// `IN_FLIGHT_BYTES` at once. A pool that breaks the protocol is hung up on.
+/// `grant`'s store (or refused when there is none), at most `MAX_IN_FLIGHT` calls at once, and
+/// at most `IN_FLIGHT_BYTES` of calls and their answers, each reservation held until its answer
+/// has been written: a pool that asks and never reads stops being read. A pool that breaks the
+/// protocol is hung up on.
 pub async fn serve(socket: tokio::net::UnixStream, grant: Option<Grant>, app: AppName) {
+    type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
     let (mut reader, mut writer) = socket.into_split();
-    let (replies, mut outgoing) = mpsc::channel::<Reply>(services::MAX_IN_FLIGHT);
+    let (replies, mut outgoing) = mpsc::channel::<(Reply, Permits)>(services::MAX_IN_FLIGHT);
     let writing = tokio::spawn(async move {
-        while let Some(reply) = outgoing.recv().await {
+        while let Some((reply, permits)) = outgoing.recv().await {
             if services::send(&mut writer, &reply).await.is_err() {
                 return;
             }
+            drop(permits);
         }
     });
     let calls = Arc::new(Semaphore::new(services::MAX_IN_FLIGHT));
@@ -240,10 +306,11 @@ pub async fn serve(socket: tokio::net::UnixStream, grant: Option<Grant>, app: Ap
                 break;
             }
         };
+        let reserve = size.max(answer_bound(&call.op));
         let (Ok(call_permit), Ok(byte_permit)) = (
             Arc::clone(&calls).acquire_owned().await,
             Arc::clone(&bytes)
-                .acquire_many_owned((size >> 10) as u32 + 1)
+                .acquire_many_owned((reserve >> 10) as u32 + 1)
                 .await,
         ) else {
             break;
@@ -255,13 +322,11 @@ pub async fn serve(socket: tokio::net::UnixStream, grant: Option<Grant>, app: Ap
                 Some(grant) => grant.store.run(call.op, grant.quota).await,
                 None => Err(KvError::AccessDenied),
             };
-            let _ = replies
-                .send(Reply {
-                    id: call.id,
-                    result,
-                })
-                .await;
-            drop((call_permit, byte_permit));
+            let reply = Reply {
+                id: call.id,
+                result,
+            };
+            let _ = replies.send((reply, (call_permit, byte_permit))).await;
         });
     }
     drop(replies);
@@ -270,7 +335,8 @@ pub async fn serve(socket: tokio::net::UnixStream, grant: Option<Grant>, app: Ap
 
 /// The thread that owns one store's connection.
 struct Worker {
-    connection: Connection,
+    /// `None` once closed for the data's removal.
+    connection: Option<Connection>,
     stats: Arc<Stats>,
     used: Arc<AtomicU64>,
     removed: Arc<AtomicBool>,
@@ -279,40 +345,54 @@ struct Worker {
 impl Worker {
     fn run(mut self, mut queue: mpsc::Receiver<Job>) {
         while let Some(first) = queue.blocking_recv() {
-            let mut group = vec![first];
+            let mut group = Vec::new();
             let mut bytes = 0;
-            while group.len() < GROUP_OPS && bytes < GROUP_BYTES {
-                match queue.try_recv() {
-                    Ok(job) => {
-                        bytes += written_bytes(&job.op);
-                        group.push(job);
+            let mut close = None;
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Close(done) => {
+                        close = Some(done);
+                        break;
                     }
-                    Err(_) => break,
+                    Job::Run { op, quota, answer } => {
+                        bytes += written_bytes(&op);
+                        group.push(((op, quota), answer));
+                    }
                 }
+                if group.len() >= GROUP_OPS || bytes >= GROUP_BYTES {
+                    break;
+                }
+                next = queue.try_recv().ok();
             }
-            self.commit(group);
+            if !group.is_empty() {
+                self.commit(group);
+            }
+            if let Some(done) = close {
+                // Closed here, before the files go: SQLite removes the WAL by name on close.
+                self.connection = None;
+                let _ = done.send(());
+            }
         }
     }
 
     /// Runs a group in one transaction, each operation in its own savepoint (one that fails
     /// leaves no trace), and answers only after the commit.
-    fn commit(&mut self, group: Vec<Job>) {
-        if self.removed.load(Ordering::Acquire) {
-            for job in group {
-                let _ = job.answer.send(Err(KvError::Other(
+    fn commit(&mut self, group: Vec<((Op, u64), Answering)>) {
+        let removed = self.removed.load(Ordering::Acquire);
+        let Some(connection) = self.connection.as_mut().filter(|_| !removed) else {
+            for (_, answer) in group {
+                let _ = answer.send(Err(KvError::Other(
                     "the app's key-value data was removed".into(),
                 )));
             }
             return;
-        }
+        };
         let before = self.used.load(Ordering::Acquire);
         let mut used = before;
-        let (work, answers): (Vec<(Op, u64)>, Vec<_>) = group
-            .into_iter()
-            .map(|job| ((job.op, job.quota), job.answer))
-            .unzip();
+        let (work, answers): (Vec<(Op, u64)>, Vec<_>) = group.into_iter().unzip();
         let outcome = (|| -> rusqlite::Result<Vec<Result<Answer, KvError>>> {
-            let mut transaction = self.connection.transaction()?;
+            let mut transaction = connection.transaction()?;
             let mut results = Vec::with_capacity(work.len());
             for (op, quota) in &work {
                 let mut savepoint = transaction.savepoint()?;
@@ -383,8 +463,8 @@ fn other(error: rusqlite::Error) -> KvError {
 /// The size an existing key takes (key plus value), if it is there.
 fn size_of(db: &Connection, key: &str) -> Result<Option<u64>, KvError> {
     db.query_row(
-        "SELECT length(CAST(key AS BLOB)) + length(value) FROM kv WHERE key = ?1",
-        [key],
+        "SELECT length(CAST(key AS BLOB)) + length(value) + ?2 FROM kv WHERE key = ?1",
+        params![key, KEY_OVERHEAD as i64],
         |row| row.get::<_, i64>(0),
     )
     .optional()
@@ -414,7 +494,12 @@ fn put(
     value: &[u8],
 ) -> Result<(), KvError> {
     let old = size_of(db, key)?.unwrap_or(0);
-    charge(used, old, (key.len() + value.len()) as u64, quota)?;
+    charge(
+        used,
+        old,
+        (key.len() + value.len()) as u64 + KEY_OVERHEAD,
+        quota,
+    )?;
     db.execute(
         "INSERT INTO kv (key, value) VALUES (?1, ?2)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -563,7 +648,7 @@ mod tests {
             a.run(get("k"), 1 << 20).await,
             Ok(Answer::Value(Some(b"one".to_vec())))
         );
-        assert_eq!(a.used(), 4);
+        assert_eq!(a.used(), 4 + KEY_OVERHEAD);
         assert_eq!(stores.usage(&app("b")).unwrap(), Some(0));
         assert_eq!(stores.usage(&app("c")).unwrap(), None);
     }
@@ -581,8 +666,8 @@ mod tests {
                 refused,
                 KvError::Quota {
                     quota: 1024,
-                    used: 501,
-                    needed: 601
+                    used: 565,
+                    needed: 665
                 }
             ),
             "{refused:?}"
@@ -598,7 +683,7 @@ mod tests {
         ];
         assert!(store.run(Op::SetMany { pairs }, quota).await.is_err());
         assert_eq!(store.run(get("c"), quota).await, Ok(Answer::Value(None)));
-        assert_eq!(store.used(), 501);
+        assert_eq!(store.used(), 501 + KEY_OVERHEAD);
         // Shrinking a value and deleting give room back.
         store.run(set("a", &[1; 10]), quota).await.unwrap();
         store.run(set("b", &[2; 600]), quota).await.unwrap();
@@ -606,7 +691,7 @@ mod tests {
             .run(Op::Delete { key: "b".into() }, quota)
             .await
             .unwrap();
-        assert_eq!(store.used(), 11);
+        assert_eq!(store.used(), 11 + KEY_OVERHEAD);
     }
 
     #[tokio::test]
@@ -692,10 +777,22 @@ mod tests {
         let stores = Stores::new(dir.path()).unwrap();
         let store = stores.open(&app("a")).unwrap();
         store.run(set("k", b"v"), 1024).await.unwrap();
-        assert!(stores.remove(&app("a")).unwrap());
+        assert!(stores.remove(&app("a")).await.unwrap());
         assert!(store.run(get("k"), 1024).await.is_err());
         assert!(!dir.path().join("kv/a.db").exists());
         let again = stores.open(&app("a")).unwrap();
         assert_eq!(again.run(get("k"), 1024).await, Ok(Answer::Value(None)));
+        // The old handle going last must not take the new store's WAL with it (SQLite deletes
+        // the WAL by name when a connection closes): its database was closed before removal.
+        again.run(set("new", b"kept"), 1024).await.unwrap();
+        let wal = dir.path().join("kv/a.db-wal");
+        assert!(wal.exists());
+        drop(store);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(wal.exists(), "the new store's WAL was deleted");
+        // Once removed, the operator's side finds nothing (and creates nothing).
+        assert!(stores.remove(&app("a")).await.unwrap());
+        assert!(stores.existing(&app("a")).unwrap().is_none());
+        assert!(!dir.path().join("kv/a.db").exists());
     }
 }

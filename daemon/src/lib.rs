@@ -33,6 +33,7 @@ mod pool;
 mod pool_users;
 mod reconcile;
 mod regular_file;
+mod schedule;
 mod spawn;
 mod store;
 mod supervisor;

@@ -116,6 +116,11 @@ pub async fn run(
         Arc::clone(&reconciler),
     )?;
     drop_unused_compiled_code(&store, &compiler).await;
+    let scheduler = crate::schedule::Scheduler::start(
+        Arc::clone(&reconciler),
+        Arc::clone(&store),
+        Arc::clone(&logs),
+    );
 
     let incoming = control::bind_socket(&socket, &config)?;
     let service = ControlService::new(
@@ -129,7 +134,8 @@ pub async fn run(
         Arc::clone(&pool_users),
         Arc::clone(&sync),
     )
-    .with_import(import);
+    .with_import(import)
+    .with_scheduler(Arc::clone(&scheduler));
     let stop_control = CancellationToken::new();
     let control_server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -151,6 +157,7 @@ pub async fn run(
     tracing::info!("stopping: draining requests in flight");
     systemd::stopping();
     stop_control.cancel();
+    scheduler.shutdown().await;
     reconciler.shutdown().await;
     cgroups.remove_parent();
     let _ = tokio::time::timeout(Duration::from_secs(5), control_server).await;

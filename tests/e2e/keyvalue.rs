@@ -121,7 +121,7 @@ fn the_quota_refuses_cleanly_and_apps_never_see_each_others_data() {
     assert_eq!(ok(small, "/kv/fill?a=10"), "ok");
     assert_eq!(ok(small, "/kv/fill?b=2000"), "ok");
     let table = daemon.ctl_ok(&["status", "small"]);
-    assert!(table.contains("2.0KiB of 4.0KiB quota"), "{table}");
+    assert!(table.contains("2.1KiB of 4.0KiB quota"), "{table}");
 
     // Same key, three apps, three stores; an app without [keyvalue] is refused as Spin does.
     assert_eq!(ok(other, "/kv/set?a=other's"), "ok");
@@ -149,6 +149,12 @@ fn the_quota_refuses_cleanly_and_apps_never_see_each_others_data() {
     assert!(data.join("other.db").exists());
     let other = deploy(&daemon, "other", "host_apis", "[keyvalue]\n");
     assert_eq!(ok(other, "/kv/get?a"), "other's");
+    // Kept data of a name that is no longer an app is deleted by `rm` of the name.
+    daemon.ctl_ok(&["rm", "other", "--keep-data"]);
+    let gone = daemon.ctl_ok(&["rm", "other"]);
+    assert!(gone.contains("key-value data"), "{gone}");
+    assert!(!data.join("other.db").exists());
+    assert_eq!(daemon.ctl(&["rm", "other"]).code, 3);
 }
 
 #[test]

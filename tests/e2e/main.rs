@@ -12,5 +12,6 @@ mod lifecycle;
 mod limits;
 mod pools;
 mod requests;
+mod schedule;
 mod service;
 mod store;

@@ -28,7 +28,7 @@ fn a_record_or_schema_from_a_newer_cairn_fails_its_app_or_is_refused_untouched()
     let db = rusqlite::Connection::open(daemon.database()).unwrap();
     let changed = db
         .execute(
-            "UPDATE generations SET spec = json_set(spec, '$.schedule', 'hourly')
+            "UPDATE generations SET spec = json_set(spec, '$.webhooks', 'hourly')
              WHERE app = 'newer' AND generation = 2",
             [],
         )
@@ -48,7 +48,7 @@ fn a_record_or_schema_from_a_newer_cairn_fails_its_app_or_is_refused_untouched()
     assert_eq!(app["status"], "failed", "{app}");
     let error = app["error"].as_str().unwrap();
     assert!(
-        error.contains("generation 2") && error.contains("unknown field `schedule`"),
+        error.contains("generation 2") && error.contains("unknown field `webhooks`"),
         "{error}"
     );
     assert_eq!(app["listen"], listen, "{app}");

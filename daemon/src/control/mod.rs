@@ -47,6 +47,7 @@ pub struct ControlService {
     pool_users: Arc<PoolUsers>,
     sync: Arc<crate::sync::Sync>,
     import: crate::import::ImportReport,
+    scheduler: Option<Arc<crate::schedule::Scheduler>>,
     started: Instant,
 }
 
@@ -76,6 +77,7 @@ impl ControlService {
             pool_users,
             sync,
             import: crate::import::ImportReport::default(),
+            scheduler: None,
             started: Instant::now(),
         }
     }
@@ -83,6 +85,12 @@ impl ControlService {
     /// What the start-up import did, for `status`.
     pub fn with_import(mut self, report: crate::import::ImportReport) -> ControlService {
         self.import = report;
+        self
+    }
+
+    /// The scheduler whose runs `status APP` shows.
+    pub fn with_scheduler(mut self, scheduler: Arc<crate::schedule::Scheduler>) -> ControlService {
+        self.scheduler = Some(scheduler);
         self
     }
 

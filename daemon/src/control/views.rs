@@ -126,6 +126,14 @@ impl ControlService {
             kv_used: self.reconciler.kv_usage(name),
             kv_writes: self.reconciler.kv_stats(name).0,
             kv_commits: self.reconciler.kv_stats(name).1,
+            schedules: self
+                .scheduler
+                .as_ref()
+                .map(|scheduler| scheduler.views(name))
+                .unwrap_or_default()
+                .into_iter()
+                .map(schedule_info)
+                .collect(),
             allocator: detail.allocator,
             requests: detail.requests,
             in_flight: detail.in_flight,
@@ -195,4 +203,36 @@ fn limit_rows(limits: &Limits, cgroup: &str) -> Vec<proto::Limit> {
         enforcement: by_cgroup("pids limit"),
     });
     rows
+}
+
+fn schedule_info(view: crate::schedule::ScheduleView) -> proto::ScheduleInfo {
+    use crate::schedule::Outcome;
+    proto::ScheduleInfo {
+        name: view.name,
+        when: view.when,
+        request: view.request,
+        next_unix_ms: view.next_ms,
+        runs: view.runs,
+        skipped: view.skipped,
+        failed: view.failed,
+        recent: view
+            .recent
+            .into_iter()
+            .map(|run| {
+                let (status, error) = match run.outcome {
+                    Outcome::Answered(status) => (u32::from(status), String::new()),
+                    Outcome::Failed(why) => (0, why),
+                    Outcome::Skipped => (0, "skipped: the run before was still running".into()),
+                };
+                proto::ScheduleRun {
+                    due_unix_ms: run.due_ms,
+                    started_unix_ms: run.started_ms,
+                    duration_ms: run.duration_ms,
+                    status,
+                    error,
+                    caught_up: run.caught_up,
+                }
+            })
+            .collect(),
+    }
 }

@@ -232,32 +232,49 @@ impl Client {
     }
 }
 
+/// The calls waiting for answers; `None` once the socket has failed (no answer will come).
+type Pending =
+    Arc<std::sync::Mutex<Option<HashMap<u32, oneshot::Sender<Result<Answer, KvError>>>>>>;
+
+/// Sends calls in the order they come and reads answers in a task of its own: a read is never
+/// cancelled partway (that would lose the frame's place in the stream).
 async fn run_client(
     socket: tokio::net::UnixStream,
     mut queue: mpsc::Receiver<(Op, oneshot::Sender<Result<Answer, KvError>>)>,
 ) {
     let (mut reader, mut writer) = socket.into_split();
-    let mut pending: HashMap<u32, oneshot::Sender<Result<Answer, KvError>>> = HashMap::new();
-    let mut next_id: u32 = 0;
-    loop {
-        tokio::select! {
-            call = queue.recv() => {
-                let Some((op, answer)) = call else { return };
-                next_id = next_id.wrapping_add(1);
-                if send(&mut writer, &Call { id: next_id, op }).await.is_err() {
-                    return;
-                }
-                pending.insert(next_id, answer);
-            }
-            reply = receive::<_, Reply>(&mut reader) => {
-                // A closed or broken socket ends every call waiting (their senders drop).
-                let Ok(Some((reply, _))) = reply else { return };
-                if let Some(answer) = pending.remove(&reply.id) {
-                    let _ = answer.send(reply.result);
-                }
+    let pending: Pending = Arc::new(std::sync::Mutex::new(Some(HashMap::new())));
+    let answers = Arc::clone(&pending);
+    let reading = tokio::spawn(async move {
+        // A closed or broken socket ends every call waiting (their senders drop).
+        while let Ok(Some((reply, _))) = receive::<_, Reply>(&mut reader).await {
+            let waiting = answers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+                .and_then(|pending| pending.remove(&reply.id));
+            if let Some(answer) = waiting {
+                let _ = answer.send(reply.result);
             }
         }
+        answers.lock().unwrap_or_else(|p| p.into_inner()).take();
+    });
+    let mut next_id: u32 = 0;
+    while let Some((op, answer)) = queue.recv().await {
+        next_id = next_id.wrapping_add(1);
+        {
+            let mut waiting = pending.lock().unwrap_or_else(|p| p.into_inner());
+            match waiting.as_mut() {
+                Some(waiting) => waiting.insert(next_id, answer),
+                None => break, // the answer drops: the caller hears the service is gone
+            };
+        }
+        if send(&mut writer, &Call { id: next_id, op }).await.is_err() {
+            break;
+        }
     }
+    pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+    reading.abort();
 }
 
 #[cfg(test)]
@@ -297,6 +314,46 @@ mod tests {
             .unwrap();
         let error = receive::<_, Call>(&mut b).await.unwrap_err();
         assert!(error.to_string().contains("over the"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn large_answers_stay_whole_while_new_calls_are_sent() {
+        // Answers far larger than the socket's buffer arrive in pieces while other calls are
+        // still being sent: every caller must get exactly its own value.
+        let (pool, mut supervisor) = tokio::net::UnixStream::pair().unwrap();
+        let client = Client::start(pool);
+        let server = tokio::spawn(async move {
+            let (mut reader, mut writer) = supervisor.split();
+            let mut calls = Vec::new();
+            for _ in 0..32 {
+                calls.push(receive::<_, Call>(&mut reader).await.unwrap().unwrap().0);
+                if calls.len() % 4 == 0 {
+                    for call in calls.drain(..).rev() {
+                        let Op::Get { key } = call.op else { panic!() };
+                        let byte: u8 = key.parse().unwrap();
+                        let reply = Reply {
+                            id: call.id,
+                            result: Ok(Answer::Value(Some(vec![byte; 600 << 10]))),
+                        };
+                        send(&mut writer, &reply).await.unwrap();
+                    }
+                }
+            }
+        });
+        let gets = (0..32u8).map(|i| {
+            let client = &client;
+            async move { (i, client.call(Op::Get { key: i.to_string() }).await) }
+        });
+        for (i, answer) in futures_util::future::join_all(gets).await {
+            let Ok(Answer::Value(Some(value))) = answer else {
+                panic!("{i}: {answer:?}")
+            };
+            assert!(
+                value.len() == 600 << 10 && value.iter().all(|b| *b == i),
+                "{i}"
+            );
+        }
+        server.await.unwrap();
     }
 
     #[tokio::test]

@@ -112,13 +112,18 @@ impl Reconciler {
         let spec = attempt.spec;
         let user = self.pool_user(&spec.name).await?;
         let kv = match &spec.keyvalue {
-            Some(keyvalue) => Some(crate::kv::Grant {
-                store: self
-                    .kv
-                    .open(&spec.name)
-                    .map_err(|error| ReconcileError::Pool(error.to_string()))?,
-                quota: keyvalue.quota.0,
-            }),
+            Some(keyvalue) => {
+                // Opening counts what is stored (a scan): off the runtime's threads.
+                let (stores, name) = (Arc::clone(&self.kv), spec.name.clone());
+                let store = tokio::task::spawn_blocking(move || stores.open(&name))
+                    .await
+                    .map_err(|error| ReconcileError::Internal(error.to_string()))?
+                    .map_err(|error| ReconcileError::Pool(error.to_string()))?;
+                Some(crate::kv::Grant {
+                    store,
+                    quota: keyvalue.quota.0,
+                })
+            }
             None => None,
         };
         self.spawner

@@ -28,7 +28,7 @@ mod exits;
 mod listen;
 mod views;
 
-pub use views::AppView;
+pub use views::{AppSchedules, AppView};
 
 use crate::counters::Counters;
 use crate::digest::Digest;
@@ -288,7 +288,9 @@ impl Reconciler {
             return Ok(());
         };
         match lock.running(|running| running.owner) {
-            Some(current) if current == owner => self.remove_locked(lock, false).await.map(drop),
+            // The fleet's removal keeps the app's data (a document edited by mistake must not
+            // destroy it); `cairnctl rm` of the name deletes it.
+            Some(current) if current == owner => self.remove_locked(lock, true).await.map(drop),
             Some(_) => Err(ReconcileError::OwnedElsewhere {
                 app: name.to_string(),
                 owner: "local operator",
@@ -311,10 +313,9 @@ impl Reconciler {
         &self,
         name: &AppName,
     ) -> Result<Option<Arc<crate::kv::AppStore>>, crate::pool::services::KvError> {
-        if self.kv_quota(name).is_none() && self.kv.usage(name)?.is_none() {
-            return Ok(None);
-        }
-        self.kv.open(name).map(Some)
+        // Never created here: only a pool's start makes a store, so the operator cannot bring
+        // back data that `rm` is deleting.
+        self.kv.existing(name)
     }
 
     /// The bytes of key-value data the app holds, if it has any (kept data included).
@@ -335,11 +336,20 @@ impl Reconciler {
         name: &AppName,
         keep_data: bool,
     ) -> Result<Option<u64>, ReconcileError> {
-        let lock = self
-            .apps
-            .lock(name, false)
-            .await
-            .ok_or_else(|| ReconcileError::UnknownApp(name.to_string()))?;
+        let Some(lock) = self.apps.lock(name, false).await else {
+            // No such app, but maybe its data, kept by `rm --keep-data` or a fleet removal.
+            if !keep_data {
+                if let Some(bytes) = self.kv_usage(name) {
+                    self.kv.remove(name).await.map_err(|error| {
+                        ReconcileError::Pool(format!(
+                            "cannot delete {name}'s key-value data: {error}"
+                        ))
+                    })?;
+                    return Ok(Some(bytes));
+                }
+            }
+            return Err(ReconcileError::UnknownApp(name.to_string()));
+        };
         self.remove_locked(lock, keep_data).await
     }
 
@@ -374,7 +384,7 @@ impl Reconciler {
         // After the pool has stopped, still under the app's lock: no deploy of the same name
         // can open the store meanwhile.
         let deleted = self.kv.usage(&lock.name).unwrap_or(None);
-        self.kv.remove(&lock.name).map_err(|error| {
+        self.kv.remove(&lock.name).await.map_err(|error| {
             ReconcileError::Pool(format!(
                 "the app was removed, but not its key-value data: {error}"
             ))

@@ -65,9 +65,43 @@ pub(super) fn view(name: &AppName, running: &Running) -> AppView {
     }
 }
 
+/// One app's `[[schedule]]`s as it runs now, for the scheduler.
+pub struct AppSchedules {
+    pub app: AppName,
+    pub generation: u64,
+    /// Where the app listens (the scheduler reaches an unspecified address on loopback).
+    pub listen: std::net::SocketAddr,
+    pub timeout: std::time::Duration,
+    pub schedules: Vec<crate::spec::ScheduleSpec>,
+    /// Not failed nor unreadable: its runs fire (a failed app's schedules wait).
+    pub serving: bool,
+}
+
 impl Reconciler {
     pub async fn list(&self) -> Vec<AppView> {
         self.apps.each(view)
+    }
+
+    /// The schedules of every app, and whether it can serve (not failed, nor unreadable).
+    pub fn schedules(&self) -> Vec<AppSchedules> {
+        self.apps
+            .each(|name, running| {
+                let serving = !matches!(
+                    running.state,
+                    State::Failed { .. } | State::Unreadable { .. }
+                );
+                (!running.spec.schedules.is_empty()).then(|| AppSchedules {
+                    app: name.clone(),
+                    generation: running.generation,
+                    listen: running.spec.http.listen,
+                    timeout: running.spec.limits.timeout.0,
+                    schedules: running.spec.schedules.clone(),
+                    serving,
+                })
+            })
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     pub async fn detail(&self, name: &AppName) -> Result<AppDetailView, ReconcileError> {

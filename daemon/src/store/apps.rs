@@ -206,6 +206,7 @@ impl Store {
         for sql in [
             "DELETE FROM generations WHERE app = ?1",
             "DELETE FROM logs WHERE app = ?1",
+            "DELETE FROM schedule_state WHERE app = ?1",
         ] {
             transaction
                 .execute(sql, [app.as_str()])

@@ -122,6 +122,15 @@ const MIGRATIONS: &[&str] = &[
         serial INTEGER NOT NULL,
         signed BLOB NOT NULL
      );",
+    // 9: each `[[schedule]]`'s last due time and run, so a run missed while cairnd was stopped
+    // is known at the next start.
+    "CREATE TABLE schedule_state (
+        app TEXT NOT NULL,
+        name TEXT NOT NULL,
+        last_due_ms INTEGER NOT NULL,
+        last_run TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (app, name)
+     );",
 ];
 
 #[derive(Debug, thiserror::Error)]

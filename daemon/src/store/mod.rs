@@ -23,6 +23,7 @@ mod migrations;
 mod outbox;
 mod pool_ids;
 mod reserve;
+mod schedules;
 
 pub use collect::{Collected, Policy};
 pub use compiled::Compiled;
@@ -379,7 +380,7 @@ mod tests {
         store
             .lock()
             .execute(
-                "UPDATE generations SET spec = json_set(spec, '$.schedule', 'hourly')
+                "UPDATE generations SET spec = json_set(spec, '$.webhooks', 'hourly')
                  WHERE app = 'newer' AND generation = 2",
                 [],
             )
@@ -390,7 +391,7 @@ mod tests {
         assert_eq!((apps[1].name.as_str(), apps[1].generation), ("newer", 2));
         assert!(
             unreadable.reason.contains("generation 2")
-                && unreadable.reason.contains("unknown field `schedule`"),
+                && unreadable.reason.contains("unknown field `webhooks`"),
             "{}",
             unreadable.reason
         );
