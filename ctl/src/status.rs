@@ -161,6 +161,7 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
         object.insert("pool_user".into(), json!(detail.pool_user));
         object.insert("log_lines_dropped".into(), json!(detail.log_lines_dropped));
         object.insert("syscalls_denied".into(), json!(detail.syscalls_denied));
+        object.insert("outbound_denied".into(), json!(detail.outbound_denied));
         print_json(&value);
         return;
     }
@@ -205,6 +206,17 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
             ),
         ]),
         row(["log lines dropped", &detail.log_lines_dropped.to_string()]),
+        row([
+            "outgoing HTTP refused",
+            &if detail.outbound_denied == 0 {
+                "0".to_string()
+            } else {
+                format!(
+                    "{} (apps are not granted outgoing HTTP; the app's log names the URLs)",
+                    detail.outbound_denied
+                )
+            },
+        ]),
         row([
             "system calls denied",
             &if detail.syscalls_denied == 0 {

@@ -30,6 +30,8 @@ pub enum Counter {
     LastActive = 6,
     /// System calls the pool's seccomp filter denied (`pool::seccomp`).
     SyscallsDenied = 7,
+    /// Outgoing HTTP requests refused (`pool::host::DenyOutgoingHttp`).
+    OutboundDenied = 8,
 }
 
 const PAGE: usize = 4096;

@@ -294,6 +294,12 @@ fn filesystem_sockets_and_outgoing_http_are_linked_but_denied() {
         .unwrap()
         .body
         .contains("HttpRequestDenied"));
+    // Both refusals are counted, and named in the app's log by method and URL.
+    assert_eq!(daemon.app_status("sandboxed")["outbound_denied"], 2);
+    daemon.wait_logged(
+        "sandboxed",
+        "GET /outgoing: outgoing HTTP refused (apps are not granted it): GET http://127.0.0.1:9/",
+    );
     target.set_nonblocking(true).unwrap();
     assert!(
         target.accept().is_err(),

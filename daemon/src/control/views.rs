@@ -140,6 +140,7 @@ impl ControlService {
             traps: detail.traps,
             log_lines_dropped: detail.log_lines_dropped,
             syscalls_denied: detail.syscalls_denied,
+            outbound_denied: detail.outbound_denied,
             timeouts: detail.timeouts,
             rejected: detail.rejected,
             health: String::new(),

@@ -122,13 +122,23 @@ impl WasiHttpView for Host {
 }
 
 /// Outgoing HTTP is a capability no app has been granted yet: requests fail with
-/// `HTTP-request-denied`, which guests see as an ordinary error.
-pub struct DenyOutgoingHttp;
+/// `HTTP-request-denied`, which guests see as an ordinary error. Each is counted and noted in
+/// the app's log (the first `DENIALS_NOTED` of a request by URL, the rest by number).
+#[derive(Default)]
+pub struct DenyOutgoingHttp {
+    /// The URLs refused during this request, up to `DENIALS_NOTED`.
+    pub noted: Vec<String>,
+    /// How many were refused in all.
+    pub denied: u64,
+}
+
+/// Refused URLs named per request; more are only counted.
+pub const DENIALS_NOTED: usize = 8;
 
 impl WasiHttpHooks for DenyOutgoingHttp {
     fn send_request(
         &mut self,
-        _request: http::Request<wasmtime_wasi_http::WasiBody>,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
         _options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
     ) -> Box<
@@ -145,6 +155,27 @@ impl WasiHttpHooks for DenyOutgoingHttp {
                 >,
             > + Send,
     > {
+        self.denied += 1;
+        if self.noted.len() < DENIALS_NOTED {
+            // The URL without its query, which may carry credentials; cut to a line's worth.
+            let uri = request.uri();
+            let mut url = format!(
+                "{} {}://{}{}",
+                request.method(),
+                uri.scheme_str().unwrap_or("http"),
+                uri.authority().map_or("", |a| a.as_str()),
+                uri.path()
+            );
+            if url.len() > 200 {
+                let mut cut = 200;
+                while !url.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                url.truncate(cut);
+                url.push('…');
+            }
+            self.noted.push(url);
+        }
         Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
     }
 }

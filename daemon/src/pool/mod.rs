@@ -727,6 +727,20 @@ fn reporter(logs: LogQueue, budget: LogBudget, counters: Arc<Counters>) -> runti
         for (level, line) in &report.logged.lines {
             budgeted(level, line.as_bytes());
         }
+        if report.outbound.denied > 0 {
+            counters.add(Counter::OutboundDenied, report.outbound.denied);
+            let mut note = format!(
+                "{} {}: outgoing HTTP refused (apps are not granted it): {}",
+                clip(&report.method),
+                clip(&report.path),
+                report.outbound.noted.join(", ")
+            );
+            let more = report.outbound.denied - report.outbound.noted.len() as u64;
+            if more > 0 {
+                note.push_str(&format!(" and {more} more"));
+            }
+            budgeted("cairn", note.as_bytes());
+        }
         if report.logged.cut {
             budgeted(
                 "cairn",

@@ -53,6 +53,8 @@ pub struct RequestReport {
     pub stderr: Bytes,
     /// What it logged through `wasi:logging`.
     pub logged: super::host::GuestLog,
+    /// The outgoing requests it was refused.
+    pub outbound: DenyOutgoingHttp,
     pub method: String,
     pub path: String,
 }
@@ -359,7 +361,7 @@ impl LoadedApp {
             limits: StoreLimitsBuilder::new()
                 .memory_size(self.settings.memory)
                 .build(),
-            hooks: DenyOutgoingHttp,
+            hooks: DenyOutgoingHttp::default(),
             config: Arc::clone(&self.settings.config),
             logged: Default::default(),
             kv: KvAccess::new(self.settings.kv.clone()),
@@ -455,12 +457,14 @@ impl LoadedApp {
                 Err(_elapsed) => Outcome::Timeout,
             };
             let logged = std::mem::take(&mut store.data_mut().logged);
+            let outbound = std::mem::take(&mut store.data_mut().hooks);
             drop(store);
             (settings.reporter)(RequestReport {
                 outcome: outcome.clone(),
                 stdout: stdout.take(),
                 stderr: stderr.take(),
                 logged,
+                outbound,
                 method,
                 path,
             });

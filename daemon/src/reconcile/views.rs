@@ -34,6 +34,7 @@ pub struct AppDetailView {
     pub log_lines_dropped: u64,
     /// System calls the pool's seccomp filter refused (each named in the daemon's log).
     pub syscalls_denied: u64,
+    pub outbound_denied: u64,
     pub timeouts: u64,
     pub rejected: u64,
     pub started_unix: i64,
@@ -118,6 +119,7 @@ impl Reconciler {
                     traps: counters.get(Counter::Traps),
                     log_lines_dropped: counters.get(Counter::LogLinesDropped),
                     syscalls_denied: counters.get(Counter::SyscallsDenied),
+                    outbound_denied: counters.get(Counter::OutboundDenied),
                     timeouts: counters.get(Counter::Timeouts),
                     rejected: counters.get(Counter::Rejected),
                     started_unix: running.started_unix,
