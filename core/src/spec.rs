@@ -775,7 +775,7 @@ impl AppSpec {
                     let (low, high) = SCHEDULE_EVERY_RANGE;
                     if every.0 < low || every.0 > high {
                         return Err(named(format!(
-                            "every = \"{every}\" is out of range: use between 1s and 31 days"
+                            "every = \"{every}\" is out of range: use between 1s and 744h (31 days)"
                         )));
                     }
                 }

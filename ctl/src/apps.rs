@@ -168,7 +168,12 @@ pub async fn remove(
         .into_inner();
     if json_output {
         print_json(
-            &json!({"removed": app, "data_deleted": reply.data_deleted, "data_kept": keep_data}),
+            &json!({"removed": app, "data_deleted": reply.data_deleted, "data_kept": keep_data, "data_only": reply.data_only}),
+        );
+    } else if reply.data_only {
+        println!(
+            "{app} is no longer an app; deleted its kept key-value data ({})",
+            crate::output::human_size(reply.data_deleted.unwrap_or(0))
         );
     } else if keep_data {
         println!("removed {app}; its key-value data was kept");

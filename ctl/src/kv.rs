@@ -1,10 +1,10 @@
 //! `cairnctl kv APP …`: an app's key-value data, for the operator. The same store the app's
 //! guests reach through `wasi:keyvalue` and Spin's `key-value`, through the control socket.
 
-use crate::output::{human_size, print_json, stdout_is_terminal};
+use crate::output::{for_terminal_if, human_size, print_json, stdout_is_terminal};
 use base64::Engine as _;
 use cairn_core::proto::{self, control_client::ControlClient, kv_request::Op};
-use cairn_ctl::exit::{Failure, INVALID};
+use cairn_ctl::exit::{Failure, EXHAUSTED, FAILURE, INVALID, PERMISSION};
 use serde_json::json;
 use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
@@ -35,9 +35,12 @@ pub enum KvCommand {
     /// Write every key and value to FILE (or stdout) as JSON lines:
     /// {"key": K, "value": TEXT}, or {"key": K, "base64": B} for a value that is not UTF-8.
     /// Read in pages while the app runs: a key written meanwhile may or may not be in it.
+    /// FILE is written whole or not at all (a temporary file beside it, then renamed), mode
+    /// 0600.
     Export { file: Option<PathBuf> },
     /// Set every key in FILE (written by `export`, or by hand in its form), in batches of up
     /// to 1,000 keys, each batch all or nothing. Keys not in the file are left as they are.
+    /// FILE must be a regular file.
     Import { file: PathBuf },
 }
 
@@ -58,9 +61,11 @@ pub async fn run(
                 if json_output {
                     all.extend(reply.keys);
                 } else {
+                    // Keys are the app's text: escaped for a terminal, as logs are.
+                    let terminal = stdout_is_terminal();
                     let mut out = std::io::stdout().lock();
                     for key in &reply.keys {
-                        if writeln!(out, "{key}").is_err() {
+                        if writeln!(out, "{}", for_terminal_if(terminal, key)).is_err() {
                             return Ok(()); // a closed pipe
                         }
                     }
@@ -84,6 +89,12 @@ pub async fn run(
             };
             if json_output {
                 print_json(&line(&key, &value));
+            } else if stdout_is_terminal() {
+                // Raw bytes for a pipe; for a terminal, text with its controls escaped.
+                print!(
+                    "{}",
+                    crate::output::for_terminal(&String::from_utf8_lossy(&value))
+                );
             } else {
                 let _ = std::io::stdout().write_all(&value);
             }
@@ -191,19 +202,129 @@ fn invalid(message: String) -> Failure {
     }
 }
 
-async fn export(kv: &mut Kv<'_>, file: Option<PathBuf>) -> Result<(), Failure> {
-    let mut out: Box<dyn Write> = match &file {
-        Some(path) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(path)
-                .map_err(|error| invalid(format!("cannot write {}: {error}", path.display())))?,
-        )),
-        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+/// The exit code of a local file's I/O error: a full disk is an exhausted resource, a refused
+/// path a permission, as the daemon's own errors are.
+fn io_failure(what: String, error: std::io::Error) -> Failure {
+    let code = match error.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => EXHAUSTED,
+        std::io::ErrorKind::PermissionDenied => PERMISSION,
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidInput => INVALID,
+        _ => FAILURE,
     };
-    let write_failed = |error: std::io::Error| invalid(format!("cannot write the export: {error}"));
+    Failure {
+        code,
+        message: format!("{what}: {error}"),
+    }
+}
+
+/// Where an export goes: stdout, or a temporary file beside FILE, renamed over it only once
+/// everything is written (a failed export leaves FILE as it was).
+enum Sink {
+    Stdout(std::io::BufWriter<std::io::StdoutLock<'static>>),
+    File {
+        writer: std::io::BufWriter<std::fs::File>,
+        temporary: PathBuf,
+        path: PathBuf,
+    },
+}
+
+impl Sink {
+    fn open(file: Option<&PathBuf>) -> Result<Sink, Failure> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let Some(path) = file else {
+            return Ok(Sink::Stdout(std::io::BufWriter::new(
+                std::io::stdout().lock(),
+            )));
+        };
+        let name = path
+            .file_name()
+            .ok_or_else(|| invalid(format!("{} names no file", path.display())))?;
+        let mut temporary_name = std::ffi::OsString::from(".");
+        temporary_name.push(name);
+        temporary_name.push(format!(".{}.partial", std::process::id()));
+        let temporary = path.with_file_name(temporary_name);
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temporary)
+            .map_err(|error| io_failure(format!("cannot write {}", temporary.display()), error))?;
+        Ok(Sink::File {
+            writer: std::io::BufWriter::new(created),
+            temporary,
+            path: path.clone(),
+        })
+    }
+
+    fn writer(&mut self) -> &mut dyn Write {
+        match self {
+            Sink::Stdout(writer) => writer,
+            Sink::File { writer, .. } => writer,
+        }
+    }
+
+    fn finish(self) -> Result<(), Failure> {
+        let failed = |error| io_failure("cannot write the export".into(), error);
+        match self {
+            Sink::Stdout(mut writer) => writer.flush().map_err(failed),
+            Sink::File {
+                writer,
+                temporary,
+                path,
+            } => {
+                let file = writer.into_inner().map_err(|e| failed(e.into_error()))?;
+                file.sync_all().map_err(failed)?;
+                std::fs::rename(&temporary, &path).map_err(|error| {
+                    let _ = std::fs::remove_file(&temporary);
+                    io_failure(
+                        format!("cannot rename the export onto {}", path.display()),
+                        error,
+                    )
+                })
+            }
+        }
+    }
+
+    /// Removes a temporary file left by a failed export.
+    fn abandon(self) {
+        if let Sink::File { temporary, .. } = self {
+            let _ = std::fs::remove_file(temporary);
+        }
+    }
+}
+
+async fn export(kv: &mut Kv<'_>, file: Option<PathBuf>) -> Result<(), Failure> {
+    // Asked first, so a name that has no data (or a caller who may not read it) leaves no file.
+    let first = kv.call(Op::List(proto::KvList { cursor: None })).await?;
+    let mut sink = Sink::open(file.as_ref())?;
+    match export_into(kv, first, sink.writer()).await {
+        Ok((keys, bytes)) => {
+            sink.finish()?;
+            if file.is_some() || !stdout_is_terminal() {
+                eprintln!(
+                    "exported {keys} {} ({} of values)",
+                    if keys == 1 { "key" } else { "keys" },
+                    human_size(bytes)
+                );
+            }
+            Ok(())
+        }
+        Err(failure) => {
+            sink.abandon();
+            Err(failure)
+        }
+    }
+}
+
+async fn export_into(
+    kv: &mut Kv<'_>,
+    first: proto::KvReply,
+    out: &mut dyn Write,
+) -> Result<(u64, u64), Failure> {
+    let write_failed = |error: std::io::Error| io_failure("cannot write the export".into(), error);
     let (mut keys_written, mut bytes) = (0u64, 0u64);
-    let mut cursor = None;
+    let mut page = first;
     loop {
-        let page = kv.call(Op::List(proto::KvList { cursor })).await?;
         let mut rest = &page.keys[..];
         let mut step = EXPORT_KEYS;
         while !rest.is_empty() {
@@ -226,23 +347,39 @@ async fn export(kv: &mut Kv<'_>, file: Option<PathBuf>) -> Result<(), Failure> {
             }
         }
         match page.cursor {
-            Some(next) => cursor = Some(next),
+            Some(cursor) => {
+                page = kv
+                    .call(Op::List(proto::KvList {
+                        cursor: Some(cursor),
+                    }))
+                    .await?
+            }
             None => break,
         }
     }
-    out.flush().map_err(write_failed)?;
-    if file.is_some() || !stdout_is_terminal() {
-        eprintln!(
-            "exported {keys_written} keys ({} of values)",
-            human_size(bytes)
-        );
-    }
-    Ok(())
+    Ok((keys_written, bytes))
 }
 
 async fn import(kv: &mut Kv<'_>, file: PathBuf, json_output: bool) -> Result<(), Failure> {
-    let opened = std::fs::File::open(&file)
-        .map_err(|error| invalid(format!("cannot read {}: {error}", file.display())))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Never waits on a FIFO (opened without blocking, then refused), and reads no device.
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(&file)
+        .map_err(|error| io_failure(format!("cannot read {}", file.display()), error))?;
+    let kind = opened
+        .metadata()
+        .map_err(|error| io_failure(format!("cannot read {}", file.display()), error))?;
+    if !kind.is_file() {
+        return Err(invalid(format!(
+            "{} is not a regular file: import reads only files (an export, or lines in its form)",
+            file.display()
+        )));
+    }
+    // An empty batch first: a caller who may not write hears so even for an empty file.
+    kv.call(Op::Set(proto::KvPairs { pairs: Vec::new() }))
+        .await?;
     let mut reader = std::io::BufReader::new(opened);
     // A line holds one value (at most 1 MiB; escaped as JSON, up to six bytes for one) and its
     // key (at most 1 KiB, escaped alike).
@@ -290,10 +427,11 @@ async fn import(kv: &mut Kv<'_>, file: PathBuf, json_output: bool) -> Result<(),
         imported += batch.len() as u64;
         reply = Some(send_batch(kv, &mut batch, imported).await?);
     }
-    let said = format!(
-        "imported {imported} keys; {}",
-        reply.as_ref().map(usage).unwrap_or_default()
-    );
+    let entries = if imported == 1 { "entry" } else { "entries" };
+    let said = match reply.as_ref() {
+        Some(reply) => format!("imported {imported} {entries}; {}", usage(reply)),
+        None => format!("imported {imported} {entries}"),
+    };
     report(json_output, json!({"imported": imported}), said);
     Ok(())
 }
@@ -320,6 +458,15 @@ async fn send_batch(
 fn entry(text: &[u8]) -> Result<(String, Vec<u8>), String> {
     let value: serde_json::Value =
         serde_json::from_slice(text).map_err(|error| format!("not JSON: {error}"))?;
+    if let Some(other) = value.as_object().and_then(|fields| {
+        fields
+            .keys()
+            .find(|k| !["key", "value", "base64"].contains(&k.as_str()))
+    }) {
+        return Err(format!(
+            "an unknown field {other:?}: a line has \"key\" and \"value\" or \"base64\""
+        ));
+    }
     let key = value["key"]
         .as_str()
         .ok_or("no \"key\" string")?
@@ -354,6 +501,7 @@ mod tests {
             b"{\"key\": \"k\"}",
             b"{\"key\": \"k\", \"value\": \"v\", \"base64\": \"dg==\"}",
             b"{\"key\": \"k\", \"base64\": \"***\"}",
+            b"{\"key\": \"k\", \"value\": \"v\", \"junk\": 5}",
             b"not json",
         ] {
             assert!(entry(bad).is_err(), "{}", String::from_utf8_lossy(bad));

@@ -568,8 +568,19 @@ fn apply(db: &Connection, op: &Op, used: &mut u64, quota: u64) -> Result<Answer,
             Ok(Answer::Values(values))
         }
         Op::SetMany { pairs } => {
+            // A batch past the quota is reported as a whole, against what was stored before it.
+            let before = *used;
             for (key, value) in pairs {
-                put(db, used, quota, key, value)?;
+                if let Err(KvError::Quota {
+                    used: at, needed, ..
+                }) = put(db, used, quota, key, value)
+                {
+                    return Err(KvError::Quota {
+                        quota,
+                        used: before,
+                        needed: at + needed - before,
+                    });
+                }
             }
             Ok(Answer::Done)
         }

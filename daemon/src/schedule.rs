@@ -478,6 +478,11 @@ fn first_after(when: &When, from: i64, now: i64) -> Option<i64> {
     }
 }
 
+/// A request path without its query (which may carry credentials), for logs and readers.
+pub fn without_query(path: &str) -> &str {
+    path.split_once('?').map_or(path, |(path, _)| path)
+}
+
 /// Where to reach an app listening on `listen`.
 fn target(listen: SocketAddr) -> SocketAddr {
     let ip = match listen.ip() {
@@ -545,7 +550,7 @@ async fn run_once(order: RunOrder) {
                 "schedule {}: {} {}: {}",
                 order.name,
                 order.method,
-                order.path,
+                without_query(&order.path),
                 describe(&run)
             ),
         );

@@ -236,9 +236,29 @@ fn the_operator_lists_reads_writes_exports_and_imports_an_apps_data() {
     daemon.ctl_ok(&["kv", "gateway", "rm", "reading", "mode"]);
     assert_eq!(answer(app, "/kv/get?reading").0, 404);
     let imported = daemon.ctl_ok(&["kv", "gateway", "import", export.to_str().unwrap()]);
-    assert!(imported.starts_with("imported 3 keys"), "{imported}");
+    assert!(imported.starts_with("imported 3 entries"), "{imported}");
     assert_eq!(ok(app, "/kv/get?reading"), "17");
     assert_eq!(ok(app, "/kv/get?raw"), "\u{fffd}\0x");
+
+    // An export that fails leaves the file as it was; one that succeeds is the owner's alone.
+    let before = std::fs::read(&export).unwrap();
+    let refused = daemon.ctl(&["kv", "nothing-here", "export", export.to_str().unwrap()]);
+    assert_eq!(refused.code, 3, "{refused:?}");
+    assert_eq!(std::fs::read(&export).unwrap(), before);
+    let fresh = daemon.dir.join("fresh.jsonl");
+    daemon.ctl_ok(&["kv", "gateway", "export", fresh.to_str().unwrap()]);
+    let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // A FIFO is refused at once, never waited on.
+    let fifo = daemon.dir.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let refused = daemon.ctl(&["kv", "gateway", "import", fifo.to_str().unwrap()]);
+    assert_eq!(refused.code, 2, "{refused:?}");
+    assert!(
+        refused.stderr.contains("not a regular file"),
+        "{}",
+        refused.stderr
+    );
 
     // The quota holds for the operator too, with the exit code of an exhausted resource; a bad
     // import line is named and nothing after it is written.

@@ -181,3 +181,47 @@ fn a_cron_run_missed_while_cairnd_was_stopped_runs_once_at_the_next_start() {
     );
     assert_eq!(counter(app, "skip"), 0);
 }
+
+#[test]
+fn a_made_up_interval_run_keeps_the_schedules_phase() {
+    let mut daemon = Daemon::start();
+    daemon.deploy_manifest(
+        "phase",
+        "host_apis",
+        "[keyvalue]\n[[schedule]]\nname = \"every10\"\nevery = \"10s\"\npath = \"/kv/incr?n\"\n",
+    );
+    wait_for("the first run", Duration::from_secs(15), || {
+        runs(&daemon, "phase") >= 1
+    })
+    .unwrap();
+    let first = schedules(&daemon, "phase")[0]["recent"][0]["due_ms"]
+        .as_i64()
+        .unwrap();
+    daemon.stop();
+    // Stopped across the run due at first + 10 s.
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    std::thread::sleep(Duration::from_millis(
+        (first + 12_000 - now_ms()).max(0) as u64
+    ));
+    daemon.restart();
+    wait_for(
+        "the made-up run and the next",
+        Duration::from_secs(20),
+        || runs(&daemon, "phase") >= 2,
+    )
+    .unwrap();
+    let schedule = &schedules(&daemon, "phase")[0];
+    let recent = schedule["recent"].as_array().unwrap();
+    assert_eq!(recent[0]["caught_up"], true, "{schedule}");
+    // The run after the made-up one is due on the deploy's phase, not ten seconds after it.
+    assert_eq!(
+        recent[1]["due_ms"].as_i64().unwrap(),
+        first + 20_000,
+        "{schedule}"
+    );
+}

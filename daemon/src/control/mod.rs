@@ -306,12 +306,15 @@ impl Control for ControlService {
     ) -> Result<Response<proto::RemoveReply>, Status> {
         self.access.check(&request, "remove apps", true)?;
         let name = app_name(&request.get_ref().app)?;
-        let data_deleted = self
+        let (data_deleted, data_only) = self
             .reconciler
             .remove(&name, request.get_ref().keep_data)
             .await
             .map_err(|e| status_of(&e))?;
-        Ok(Response::new(proto::RemoveReply { data_deleted }))
+        Ok(Response::new(proto::RemoveReply {
+            data_deleted,
+            data_only,
+        }))
     }
 
     async fn list_apps(
@@ -446,9 +449,12 @@ impl Control for ControlService {
             },
         };
         if matches!(op, Op::SetMany { .. }) && quota.is_none() {
-            return Err(Status::failed_precondition(format!(
-                "{name} runs without a [keyvalue] table, so it has no quota to write within: deploy it with one first"
-            )));
+            let why = if self.reconciler.detail(&name).await.is_ok() {
+                format!("{name} runs without a [keyvalue] table, so it has no quota to write within: deploy it with one first")
+            } else {
+                format!("{name} is not an app (its key-value data was kept): deploy it with a [keyvalue] table to write")
+            };
+            return Err(Status::failed_precondition(why));
         }
         let answer = store
             .run(op, quota.unwrap_or(0))

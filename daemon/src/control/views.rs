@@ -132,7 +132,7 @@ impl ControlService {
                 .map(|scheduler| scheduler.views(name))
                 .unwrap_or_default()
                 .into_iter()
-                .map(schedule_info)
+                .map(|view| schedule_info(view, env == Env::Values))
                 .collect(),
             allocator: detail.allocator,
             requests: detail.requests,
@@ -206,12 +206,17 @@ fn limit_rows(limits: &Limits, cgroup: &str) -> Vec<proto::Limit> {
     rows
 }
 
-fn schedule_info(view: crate::schedule::ScheduleView) -> proto::ScheduleInfo {
+/// `full`: the caller may change state, and sees a request's query (often a token) too.
+fn schedule_info(view: crate::schedule::ScheduleView, full: bool) -> proto::ScheduleInfo {
     use crate::schedule::Outcome;
     proto::ScheduleInfo {
         name: view.name,
         when: view.when,
-        request: view.request,
+        request: if full {
+            view.request
+        } else {
+            crate::schedule::without_query(&view.request).to_string()
+        },
         next_unix_ms: view.next_ms,
         runs: view.runs,
         skipped: view.skipped,

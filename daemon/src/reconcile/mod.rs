@@ -330,12 +330,12 @@ impl Reconciler {
     }
 
     /// Stops the app and forgets it; its key-value data goes too unless `keep_data`. Returns
-    /// the bytes of data deleted, if it had any.
+    /// the bytes of data deleted, if it had any, and whether there was only data (no app).
     pub async fn remove(
         &self,
         name: &AppName,
         keep_data: bool,
-    ) -> Result<Option<u64>, ReconcileError> {
+    ) -> Result<(Option<u64>, bool), ReconcileError> {
         let Some(lock) = self.apps.lock(name, false).await else {
             // No such app, but maybe its data, kept by `rm --keep-data` or a fleet removal.
             if !keep_data {
@@ -345,12 +345,12 @@ impl Reconciler {
                             "cannot delete {name}'s key-value data: {error}"
                         ))
                     })?;
-                    return Ok(Some(bytes));
+                    return Ok((Some(bytes), true));
                 }
             }
             return Err(ReconcileError::UnknownApp(name.to_string()));
         };
-        self.remove_locked(lock, keep_data).await
+        Ok((self.remove_locked(lock, keep_data).await?, false))
     }
 
     async fn remove_locked(
