@@ -90,7 +90,15 @@ fn a_download_cut_halfway_stores_nothing_and_resumes_where_it_stopped() {
     // the whole artifact.
     lattice.nats.restart();
     daemon.ctl_ok(&["sync", "now"]);
-    wait_greeting(listen.parse().unwrap(), "big");
+    // A minute, not wait_greeting's 30 s: alone this takes about 10 s, but in CI's parallel run
+    // (with the 60 s schedule test and the hostile ones beside it) it once took over 30 s.
+    let body = "big from cairn\n";
+    cairn_tests::wait_for("the app to answer `big`", Duration::from_secs(60), || {
+        get(listen.parse().unwrap(), "/")
+            .map(|r| r.body == body)
+            .unwrap_or(false)
+    })
+    .unwrap();
     let resent = lattice.nats.bytes_sent_to("cairnd edge-5").unwrap();
     assert!(
         resent < PAD as u64 - kept + (2 << 20),
