@@ -21,6 +21,14 @@ fn runs(daemon: &Daemon, app: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The wall clock in Unix milliseconds, as schedules' due times are given.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 fn counter(addr: SocketAddr, key: &str) -> u64 {
     let response = get(addr, &format!("/kv/get?{key}")).unwrap();
     match response.status {
@@ -45,12 +53,6 @@ fn an_every_second_schedule_runs_sixty_times_in_a_minute() {
     let first = schedules(&daemon, "ticker")[0]["recent"][0]["due_ms"]
         .as_i64()
         .unwrap();
-    let now_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64
-    };
     std::thread::sleep(Duration::from_millis(
         (first + 59_500 - now_ms()).max(0) as u64
     ));
@@ -199,12 +201,6 @@ fn a_made_up_interval_run_keeps_the_schedules_phase() {
         .unwrap();
     daemon.stop();
     // Stopped across the run due at first + 10 s.
-    let now_ms = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64
-    };
     std::thread::sleep(Duration::from_millis(
         (first + 12_000 - now_ms()).max(0) as u64
     ));
