@@ -107,6 +107,15 @@ fn print_daemon(daemon: &proto::DaemonStatus, json_output: bool) {
     print_table(&rows);
 }
 
+/// A count, with what a count above zero means.
+fn explained(count: u64, meaning: &str) -> String {
+    if count == 0 {
+        "0".to_string()
+    } else {
+        format!("{count} ({meaning})")
+    }
+}
+
 fn print_app(detail: &proto::AppDetail, json_output: bool) {
     let app = detail.summary.clone().unwrap_or_default();
     if json_output {
@@ -208,25 +217,17 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
         row(["log lines dropped", &detail.log_lines_dropped.to_string()]),
         row([
             "outgoing HTTP refused",
-            &if detail.outbound_denied == 0 {
-                "0".to_string()
-            } else {
-                format!(
-                    "{} (apps are not granted outgoing HTTP; the app's log names the URLs)",
-                    detail.outbound_denied
-                )
-            },
+            &explained(
+                detail.outbound_denied,
+                "apps are not granted outgoing HTTP; the app's log names the URLs",
+            ),
         ]),
         row([
             "system calls denied",
-            &if detail.syscalls_denied == 0 {
-                "0".to_string()
-            } else {
-                format!(
-                    "{} (a guest that escaped wasmtime, or a call cairn's filter misses: the names are in cairnd's log)",
-                    detail.syscalls_denied
-                )
-            },
+            &explained(
+                detail.syscalls_denied,
+                "a guest that escaped wasmtime, or a call cairn's filter misses: the names are in cairnd's log",
+            ),
         ]),
     ];
     if !app.error.is_empty() {

@@ -94,6 +94,7 @@ impl ControlService {
             .detail(name)
             .await
             .map_err(|e| status_of(&e))?;
+        let (kv_writes, kv_commits) = self.reconciler.kv_stats(name);
         let generations_of = name.clone();
         let generations = self
             .store
@@ -124,8 +125,8 @@ impl ControlService {
             secrets: detail.spec.secrets.keys().cloned().collect(),
             kv_quota: detail.spec.keyvalue.as_ref().map_or(0, |kv| kv.quota.0),
             kv_used: self.reconciler.kv_usage(name),
-            kv_writes: self.reconciler.kv_stats(name).0,
-            kv_commits: self.reconciler.kv_stats(name).1,
+            kv_writes,
+            kv_commits,
             schedules: self
                 .scheduler
                 .as_ref()
