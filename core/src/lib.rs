@@ -5,12 +5,14 @@
 //! desired-state document devices accept from the upstream lattice), `proto` (the control
 //! protocol, generated from `proto/cairn.proto`), `paths` (where the socket and state live by
 //! default), `time` (UTC times without a tz database), `levels` (log levels and how streams rank),
-//! `cron` (the five-field expressions of `[[schedule]] cron`).
+//! `cron` (the five-field expressions of `[[schedule]] cron`), `outbound` (`[outbound]
+//! allowed_hosts` and the address rule).
 
 pub mod cron;
 pub mod digest;
 pub mod fleet;
 pub mod levels;
+pub mod outbound;
 pub mod paths;
 pub mod spec;
 pub mod time;

@@ -249,6 +249,52 @@ pub struct AppSpec {
     /// `[[schedule]]`: requests cairnd sends the app on a timer.
     #[serde(default, rename = "schedule", skip_serializing_if = "Vec::is_empty")]
     pub schedules: Vec<ScheduleSpec>,
+    /// `[outbound]`: where the app may send HTTP requests. Without it every one is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound: Option<OutboundSpec>,
+}
+
+/// `[outbound]`: the hosts an app may call and the bounds of each call (`crate::outbound`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundSpec {
+    /// Entries in Spin's `allowed_outbound_hosts` form: `scheme://host[:port]`.
+    pub allowed_hosts: Vec<crate::outbound::AllowedHost>,
+    /// How long one call may take, from connecting to the last byte of the response; at most
+    /// `[limits] timeout`, which it defaults to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<HumanDuration>,
+    /// The largest response body a call reads; past it the body ends with an error.
+    #[serde(default = "default_max_response")]
+    pub max_response: ByteSize,
+    /// A PEM file of more certificate authorities to trust for HTTPS, besides the system's
+    /// (read by cairnd when the app starts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+/// `[outbound] max_response` when the table leaves it out.
+pub const DEFAULT_MAX_RESPONSE: ByteSize = ByteSize(16 << 20);
+/// The bounds of `[outbound] max_response`.
+pub const MAX_RESPONSE_RANGE: (u64, u64) = (1 << 10, 1 << 30);
+
+fn default_max_response() -> ByteSize {
+    DEFAULT_MAX_RESPONSE
+}
+
+impl OutboundSpec {
+    /// How long one call may take, given the app's limits.
+    pub fn call_timeout(&self, limits: &Limits) -> Duration {
+        self.timeout
+            .map_or(limits.timeout.0, |t| t.0.min(limits.timeout.0))
+    }
+
+    /// Whether any entry allows HTTPS (the pool then needs certificate authorities).
+    pub fn allows_https(&self) -> bool {
+        self.allowed_hosts
+            .iter()
+            .any(|entry| entry.scheme != crate::outbound::SchemeRule::Http)
+    }
 }
 
 /// One `[[schedule]]`: a request to `path` of the app, `every` so long or at the times of a
@@ -405,7 +451,7 @@ mod quiet {
 
 /// A key as an error message shows it: at most 64 characters (a key can be as long as the
 /// manifest, and the message travels in a bounded header).
-fn clip(key: &str) -> String {
+pub(crate) fn clip(key: &str) -> String {
     match key.char_indices().nth(64) {
         Some((cut, _)) => format!("{}…", &key[..cut]),
         None => key.to_string(),
@@ -746,7 +792,47 @@ impl AppSpec {
                 )));
             }
         }
+        self.validate_outbound()?;
         self.validate_config()
+    }
+
+    fn validate_outbound(&self) -> Result<(), SpecError> {
+        let Some(outbound) = &self.outbound else {
+            return Ok(());
+        };
+        if outbound.allowed_hosts.len() > crate::outbound::MAX_ALLOWED_HOSTS {
+            return Err(invalid(format!(
+                "[outbound] allowed_hosts has {} entries; at most {} are allowed",
+                outbound.allowed_hosts.len(),
+                crate::outbound::MAX_ALLOWED_HOSTS
+            )));
+        }
+        let (low, high) = MAX_RESPONSE_RANGE;
+        if outbound.max_response.0 < low || outbound.max_response.0 > high {
+            return Err(invalid(format!(
+                "[outbound] max_response = \"{}\" is out of range: use between {} and {}",
+                outbound.max_response,
+                ByteSize(low),
+                ByteSize(high)
+            )));
+        }
+        if let Some(timeout) = outbound.timeout {
+            if timeout.0 < Duration::from_millis(1) || timeout > self.limits.timeout {
+                return Err(invalid(format!(
+                    "[outbound] timeout = \"{timeout}\" is out of range: use between 1ms and the app's [limits] timeout ({})",
+                    self.limits.timeout
+                )));
+            }
+        }
+        if let Some(path) = &outbound.ca_file {
+            if !path.starts_with('/') || path.contains('\0') || path.len() > 4096 {
+                return Err(invalid(format!(
+                    "[outbound] ca_file = \"{}\" must be an absolute path on the device",
+                    clip(path)
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn validate_schedules(&self) -> Result<(), SpecError> {
@@ -921,6 +1007,33 @@ mod tests {
         assert_eq!(limits.max_header_size, 4096);
         assert_eq!(limits.max_body, 1 << 20);
         assert_eq!(limits.max_connections, 7);
+    }
+
+    #[test]
+    fn outbound_is_read_with_defaults_and_kept_as_written() {
+        let spec = AppSpec::from_manifest(&manifest(
+            "[limits]
+timeout = \"5s\"
+[outbound]
+allowed_hosts = [\"https://*.example.com\", \"*://10.0.0.0/8:8000..8100\"]
+",
+        ))
+        .unwrap();
+        let outbound = spec.outbound.clone().unwrap();
+        assert_eq!(outbound.max_response, DEFAULT_MAX_RESPONSE);
+        assert_eq!(outbound.call_timeout(&spec.limits), Duration::from_secs(5));
+        assert!(outbound.allows_https());
+        let stored = AppSpec::from_stored_json(&spec.to_stored_json()).unwrap();
+        assert_eq!(stored, spec);
+        assert!(spec.to_stored_json().contains("\"https://*.example.com\""));
+        assert!(AppSpec::from_manifest(&manifest(""))
+            .unwrap()
+            .outbound
+            .is_none());
+        assert!(!AppSpec::from_manifest(&manifest(""))
+            .unwrap()
+            .to_stored_json()
+            .contains("outbound"));
     }
 
     #[test]

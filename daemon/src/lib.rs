@@ -9,7 +9,8 @@
 //! - `sync`: the link to the upstream lattice.
 //! - `reconcile`: the only code that changes what runs (deploy, rollback, remove, start-up).
 //! - `admission`: the one way in for components (push, import, fleet).
-//! - `spawn` (starting pool processes), `logs` (output pipeline).
+//! - `spawn` (starting pool processes), `logs` (output pipeline), `kv` (apps' key-value stores)
+//!   and `outbound` (connections for apps' outgoing requests), which pools reach by socket.
 //! - `pool`: the pool process (`cairnd pool`): its protocol, runtime, guest host and HTTP front.
 //! - `engine` (wasmtime settings, compiling), `store` (SQLite), `counters` (the shared request
 //!   counters), `limits` (cgroups), `config`, `systemd`, `regular_file`, `alloc` (the memory
@@ -29,6 +30,7 @@ mod import;
 mod kv;
 mod limits;
 mod logs;
+mod outbound;
 mod pool;
 mod pool_users;
 mod reconcile;

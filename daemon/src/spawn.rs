@@ -266,6 +266,27 @@ fn code_memfd(code: &[u8]) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// A memfd holding `pem` (the certificate authorities of an app's HTTPS calls), sealed.
+fn roots_memfd(pem: &[u8]) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    let fd = memfd_create(
+        c"cairn-roots",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?;
+    std::fs::File::from(fd.try_clone()?).write_all(pem)?;
+    nix::fcntl::fcntl(
+        &fd,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_WRITE
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_SEAL,
+        ),
+    )?;
+    Ok(fd)
+}
+
 /// `MFD_EXEC` (Linux 6.3), which nix does not name.
 const MFD_EXEC: nix::libc::c_uint = 0x0010;
 
@@ -532,22 +553,47 @@ impl Spawner {
                 return Err(SpawnError::Io(error));
             }
         };
+        let (connector, pool_connector) = match crate::pool::connect::pair() {
+            Ok(pair) => pair,
+            Err(error) => {
+                kill();
+                return Err(SpawnError::Io(error));
+            }
+        };
+        let spec = launch.spec.clone();
+        let roots = tokio::task::spawn_blocking(move || crate::outbound::tls_roots(&spec))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        let roots = match roots.map(|pem| roots_memfd(&pem).map_err(|e| e.to_string())) {
+            Ok(Ok(fd)) => fd,
+            Ok(Err(error)) | Err(error) => {
+                kill();
+                return Err(SpawnError::Load(error));
+            }
+        };
         let fds = [
             launch.listener.as_raw_fd(),
             launch.code.fd.as_raw_fd(),
             launch.counters.raw_fd(),
             pool_services.as_raw_fd(),
+            pool_connector.as_raw_fd(),
+            roots.as_raw_fd(),
         ];
         if let Err(error) = protocol::send_with_fds(&control, &start, &fds) {
             kill();
             return Err(SpawnError::Io(error));
         }
-        drop(pool_services);
+        drop((pool_services, pool_connector, roots));
         // Served until the pool closes its end (it exits, or is killed).
         services.set_nonblocking(true)?;
         tokio::spawn(crate::kv::serve(
             tokio::net::UnixStream::from_std(services)?,
             launch.kv.clone(),
+            app.clone(),
+        ));
+        tokio::spawn(crate::outbound::serve(
+            connector,
+            crate::outbound::Grant::of(launch.spec),
             app.clone(),
         ));
         if overlap {

@@ -10,6 +10,7 @@ mod import;
 mod keyvalue;
 mod lifecycle;
 mod limits;
+mod outbound;
 mod pools;
 mod requests;
 mod schedule;

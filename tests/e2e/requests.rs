@@ -298,7 +298,7 @@ fn filesystem_sockets_and_outgoing_http_are_linked_but_denied() {
     assert_eq!(daemon.app_status("sandboxed")["outbound_denied"], 2);
     daemon.wait_logged(
         "sandboxed",
-        "GET /outgoing: outgoing HTTP refused (apps are not granted it): GET http://127.0.0.1:9/",
+        "GET /outgoing: outgoing HTTP refused: GET http://127.0.0.1:9/ (the app has no [outbound] table)",
     );
     target.set_nonblocking(true).unwrap();
     assert!(

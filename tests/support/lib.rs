@@ -10,11 +10,13 @@ mod nats;
 pub mod netem;
 pub mod random;
 pub mod report;
+mod upstream;
 
 pub use daemon::{cgroup_dirs, wait_child, Daemon, NotificationRecorder};
 pub use http::{get, http, is_listening, Response};
 pub use lattice::{connect_all, fleet, fleet_ok, Lattice};
 pub use nats::{nats_server_binary, Nats};
+pub use upstream::{tls_files, Upstream};
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::{Read, Write};

@@ -1,6 +1,7 @@
 //! What a request's guest sees of its host (the `T` of every request's `Store`): WASI with
-//! every capability the app was not granted denied, `wasi:http` with outgoing requests
-//! denied, and its stdout and stderr captured in memory up to a bound.
+//! every capability the app was not granted denied, `wasi:http` with outgoing requests to
+//! the hosts of `[outbound]` only (`outgoing`), and its stdout and stderr captured in memory up
+//! to a bound.
 
 use super::services::Client;
 use bytes::{Bytes, BytesMut};
@@ -11,7 +12,7 @@ use std::task::{Context, Poll};
 use wasmtime::component::ResourceTable;
 use wasmtime::StoreLimits;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// Output kept per stream per request; the rest is cut and the cut is marked.
 const OUTPUT_LIMIT: usize = 64 << 10;
@@ -24,7 +25,7 @@ pub struct Host {
     pub http: WasiHttpCtx,
     pub table: ResourceTable,
     pub limits: StoreLimits,
-    pub hooks: DenyOutgoingHttp,
+    pub hooks: super::outgoing::OutgoingHttp,
     /// What `wasi:config` and Spin's variables read (`interfaces`).
     pub config: Arc<GuestConfig>,
     /// What the guest logged through `wasi:logging` during this request.
@@ -118,65 +119,6 @@ impl WasiHttpView for Host {
             table: &mut self.table,
             hooks: &mut self.hooks,
         }
-    }
-}
-
-/// Outgoing HTTP is a capability no app has been granted yet: requests fail with
-/// `HTTP-request-denied`, which guests see as an ordinary error. Each is counted and noted in
-/// the app's log (the first `DENIALS_NOTED` of a request by URL, the rest by number).
-#[derive(Default)]
-pub struct DenyOutgoingHttp {
-    /// The URLs refused during this request, up to `DENIALS_NOTED`.
-    pub noted: Vec<String>,
-    /// How many were refused in all.
-    pub denied: u64,
-}
-
-/// Refused URLs named per request; more are only counted.
-pub const DENIALS_NOTED: usize = 8;
-
-impl WasiHttpHooks for DenyOutgoingHttp {
-    fn send_request(
-        &mut self,
-        request: http::Request<wasmtime_wasi_http::WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
-        _fut: Box<dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-    ) -> Box<
-        dyn std::future::Future<
-                Output = Result<
-                    (
-                        http::Response<wasmtime_wasi_http::WasiBody>,
-                        Box<
-                            dyn std::future::Future<Output = Result<(), wasmtime_wasi_http::Error>>
-                                + Send,
-                        >,
-                    ),
-                    wasmtime_wasi_http::Error,
-                >,
-            > + Send,
-    > {
-        self.denied += 1;
-        if self.noted.len() < DENIALS_NOTED {
-            // The URL without its query, which may carry credentials; cut to a line's worth.
-            let uri = request.uri();
-            let mut url = format!(
-                "{} {}://{}{}",
-                request.method(),
-                uri.scheme_str().unwrap_or("http"),
-                uri.authority().map_or("", |a| a.as_str()),
-                uri.path()
-            );
-            if url.len() > 200 {
-                let mut cut = 200;
-                while !url.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                url.truncate(cut);
-                url.push('…');
-            }
-            self.noted.push(url);
-        }
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
     }
 }
 

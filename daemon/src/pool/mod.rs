@@ -10,10 +10,12 @@
 //! `Serve` (a new generation) or serve at once (a resumed one) → accept until `Drain` (or the
 //! supervisor goes away) → drain → exit 0.
 
+pub mod connect;
 mod connection;
 mod host;
 mod http;
 mod interfaces;
+pub mod outgoing;
 pub mod protocol;
 mod runtime;
 pub mod seccomp;
@@ -229,7 +231,7 @@ pub fn run() -> i32 {
             }
         }
     };
-    let [listener, code, counters, services]: [OwnedFd; protocol::START_FDS] =
+    let [listener, code, counters, services, connect, roots]: [OwnedFd; protocol::START_FDS] =
         fds.try_into().expect("the count was checked above");
     let counters = match Counters::map(counters) {
         Ok(counters) => Arc::new(counters),
@@ -268,6 +270,8 @@ pub fn run() -> i32 {
         code,
         counters,
         services,
+        connect,
+        roots,
         filter,
     };
     match runtime.block_on(serve(wasm, prepared, start, given)) {
@@ -287,6 +291,10 @@ struct Given {
     counters: Arc<Counters>,
     /// The host-services socket (`services`): the app's key-value store.
     services: OwnedFd,
+    /// The connect socket (`connect`): connections for outgoing requests.
+    connect: OwnedFd,
+    /// A memfd of PEM certificate authorities for HTTPS calls (empty: none).
+    roots: OwnedFd,
     filter: Option<seccomp::Filter>,
 }
 
@@ -302,6 +310,8 @@ async fn serve(
         code,
         counters,
         services,
+        connect,
+        roots,
         filter,
     } = given;
     control.set_nonblocking(true)?;
@@ -345,6 +355,15 @@ async fn serve(
         }
         None => None,
     };
+    let outbound = match outbound_access(&spec, connect, roots) {
+        Ok(outbound) => outbound,
+        Err(error) => {
+            let _ = outgoing.send(FromPool::Failed { error }).await;
+            drop(outgoing);
+            let _ = writer_task.await;
+            return Ok(2);
+        }
+    };
     let (name, limits) = (spec.name.clone(), spec.limits.clone());
     let handle = tokio::runtime::Handle::current();
     // On this thread (the runtime's `block_on`, not a worker): it built the prepared engine,
@@ -359,6 +378,7 @@ async fn serve(
             env,
             config,
             kv,
+            outbound,
             reporter,
             probe,
             prepared,
@@ -410,6 +430,33 @@ async fn serve(
     drop(outgoing);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
     Ok(exit_code)
+}
+
+/// What the app's guests may call out to (`None`: it has no `[outbound]`, every call is
+/// refused in the pool). `roots` is a memfd cairnd filled: reading it opens no file.
+fn outbound_access(
+    spec: &crate::spec::AppSpec,
+    connect: OwnedFd,
+    roots: OwnedFd,
+) -> Result<Option<Arc<outgoing::OutboundAccess>>, String> {
+    let Some(outbound) = &spec.outbound else {
+        return Ok(None);
+    };
+    // From the start: cairnd's writes left the shared offset at the end.
+    let mut pem = Vec::new();
+    let mut file = std::fs::File::from(roots);
+    std::io::Seek::rewind(&mut file)
+        .and_then(|()| std::io::Read::read_to_end(&mut file, &mut pem))
+        .map_err(|e| format!("cannot read the certificate authorities cairnd sent: {e}"))?;
+    let connector = connect::Connector::start(connect)
+        .map_err(|e| format!("cannot use the connect socket: {e}"))?;
+    Ok(Some(Arc::new(outgoing::OutboundAccess {
+        connector,
+        allowed: outbound.allowed_hosts.clone(),
+        timeout: outbound.call_timeout(&spec.limits),
+        max_response: outbound.max_response.0,
+        tls: outgoing::OutboundAccess::tls(&pem)?,
+    })))
 }
 
 /// Accepts and serves on `listener` until the supervisor says to drain (or goes away), or
@@ -730,7 +777,7 @@ fn reporter(logs: LogQueue, budget: LogBudget, counters: Arc<Counters>) -> runti
         if report.outbound.denied > 0 {
             counters.add(Counter::OutboundDenied, report.outbound.denied);
             let mut note = format!(
-                "{} {}: outgoing HTTP refused (apps are not granted it): {}",
+                "{} {}: outgoing HTTP refused: {}",
                 clip(&report.method),
                 clip(&report.path),
                 report.outbound.noted.join(", ")

@@ -19,8 +19,10 @@ pub const CONTROL_FD: RawFd = 3;
 /// How many descriptors travel with `Start`, in this order: the app's listening socket (bound
 /// by the supervisor), a sealed memfd with the precompiled component, the memfd of the
 /// shared counters (which also carries the time of the last request, `Counter::LastActive`),
-/// and the pool's end of its host-services socket (`pool::services`).
-pub const START_FDS: usize = 4;
+/// the pool's end of its host-services socket (`pool::services`), the pool's end of its
+/// connect socket (`pool::connect`), and a memfd of the certificate authorities its HTTPS
+/// calls trust (empty when it makes none).
+pub const START_FDS: usize = 6;
 
 /// What a spare pool process carries as its app's name until it is given an app, padded to
 /// the longest app name so the real name can be written over it (`ps` then says whose pool

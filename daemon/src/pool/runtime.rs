@@ -9,7 +9,8 @@
 //! by an epoch deadline and a memory cap, and a guest failure is reported, never fatal to the
 //! host. This module knows nothing of the store, the reconciler or the control API.
 
-use super::host::{DenyOutgoingHttp, GuestConfig, Host, KvAccess, OutputCapture};
+use super::host::{GuestConfig, Host, KvAccess, OutputCapture};
+use super::outgoing::{Denials, OutboundAccess, OutgoingHttp};
 use super::seccomp;
 use super::services::Client;
 use crate::counters::InFlight;
@@ -54,7 +55,7 @@ pub struct RequestReport {
     /// What it logged through `wasi:logging`.
     pub logged: super::host::GuestLog,
     /// The outgoing requests it was refused.
-    pub outbound: DenyOutgoingHttp,
+    pub outbound: Denials,
     pub method: String,
     pub path: String,
 }
@@ -136,6 +137,7 @@ impl Runtime {
         env: Vec<(String, String)>,
         config: GuestConfig,
         kv: Option<Arc<Client>>,
+        outbound: Option<Arc<OutboundAccess>>,
         reporter: Reporter,
         probe: bool,
         prepared: Option<PreparedEngine>,
@@ -146,6 +148,7 @@ impl Runtime {
             env,
             config: Arc::new(config),
             kv,
+            outbound,
             memory: memory_reservation(limits) as usize,
             timeout: limits.timeout.0,
             reporter,
@@ -228,6 +231,7 @@ impl Runtime {
                 env: settings.env.clone(),
                 config: Arc::clone(&settings.config),
                 kv: settings.kv.clone(),
+                outbound: settings.outbound.clone(),
                 memory: settings.memory,
                 timeout: settings.timeout,
                 reporter: Arc::clone(&settings.reporter),
@@ -318,6 +322,8 @@ struct AppSettings {
     config: Arc<GuestConfig>,
     /// The app's key-value store, when it has `[keyvalue]`.
     kv: Option<Arc<Client>>,
+    /// What the app's guests may call, when it has `[outbound]`.
+    outbound: Option<Arc<OutboundAccess>>,
     memory: usize,
     timeout: Duration,
     reporter: Reporter,
@@ -361,7 +367,7 @@ impl LoadedApp {
             limits: StoreLimitsBuilder::new()
                 .memory_size(self.settings.memory)
                 .build(),
-            hooks: DenyOutgoingHttp::default(),
+            hooks: OutgoingHttp::new(self.settings.outbound.clone()),
             config: Arc::clone(&self.settings.config),
             logged: Default::default(),
             kv: KvAccess::new(self.settings.kv.clone()),
@@ -457,7 +463,7 @@ impl LoadedApp {
                 Err(_elapsed) => Outcome::Timeout,
             };
             let logged = std::mem::take(&mut store.data_mut().logged);
-            let outbound = std::mem::take(&mut store.data_mut().hooks);
+            let outbound = store.data_mut().hooks.take();
             drop(store);
             (settings.reporter)(RequestReport {
                 outcome: outcome.clone(),

@@ -2,6 +2,7 @@
 //! a private CA and a password.
 
 use super::*;
+use cairn_tests::tls_files;
 use std::path::{Path, PathBuf};
 
 /// The hello component with `pad` bytes of custom section appended: still a valid component
@@ -112,43 +113,12 @@ fn a_download_cut_halfway_stores_nothing_and_resumes_where_it_stopped() {
     assert_eq!(daemon.app_status("big")["digest"], digest.as_str());
 }
 
-/// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files in `dir`: (CA
-/// certificate, server certificate, server key).
-fn tls_files(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    };
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "cairn test CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let server_key = KeyPair::generate().unwrap();
-    let mut server_params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-    server_params
-        .distinguished_name
-        .push(DnType::CommonName, "cairn test lattice");
-    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let server = server_params.signed_by(&server_key, &ca, &ca_key).unwrap();
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("server.pem"),
-        dir.join("server.key"),
-    );
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, server.pem()).unwrap();
-    std::fs::write(&paths.2, server_key.serialize_pem()).unwrap();
-    paths
-}
-
 // Over 100 lines: one scenario against one daemon, step by step, each step checked.
 #[test]
 fn a_device_syncs_over_tls_with_a_password_and_says_why_it_is_refused() {
     let test = "a_device_syncs_over_tls_with_a_password_and_says_why_it_is_refused";
     let dir = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = tls_files(dir.path());
+    let (ca, cert, key) = tls_files(dir.path(), "127.0.0.1");
     // TLS for every client; the device logs in, the operator's tools get the no-auth user.
     let config = format!(
         "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n\

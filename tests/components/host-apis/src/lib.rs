@@ -8,6 +8,8 @@
 //! - `/config-all`        200, `key=value` lines from get-all (0.2.0-draft)
 //! - `/log?TAG`           logs `TAG at LEVEL` through wasi:logging at every level, context
 //!                        `host-apis`, then 200
+//! - `/fan-out?N=URL`    N GETs of URL at once, every response kept until all are in: 200 and
+//!                        `K answered`, then each error code and how often it came
 //! - `/kv/open?NAME`      200 if wasi:keyvalue's `open(NAME)` gives a bucket, else 500 and
 //!                        the error (`AccessDenied`, `NoSuchStore`, `Other(..)`)
 //! - `/kv/set?KEY=VALUE`  200 `ok`, or 500 and the error
@@ -21,6 +23,11 @@
 //!                        interfaces reach the one store
 //! - `/kv/batch?PREFIX=N` `set-many` of N keys `PREFIX-i`, then `get-many` of them and of one
 //!                        absent key: 200 and `N found, M absent`; then `delete-many`
+//! - `/fetch?URL`         a GET of URL through wasi:http/outgoing-handler, following up to 3
+//!                        redirects as an HTTP client library would: 200 and `status N` and
+//!                        the body on a line after it; 502 and `error: CODE` when no response
+//!                        came, or the part of the body read and `body error: CODE` when it
+//!                        was cut
 
 use wasip2::http::types::{
     Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
@@ -84,6 +91,21 @@ impl wasip2::exports::http::incoming_handler::Guest for HostApis {
                 (200, "logged".to_string())
             }
             route if route.starts_with("/kv/") => keyvalue(route, &query),
+            "/fan-out" => fan_out(&query),
+            "/fetch" => {
+                let mut url = query.clone();
+                let mut answer = fetch(&url);
+                for _ in 0..3 {
+                    match answer {
+                        Err(location) => {
+                            url = location;
+                            answer = fetch(&url);
+                        }
+                        Ok(_) => break,
+                    }
+                }
+                answer.unwrap_or_else(|location| (508, format!("too many redirects, the last to {location}")))
+            }
             "/spin-kv/get" => match spin_kv::Store::open("default").and_then(|s| s.get(&query)) {
                 Ok(Some(value)) => (200, String::from_utf8_lossy(&value).into_owned()),
                 Ok(None) => (404, format!("no key {query}")),
@@ -93,6 +115,106 @@ impl wasip2::exports::http::incoming_handler::Guest for HostApis {
         };
         respond(response_out, status, body.as_bytes());
     }
+}
+
+/// A GET of `url` (`scheme://authority/path?query`), as a component that calls an API does;
+/// `Err` with the location of a redirect.
+fn fetch(url: &str) -> Result<(u16, String), String> {
+    use wasip2::http::outgoing_handler;
+    use wasip2::http::types::{ErrorCode, IncomingBody, OutgoingRequest, Scheme};
+    use wasip2::io::streams::StreamError;
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Ok((400, format!("not a URL: {url}")));
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(at) => (&rest[..at], &rest[at..]),
+        None => (rest, "/"),
+    };
+    let request = OutgoingRequest::new(Fields::new());
+    let scheme = match scheme {
+        "https" => Scheme::Https,
+        _ => Scheme::Http,
+    };
+    request.set_scheme(Some(&scheme)).expect("scheme is valid");
+    if request.set_authority(Some(authority)).is_err() || request.set_path_with_query(Some(path)).is_err() {
+        return Ok((400, format!("not a URL: {url}")));
+    }
+    let future = match outgoing_handler::handle(request, None) {
+        Ok(future) => future,
+        Err(code) => return Ok((502, format!("error: {code:?}"))),
+    };
+    future.subscribe().block();
+    let response = match future.get() {
+        Some(Ok(Ok(response))) => response,
+        Some(Ok(Err(code))) => return Ok((502, format!("error: {code:?}"))),
+        other => return Ok((502, format!("error: {other:?}"))),
+    };
+    if (300..400).contains(&response.status()) {
+        if let Some(location) = response.headers().get("location").first() {
+            return Err(String::from_utf8_lossy(location).into_owned());
+        }
+    }
+    let mut text = format!("status {}\n", response.status());
+    let body = response.consume().expect("the body is taken once");
+    let stream = body.stream().expect("the stream is taken once");
+    let failed: Option<ErrorCode> = loop {
+        match stream.blocking_read(64 * 1024) {
+            Ok(chunk) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            Err(StreamError::Closed) => break None,
+            Err(StreamError::LastOperationFailed(error)) => {
+                break Some(
+                    wasip2::http::types::http_error_code(&error)
+                        .unwrap_or(ErrorCode::InternalError(Some(error.to_debug_string()))),
+                )
+            }
+        }
+    };
+    drop(stream);
+    let _ = IncomingBody::finish(body);
+    Ok(match failed {
+        None => (200, text),
+        Some(code) => (502, format!("{text}\nbody error: {code:?}")),
+    })
+}
+
+/// `N=URL`: N requests at once, as a gateway polling its sensors does.
+fn fan_out(query: &str) -> (u16, String) {
+    use std::collections::BTreeMap;
+    use wasip2::http::outgoing_handler;
+    use wasip2::http::types::{OutgoingRequest, Scheme};
+    let (count, url) = query.split_once('=').unwrap_or(("0", ""));
+    let count: usize = count.parse().unwrap_or(0);
+    let Some((authority, path)) = url.strip_prefix("http://").and_then(|rest| {
+        rest.find('/').map(|at| (&rest[..at], &rest[at..]))
+    }) else {
+        return (400, format!("not an http:// URL with a path: {url}"));
+    };
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    let mut pending = Vec::new();
+    for _ in 0..count {
+        let request = OutgoingRequest::new(Fields::new());
+        request.set_scheme(Some(&Scheme::Http)).expect("scheme is valid");
+        request.set_authority(Some(authority)).expect("authority is valid");
+        request.set_path_with_query(Some(path)).expect("path is valid");
+        match outgoing_handler::handle(request, None) {
+            Ok(future) => pending.push(future),
+            Err(code) => *errors.entry(format!("{code:?}")).or_default() += 1,
+        }
+    }
+    let mut answered = Vec::new();
+    for future in &pending {
+        future.subscribe().block();
+        match future.get() {
+            Some(Ok(Ok(response))) => answered.push(response),
+            Some(Ok(Err(code))) => *errors.entry(format!("{code:?}")).or_default() += 1,
+            other => *errors.entry(format!("{other:?}")).or_default() += 1,
+        }
+    }
+    let mut text = format!("{} answered\n", answered.len());
+    for (code, times) in errors {
+        text.push_str(&format!("{code} {times}\n"));
+    }
+    (200, text)
 }
 
 /// The `/kv/` routes, each on the app's default store.
