@@ -343,7 +343,7 @@ fn check_apps(apps: &[AppSpec]) -> Result<(), String> {
             // Signed is not sealed: whoever may read the bucket, and every device of the
             // target, would read them.
             return Err(format!(
-                "app `{}` has [secrets]: fleet documents are signed, not encrypted, so they carry no secrets; use [config] for what anyone may read, and deploy an app that needs secrets on the device (cairnctl deploy --secret-file)",
+                "app `{}` has [secrets]: fleet documents are signed, not encrypted, so they carry no secrets; use [config] for what anyone may read, and name the secrets in `device_secrets = [..]` with their values on each device in /etc/cairn/secrets/APP.toml",
                 app.name
             ));
         }

@@ -242,6 +242,11 @@ pub struct AppSpec {
     /// fleet status name the keys at most.
     #[serde(default, skip_serializing_if = "Secrets::is_empty")]
     pub secrets: Secrets,
+    /// Secrets the device supplies (from `/etc/cairn/secrets/APP.toml`, read by cairnd at each
+    /// pool start), by name: the only way a fleet app gets one, since fleet documents are
+    /// signed, not encrypted. Read by the guest as `[secrets]` are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_secrets: Vec<String>,
     /// The app's key-value store (`wasi:keyvalue`, Spin's `key-value`). Without this table
     /// every open is refused (`access-denied`), as Spin refuses a store it was not granted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -447,6 +452,18 @@ mod quiet {
             d.deserialize_string(Only)
         }
     }
+}
+
+/// At most this many `device_secrets` per app.
+pub const MAX_DEVICE_SECRETS: usize = 64;
+
+/// A key of `[config]` or `[secrets]`, or a name in `device_secrets`.
+fn config_key_fits(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_CONFIG_KEY
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 /// A key as an error message shows it: at most 64 characters (a key can be as long as the
@@ -908,18 +925,35 @@ impl AppSpec {
         let mut bytes = 0;
         for (table, entries) in tables {
             for (key, value) in entries {
-                let fits = !key.is_empty()
-                    && key.len() <= MAX_CONFIG_KEY
-                    && key
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-                if !fits {
+                if !config_key_fits(key) {
                     return Err(invalid(format!(
                         "[{table}] key `{}` is not allowed: use 1 to {MAX_CONFIG_KEY} letters, digits, `_`, `.` or `-` (Spin components read lower-case names such as `api_url`)",
                         clip(key)
                     )));
                 }
                 bytes += key.len() + value.len();
+            }
+        }
+        if self.device_secrets.len() > MAX_DEVICE_SECRETS {
+            return Err(invalid(format!(
+                "device_secrets names {} secrets; at most {MAX_DEVICE_SECRETS} are allowed",
+                self.device_secrets.len()
+            )));
+        }
+        for (index, key) in self.device_secrets.iter().enumerate() {
+            if !config_key_fits(key) {
+                return Err(invalid(format!(
+                    "device_secrets names `{}`, which is not allowed: use 1 to {MAX_CONFIG_KEY} letters, digits, `_`, `.` or `-`",
+                    clip(key)
+                )));
+            }
+            if self.device_secrets[..index].contains(key) {
+                return Err(invalid(format!("device_secrets names `{key}` twice")));
+            }
+            if self.config.contains_key(key) || self.secrets.0.contains_key(key) {
+                return Err(invalid(format!(
+                    "`{key}` is in device_secrets and in [config] or [secrets]: give it in one place"
+                )));
             }
         }
         if let Some(key) = self.config.keys().find(|k| self.secrets.0.contains_key(*k)) {
@@ -1007,6 +1041,39 @@ mod tests {
         assert_eq!(limits.max_header_size, 4096);
         assert_eq!(limits.max_body, 1 << 20);
         assert_eq!(limits.max_connections, 7);
+    }
+
+    #[test]
+    fn device_secrets_are_names_that_no_other_table_holds() {
+        let with = |top: &str, tables: &str| {
+            AppSpec::from_manifest(&format!(
+                "{top}\n{}{tables}",
+                manifest("").replace("[http]", "\n[http]")
+            ))
+        };
+        let spec = with("device_secrets = [\"api_token\", \"db.pw\"]", "").unwrap();
+        assert_eq!(spec.device_secrets, ["api_token", "db.pw"]);
+        assert_eq!(
+            AppSpec::from_stored_json(&spec.to_stored_json()).unwrap(),
+            spec
+        );
+        for (top, tables, says) in [
+            ("device_secrets = [\"a b\"]", "", "is not allowed"),
+            ("device_secrets = [\"k\", \"k\"]", "", "twice"),
+            (
+                "device_secrets = [\"k\"]",
+                "[config]\nk = \"v\"\n",
+                "in device_secrets and in [config] or [secrets]",
+            ),
+            (
+                "device_secrets = [\"k\"]",
+                "[secrets]\nk = \"v\"\n",
+                "in device_secrets and in [config] or [secrets]",
+            ),
+        ] {
+            let error = with(top, tables).unwrap_err().to_string();
+            assert!(error.contains(says), "{top}: {error}");
+        }
     }
 
     #[test]

@@ -74,6 +74,8 @@ pub struct Config {
     /// `config.toml` is laid over this config and its `apps/*.toml` are deployed when new or
     /// changed. See `crate::import`.
     pub import_dir: Option<PathBuf>,
+    /// Where apps' `device_secrets` are (`APP.toml`); see `crate::secrets`.
+    pub secrets_dir: PathBuf,
 }
 
 /// `[store]`: what the store keeps and how big it may grow (see `store::Policy`).
@@ -214,6 +216,7 @@ impl Default for Config {
             pool_ids: None,
             upstream: None,
             import_dir: None,
+            secrets_dir: PathBuf::from(crate::secrets::DEFAULT_DIR),
         }
     }
 }

@@ -36,6 +36,7 @@ mod pool_users;
 mod reconcile;
 mod regular_file;
 mod schedule;
+mod secrets;
 mod spawn;
 mod store;
 mod supervisor;

@@ -45,6 +45,10 @@ pub enum SpawnError {
     Died(ExitReason),
     #[error("the pool process did not finish loading within {0:?}")]
     Stuck(Duration),
+    /// What the device gives the pool (its device secrets, its certificate authorities)
+    /// could not be had; no process was taken.
+    #[error("{0}")]
+    Device(String),
     /// The pool said something out of turn while loading (it is killed).
     #[error("{0}")]
     OutOfTurn(String),
@@ -315,6 +319,8 @@ pub struct Spawner {
     /// What the last pool started was given: a new spare is made ready for the same (the
     /// likeliest next start), see `refill`.
     last_start: std::sync::Mutex<Option<LastStart>>,
+    /// Where apps' `device_secrets` are read from (`crate::secrets`).
+    secrets_dir: std::path::PathBuf,
 }
 
 /// The limits and code sizes of the last pool started.
@@ -326,7 +332,7 @@ struct LastStart {
 }
 
 impl Spawner {
-    pub fn new(cgroups: Arc<Cgroups>) -> Arc<Spawner> {
+    pub fn new(cgroups: Arc<Cgroups>, secrets_dir: std::path::PathBuf) -> Arc<Spawner> {
         cgroups.remove_stale_spares();
         Arc::new(Spawner {
             cgroups,
@@ -334,6 +340,7 @@ impl Spawner {
             refilling: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             last_start: std::sync::Mutex::new(None),
+            secrets_dir,
         })
     }
 
@@ -482,6 +489,20 @@ impl Spawner {
     // Over 100 lines: one start's steps in the order the protocol needs them, each a few lines.
     pub async fn launch(self: &Arc<Self>, launch: Launch<'_>) -> Result<Pool, SpawnError> {
         let app = launch.spec.name.clone();
+        // What the pool is given from the device's files, read before any process is taken:
+        // a problem here (an unreadable ca_file, a device secret missing) fails the start
+        // with its reason, and nothing is left to clean up.
+        let (spec, dir) = (launch.spec.clone(), self.secrets_dir.clone());
+        let given = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let secrets = crate::secrets::read(&dir, &spec)?;
+            let roots = crate::outbound::tls_roots(&spec)?;
+            let roots = roots_memfd(&roots)
+                .map_err(|e| format!("cannot pass the certificate authorities: {e}"))?;
+            Ok((secrets, roots))
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        let (device_secrets, roots) = given.map_err(SpawnError::Device)?;
         *self.last_start.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastStart {
             limits: launch.spec.limits.clone(),
             facts: launch.code.facts,
@@ -536,8 +557,10 @@ impl Spawner {
         }
         let exited = watch_exit(child, pid, app.clone(), launch.exits.clone());
 
+        let mut spec = Box::new(launch.spec.clone());
+        spec.secrets.0.extend(device_secrets);
         let start = ToPool::Start {
-            spec: Box::new(launch.spec.clone()),
+            spec,
             generation: launch.generation,
             facts: launch.code.facts,
             probe: launch.start != Start::Resume { proven: true },
@@ -558,17 +581,6 @@ impl Spawner {
             Err(error) => {
                 kill();
                 return Err(SpawnError::Io(error));
-            }
-        };
-        let spec = launch.spec.clone();
-        let roots = tokio::task::spawn_blocking(move || crate::outbound::tls_roots(&spec))
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
-        let roots = match roots.map(|pem| roots_memfd(&pem).map_err(|e| e.to_string())) {
-            Ok(Ok(fd)) => fd,
-            Ok(Err(error)) | Err(error) => {
-                kill();
-                return Err(SpawnError::Load(error));
             }
         };
         let fds = [

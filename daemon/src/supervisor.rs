@@ -91,6 +91,7 @@ pub async fn run(
         Arc::clone(&cgroups),
         Arc::clone(&pool_users),
         crate::kv::Stores::new(&config.state_dir)?,
+        config.secrets_dir.clone(),
         config.drain_timeout.0,
     );
 

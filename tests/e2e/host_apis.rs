@@ -220,3 +220,75 @@ fn wasi_logging_lines_keep_their_level_and_logs_filter_by_it() {
     assert_ne!(refused.code, 0);
     assert!(refused.stderr.contains("critical"), "{}", refused.stderr);
 }
+
+#[test]
+fn device_secrets_come_from_a_root_only_file_on_the_device() {
+    const VALUE: &str = "device-only-7f3a9c";
+    let secrets = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_with(
+        Some(&format!("secrets_dir = \"{}\"\n", secrets.path().display())),
+        &[],
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let manifest = secrets.path().join("gateway-manifest.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "name = \"gateway\"\ncomponent = \"{}\"\ndevice_secrets = [\"api_token\"]\n\
+             [http]\nlisten = \"{addr}\"\nhealth = \"/health\"\n[config]\nmode = \"fast\"\n",
+            component("host_apis").display()
+        ),
+    )
+    .unwrap();
+    let deploy = || daemon.ctl(&["deploy", "-f", manifest.to_str().unwrap()]);
+
+    // No file, then a file any local user could read: refused, saying how to fix it.
+    let refused = deploy();
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused
+            .stderr
+            .contains("none of this app's device_secrets (api_token)")
+            && refused.stderr.contains("gateway.toml"),
+        "{}",
+        refused.stderr
+    );
+    let file = secrets.path().join("gateway.toml");
+    std::fs::write(&file, format!("api_token = \"{VALUE}\"\n")).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = deploy();
+    assert!(refused.stderr.contains("mode 0644"), "{}", refused.stderr);
+
+    // Readable by root only: the guest reads it as any secret.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let deployed = deploy();
+    assert_eq!(deployed.code, 0, "{}", deployed.stderr);
+    assert_eq!(
+        answer(addr, "/config-draft?api_token"),
+        (200, VALUE.to_string())
+    );
+    assert_eq!(
+        answer(addr, "/config-draft?mode"),
+        (200, "fast".to_string())
+    );
+
+    // Its name shows, its value nowhere: not in status, the store or the logs.
+    let status = daemon.app_status("gateway");
+    assert_eq!(
+        status["secrets"],
+        serde_json::json!(["api_token (from the device)"])
+    );
+    let logs = daemon.ctl_ok(&["logs", "gateway"]);
+    for text in [status.to_string(), logs, daemon.log()] {
+        assert!(!text.contains(VALUE), "the secret shows in:\n{text}");
+    }
+    for file in ["cairn.db", "cairn.db-wal"] {
+        let path = daemon.database().with_file_name(file);
+        let stored = std::fs::read(&path).unwrap_or_default();
+        assert!(
+            !stored.windows(VALUE.len()).any(|w| w == VALUE.as_bytes()),
+            "the secret is in {}",
+            path.display()
+        );
+    }
+}

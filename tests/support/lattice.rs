@@ -169,14 +169,29 @@ impl Lattice {
         greeting: &str,
         expires: &str,
     ) -> Ctl {
-        let state = self.dir.path().join(format!("state-{app}-{greeting}.toml"));
-        std::fs::write(
-            &state,
-            format!(
+        self.publish_state(
+            key,
+            target,
+            &format!("{app}-{greeting}"),
+            &format!(
                 "[[app]]\nname = \"{app}\"\ncomponent = \"{digest}\"\n[app.http]\nlisten = \"{listen}\"\n[app.env]\nGREETING = \"{greeting}\"\n"
             ),
+            expires,
         )
-        .unwrap();
+    }
+
+    /// Publishes the fleet state file `state` (kept as `state-NAME.toml`) for `target` (a
+    /// device id, or `group:NAME`) with `key`; returns cairnctl's result.
+    pub fn publish_state(
+        &self,
+        key: &Path,
+        target: &str,
+        name: &str,
+        state_text: &str,
+        expires: &str,
+    ) -> Ctl {
+        let state = self.dir.path().join(format!("state-{name}.toml"));
+        std::fs::write(&state, state_text).unwrap();
         let (flag, target) = match target.strip_prefix("group:") {
             Some(group) => ("--group", group),
             None => ("--device", target),

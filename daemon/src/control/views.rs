@@ -122,7 +122,19 @@ impl ControlService {
                 .collect(),
             env: shown(&detail.spec.env, env),
             config: shown(&detail.spec.config, env),
-            secrets: detail.spec.secrets.keys().cloned().collect(),
+            secrets: detail
+                .spec
+                .secrets
+                .keys()
+                .cloned()
+                .chain(
+                    detail
+                        .spec
+                        .device_secrets
+                        .iter()
+                        .map(|key| format!("{key} (from the device)")),
+                )
+                .collect(),
             kv_quota: detail.spec.keyvalue.as_ref().map_or(0, |kv| kv.quota.0),
             kv_used: self.reconciler.kv_usage(name),
             kv_writes,

@@ -117,6 +117,7 @@ impl Reconciler {
     /// Creates the reconciler and starts the task that handles pool exits, restarts and
     /// wakes: each is handled in a task of its own, so one app's slow start never holds up
     /// another's.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         store: Arc<Store>,
         compiler: Arc<Compiler>,
@@ -124,6 +125,7 @@ impl Reconciler {
         cgroups: Arc<Cgroups>,
         pool_users: Arc<PoolUsers>,
         kv: Arc<crate::kv::Stores>,
+        secrets_dir: std::path::PathBuf,
         drain: Duration,
     ) -> Arc<Reconciler> {
         let (exits, mut exit_events) = mpsc::channel(256);
@@ -135,7 +137,7 @@ impl Reconciler {
             apps: apps::Table::default(),
             drain,
             exits,
-            spawner: Spawner::new(Arc::clone(&cgroups)),
+            spawner: Spawner::new(Arc::clone(&cgroups), secrets_dir),
             pool_users,
             pool_ids: Default::default(),
             code_cache: Arc::new(code::CodeCache::new(code::CODE_CACHE_BYTES)),

@@ -435,3 +435,62 @@ fn the_device_key_wins_an_app_over_its_group_and_hands_it_back() {
     let apps = daemon.ctl(&["-o", "json", "ls"]).json();
     assert_eq!(apps.as_array().unwrap().len(), 2, "{apps}");
 }
+
+#[test]
+fn a_fleet_app_names_its_secrets_and_the_device_supplies_them() {
+    use std::os::unix::fs::PermissionsExt;
+    const VALUE: &str = "edge-7-token-c0ffee";
+    let Some(lattice) =
+        Lattice::start("a_fleet_app_names_its_secrets_and_the_device_supplies_them")
+    else {
+        return;
+    };
+    let secrets = tempfile::tempdir().unwrap();
+    let file = secrets.path().join("gw.toml");
+    std::fs::write(&file, format!("api_token = \"{VALUE}\"\n")).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = format!(
+        "secrets_dir = \"{}\"\n{}",
+        secrets.path().display(),
+        lattice.device_config("edge-7")
+    );
+    let daemon = Daemon::start_with(Some(&config), &[]);
+    let url = lattice.nats.url();
+    let digest = fleet_ok(&[
+        "upload",
+        "--nats",
+        &url,
+        component("host_apis").to_str().unwrap(),
+    ])
+    .trim()
+    .to_string();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let addr = listen.parse().unwrap();
+    // The document names the secret; its value is only on the device.
+    let published = lattice.publish_state(
+        &lattice.key,
+        "edge-7",
+        "gw",
+        &format!(
+            "[[app]]\nname = \"gw\"\ncomponent = \"{digest}\"\ndevice_secrets = [\"api_token\"]\n\
+             [app.http]\nlisten = \"{listen}\"\nhealth = \"/health\"\n"
+        ),
+        "30d",
+    );
+    assert_eq!(published.code, 0, "{}", published.stderr);
+    wait_for("the device to run gw", Duration::from_secs(60), || {
+        get(addr, "/config-draft?api_token").is_ok_and(|r| r.body == VALUE)
+    })
+    .unwrap();
+    wait_for("a report of gw", Duration::from_secs(30), || {
+        lattice
+            .reports("edge-7")
+            .iter()
+            .any(|r| r.to_string().contains("\"gw\""))
+    })
+    .unwrap();
+    for report in lattice.reports("edge-7") {
+        assert!(!report.to_string().contains(VALUE), "{report}");
+    }
+    assert!(!daemon.app_status("gw").to_string().contains(VALUE));
+}
