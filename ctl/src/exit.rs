@@ -18,6 +18,8 @@ pub const CONFLICT: i32 = 5;
 pub const UNREACHABLE: i32 = 6;
 /// The device is out of a resource (disk full, size bound exceeded).
 pub const EXHAUSTED: i32 = 7;
+/// `status`: an app is failed or in a crashloop (what a health check acts on).
+pub const UNHEALTHY: i32 = 8;
 
 /// A failure with the exit code it deserves.
 pub struct Failure {

@@ -19,17 +19,36 @@ pub async fn show(
         })
         .await?
         .into_inner();
-    match reply.detail {
-        Some(Detail::Daemon(daemon)) => print_daemon(&daemon, json_output),
-        Some(Detail::App(detail)) => print_app(&detail, json_output),
+    // Printed in full either way; then an unhealthy app makes the exit say so, for systemd
+    // units and a fleet's own checks.
+    let unhealthy = match reply.detail {
+        Some(Detail::Daemon(daemon)) => {
+            print_daemon(&daemon, json_output);
+            daemon.unhealthy.len()
+        }
+        Some(Detail::App(detail)) => {
+            print_app(&detail, json_output);
+            let status = detail.summary.map(|s| s.status).unwrap_or_default();
+            usize::from(matches!(status.as_str(), "failed" | "crashloop"))
+        }
         None => {
             return Err(Failure {
                 code: exit::FAILURE,
                 message: "the daemon sent an empty status".into(),
             })
         }
+    };
+    match unhealthy {
+        0 => Ok(()),
+        1 => Err(Failure {
+            code: exit::UNHEALTHY,
+            message: "an app is failed or in a crashloop".into(),
+        }),
+        count => Err(Failure {
+            code: exit::UNHEALTHY,
+            message: format!("{count} apps are failed or in a crashloop"),
+        }),
     }
-    Ok(())
 }
 
 /// The store's size, and its budget: `12.0MiB (9.1MiB used) of a 1.0GiB budget`.
@@ -66,6 +85,7 @@ fn print_daemon(daemon: &proto::DaemonStatus, json_output: bool) {
             "isolation_gaps": daemon.isolation_gaps,
             "store": {"bytes": daemon.store_bytes, "used": daemon.store_used, "budget": daemon.store_budget, "disk_free": daemon.store_disk_free},
             "import": {"dir": daemon.import_dir, "lines": daemon.import_lines, "problems": daemon.import_problems},
+            "unhealthy": daemon.unhealthy,
         }));
         return;
     }
@@ -92,6 +112,9 @@ fn print_daemon(daemon: &proto::DaemonStatus, json_output: bool) {
         row(["log lines dropped", &daemon.log_lines_dropped.to_string()]),
         row(["store", &store_line(daemon)]),
     ];
+    for app in &daemon.unhealthy {
+        rows.push(row(["UNHEALTHY", app]));
+    }
     for gap in &daemon.isolation_gaps {
         rows.push(row(["ISOLATION GAP", gap]));
     }

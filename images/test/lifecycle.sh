@@ -6,12 +6,14 @@
 dir=/boot/efi/test
 exec >"$dir/result.txt" 2>&1
 
+# cairnd answers: `status` exits 0, or 8 when an app is failed or crashlooping.
+answering() { cairnctl status >/dev/null 2>&1; rc=$?; [ "$rc" -eq 0 ] || [ "$rc" -eq 8 ]; }
 apps() { cairnctl ls | awk 'NR > 1 { printf "%s:%s:%s ", $1, $2, $3 }'; }
 ready() {
     for _ in $(seq 180); do
         # Answering is not enough: an app restored at start is `starting` until its pool is
         # up, and what this script records is where the apps settle.
-        if systemctl is-active --quiet cairnd && cairnctl status >/dev/null 2>&1 \
+        if systemctl is-active --quiet cairnd && answering \
             && ! apps | grep -q ':starting'; then
             return 0
         fi

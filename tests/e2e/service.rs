@@ -63,6 +63,22 @@ fn a_failing_app_does_not_stop_the_others_from_starting() {
         "{:?}",
         daemon.notifications()
     );
+    // `status` says so by its exit, for a unit's or a fleet's health check: the device's
+    // and the app's, not the good one's.
+    let status = daemon.ctl(&["status"]);
+    assert_eq!(status.code, 8, "{}", status.stderr);
+    assert!(
+        status.stdout.contains("UNHEALTHY") && status.stdout.contains("bad: failed: "),
+        "{}",
+        status.stdout
+    );
+    assert!(
+        status.stderr.contains("an app is failed or in a crashloop"),
+        "{}",
+        status.stderr
+    );
+    assert_eq!(daemon.ctl(&["status", "bad"]).code, 8);
+    assert_eq!(daemon.ctl(&["status", "good"]).code, 0);
     // Once the port is free again the reconciler's retry brings it back.
     drop(squatter);
     cairn_tests::wait_for(
@@ -74,6 +90,10 @@ fn a_failing_app_does_not_stop_the_others_from_starting() {
                 .unwrap_or(false)
         },
     )
+    .unwrap();
+    wait_for("status to be healthy", Duration::from_secs(10), || {
+        daemon.ctl(&["status"]).code == 0
+    })
     .unwrap();
 }
 

@@ -60,6 +60,11 @@ impl ControlService {
             socket: self.socket.display().to_string(),
             apps: apps.len() as u64,
             apps_running: apps.iter().filter(|a| a.status == "running").count() as u64,
+            unhealthy: apps
+                .iter()
+                .filter(|a| matches!(a.status, "failed" | "crashloop"))
+                .map(|a| format!("{}: {}: {}", a.name, a.status, a.error))
+                .collect(),
             components: distinct.len() as u64,
             uptime_seconds: self.started.elapsed().as_secs(),
             engine_fingerprint: fingerprint,
