@@ -99,6 +99,11 @@ impl FromStr for AllowedHost {
                 Some((host, port)) => (host, Some(port)),
                 None => (rest, None),
             };
+            if host.contains(':') {
+                return Err(wrong(
+                    "an IPv6 address is written in brackets, such as http://[fd00::1]:8080",
+                ));
+            }
             (parse_host(host).map_err(|why| wrong(&why))?, port)
         };
         let ports = match port {
@@ -166,15 +171,8 @@ fn parse_host(host: &str) -> Result<HostRule, String> {
         None => (false, host),
     };
     let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
-    let label_ok = |label: &str| {
-        !label.is_empty()
-            && label.len() <= 63
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
-        return Err("the host is a DNS name, *.suffix, *, an address or an IPv4 network".into());
+    if !usable_name(&name) {
+        return Err("the host is a DNS name, *.suffix, *, an address or an IPv4 network (a name's last label does not start with a digit: 010.0.0.1 is not an address here)".into());
     }
     Ok(if subdomains {
         HostRule::Subdomains(name)
@@ -183,11 +181,34 @@ fn parse_host(host: &str) -> Result<HostRule, String> {
     })
 }
 
+/// A DNS name cairnd will resolve: at most 253 bytes of labels of 1 to 63 letters, digits,
+/// `-` and `_`, the last not starting with a digit. That last rule keeps out what resolvers
+/// read as an address in another notation (`010.0.0.1`, `0x7f000001`, `127.1`), which would
+/// slip past the address rule.
+pub fn usable_name(name: &str) -> bool {
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(label_ok)
+        && !name
+            .rsplit('.')
+            .next()
+            .is_some_and(|last| last.starts_with(|c: char| c.is_ascii_digit()))
+}
+
 /// A request's host as the list compares it: a name lowercased without a trailing dot, or an
-/// address (an IPv6 one with or without its brackets).
+/// address (an IPv6 one with or without its brackets); `Unusable` for anything else (too long,
+/// odd characters, an address in another notation), which no entry allows.
 pub enum Target {
     Name(String),
     Address(IpAddr),
+    Unusable,
 }
 
 impl Target {
@@ -198,7 +219,14 @@ impl Target {
             .unwrap_or(host);
         match bare.parse::<IpAddr>() {
             Ok(address) => Target::Address(address),
-            Err(_) => Target::Name(bare.strip_suffix('.').unwrap_or(bare).to_ascii_lowercase()),
+            Err(_) => {
+                let name = bare.strip_suffix('.').unwrap_or(bare).to_ascii_lowercase();
+                if usable_name(&name) {
+                    Target::Name(name)
+                } else {
+                    Target::Unusable
+                }
+            }
         }
     }
 }
@@ -213,6 +241,7 @@ impl AllowedHost {
             SchemeRule::Https => https,
         };
         let host = match (&self.host, target) {
+            (_, Target::Unusable) => false,
             (HostRule::Any, _) => true,
             (HostRule::Name(name), Target::Name(target)) => name == target,
             (HostRule::Subdomains(suffix), Target::Name(target)) => target
@@ -263,9 +292,19 @@ fn same_address(a: IpAddr, b: IpAddr) -> bool {
     a.to_canonical() == b.to_canonical()
 }
 
+/// Cloud metadata services outside the link-local range (169.254.169.254 is in it): Alibaba's
+/// and AWS's IPv6 one.
+const METADATA: [IpAddr; 2] = [
+    IpAddr::V4(std::net::Ipv4Addr::new(100, 100, 100, 200)),
+    IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+];
+
 /// An address that no name or wildcard reaches: loopback, link-local, unspecified, multicast,
-/// broadcast (and their IPv4-mapped forms).
+/// broadcast, the cloud metadata services (and their IPv4-mapped forms).
 pub fn is_special(address: IpAddr) -> bool {
+    if METADATA.contains(&address.to_canonical()) {
+        return true;
+    }
     match address.to_canonical() {
         IpAddr::V4(v4) => {
             v4.is_loopback()
@@ -367,6 +406,35 @@ mod tests {
         assert!(allows("http://10.0.0.0/8:*", ("http", "10.1.2.3", 5)));
         assert!(!allows("http://10.0.0.0/8:*", ("http", "11.1.2.3", 5)));
         assert!(!allows("http://10.0.0.0/8:*", ("http", "ten.example", 5)));
+        // An IPv4 entry matches the IPv4-mapped IPv6 form of its address, and back.
+        assert!(allows(
+            "http://192.168.1.20",
+            ("http", "[::ffff:192.168.1.20]", 80)
+        ));
+        assert!(allows(
+            "http://192.168.1.0/24",
+            ("http", "::ffff:192.168.1.7", 80)
+        ));
+        assert!(allows(
+            "http://[::ffff:192.168.1.20]",
+            ("http", "192.168.1.20", 80)
+        ));
+        // Case and a trailing dot do not matter, on either side.
+        assert!(allows(
+            "http://*.Example.COM.",
+            ("http", "A.example.com.", 80)
+        ));
+        assert!(allows("http://0.0.0.0/0:*", ("http", "8.8.8.8", 1)));
+        assert!(allows("http://10.1.2.3/32:*", ("http", "10.1.2.3", 1)));
+        assert!(!allows("http://10.1.2.3/32:*", ("http", "10.1.2.4", 1)));
+        // What a resolver would read as an address in another notation is no name: no entry,
+        // not even *, allows it; nor a name too long for DNS.
+        for odd in ["010.0.0.1", "0x7f000001", "127.1", "a..b", "bad host"] {
+            assert!(!allows("http://*:*", ("http", odd, 80)), "{odd}");
+        }
+        let long = format!("{}.example.com", "a".repeat(250));
+        assert!(!allows("http://*:*", ("http", &long, 80)));
+        assert!(allows("http://*:*", ("http", "x-1.example.com", 80)));
     }
 
     #[test]
@@ -378,6 +446,8 @@ mod tests {
         assert!(is_special("fe80::1".parse().unwrap()));
         assert!(is_special("0.0.0.0".parse().unwrap()));
         assert!(!is_special("192.168.1.20".parse().unwrap()));
+        assert!(is_special("100.100.100.200".parse().unwrap()));
+        assert!(is_special("fd00:ec2::254".parse().unwrap()));
         assert!(entry("http://localhost:8080").names(loopback));
         assert!(entry("http://127.0.0.0/8:*").names(loopback));
         assert!(entry("http://127.0.0.1:1").names("::ffff:127.0.0.1".parse().unwrap()));
@@ -399,6 +469,8 @@ mod tests {
             ("https://exa mple.com", "DNS name"),
             ("https://10.0.0.0/33", "0 to 32"),
             ("https://[::1", "brackets"),
+            ("http://fe80::1:8080", "in brackets"),
+            ("http://010.0.0.1", "DNS name"),
         ] {
             let error = text.parse::<AllowedHost>().unwrap_err();
             assert!(error.contains(says), "{text}: {error}");

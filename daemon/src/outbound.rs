@@ -58,15 +58,35 @@ pub fn tls_roots(spec: &AppSpec) -> Result<Vec<u8>, String> {
     if let Some(path) = &outbound.ca_file {
         let extra = crate::regular_file::read(path.as_ref(), MAX_CA_FILE)
             .map_err(|error| format!("[outbound] ca_file: {error}"))?;
-        if !String::from_utf8_lossy(&extra).contains("-----BEGIN CERTIFICATE-----") {
+        let certificates = certificate_blocks(&String::from_utf8_lossy(&extra));
+        if certificates.is_empty() {
             return Err(format!(
                 "[outbound] ca_file: {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
             ));
         }
         roots.push(b'\n');
-        roots.extend_from_slice(&extra);
+        roots.extend_from_slice(certificates.as_bytes());
     }
     Ok(roots)
+}
+
+/// Only the certificate blocks of a PEM text: a file that also holds a private key (a
+/// combined certificate and key) gives the pool its certificates and nothing else.
+fn certificate_blocks(pem: &str) -> String {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut blocks = String::new();
+    let mut rest = pem;
+    while let Some(start) = rest.find(BEGIN) {
+        let Some(length) = rest[start..].find(END) else {
+            break;
+        };
+        let end = start + length + END.len();
+        blocks.push_str(&rest[start..end]);
+        blocks.push('\n');
+        rest = &rest[end..];
+    }
+    blocks
 }
 
 /// Serves one pool's connect socket until the pool closes it: at most `MAX_CONNECTING`
@@ -96,13 +116,17 @@ pub async fn serve(socket: OwnedFd, grant: Option<Arc<Grant>>, app: AppName) {
             tracing::warn!(app = %app, "a pool sent a connect call that does not parse; hanging up");
             break;
         };
+        // The call's time runs from now, however long it waits for a slot.
+        let deadline = Instant::now()
+            + Duration::from_millis(call.timeout_ms)
+                .min(grant.as_ref().map_or(Duration::ZERO, |g| g.timeout));
         let Ok(permit) = Arc::clone(&connecting).acquire_owned().await else {
             break;
         };
         let (socket, grant) = (Arc::clone(&socket), grant.clone());
         tokio::spawn(async move {
             let result = match &grant {
-                Some(grant) => open(grant, &call).await,
+                Some(grant) => open(grant, &call, deadline).await,
                 None => Err(ConnectError::Denied(
                     "the app has no [outbound] table".to_string(),
                 )),
@@ -113,7 +137,7 @@ pub async fn serve(socket: OwnedFd, grant: Option<Arc<Grant>>, app: AppName) {
             };
             let reply = ConnectReply {
                 id: call.id,
-                result,
+                result: result.map_err(ConnectError::clipped),
             };
             if let Ok(body) = postcard::to_stdvec(&reply) {
                 let pass = stream.as_ref().map(|s| s.as_raw_fd());
@@ -126,11 +150,44 @@ pub async fn serve(socket: OwnedFd, grant: Option<Arc<Grant>>, app: AppName) {
     }
 }
 
+/// Name lookups running at once in cairnd, for all pools. `getaddrinfo` cannot be cancelled:
+/// a lookup whose call gave up still holds its thread (and its permit) until the resolver
+/// answers, so slow or unanswerable names never take more than this many of the runtime's
+/// blocking threads, which the store and admission also use.
+const MAX_LOOKUPS: usize = 8;
+
+static LOOKUPS: Semaphore = Semaphore::const_new(MAX_LOOKUPS);
+
+/// The addresses of `name`, within `deadline`.
+async fn resolve(
+    name: &str,
+    port: u16,
+    deadline: Instant,
+) -> Result<Vec<SocketAddr>, ConnectError> {
+    let permit = tokio::time::timeout_at(deadline.into(), LOOKUPS.acquire())
+        .await
+        .map_err(|_| ConnectError::DnsTimeout)?
+        .map_err(|_| ConnectError::Other("name lookups are closed".into()))?;
+    let target = (name.to_string(), port);
+    let lookup = tokio::task::spawn_blocking(move || {
+        let _held = permit;
+        std::net::ToSocketAddrs::to_socket_addrs(&target).map(|found| found.take(16).collect())
+    });
+    match tokio::time::timeout_at(deadline.into(), lookup).await {
+        Err(_) => Err(ConnectError::DnsTimeout),
+        Ok(Err(error)) => Err(ConnectError::Other(error.to_string())),
+        Ok(Ok(Err(error))) => Err(ConnectError::Dns(format!("cannot resolve {name}: {error}"))),
+        Ok(Ok(Ok(found))) => Ok(found),
+    }
+}
+
 /// Checks `call` against the grant, resolves, applies the address rule and connects, all
-/// within the call's timeout.
-async fn open(grant: &Grant, call: &ConnectCall) -> Result<OwnedFd, ConnectError> {
-    let timeout = Duration::from_millis(call.timeout_ms).min(grant.timeout);
-    let deadline = Instant::now() + timeout;
+/// by `deadline`.
+async fn open(
+    grant: &Grant,
+    call: &ConnectCall,
+    deadline: Instant,
+) -> Result<OwnedFd, ConnectError> {
     let denied = |why: &str| ConnectError::Denied(why.to_string());
     let target = Target::of(&call.host);
     let entries: Vec<&AllowedHost> = grant
@@ -143,16 +200,9 @@ async fn open(grant: &Grant, call: &ConnectCall) -> Result<OwnedFd, ConnectError
     }
     let addresses: Vec<SocketAddr> = match target {
         Target::Address(address) => vec![SocketAddr::new(address, call.port)],
-        Target::Name(name) => {
-            let lookup = tokio::net::lookup_host((name.as_str(), call.port));
-            match tokio::time::timeout_at(deadline.into(), lookup).await {
-                Err(_) => return Err(ConnectError::Timeout),
-                Ok(Err(error)) => {
-                    return Err(ConnectError::Dns(format!("cannot resolve {name}: {error}")))
-                }
-                Ok(Ok(found)) => found.take(16).collect(),
-            }
-        }
+        Target::Name(name) => resolve(&name, call.port, deadline).await?,
+        // No entry allows it (`allows`), so it never gets here.
+        Target::Unusable => return Err(denied("not a usable host name")),
     };
     let usable: Vec<SocketAddr> = addresses
         .iter()
@@ -192,7 +242,7 @@ async fn open(grant: &Grant, call: &ConnectCall) -> Result<OwnedFd, ConnectError
         std::io::ErrorKind::ConnectionRefused => {
             ConnectError::Refused(format!("{address} refused the connection"))
         }
-        _ => ConnectError::Other(format!("cannot connect to {address}: {error}")),
+        _ => ConnectError::Unreachable(format!("cannot connect to {address}: {error}")),
     })
 }
 
@@ -270,6 +320,17 @@ mod tests {
             ))
         );
 
+        // A host name longer than DNS takes: refused, and the socket still serves.
+        let (reply, fds) = ask(&pool, &call(8, &"a".repeat(1900), port)).await;
+        assert!(
+            matches!(reply.result, Err(ConnectError::Denied(_))),
+            "{:?}",
+            reply.result
+        );
+        assert!(fds.is_empty());
+        let (reply, fds) = ask(&pool, &call(9, "127.0.0.1", port)).await;
+        assert_eq!((reply.id, reply.result, fds.len()), (9, Ok(()), 1));
+
         // A message that is not a call: cairnd hangs up.
         connect::send(&pool, b"\xff\xff\xff\xff\xff", None)
             .await
@@ -278,6 +339,21 @@ mod tests {
             .await
             .expect("serve returns")
             .unwrap();
+    }
+
+    #[test]
+    fn only_certificates_of_a_ca_file_reach_the_pool() {
+        let pem = "junk\n-----BEGIN PRIVATE KEY-----\nSECRET\n-----END PRIVATE KEY-----\n\
+                   -----BEGIN CERTIFICATE-----\nONE\n-----END CERTIFICATE-----\nmore junk\n\
+                   -----BEGIN CERTIFICATE-----\nTWO\n-----END CERTIFICATE-----\n\
+                   -----BEGIN CERTIFICATE-----\nCUT";
+        let blocks = certificate_blocks(pem);
+        assert_eq!(
+            blocks,
+            "-----BEGIN CERTIFICATE-----\nONE\n-----END CERTIFICATE-----\n\
+             -----BEGIN CERTIFICATE-----\nTWO\n-----END CERTIFICATE-----\n"
+        );
+        assert!(certificate_blocks("-----BEGIN PRIVATE KEY-----\nX\n").is_empty());
     }
 
     #[tokio::test]

@@ -34,7 +34,7 @@ fn an_app_reaches_only_its_listed_hosts_within_its_bounds() {
         "host_apis",
         &format!(
             "health = \"/health\"\n[limits]\ntimeout = \"10s\"\n\
-             [outbound]\nallowed_hosts = [\"http://127.0.0.1:{port}\", \"https://localhost:{tls_port}\"]\n\
+             [outbound]\nallowed_hosts = [\"http://127.0.0.1:{port}\", \"https://localhost:{tls_port}\", \"https://127.0.0.1:{tls_port}\"]\n\
              timeout = \"1s\"\nmax_response = \"64KiB\"\nca_file = \"{}\"\n",
             ca.display()
         ),
@@ -131,6 +131,12 @@ fn an_app_reaches_only_its_listed_hosts_within_its_bounds() {
     );
     let (status, body) = fetch_many(app, 16, &format!("http://127.0.0.1:{port}/hello"));
     assert_eq!((status, body.as_str()), (200, "16 answered\n"));
+    // A call gives its slot back when it is done: many in a row in one instance all go.
+    let response = get(app, &format!("/fetch-seq?40=http://127.0.0.1:{port}/hello")).unwrap();
+    assert_eq!(
+        (response.status, response.body.as_str()),
+        (200, "40 answered\n")
+    );
 
     // Every refusal is counted and named in the app's log, without the query.
     assert_eq!(daemon.app_status("caller")["outbound_denied"], 5);
@@ -172,6 +178,16 @@ fn names_and_wildcards_never_reach_loopback_and_https_needs_a_trusted_server() {
         );
     }
     assert_eq!(upstream.requests(), 0);
+    // A name no resolver knows, and one no resolver could take (too long for DNS).
+    let (status, body) = fetch(app, &format!("http://nothing.invalid:{port}/"));
+    assert_eq!(status, 502);
+    assert!(body.starts_with("error: ErrorCode::Dns"), "{body}");
+    let long = format!("{}.example.com", "a".repeat(2000));
+    let (status, body) = fetch(app, &format!("http://{long}:{port}/"));
+    assert_eq!(
+        (status, body.as_str()),
+        (502, "error: ErrorCode::HttpRequestDenied")
+    );
     daemon.wait_logged("wild", "GET http://localhost:");
     assert!(daemon
         .ctl_ok(&["logs", "wild"])

@@ -51,13 +51,46 @@ pub enum ConnectError {
     Denied(String),
     #[error("{0}")]
     Dns(String),
+    #[error("resolving the name took longer than the call's timeout")]
+    DnsTimeout,
     #[error("connecting took longer than the call's timeout")]
     Timeout,
     #[error("{0}")]
     Refused(String),
+    /// No route, host down, and other failures to reach the address.
+    #[error("{0}")]
+    Unreachable(String),
     #[error("{0}")]
     Other(String),
 }
+
+impl ConnectError {
+    /// The error with its text cut to `MAX_TEXT` bytes, so a reply always fits one message.
+    pub fn clipped(self) -> ConnectError {
+        let clip = |mut text: String| {
+            if text.len() > MAX_TEXT {
+                let mut cut = MAX_TEXT;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+                text.push('…');
+            }
+            text
+        };
+        match self {
+            ConnectError::Denied(t) => ConnectError::Denied(clip(t)),
+            ConnectError::Dns(t) => ConnectError::Dns(clip(t)),
+            ConnectError::Refused(t) => ConnectError::Refused(clip(t)),
+            ConnectError::Unreachable(t) => ConnectError::Unreachable(clip(t)),
+            ConnectError::Other(t) => ConnectError::Other(clip(t)),
+            other => other,
+        }
+    }
+}
+
+/// The longest text a reply carries.
+const MAX_TEXT: usize = 512;
 
 /// A connected pair for `Start`: (cairnd's end, the pool's end), both non-blocking.
 pub fn pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -117,7 +150,9 @@ pub async fn receive(
         let mut guard = socket.readable().await?;
         let received = guard.try_io(|inner| {
             let mut iov = [std::io::IoSliceMut::new(buffer)];
-            let mut space = nix::cmsg_space!([RawFd; 4]);
+            // Room for the most descriptors one message can carry (the kernel's SCM_MAX_FD), so
+            // none the kernel installs is left unparsed, and so unclosed.
+            let mut space = nix::cmsg_space!([RawFd; 253]);
             let message = recvmsg::<()>(
                 inner.as_raw_fd(),
                 &mut iov,

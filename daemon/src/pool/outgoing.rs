@@ -126,11 +126,13 @@ impl OutgoingHttp {
 /// The URL without its query, which may carry credentials; cut to a line's worth.
 fn describe(request: &http::Request<WasiBody>) -> String {
     let uri = request.uri();
+    // Host and port only: an authority may carry `user:password@`.
+    let port = uri.port().map(|p| format!(":{p}")).unwrap_or_default();
     let mut url = format!(
-        "{} {}://{}{}",
+        "{} {}://{}{port}{}",
         request.method(),
         uri.scheme_str().unwrap_or("http"),
-        uri.authority().map_or("", |a| a.as_str()),
+        uri.host().unwrap_or(""),
         uri.path()
     );
     if url.len() > 200 {
@@ -232,19 +234,25 @@ async fn send(
         .host()
         .ok_or(Error::HttpRequestUriInvalid)?
         .to_string();
-    let fd = access
+    // Waiting for one of the pool's connection slots counts against the call's time too.
+    let connect_by = deadline.min(Instant::now() + bound(options.connect_timeout));
+    let connecting = access
         .connector
-        .connect(https, &host, port, bound(options.connect_timeout))
+        .connect(https, &host, port, bound(options.connect_timeout));
+    let fd = tokio::time::timeout_at(connect_by, connecting)
         .await
+        .map_err(|_| Refusal::Failed(Error::ConnectionTimeout))?
         .map_err(|error| match error {
             ConnectError::Denied(why) => Refusal::Denied(why),
-            ConnectError::Dns(info) => Refusal::Failed(Error::DnsError {
-                rcode: Some(info),
+            ConnectError::Dns(_) => Refusal::Failed(Error::DnsError {
+                rcode: None,
                 info_code: None,
             }),
+            ConnectError::DnsTimeout => Refusal::Failed(Error::DnsTimeout),
             ConnectError::Timeout => Refusal::Failed(Error::ConnectionTimeout),
             ConnectError::Refused(_) => Refusal::Failed(Error::ConnectionRefused),
-            ConnectError::Other(why) => Refusal::Failed(Error::Connect(std::io::Error::other(why))),
+            ConnectError::Unreachable(_) => Refusal::Failed(Error::DestinationUnavailable),
+            ConnectError::Other(why) => Refusal::Failed(Error::InternalError(Some(why))),
         })?;
     let stream = std::net::TcpStream::from(fd);
     stream.set_nonblocking(true).map_err(Error::Connect)?;
@@ -325,6 +333,7 @@ async fn send(
             max: access.max_response,
             between,
             idle: Box::pin(tokio::time::sleep(between)),
+            waiting: false,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
         }
         .boxed_unsync()
@@ -368,6 +377,9 @@ struct Limited {
     max: u64,
     between: Duration,
     idle: Pin<Box<Sleep>>,
+    /// The guest is waiting for data since `idle` was last set: a guest that reads slowly is
+    /// not taken for a silent server.
+    waiting: bool,
     deadline: Pin<Box<Sleep>>,
 }
 
@@ -380,7 +392,16 @@ impl Body for Limited {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.incoming).poll_frame(cx) {
+        if !this.waiting {
+            this.waiting = true;
+            let next = Instant::now() + this.between;
+            this.idle.as_mut().reset(next);
+        }
+        let polled = Pin::new(&mut this.incoming).poll_frame(cx);
+        if polled.is_ready() {
+            this.waiting = false;
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.read += data.len() as u64;
@@ -388,8 +409,6 @@ impl Body for Limited {
                         return Poll::Ready(Some(Err(Error::HttpResponseBodySize(Some(this.max)))));
                     }
                 }
-                let next = Instant::now() + this.between;
-                this.idle.as_mut().reset(next);
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(Error::from(error)))),

@@ -3,8 +3,8 @@
 //! that wasmtime maps rather than copies it; cairnd compiled that code itself), and before any
 //! of the app is linked or run, every thread of the process is bound to a seccomp filter that
 //! allows only what serving needs: memory, threads, signals, time, reading and writing the
-//! descriptors it holds, accepting on the listener it was given. No new sockets (outbound
-//! access will add `socket` for the apps granted it), no files opened, no processes, no
+//! descriptors it holds, accepting on the listener it was given. No new sockets (an app's
+//! outgoing connections are made by cairnd and passed in, `pool::connect`), no files opened, no processes, no
 //! signals to other processes, no tracing, no namespaces, no io_uring.
 //!
 //! A call outside the list does not kill the pool: it traps (SIGSYS), and the handler here

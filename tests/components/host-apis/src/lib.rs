@@ -10,6 +10,8 @@
 //!                        `host-apis`, then 200
 //! - `/fan-out?N=URL`    N GETs of URL at once, every response kept until all are in: 200 and
 //!                        `K answered`, then each error code and how often it came
+//! - `/fetch-seq?N=URL`  N GETs of URL one after another in this one instance, each read
+//!                        to its end and dropped: 200 and `K answered`, then the errors
 //! - `/kv/open?NAME`      200 if wasi:keyvalue's `open(NAME)` gives a bucket, else 500 and
 //!                        the error (`AccessDenied`, `NoSuchStore`, `Other(..)`)
 //! - `/kv/set?KEY=VALUE`  200 `ok`, or 500 and the error
@@ -92,6 +94,19 @@ impl wasip2::exports::http::incoming_handler::Guest for HostApis {
             }
             route if route.starts_with("/kv/") => keyvalue(route, &query),
             "/fan-out" => fan_out(&query),
+            "/fetch-seq" => {
+                let (count, url) = query.split_once('=').unwrap_or(("0", ""));
+                let mut answered = 0;
+                let mut errors = String::new();
+                for _ in 0..count.parse::<usize>().unwrap_or(0) {
+                    match fetch(url) {
+                        Ok((200, _)) => answered += 1,
+                        Ok((_, body)) => errors.push_str(&format!("{body}\n")),
+                        Err(location) => errors.push_str(&format!("redirect to {location}\n")),
+                    }
+                }
+                (200, format!("{answered} answered\n{errors}"))
+            }
             "/fetch" => {
                 let mut url = query.clone();
                 let mut answer = fetch(&url);
