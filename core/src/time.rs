@@ -27,6 +27,36 @@ pub fn utc(unix: i64) -> String {
     )
 }
 
+/// The unix time of `YYYY-MM-DD HH:MM[:SS]` in UTC (a `T` for the space, and a trailing `Z`,
+/// are taken too, as in RFC 3339), or `None` when it is not one.
+pub fn parse_utc(text: &str) -> Option<i64> {
+    let text = text.trim().trim_end_matches('Z');
+    let (date, time) = text.split_once([' ', 'T'])?;
+    let mut date = date.split('-').map(|part| part.parse::<i64>().ok());
+    let (year, month, day) = (date.next()??, date.next()??, date.next()??);
+    let mut time = time.split(':').map(|part| part.parse::<i64>().ok());
+    let (hour, minute) = (time.next()??, time.next()??);
+    let second = time.next().unwrap_or(Some(0))?;
+    let valid = date.next().is_none()
+        && time.next().is_none()
+        && (1..=12).contains(&month)
+        && (1..=31).contains(&day)
+        && (0..24).contains(&hour)
+        && (0..60).contains(&minute)
+        && (0..=60).contains(&second);
+    if !valid {
+        return None;
+    }
+    // Civil date to days (Howard Hinnant's algorithm), the inverse of `utc`'s.
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year.rem_euclid(400);
+    let day_of_year = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    Some(days * 86_400 + hour * 3600 + minute * 60 + second)
+}
+
 /// Now, as `utc` writes it.
 pub fn utc_now() -> String {
     let unix = std::time::SystemTime::now()
@@ -34,4 +64,29 @@ pub fn utc_now() -> String {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     utc(unix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_times_read_back_as_written() {
+        for unix in [0, 951_782_400, 1_733_252_645, 4_102_444_799] {
+            assert_eq!(parse_utc(&utc(unix)), Some(unix), "{}", utc(unix));
+        }
+        assert_eq!(
+            parse_utc("2026-12-03T19:44:00Z"),
+            parse_utc("2026-12-03 19:44")
+        );
+        for bad in [
+            "",
+            "2026-13-01 00:00",
+            "2026-12-03",
+            "yesterday",
+            "2026-12-03 19:44:00:00",
+        ] {
+            assert_eq!(parse_utc(bad), None, "{bad}");
+        }
+    }
 }

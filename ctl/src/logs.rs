@@ -1,4 +1,5 @@
-//! `cairnctl logs`: an app's recorded output and cairn's notes about it.
+//! `cairnctl logs`: an app's recorded output and cairn's notes about it; `cairnctl events`:
+//! what happened to apps and the device.
 
 use crate::output::{for_terminal_if, stdout_is_terminal, utc_millis};
 use cairn_core::proto::{self, control_client::ControlClient};
@@ -7,6 +8,21 @@ use serde_json::json;
 use std::io::Write;
 use tonic::transport::Channel;
 
+/// `--since WHEN`: a time ago (`10m`) or a UTC time, as unix milliseconds.
+pub fn since(text: &str) -> Result<i64, String> {
+    if let Some(unix) = cairn_core::time::parse_utc(text) {
+        return Ok(unix * 1000);
+    }
+    let ago: cairn_core::spec::HumanDuration = text.parse().map_err(|_| {
+        format!("`{text}` is neither a time ago (such as 10m or 2h) nor a UTC time (such as \"2026-12-03 19:00\")")
+    })?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    Ok(now - ago.0.as_millis().min(i64::MAX as u128) as i64)
+}
+
 /// `cairnctl logs`.
 pub async fn show(
     client: &mut ControlClient<Channel>,
@@ -14,6 +30,7 @@ pub async fn show(
     follow: bool,
     tail: Option<u64>,
     level: Option<String>,
+    since: Option<i64>,
     json_output: bool,
 ) -> Result<(), Failure> {
     let mut stream = client
@@ -22,6 +39,7 @@ pub async fn show(
             follow,
             tail: tail.unwrap_or(0),
             level: level.unwrap_or_default(),
+            since_unix_millis: since.unwrap_or(0),
         })
         .await?
         .into_inner();
@@ -42,6 +60,56 @@ pub async fn show(
                 utc_millis(line.unix_millis),
                 line.stream,
                 for_terminal_if(terminal, &line.line)
+            )
+        };
+        if written.and_then(|_| out.flush()).is_err() {
+            break; // the reader went away (a closed pipe): stop quietly
+        }
+    }
+    Ok(())
+}
+
+/// `cairnctl events`.
+pub async fn events(
+    client: &mut ControlClient<Channel>,
+    app: Option<String>,
+    follow: bool,
+    since: Option<i64>,
+    tail: Option<u64>,
+    json_output: bool,
+) -> Result<(), Failure> {
+    let mut stream = client
+        .events(proto::EventsRequest {
+            app: app.unwrap_or_default(),
+            follow,
+            since_unix_millis: since.unwrap_or(0),
+            tail: tail.unwrap_or(0),
+        })
+        .await?
+        .into_inner();
+    let stdout = std::io::stdout();
+    let terminal = stdout_is_terminal();
+    while let Some(event) = stream.message().await? {
+        let mut out = stdout.lock();
+        let written = if json_output {
+            writeln!(
+                out,
+                "{}",
+                json!({"id": event.id, "time_ms": event.unix_millis, "app": event.app, "generation": event.generation, "kind": event.kind, "text": event.text})
+            )
+        } else {
+            let app = if event.app.is_empty() {
+                "(device)"
+            } else {
+                &event.app
+            };
+            writeln!(
+                out,
+                "{} {} {} {}",
+                utc_millis(event.unix_millis),
+                for_terminal_if(terminal, app),
+                event.kind,
+                for_terminal_if(terminal, &event.text)
             )
         };
         if written.and_then(|_| out.flush()).is_err() {

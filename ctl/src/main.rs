@@ -73,6 +73,26 @@ enum Command {
         /// stdout and stderr count as info, cairn's own notes as warn.
         #[arg(long, value_name = "LEVEL", value_parser = cairn_core::levels::LEVELS)]
         level: Option<String>,
+        /// Only lines since WHEN: a time ago (`10m`, `2h`) or a UTC time
+        /// (`2026-12-03 19:00[:00]`, or RFC 3339 with `T` and `Z`).
+        #[arg(long, value_name = "WHEN", value_parser = logs::since)]
+        since: Option<i64>,
+    },
+    /// What happened to apps and the device, oldest first: deploys and failed deploys,
+    /// rollbacks, restarts, exits, OOM kills, crashloops and restores, removals, imports and
+    /// changes of the link to the upstream. With APP, that app's and the device's own.
+    Events {
+        app: Option<String>,
+        /// Keep printing new events as they happen.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only events since WHEN: a time ago (`10m`, `2h`) or a UTC time
+        /// (`2026-12-03 19:00[:00]`, or RFC 3339 with `T` and `Z`).
+        #[arg(long, value_name = "WHEN", value_parser = logs::since)]
+        since: Option<i64>,
+        /// Only the last N [default: all kept, up to 10,000].
+        #[arg(long, value_name = "N")]
+        tail: Option<u64>,
     },
     /// Make an earlier generation current again (by default, the one before the current).
     Rollback {
@@ -198,7 +218,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             follow,
             tail,
             level,
-        } => logs::show(client, app, follow, tail, level, json_output).await,
+            since,
+        } => logs::show(client, app, follow, tail, level, since, json_output).await,
+        Command::Events {
+            app,
+            follow,
+            since,
+            tail,
+        } => logs::events(client, app, follow, since, tail, json_output).await,
         Command::Rollback { app, to } => apps::rollback(client, app, to, json_output).await,
         Command::Rm { app, keep_data } => apps::remove(client, app, keep_data, json_output).await,
         Command::Gc => components::collect(client, json_output).await,

@@ -4,7 +4,7 @@
 //! a line is dropped and counted, and the count is shown in `cairnctl status`. Each app keeps
 //! its newest lines up to a count and a byte budget (`Keep`).
 
-use crate::store::{now_unix, LogRecord, NewLogLine, OutboxBounds, Store};
+use crate::store::{now_unix, EventRecord, LogRecord, NewEvent, NewLogLine, OutboxBounds, Store};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -25,7 +25,18 @@ pub struct LogHub {
     dropped: AtomicU64,
     /// Bytes of line text in the channel now.
     queued: AtomicUsize,
+    /// Events (`event`) on their way to the store, and to followers once stored.
+    events: mpsc::Sender<NewEvent>,
+    live_events: broadcast::Sender<EventRecord>,
+    /// Events dropped because the queue was full.
+    events_dropped: AtomicU64,
 }
+
+/// Events waiting for the store before new ones are dropped (and counted); each is small
+/// (`MAX_EVENT_TEXT`).
+const EVENT_QUEUE: usize = 1024;
+/// The longest event text kept.
+const MAX_EVENT_TEXT: usize = 1024;
 
 /// How much of each app's log the store keeps: its newest lines, up to both bounds; and of all
 /// apps' together, up to `total` bytes (the store's `Policy::log_bytes_total`).
@@ -59,12 +70,18 @@ impl LogHub {
     ) -> Arc<LogHub> {
         let (sender, receiver) = mpsc::channel(CHANNEL_BATCHES);
         let (live, _) = broadcast::channel(1024);
+        let (events, event_queue) = mpsc::channel(EVENT_QUEUE);
+        let (live_events, _) = broadcast::channel(256);
         let hub = Arc::new(LogHub {
             sender,
             live: live.clone(),
             dropped: AtomicU64::new(0),
             queued: AtomicUsize::new(0),
+            events,
+            live_events: live_events.clone(),
+            events_dropped: AtomicU64::new(0),
         });
+        tokio::spawn(write_events(Arc::clone(&store), event_queue, live_events));
         tokio::spawn(write_loop(
             store,
             receiver,
@@ -120,8 +137,81 @@ impl LogHub {
         self.live.subscribe()
     }
 
+    /// Records an event (`kind`: deploy, rollback, restart, exit, oom, crashloop, …) with its
+    /// time, and notes `text` in the app's log as `note` does (`app` "": the device's own,
+    /// in no app's log). Never blocks: when the queue is full the event is dropped and counted.
+    pub fn event(&self, app: &str, generation: u64, kind: &'static str, text: &str) {
+        if !app.is_empty() {
+            self.note(app, generation, text);
+        }
+        self.record(app, generation, kind, text);
+    }
+
+    /// Records an event only (not in the app's log).
+    pub fn record(&self, app: &str, generation: u64, kind: &'static str, text: &str) {
+        let mut text = text.to_string();
+        if text.len() > MAX_EVENT_TEXT {
+            let mut cut = MAX_EVENT_TEXT;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push('…');
+        }
+        let event = NewEvent {
+            app: app.to_string(),
+            generation,
+            unix_millis: now_millis(),
+            kind,
+            text,
+        };
+        if self.events.try_send(event).is_err() {
+            self.events_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn subscribe_events(&self) -> broadcast::Receiver<EventRecord> {
+        self.live_events.subscribe()
+    }
+
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Writes events as they come, those queued together in one transaction, then hands them to
+/// followers with their ids.
+async fn write_events(
+    store: Arc<Store>,
+    mut queue: mpsc::Receiver<NewEvent>,
+    live: broadcast::Sender<EventRecord>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match queue.try_recv() {
+                Ok(event) => batch.push(event),
+                Err(_) => break,
+            }
+        }
+        let written = batch.clone();
+        match store.call(move |store| store.append_events(&written)).await {
+            Ok(ids) => {
+                for (id, event) in ids.into_iter().zip(batch) {
+                    let _ = live.send(EventRecord {
+                        id,
+                        app: event.app,
+                        generation: event.generation,
+                        unix_millis: event.unix_millis,
+                        kind: event.kind.to_string(),
+                        text: event.text,
+                    });
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, events = batch.len(), "events could not be stored")
+            }
+        }
     }
 }
 

@@ -111,10 +111,17 @@ pub async fn run(
         }
         None => crate::import::ImportReport::default(),
     };
+    for line in &import.lines {
+        logs.record("", 0, "import", line);
+    }
+    for problem in &import.problems {
+        logs.record("", 0, "import-problem", problem);
+    }
     let sync = crate::sync::Sync::start(
         config.upstream.clone(),
         Arc::clone(&store),
         Arc::clone(&reconciler),
+        Arc::clone(&logs),
     )?;
     drop_unused_compiled_code(&store, &compiler).await;
     let scheduler = crate::schedule::Scheduler::start(

@@ -3,6 +3,7 @@
 
 mod access;
 mod bad_input;
+mod events;
 mod fleet;
 mod host_apis;
 mod hostile;

@@ -345,6 +345,19 @@ impl Daemon {
         Ctl::from(command.output().expect("cairnctl runs"))
     }
 
+    /// Starts cairnctl with `args` and its stdout piped, for a command that goes on (`-f`).
+    pub fn ctl_child(&self, args: &[&str]) -> Child {
+        let (_, cairnctl) = binaries();
+        Command::new(cairnctl)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .current_dir(&self.dir)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("cairnctl starts")
+    }
+
     /// Runs cairnctl and insists it succeeded.
     pub fn ctl_ok(&self, args: &[&str]) -> String {
         let result = self.ctl(args);

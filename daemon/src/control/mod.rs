@@ -166,6 +166,7 @@ fn app_name(text: &str) -> Result<AppName, Status> {
 }
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<proto::LogLine, Status>> + Send>>;
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Control for ControlService {
@@ -509,6 +510,75 @@ impl Control for ControlService {
         }))
     }
 
+    type EventsStream = EventStream;
+
+    async fn events(
+        &self,
+        request: Request<proto::EventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        self.access.check(&request, "read events", false)?;
+        let proto::EventsRequest {
+            app,
+            follow,
+            since_unix_millis,
+            tail,
+        } = request.into_inner();
+        if !app.is_empty() {
+            app_name(&app)?;
+        }
+        // Subscribe before reading what is kept, so no event falls between the two.
+        let mut live = self.logs.subscribe_events();
+        let of = app.clone();
+        let limit = if tail == 0 { u64::MAX >> 1 } else { tail };
+        let kept = self
+            .store
+            .call(move |store| store.events(&of, since_unix_millis, limit))
+            .await
+            .map_err(|e| store_status(&e))?;
+        let last_seen = kept.last().map(|e| e.id).unwrap_or(0);
+        let event = |record: crate::store::EventRecord| proto::Event {
+            id: record.id,
+            unix_millis: record.unix_millis,
+            app: record.app,
+            generation: record.generation,
+            kind: record.kind,
+            text: record.text,
+        };
+        let backlog = tokio_stream::iter(kept.into_iter().map(event).map(Ok));
+        if !follow {
+            return Ok(Response::new(Box::pin(backlog)));
+        }
+        let (sender, receiver) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let record = match live.recv().await {
+                    Ok(record) => record,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        crate::store::EventRecord {
+                            id: 0,
+                            app: String::new(),
+                            generation: 0,
+                            unix_millis: 0,
+                            kind: "skipped".into(),
+                            text: format!(
+                                "{missed} events were skipped because this reader fell behind"
+                            ),
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let wanted = record.id == 0
+                    || (record.id > last_seen
+                        && (app.is_empty() || record.app == app || record.app.is_empty()));
+                if wanted && sender.send(Ok(event(record))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let live_stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
+        Ok(Response::new(Box::pin(backlog.chain(live_stream))))
+    }
+
     type LogsStream = LogStream;
 
     async fn logs(
@@ -521,6 +591,7 @@ impl Control for ControlService {
             follow,
             tail,
             level,
+            since_unix_millis,
         } = request.into_inner();
         let name = app_name(&app)?;
         let min_rank = match level.as_str() {
@@ -543,7 +614,7 @@ impl Control for ControlService {
         let tail_of = app.clone();
         let recorded = self
             .store
-            .call(move |store| store.tail_logs(&tail_of, tail, min_rank))
+            .call(move |store| store.tail_logs(&tail_of, tail, min_rank, since_unix_millis))
             .await
             .map_err(|e| store_status(&e))?;
         let last_seen = recorded.last().map(|r| r.id).unwrap_or(0);

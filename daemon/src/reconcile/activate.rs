@@ -76,14 +76,15 @@ impl Reconciler {
             // generation, so leave it to the restart logic like any other pool death.
             tracing::warn!(app = %name, %error, "new pool went away before serving");
         }
-        let verb = if existing.is_some() {
-            "rolled back to"
+        let (kind, verb) = if existing.is_some() {
+            ("rollback", "rolled back to")
         } else {
-            "deployed"
+            ("deploy", "deployed")
         };
-        self.logs.note(
+        self.logs.event(
             name.as_str(),
             generation,
+            kind,
             &format!("{verb} generation {generation} ({})", spec.component),
         );
         let (app_view, previous) = lock.with(|slot| {

@@ -143,9 +143,10 @@ impl Reconciler {
     pub(super) fn mark_failed(&self, running: &mut Running, error: ReconcileError) {
         let reason = error.to_string();
         tracing::error!(app = %running.spec.name, %reason, "app could not start");
-        self.logs.note(
+        self.logs.event(
             running.spec.name.as_str(),
             running.generation,
+            "start-failed",
             &format!("could not start: {reason}"),
         );
         running.state = State::Failed { reason };

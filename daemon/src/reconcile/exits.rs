@@ -51,8 +51,18 @@ impl Reconciler {
                 }
                 running.oom_kills_seen = oom_kills;
             }
-            let restore =
-                self.record_failure(&exit.app, running, reason.to_string(), Some(served_for));
+            let kind = if reason == ExitReason::Oom {
+                "oom"
+            } else {
+                "exit"
+            };
+            let restore = self.record_failure(
+                &exit.app,
+                running,
+                kind,
+                reason.to_string(),
+                Some(served_for),
+            );
             Some((running.generation, Some((running.owner, restore))))
         });
         let Some(Some((generation, failed))) = handled else {
@@ -89,9 +99,10 @@ impl Reconciler {
         }
         .await;
         match restored {
-            Ok(_) => self.logs.note(
+            Ok(_) => self.logs.event(
                 exit.app.as_str(),
                 good,
+                "restore",
                 &format!("crashloop: generation {generation} kept failing; restored generation {good}, which served well"),
             ),
             Err(error) => tracing::error!(app = %exit.app, %error, "could not restore the last good generation"),
@@ -104,6 +115,7 @@ impl Reconciler {
         &self,
         app: &AppName,
         running: &mut super::apps::Running,
+        kind: &'static str,
         reason: String,
         served_for: Option<Duration>,
     ) -> Option<u64> {
@@ -126,7 +138,13 @@ impl Reconciler {
             format!("the pool ended ({reason}); restarting in {delay:?}")
         };
         tracing::warn!(app = %app, %note);
-        self.logs.note(app.as_str(), running.generation, &note);
+        let kind = if running.failures.crashloop {
+            "crashloop"
+        } else {
+            kind
+        };
+        self.logs
+            .event(app.as_str(), running.generation, kind, &note);
         running.state = State::Restarting { reason: note };
         let restarts = self.restarts.clone();
         let (app, generation) = (app.clone(), running.generation);
@@ -153,16 +171,19 @@ impl Reconciler {
             return;
         };
         match self.launch_current(&lock, waking).await {
-            Ok(pid) if !waking => self.logs.note(
+            Ok(pid) if !waking => self.logs.event(
                 app.as_str(),
                 generation,
+                "restart",
                 &format!("pool restarted (pid {pid})"),
             ),
             Ok(_) => {}
             Err(error) => {
                 // (A start that fails is not a crashloop's restore: only a pool that ran and
                 // ended is.)
-                lock.running(|running| self.record_failure(app, running, error.to_string(), None));
+                lock.running(|running| {
+                    self.record_failure(app, running, "start-failed", error.to_string(), None)
+                });
             }
         }
     }

@@ -178,7 +178,17 @@ impl Reconciler {
             .lock(&spec.name, true)
             .await
             .expect("a slot is made for a new app");
-        self.deploy_locked(&lock, spec, owner).await
+        let name = spec.name.clone();
+        let deployed = self.deploy_locked(&lock, spec, owner).await;
+        if let Err(error) = &deployed {
+            self.logs.event(
+                name.as_str(),
+                0,
+                "deploy-failed",
+                &format!("deploy failed: {error}"),
+            );
+        }
+        deployed
     }
 
     async fn deploy_locked(
@@ -234,7 +244,16 @@ impl Reconciler {
             .lock(name, false)
             .await
             .ok_or_else(|| ReconcileError::UnknownApp(name.to_string()))?;
-        self.rollback_locked(&lock, to).await
+        let rolled = self.rollback_locked(&lock, to).await;
+        if let Err(error) = &rolled {
+            self.logs.event(
+                name.as_str(),
+                0,
+                "rollback-failed",
+                &format!("rollback failed: {error}"),
+            );
+        }
+        rolled
     }
 
     async fn rollback_locked(
@@ -362,6 +381,17 @@ impl Reconciler {
     ) -> Result<Option<u64>, ReconcileError> {
         let app = lock.name.clone();
         self.store.call(move |store| store.remove_app(&app)).await?;
+        // Not in the app's log, which goes with it.
+        self.logs.record(
+            lock.name.as_str(),
+            0,
+            "remove",
+            if keep_data {
+                "removed (its key-value data kept)"
+            } else {
+                "removed"
+            },
+        );
         if let Some(running) = self.apps.remove(&lock) {
             if let State::Running { pool, .. } = running.state {
                 pool.stop(self.drain).await;

@@ -73,6 +73,7 @@ impl Store {
         app: &str,
         tail: u64,
         min_rank: usize,
+        since_millis: i64,
     ) -> Result<Vec<LogRecord>, StoreError> {
         let connection = self.lock();
         let limit = if tail == 0 { -1 } else { tail as i64 };
@@ -80,7 +81,7 @@ impl Store {
         let mut statement = connection
             .prepare_cached(
                 "SELECT id, app, generation, unix_millis, stream, line FROM
-                   (SELECT * FROM logs WHERE app = ?1
+                   (SELECT * FROM logs WHERE app = ?1 AND unix_millis >= ?4
                       AND CASE stream WHEN 'trace' THEN 0 WHEN 'debug' THEN 1 WHEN 'warn' THEN 3
                              WHEN 'cairn' THEN 3 WHEN 'error' THEN 4 WHEN 'critical' THEN 5
                              ELSE 2 END >= ?3
@@ -88,7 +89,7 @@ impl Store {
             )
             .map_err(|e| self.error(e))?;
         let rows = statement
-            .query_map(params![app, limit, min_rank as i64], |row| {
+            .query_map(params![app, limit, min_rank as i64, since_millis], |row| {
                 Ok(LogRecord {
                     id: row.get::<_, i64>(0)? as u64,
                     app: row.get(1)?,

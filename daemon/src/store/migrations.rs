@@ -131,6 +131,16 @@ const MIGRATIONS: &[&str] = &[
         last_run TEXT NOT NULL DEFAULT '',
         PRIMARY KEY (app, name)
      );",
+    // 10: the event history (`store/events.rs`), bounded by row count.
+    "CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        app TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        unix_millis INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        text TEXT NOT NULL
+     );
+     CREATE INDEX events_time ON events (unix_millis);",
 ];
 
 #[derive(Debug, thiserror::Error)]

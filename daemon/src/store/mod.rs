@@ -16,6 +16,7 @@ mod apps;
 mod blobs;
 mod collect;
 mod compiled;
+mod events;
 mod fleet;
 mod imports;
 mod logs;
@@ -27,6 +28,7 @@ mod schedules;
 
 pub use collect::{Collected, Policy};
 pub use compiled::Compiled;
+pub use events::{EventRecord, NewEvent};
 pub use fleet::{Applied, AppliedRecord};
 pub use logs::{LogRecord, NewLogLine};
 pub use outbox::{OutboxBounds, OutboxKind};
@@ -614,7 +616,7 @@ mod tests {
         // 6 bytes a line: the newest four fit in 25.
         assert_eq!(store.prune_all_logs().unwrap(), 6);
         let left: Vec<String> = (0..3)
-            .flat_map(|i| store.tail_logs(&format!("app{i}"), 0, 0).unwrap())
+            .flat_map(|i| store.tail_logs(&format!("app{i}"), 0, 0, 0).unwrap())
             .map(|l| l.line)
             .collect();
         assert_eq!(left, ["line 6", "line 9", "line 7", "line 8"]);
@@ -796,22 +798,27 @@ mod tests {
         let ids = store.append_logs(&lines).unwrap();
         assert_eq!(ids.len(), 10);
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
-        let tail = store.tail_logs("web", 3, 0).unwrap();
+        let tail = store.tail_logs("web", 3, 0, 0).unwrap();
         assert_eq!(
             tail.iter().map(|l| l.line.as_str()).collect::<Vec<_>>(),
             ["line 7", "line 8", "line 9"]
         );
-        assert_eq!(store.tail_logs("web", 0, 0).unwrap().len(), 10);
+        assert_eq!(store.tail_logs("web", 0, 0, 0).unwrap().len(), 10);
         assert_eq!(store.prune_logs("web", 4, u64::MAX).unwrap(), 6);
         assert_eq!(
-            store.tail_logs("web", 0, 0).unwrap().first().unwrap().line,
+            store
+                .tail_logs("web", 0, 0, 0)
+                .unwrap()
+                .first()
+                .unwrap()
+                .line,
             "line 6"
         );
         // Each line is 6 bytes: a 13-byte budget keeps the newest two.
         assert_eq!(store.prune_logs("web", 100, 13).unwrap(), 2);
         assert_eq!(
             store
-                .tail_logs("web", 0, 0)
+                .tail_logs("web", 0, 0, 0)
                 .unwrap()
                 .iter()
                 .map(|l| l.line.as_str())
@@ -841,7 +848,7 @@ mod tests {
         store.append_logs(&lines).unwrap();
         for (min, _) in cairn_core::levels::LEVELS.iter().enumerate() {
             let kept: Vec<String> = store
-                .tail_logs("web", 0, min)
+                .tail_logs("web", 0, min, 0)
                 .unwrap()
                 .into_iter()
                 .map(|l| l.line)
@@ -855,7 +862,7 @@ mod tests {
         }
         // `tail` counts the lines kept, not the lines scanned.
         let last_two: Vec<String> = store
-            .tail_logs("web", 2, 3)
+            .tail_logs("web", 2, 3, 0)
             .unwrap()
             .into_iter()
             .map(|l| l.line)

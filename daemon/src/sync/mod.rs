@@ -90,6 +90,8 @@ pub struct Sync {
     store: Arc<Store>,
     reconciler: Arc<Reconciler>,
     link: Mutex<LinkState>,
+    /// Where link changes are recorded as events.
+    logs: Arc<crate::logs::LogHub>,
     wake: Notify,
     /// Counts finished connection attempts, so `sync now` can wait for the next one.
     attempts: watch::Sender<u64>,
@@ -104,6 +106,7 @@ impl Sync {
         config: Option<UpstreamConfig>,
         store: Arc<Store>,
         reconciler: Arc<Reconciler>,
+        logs: Arc<crate::logs::LogHub>,
     ) -> anyhow::Result<Arc<Sync>> {
         let identity = store.identity()?;
         let device_source = match config.as_ref().and_then(|c| c.device.as_ref()) {
@@ -129,6 +132,7 @@ impl Sync {
                 },
                 ..Default::default()
             }),
+            logs,
             config,
             device,
             device_source,
@@ -196,8 +200,22 @@ impl Sync {
         .await;
     }
 
+    /// Changes the link's state; a change of `state` (connected, offline) is an event, a
+    /// failed retry while offline is not.
     fn set_link(&self, change: impl FnOnce(&mut LinkState)) {
-        change(&mut self.link.lock().unwrap_or_else(|p| p.into_inner()));
+        let (before, after, error) = {
+            let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
+            let before = link.state;
+            change(&mut link);
+            (before, link.state, link.last_error.clone())
+        };
+        if before != after {
+            let text = match after {
+                "connected" => "the link to the upstream is up".to_string(),
+                other => format!("the link to the upstream is {other}: {error}"),
+            };
+            self.logs.record("", 0, "link", &text);
+        }
     }
 
     /// The keys whose documents are trusted now: `trusted_keys` and the delegated ones.
