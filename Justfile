@@ -13,7 +13,7 @@ arm64_target := "aarch64-unknown-linux-gnu"
 arm64_test_env := "QEMU_LD_PREFIX=/usr/aarch64-linux-gnu CAIRN_PROFILE=arm64-test CAIRN_TARGET=" + arm64_target
 # The end-to-end modules whose code is the same on every architecture: `just test-arm64` (CI)
 # skips them, `just test-arm64-rest` (test-all) runs them.
-arm64_elsewhere := "--skip access:: --skip bad_input:: --skip host_apis:: --skip import:: --skip keyvalue:: --skip schedule:: --skip service:: --skip store:: --skip fleet::"
+arm64_elsewhere := "--skip access:: --skip bad_input:: --skip events:: --skip host_apis:: --skip import:: --skip keyvalue:: --skip metrics:: --skip schedule:: --skip service:: --skip store:: --skip fleet::"
 
 # List the recipes.
 default:
@@ -215,8 +215,8 @@ smoke-arm64: binfmt-arm64 components release-arm64
 # allocator's address space, system calls and credentials in pools, cgroups (lifecycle, pools,
 # requests, limits, hostile), and two fleet tests (converging, a resumed download).
 # `just test-arm64-rest` (in test-all) runs the other modules, whose code is the same on every
-# architecture: the control socket's access, bad input, host interfaces, import, systemd, the
-# store, and fleet.
+# architecture: the control socket's access, bad input, events, host interfaces, import,
+# key-value, metrics, schedules, systemd, the store, and fleet.
 test-arm64: binfmt-arm64 components build-arm64-test
     {{arm64_test_env}} cargo test --release -p cairn-tests --test e2e -- {{arm64_elsewhere}}
     {{arm64_test_env}} cargo test --release -p cairn-tests --test e2e -- --exact fleet::a_device_converges_stays_up_offline_and_catches_up_to_the_latest fleet::links::a_download_cut_halfway_stores_nothing_and_resumes_where_it_stopped

@@ -76,6 +76,16 @@ pub struct Config {
     pub import_dir: Option<PathBuf>,
     /// Where apps' `device_secrets` are (`APP.toml`); see `crate::secrets`.
     pub secrets_dir: PathBuf,
+    /// The Prometheus endpoint; off without it.
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]`: where `GET /metrics` is served (`control::metrics`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// An address such as `127.0.0.1:9464`, or `0.0.0.0:9464` for a scraper elsewhere.
+    pub listen: std::net::SocketAddr,
 }
 
 /// `[store]`: what the store keeps and how big it may grow (see `store::Policy`).
@@ -217,6 +227,7 @@ impl Default for Config {
             upstream: None,
             import_dir: None,
             secrets_dir: PathBuf::from(crate::secrets::DEFAULT_DIR),
+            metrics: None,
         }
     }
 }

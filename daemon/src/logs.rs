@@ -170,6 +170,10 @@ impl LogHub {
         }
     }
 
+    pub fn events_dropped(&self) -> u64 {
+        self.events_dropped.load(Ordering::Relaxed)
+    }
+
     pub fn subscribe_events(&self) -> broadcast::Receiver<EventRecord> {
         self.live_events.subscribe()
     }

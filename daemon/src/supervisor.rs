@@ -144,6 +144,23 @@ pub async fn run(
     )
     .with_import(import)
     .with_scheduler(Arc::clone(&scheduler));
+    let service = Arc::new(service);
+    // Bound before READY, so a taken address stops the start and says so.
+    let metrics = match &config.metrics {
+        Some(metrics) => {
+            let listener = control::metrics::bind(metrics.listen)
+                .await
+                .map_err(|error| {
+                    anyhow::anyhow!("[metrics] listen = \"{}\": {error}", metrics.listen)
+                })?;
+            tracing::info!(listen = %metrics.listen, "metrics endpoint");
+            Some(tokio::spawn(control::metrics::serve(
+                listener,
+                Arc::clone(&service),
+            )))
+        }
+        None => None,
+    };
     let stop_control = CancellationToken::new();
     let control_server = tokio::spawn(
         tonic::transport::Server::builder()
@@ -162,6 +179,9 @@ pub async fn run(
     serve_until_signal(&reconciler).await?;
 
     collector.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     tracing::info!("stopping: draining requests in flight");
     systemd::stopping();
     stop_control.cancel();

@@ -11,6 +11,7 @@ mod import;
 mod keyvalue;
 mod lifecycle;
 mod limits;
+mod metrics;
 mod outbound;
 mod pools;
 mod requests;

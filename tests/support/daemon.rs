@@ -404,6 +404,15 @@ impl Daemon {
 
     /// Starts cairnd again on the same state and expects it to refuse to start: returns how it
     /// exited (why is in `log()`).
+    /// Starts cairnd with `config`, which it must refuse: waits for it to exit unsuccessfully
+    /// and returns what it logged.
+    pub fn start_refused(config: Option<&str>) -> String {
+        let mut daemon = Daemon::unstarted(config, &[], None);
+        let status = daemon.restart_refused();
+        assert!(!status.success(), "cairnd started: {status}");
+        daemon.log()
+    }
+
     pub fn restart_refused(&mut self) -> std::process::ExitStatus {
         assert!(self.child.is_none(), "stop or kill the daemon first");
         self.spawn();

@@ -7,6 +7,7 @@
 
 mod access;
 mod errors;
+pub mod metrics;
 mod socket;
 mod views;
 
@@ -94,8 +95,8 @@ impl ControlService {
         self
     }
 
-    pub fn into_server(self) -> ControlServer<ControlService> {
-        ControlServer::new(self).max_decoding_message_size(8 << 20)
+    pub fn into_server(self: Arc<Self>) -> ControlServer<ControlService> {
+        ControlServer::from_arc(self).max_decoding_message_size(8 << 20)
     }
 }
 

@@ -165,6 +165,7 @@ impl ControlService {
             started_unix: detail.started_unix,
             pid: detail.pid,
             restarts: detail.restarts,
+            oom_kills: detail.oom_kills,
             last_exit: detail.last_exit,
             cgroup: detail.cgroup.clone(),
             memory_bytes: detail.usage.memory_bytes,

@@ -104,6 +104,7 @@ impl Reconciler {
                     counters,
                     started_unix: now_unix(),
                     restarts: 0,
+                    oom_kills: 0,
                     failures: Failures::default(),
                     last_exit: String::new(),
                     oom_kills_seen: oom_kills(cgroup.as_ref()),
@@ -265,6 +266,7 @@ fn successor(previous: Option<&Running>, next: Running) -> Running {
     ) && !previous.failures.crashloop;
     Running {
         restarts: previous.restarts,
+        oom_kills: previous.oom_kills,
         last_exit: previous.last_exit.clone(),
         // A pool start may have given the app a new cgroup (a spare's, renamed into place),
         // whose count starts again.

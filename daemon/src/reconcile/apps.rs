@@ -64,6 +64,8 @@ pub(super) struct Running {
     pub allocator: String,
     pub started_unix: i64,
     pub restarts: u64,
+    /// Pools of the app the kernel's OOM killer ended, since cairnd started.
+    pub oom_kills: u64,
     pub failures: super::crashloop::Failures,
     pub last_exit: String,
     pub cgroup: Option<AppCgroup>,

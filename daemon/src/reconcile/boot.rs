@@ -63,6 +63,7 @@ impl Reconciler {
                 allocator: String::new(),
                 started_unix: now_unix(),
                 restarts: 0,
+                oom_kills: 0,
                 failures: Failures::default(),
                 last_exit: String::new(),
                 cgroup: None,

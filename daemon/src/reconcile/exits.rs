@@ -52,6 +52,7 @@ impl Reconciler {
                 running.oom_kills_seen = oom_kills;
             }
             let kind = if reason == ExitReason::Oom {
+                running.oom_kills += 1;
                 "oom"
             } else {
                 "exit"

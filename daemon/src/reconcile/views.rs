@@ -40,6 +40,7 @@ pub struct AppDetailView {
     pub started_unix: i64,
     pub pid: u32,
     pub restarts: u64,
+    pub oom_kills: u64,
     pub last_exit: String,
     /// Where the app's limits live, or why there are none.
     pub cgroup: String,
@@ -128,6 +129,7 @@ impl Reconciler {
                         _ => 0,
                     },
                     restarts: running.restarts,
+                    oom_kills: running.oom_kills,
                     last_exit: running.last_exit.clone(),
                     cgroup: String::new(),
                     usage: Usage::default(),
