@@ -30,9 +30,26 @@ pub enum Counter {
     LastActive = 6,
     /// System calls the pool's seccomp filter denied (`pool::seccomp`).
     SyscallsDenied = 7,
-    /// Outgoing HTTP requests refused (`pool::host::DenyOutgoingHttp`).
+    /// Outgoing HTTP requests refused (`pool::outgoing`).
     OutboundDenied = 8,
+    /// Responses by status class (what the pool answered, the guest's or its own).
+    Status1xx = 9,
+    Status2xx = 10,
+    Status3xx = 11,
+    Status4xx = 12,
+    Status5xx = 13,
+    /// The sum of the times to the response head, in microseconds; the buckets follow.
+    LatencySumMicros = 14,
+    /// The first of `LATENCY_BUCKETS.len() + 1` slots: responses whose head came within each
+    /// bound (not cumulative), the last past every bound.
+    LatencyBucket0 = 15,
 }
+
+/// The latency histogram's upper bounds, in seconds (what Prometheus' defaults cover, from a
+/// millisecond up: an edge request is usually fast).
+pub const LATENCY_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 const PAGE: usize = 4096;
 
@@ -72,6 +89,41 @@ impl Counters {
     pub fn slot(&self, counter: Counter) -> &AtomicU64 {
         // SAFETY: every Counter index is inside the page, and the page is 8-byte aligned.
         unsafe { &*self.base.add(counter as usize) }
+    }
+
+    /// Counts one response: its status class and how long its head took.
+    pub fn response(&self, status: u16, took: std::time::Duration) {
+        let class = match status {
+            100..=199 => Counter::Status1xx,
+            200..=299 => Counter::Status2xx,
+            300..=399 => Counter::Status3xx,
+            400..=499 => Counter::Status4xx,
+            _ => Counter::Status5xx,
+        };
+        self.add(class, 1);
+        self.add(Counter::LatencySumMicros, took.as_micros() as u64);
+        let seconds = took.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        // SAFETY: the buckets' slots end well inside the page (15 + 14 of 512).
+        unsafe { &*self.base.add(Counter::LatencyBucket0 as usize + bucket) }
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The latency histogram: the sum of the times in seconds, and each bucket's count (not
+    /// cumulative), the last past every bound.
+    pub fn latency(&self) -> (f64, Vec<u64>) {
+        let sum = self.get(Counter::LatencySumMicros) as f64 / 1e6;
+        let buckets = (0..=LATENCY_BUCKETS.len())
+            // SAFETY: as in `response`.
+            .map(|i| {
+                unsafe { &*self.base.add(Counter::LatencyBucket0 as usize + i) }
+                    .load(Ordering::Relaxed)
+            })
+            .collect();
+        (sum, buckets)
     }
 
     pub fn add(&self, counter: Counter, value: u64) {
@@ -136,6 +188,29 @@ mod tests {
         other_view.set(Counter::InFlight, 2);
         assert_eq!(counters.get(Counter::Requests), 4);
         assert_eq!(counters.get(Counter::InFlight), 2);
+    }
+
+    #[test]
+    fn responses_are_counted_by_class_and_latency_bucket() {
+        let counters = Counters::create("test").unwrap();
+        let ms = std::time::Duration::from_millis;
+        counters.response(200, ms(0));
+        counters.response(204, ms(3));
+        counters.response(503, ms(30_000));
+        counters.response(404, ms(1));
+        assert_eq!(counters.get(Counter::Status2xx), 2);
+        assert_eq!(
+            (
+                counters.get(Counter::Status4xx),
+                counters.get(Counter::Status5xx)
+            ),
+            (1, 1)
+        );
+        let (sum, buckets) = counters.latency();
+        assert!((sum - 30.004).abs() < 1e-9, "{sum}");
+        assert_eq!(buckets.len(), LATENCY_BUCKETS.len() + 1);
+        assert_eq!((buckets[0], buckets[2], buckets[13]), (2, 1, 1));
+        assert_eq!(buckets.iter().sum::<u64>(), 4);
     }
 
     #[test]

@@ -16,13 +16,25 @@ fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
     let parsed = prometheus_parse::Scrape::parse(lines).expect("Prometheus text that parses");
     let mut samples = HashMap::new();
     for sample in parsed.samples {
-        let value = match sample.value {
+        let value = match &sample.value {
             prometheus_parse::Value::Counter(v)
             | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
+            | prometheus_parse::Value::Untyped(v) => *v,
+            // A histogram: its count, and each cumulative bucket by its bound.
+            prometheus_parse::Value::Histogram(buckets) => {
+                let app = sample.labels.get("app").unwrap_or_default();
+                for bucket in buckets {
+                    samples.insert(
+                        format!("{}_bucket{{{app},{}}}", sample.metric, bucket.less_than),
+                        bucket.count,
+                    );
+                }
+                buckets.last().map_or(0.0, |b| b.count)
+            }
             _ => continue,
         };
-        let key = match (sample.labels.get("app"), sample.labels.get("state")) {
+        let state = sample.labels.get("state").or(sample.labels.get("class"));
+        let key = match (sample.labels.get("app"), state) {
             (Some(app), Some(state)) => format!("{}{{{app},{state}}}", sample.metric),
             (Some(app), None) => format!("{}{{{app}}}", sample.metric),
             (None, Some(state)) => format!("{}{{{state}}}", sample.metric),
@@ -57,6 +69,19 @@ fn the_counters_move_with_traffic_a_trap_a_timeout_an_oom_kill_and_a_restart() {
     assert_eq!(after["cairn_app_traps_total{web}"], 1.0);
     assert_eq!(after["cairn_app_timeouts_total{web}"], 1.0);
     assert_eq!(after["cairn_app_restarts_total{web}"], 0.0);
+    // By status class: five 200s, two 500s (the trap, the timeout).
+    assert_eq!(
+        after["cairn_app_responses_total{web,2xx}"], 5.0,
+        "{after:?}"
+    );
+    assert_eq!(after["cairn_app_responses_total{web,5xx}"], 2.0);
+    assert_eq!(after["cairn_app_responses_total{web,4xx}"], 0.0);
+    // The latency histogram holds all seven; the timeout took at least its 300 ms.
+    assert_eq!(
+        after["cairn_app_request_duration_seconds{web}"], 7.0,
+        "{after:?}"
+    );
+    assert!(after["cairn_app_request_duration_seconds_bucket{web,0.25}"] <= 6.0);
     assert!(after["cairn_app_memory_bytes{web}"] >= 0.0);
 
     // A restart: the pool killed.
@@ -70,6 +95,21 @@ fn the_counters_move_with_traffic_a_trap_a_timeout_an_oom_kill_and_a_restart() {
         scrape(metrics).get("cairn_app_restarts_total{web}") == Some(&1.0)
     })
     .unwrap();
+
+    // A cold start: an app scaled to zero, woken by a request.
+    let sleepy = daemon.deploy_hello("sleepy", &["--idle", "500ms"]);
+    wait_for("sleepy to go idle", Duration::from_secs(30), || {
+        daemon.app_status("sleepy")["status"] == "idle"
+    })
+    .unwrap();
+    assert_eq!(scrape(metrics)["cairn_app_state{sleepy,idle}"], 1.0);
+    assert_eq!(get(sleepy, "/").unwrap().status, 200);
+    let woken = scrape(metrics);
+    assert_eq!(
+        woken["cairn_app_cold_starts_total{sleepy}"], 1.0,
+        "{woken:?}"
+    );
+    assert!(woken["cairn_app_cold_start_seconds_total{sleepy}"] > 0.0);
 
     // An OOM kill, where cgroup limits hold.
     let limits = daemon.ctl(&["-o", "json", "status"]).json()["limits"]
@@ -101,7 +141,7 @@ fn the_counters_move_with_traffic_a_trap_a_timeout_an_oom_kill_and_a_restart() {
         daemon.app_status("hungry")
     );
     let last = scrape(metrics);
-    assert_eq!(last["cairn_apps"], 2.0);
+    assert_eq!(last["cairn_apps"], 3.0);
     assert!(last["cairn_app_restarts_total{hungry}"] >= 1.0);
 }
 

@@ -133,6 +133,54 @@ pub(super) async fn scrape(service: &ControlService) -> Result<String, String> {
     Ok(text)
 }
 
+/// A histogram read from an app's counters page: the sum, and each bucket's count (not
+/// cumulative; the encoder adds them up), the last bucket past every bound.
+#[derive(Debug)]
+struct PageHistogram {
+    sum: f64,
+    buckets: Vec<(f64, u64)>,
+}
+
+impl PageHistogram {
+    fn of(detail: &proto::AppDetail) -> PageHistogram {
+        let bounds = crate::counters::LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain([f64::MAX]);
+        PageHistogram {
+            sum: detail.latency_seconds,
+            buckets: bounds
+                .zip(
+                    detail
+                        .latency_buckets
+                        .iter()
+                        .copied()
+                        .chain(std::iter::repeat(0)),
+                )
+                .collect(),
+        }
+    }
+}
+
+impl EncodeMetric for PageHistogram {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let count = self.buckets.iter().map(|(_, n)| n).sum();
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            self.sum,
+            count,
+            &self.buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
 /// One family: its name (without `_total`, which the encoder adds to counters), help, unit,
 /// and a value per label set.
 fn family<M: EncodeMetric>(
@@ -195,6 +243,49 @@ impl prometheus_client::collector::Collector for Snapshot {
             "Requests being served now.",
             None,
             gauge(|d| d.in_flight as i64),
+        )?;
+        family(
+            e,
+            "cairn_app_responses",
+            "Responses by status class (the guest's, and the pool's own 4xx and 5xx).",
+            None,
+            apps.iter()
+                .flat_map(|d| {
+                    ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                        .into_iter()
+                        .zip(d.responses.iter().copied().chain(std::iter::repeat(0)))
+                        .map(move |(class, count)| {
+                            let mut labels = app(d);
+                            labels.push(("class", class.to_string()));
+                            (labels, ConstCounter::new(count))
+                        })
+                })
+                .collect::<Vec<_>>(),
+        )?;
+        family(
+            e,
+            "cairn_app_request_duration",
+            "The time from a request's arrival in the pool to its response head.",
+            Some(&Unit::Seconds),
+            apps.iter()
+                .map(|d| (app(d), PageHistogram::of(d)))
+                .collect::<Vec<_>>(),
+        )?;
+        family(
+            e,
+            "cairn_app_cold_starts",
+            "Pools started for a connection to an app that had none (idle, or restored at boot).",
+            None,
+            counter(|d| d.cold_starts),
+        )?;
+        family(
+            e,
+            "cairn_app_cold_start",
+            "The time those cold starts took, together.",
+            Some(&Unit::Seconds),
+            apps.iter()
+                .map(|d| (app(d), ConstCounter::new(d.cold_start_seconds)))
+                .collect::<Vec<_>>(),
         )?;
         family(
             e,

@@ -294,6 +294,18 @@ async fn handle(
     serving: Arc<Serving>,
     request: hyper::Request<Incoming>,
 ) -> hyper::Response<HyperOutgoingBody> {
+    let started = std::time::Instant::now();
+    let response = answer(&serving, request).await;
+    serving
+        .counters
+        .response(response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn answer(
+    serving: &Arc<Serving>,
+    request: hyper::Request<Incoming>,
+) -> hyper::Response<HyperOutgoingBody> {
     let counters = &serving.counters;
     counters.add(Counter::Requests, 1);
     let max_body = serving.limits.max_body;

@@ -105,6 +105,8 @@ impl Reconciler {
                     started_unix: now_unix(),
                     restarts: 0,
                     oom_kills: 0,
+                    cold_starts: 0,
+                    cold_start_micros: 0,
                     failures: Failures::default(),
                     last_exit: String::new(),
                     oom_kills_seen: oom_kills(cgroup.as_ref()),
@@ -267,6 +269,8 @@ fn successor(previous: Option<&Running>, next: Running) -> Running {
     Running {
         restarts: previous.restarts,
         oom_kills: previous.oom_kills,
+        cold_starts: previous.cold_starts,
+        cold_start_micros: previous.cold_start_micros,
         last_exit: previous.last_exit.clone(),
         // A pool start may have given the app a new cgroup (a spare's, renamed into place),
         // whose count starts again.

@@ -66,6 +66,10 @@ pub(super) struct Running {
     pub restarts: u64,
     /// Pools of the app the kernel's OOM killer ended, since cairnd started.
     pub oom_kills: u64,
+    /// Pools started for a connection to an app that had none (idle, or restored at boot),
+    /// and the time those starts took together.
+    pub cold_starts: u64,
+    pub cold_start_micros: u64,
     pub failures: super::crashloop::Failures,
     pub last_exit: String,
     pub cgroup: Option<AppCgroup>,

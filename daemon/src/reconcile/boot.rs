@@ -64,6 +64,8 @@ impl Reconciler {
                 started_unix: now_unix(),
                 restarts: 0,
                 oom_kills: 0,
+                cold_starts: 0,
+                cold_start_micros: 0,
                 failures: Failures::default(),
                 last_exit: String::new(),
                 cgroup: None,

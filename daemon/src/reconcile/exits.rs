@@ -171,7 +171,16 @@ impl Reconciler {
         let Some(Some(waking)) = waking else {
             return;
         };
-        match self.launch_current(&lock, waking).await {
+        let started = Instant::now();
+        let launched = self.launch_current(&lock, waking).await;
+        if waking && launched.is_ok() {
+            let took = started.elapsed();
+            lock.running(|running| {
+                running.cold_starts += 1;
+                running.cold_start_micros += took.as_micros() as u64;
+            });
+        }
+        match launched {
             Ok(pid) if !waking => self.logs.event(
                 app.as_str(),
                 generation,

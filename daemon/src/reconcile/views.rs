@@ -41,6 +41,13 @@ pub struct AppDetailView {
     pub pid: u32,
     pub restarts: u64,
     pub oom_kills: u64,
+    pub cold_starts: u64,
+    pub cold_start_seconds: f64,
+    /// Responses by status class, 1xx to 5xx.
+    pub responses: [u64; 5],
+    /// The time to the response head: its sum in seconds and each bucket's count, not
+    /// cumulative (`counters::LATENCY_BUCKETS`, then past them all).
+    pub latency: (f64, Vec<u64>),
     pub last_exit: String,
     /// Where the app's limits live, or why there are none.
     pub cgroup: String,
@@ -130,6 +137,16 @@ impl Reconciler {
                     },
                     restarts: running.restarts,
                     oom_kills: running.oom_kills,
+                    cold_starts: running.cold_starts,
+                    cold_start_seconds: running.cold_start_micros as f64 / 1e6,
+                    responses: [
+                        counters.get(Counter::Status1xx),
+                        counters.get(Counter::Status2xx),
+                        counters.get(Counter::Status3xx),
+                        counters.get(Counter::Status4xx),
+                        counters.get(Counter::Status5xx),
+                    ],
+                    latency: counters.latency(),
                     last_exit: running.last_exit.clone(),
                     cgroup: String::new(),
                     usage: Usage::default(),
