@@ -37,10 +37,18 @@ pub fn parse_utc(text: &str) -> Option<i64> {
     let mut time = time.split(':').map(|part| part.parse::<i64>().ok());
     let (hour, minute) = (time.next()??, time.next()??);
     let second = time.next().unwrap_or(Some(0))?;
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days_in_month = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
     let valid = date.next().is_none()
         && time.next().is_none()
+        && (1970..=9999).contains(&year)
         && (1..=12).contains(&month)
-        && (1..=31).contains(&day)
+        && (1..=days_in_month).contains(&day)
         && (0..24).contains(&hour)
         && (0..60).contains(&minute)
         && (0..=60).contains(&second);

@@ -8,19 +8,32 @@ use serde_json::json;
 use std::io::Write;
 use tonic::transport::Channel;
 
-/// `--since WHEN`: a time ago (`10m`) or a UTC time, as unix milliseconds.
+/// `--since WHEN`: a time ago (`10m`, `3d`) or a UTC time, as unix milliseconds.
 pub fn since(text: &str) -> Result<i64, String> {
     if let Some(unix) = cairn_core::time::parse_utc(text) {
         return Ok(unix * 1000);
     }
-    let ago: cairn_core::spec::HumanDuration = text.parse().map_err(|_| {
-        format!("`{text}` is neither a time ago (such as 10m or 2h) nor a UTC time (such as \"2026-12-03 19:00\")")
-    })?;
+    let wrong = || {
+        format!("`{text}` is neither a time ago (such as 10m, 2h or 3d) nor a UTC time (such as \"2026-12-03 19:00\")")
+    };
+    // Days too, which a manifest's durations do not take.
+    let ago = match text.trim().strip_suffix('d') {
+        Some(days) => std::time::Duration::from_secs(
+            days.parse::<u64>()
+                .map_err(|_| wrong())?
+                .saturating_mul(86_400),
+        ),
+        None => {
+            text.parse::<cairn_core::spec::HumanDuration>()
+                .map_err(|_| wrong())?
+                .0
+        }
+    };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    Ok(now - ago.0.as_millis().min(i64::MAX as u128) as i64)
+    Ok(now.saturating_sub(ago.as_millis().min(i64::MAX as u128) as i64))
 }
 
 /// `cairnctl logs`.

@@ -73,7 +73,7 @@ enum Command {
         /// stdout and stderr count as info, cairn's own notes as warn.
         #[arg(long, value_name = "LEVEL", value_parser = cairn_core::levels::LEVELS)]
         level: Option<String>,
-        /// Only lines since WHEN: a time ago (`10m`, `2h`) or a UTC time
+        /// Only lines since WHEN: a time ago (`10m`, `2h`, `3d`) or a UTC time
         /// (`2026-12-03 19:00[:00]`, or RFC 3339 with `T` and `Z`).
         #[arg(long, value_name = "WHEN", value_parser = logs::since)]
         since: Option<i64>,
@@ -86,7 +86,7 @@ enum Command {
         /// Keep printing new events as they happen.
         #[arg(short, long)]
         follow: bool,
-        /// Only events since WHEN: a time ago (`10m`, `2h`) or a UTC time
+        /// Only events since WHEN: a time ago (`10m`, `2h`, `3d`) or a UTC time
         /// (`2026-12-03 19:00[:00]`, or RFC 3339 with `T` and `Z`).
         #[arg(long, value_name = "WHEN", value_parser = logs::since)]
         since: Option<i64>,

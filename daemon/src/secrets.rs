@@ -9,7 +9,7 @@
 
 use crate::spec::AppSpec;
 use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Where the files are unless the config says otherwise (`secrets_dir`).
@@ -27,16 +27,35 @@ pub fn read(dir: &Path, spec: &AppSpec) -> Result<BTreeMap<String, String>, Stri
         "put them in {} (a TOML table of strings, mode 0600, owned by root)",
         path.display()
     );
-    let metadata = match std::fs::metadata(&path) {
-        Ok(metadata) => metadata,
+    // Opened once, never through a symbolic link, and checked on the descriptor read: a
+    // link to another root-only file, or a file swapped between a check and the read, is
+    // never taken. O_NONBLOCK: a FIFO put there does not hold the start.
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(&path)
+    {
+        Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             return Err(format!(
                 "the device has none of this app's device_secrets ({}): {fix}",
                 spec.device_secrets.join(", ")
             ))
         }
+        Err(error) if error.raw_os_error() == Some(nix::libc::ELOOP) => {
+            return Err(format!(
+                "{} is a symbolic link: secrets are read from a regular file only",
+                path.display()
+            ))
+        }
         Err(error) => return Err(format!("cannot read {}: {error}", path.display())),
     };
+    let metadata = file
+        .metadata()
+        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    if !metadata.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
     let owner_ok = metadata.uid() == 0 || metadata.uid() == nix::unistd::geteuid().as_raw();
     if !owner_ok || metadata.mode() & 0o077 != 0 {
         return Err(format!(
@@ -46,7 +65,14 @@ pub fn read(dir: &Path, spec: &AppSpec) -> Result<BTreeMap<String, String>, Stri
             metadata.mode() & 0o7777
         ));
     }
-    let text = crate::regular_file::read_text(&path, MAX_FILE).map_err(|e| e.to_string())?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_FILE + 1), &mut bytes)
+        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(format!("{} is over {MAX_FILE} bytes", path.display()));
+    }
+    let text =
+        String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
     // Parsed as a manifest's [secrets] is: an error names a key at most, never a value.
     let table: crate::spec::Secrets = toml::from_str(&text).map_err(|error| {
         format!(
@@ -64,6 +90,21 @@ pub fn read(dir: &Path, spec: &AppSpec) -> Result<BTreeMap<String, String>, Stri
             }
             None => missing.push(key.as_str()),
         }
+    }
+    // With the manifest's own, within the bound the manifest is held to (what the pool's
+    // Start message can carry).
+    let bytes: usize = spec
+        .config
+        .iter()
+        .chain(spec.secrets.0.iter())
+        .chain(values.iter())
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    if bytes > crate::spec::MAX_CONFIG_BYTES {
+        return Err(format!(
+            "[config], [secrets] and device_secrets hold {bytes} bytes together; at most {} are allowed",
+            crate::spec::MAX_CONFIG_BYTES
+        ));
     }
     if !missing.is_empty() {
         return Err(format!(
@@ -135,6 +176,14 @@ mod tests {
         let values = read(dir.path(), &wanted).unwrap();
         assert_eq!(values["api_token"], "s3cret");
         assert_eq!(values["db.password"], "hunter2");
+
+        // A symbolic link to a root-only file is not read through.
+        let elsewhere = dir.path().join("elsewhere.toml");
+        std::fs::rename(dir.path().join("gateway.toml"), &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("gateway.toml")).unwrap();
+        let linked = read(dir.path(), &wanted).unwrap_err();
+        assert!(linked.contains("symbolic link"), "{linked}");
+        std::fs::remove_file(dir.path().join("gateway.toml")).unwrap();
 
         // A value of the wrong type is refused by key, never quoted.
         write(dir.path(), "api_token = 123456789\n", 0o600);

@@ -95,6 +95,15 @@ pub async fn run(
         config.drain_timeout.0,
     );
 
+    // Bound before any app starts: a taken address stops the start at once, and says which
+    // setting, before the device's apps are up and torn down again.
+    let metrics_listener =
+        match &config.metrics {
+            Some(metrics) => Some(control::metrics::bind(metrics.listen).await.map_err(
+                |error| anyhow::anyhow!("[metrics] listen = \"{}\": {error}", metrics.listen),
+            )?),
+            None => None,
+        };
     reconciler.start_all().await?;
     // Before sync starts and before READY: preloaded apps serve with no network, and READY
     // means they do.
@@ -111,7 +120,12 @@ pub async fn run(
         }
         None => crate::import::ImportReport::default(),
     };
-    for line in &import.lines {
+    // What changed only: an unchanged file, or a folder with nothing, at every boot is no news.
+    for line in import
+        .lines
+        .iter()
+        .filter(|line| !line.contains("unchanged since") && !line.ends_with(": none"))
+    {
         logs.record("", 0, "import", line);
     }
     for problem in &import.problems {
@@ -145,22 +159,10 @@ pub async fn run(
     .with_import(import)
     .with_scheduler(Arc::clone(&scheduler));
     let service = Arc::new(service);
-    // Bound before READY, so a taken address stops the start and says so.
-    let metrics = match &config.metrics {
-        Some(metrics) => {
-            let listener = control::metrics::bind(metrics.listen)
-                .await
-                .map_err(|error| {
-                    anyhow::anyhow!("[metrics] listen = \"{}\": {error}", metrics.listen)
-                })?;
-            tracing::info!(listen = %metrics.listen, "metrics endpoint");
-            Some(tokio::spawn(control::metrics::serve(
-                listener,
-                Arc::clone(&service),
-            )))
-        }
-        None => None,
-    };
+    let metrics = metrics_listener.map(|listener| {
+        tracing::info!(listen = ?listener.local_addr().ok(), "metrics endpoint");
+        tokio::spawn(control::metrics::serve(listener, Arc::clone(&service)))
+    });
     let stop_control = CancellationToken::new();
     let control_server = tokio::spawn(
         tonic::transport::Server::builder()

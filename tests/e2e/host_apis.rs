@@ -225,8 +225,13 @@ fn wasi_logging_lines_keep_their_level_and_logs_filter_by_it() {
 fn device_secrets_come_from_a_root_only_file_on_the_device() {
     const VALUE: &str = "device-only-7f3a9c";
     let secrets = tempfile::tempdir().unwrap();
+    // `nogroup` is the control group here, so uid 65534 (primary group 65534) may change
+    // state: it may deploy, but not an app that reads the device's secrets.
     let daemon = Daemon::start_with(
-        Some(&format!("secrets_dir = \"{}\"\n", secrets.path().display())),
+        Some(&format!(
+            "secrets_dir = \"{}\"\n[control]\ngroup = \"nogroup\"\n",
+            secrets.path().display()
+        )),
         &[],
     );
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -261,6 +266,17 @@ fn device_secrets_come_from_a_root_only_file_on_the_device() {
 
     // Readable by root only: the guest reads it as any secret.
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // ... once root deploys it: a member of the control group would choose the code that
+    // reads the device's secrets.
+    if is_root() {
+        let member = daemon.ctl_as(Some(NOBODY), &["deploy", "-f", manifest.to_str().unwrap()]);
+        assert_eq!(member.code, 4, "{}", member.stderr);
+        assert!(
+            member.stderr.contains("only root or cairnd's own user"),
+            "{}",
+            member.stderr
+        );
+    }
     let deployed = deploy();
     assert_eq!(deployed.code, 0, "{}", deployed.stderr);
     assert_eq!(

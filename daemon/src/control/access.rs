@@ -15,6 +15,9 @@ use tonic::{Request, Status};
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
     pub may_change_state: bool,
+    /// Root or cairnd's own user: who may deploy an app that reads the device's secrets
+    /// (`device_secrets`), which a member of the control group may not read.
+    pub owns_device: bool,
 }
 
 /// Who may change state and who may read.
@@ -81,14 +84,17 @@ impl Access {
                 "uid {uid} is an app pool's user: pools may not use the control socket"
             )));
         }
-        if uid.is_root() || uid == self.daemon_uid || self.in_group(uid, gid) {
+        let owns_device = uid.is_root() || uid == self.daemon_uid;
+        if owns_device || self.in_group(uid, gid) {
             return Ok(Caller {
                 may_change_state: true,
+                owns_device,
             });
         }
         if !changes_state && self.read_access == ReadAccess::Any {
             return Ok(Caller {
                 may_change_state: false,
+                owns_device: false,
             });
         }
         let group_hint = match &self.group {

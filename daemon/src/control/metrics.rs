@@ -7,8 +7,11 @@
 //! The only labels are `app` (one per app), `state` (a few) and `document` (one per applied
 //! fleet document): no label grows with traffic.
 //!
-//! The endpoint answers `GET /metrics` only, HTTP/1.1, to at most `MAX_CONNECTIONS` clients at
-//! once, each with a deadline; it reads no request body.
+//! The endpoint answers `GET /metrics` only, one request per connection (no keep-alive), to
+//! at most `MAX_CONNECTIONS` clients at once, each with a deadline for its request head and
+//! one for the whole connection; it reads no request body. A scrape's text is kept for
+//! `FRESH` and made by one request at a time, so scrapers arriving together, or a client
+//! asking in a loop, cost one scrape per `FRESH`, not one each.
 
 use super::views::Env;
 use super::ControlService;
@@ -26,10 +29,18 @@ use tokio::sync::Semaphore;
 const MAX_CONNECTIONS: usize = 8;
 /// How long one connection may take, from accept to the last byte.
 const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a client has to send its request head.
+const HEAD_DEADLINE: Duration = Duration::from_secs(3);
+/// How long a scrape's text is served again.
+const FRESH: Duration = Duration::from_secs(2);
+
+/// The last scrape's text and when it was made; the lock makes one scrape at a time.
+type Cache = tokio::sync::Mutex<Option<(std::time::Instant, Arc<String>)>>;
 
 /// Serves the endpoint on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, service: Arc<ControlService>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let cache: Arc<Cache> = Arc::default();
     loop {
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
             return;
@@ -42,14 +53,17 @@ pub async fn serve(listener: tokio::net::TcpListener, service: Arc<ControlServic
                 continue;
             }
         };
-        let service = Arc::clone(&service);
+        let (service, cache) = (Arc::clone(&service), Arc::clone(&cache));
         tokio::spawn(async move {
             let handler = hyper::service::service_fn(move |request| {
-                let service = Arc::clone(&service);
-                async move { Ok::<_, std::convert::Infallible>(answer(&service, request).await) }
+                let (service, cache) = (Arc::clone(&service), Arc::clone(&cache));
+                async move { Ok::<_, std::convert::Infallible>(answer(&service, &cache, request).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .max_buf_size(16 << 10)
+                .keep_alive(false)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEAD_DEADLINE)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), handler);
             let _ = tokio::time::timeout(CONNECTION_DEADLINE, connection).await;
             drop(slot);
@@ -66,6 +80,7 @@ type Body = http_body_util::Full<bytes::Bytes>;
 
 async fn answer(
     service: &ControlService,
+    cache: &Cache,
     request: hyper::Request<hyper::body::Incoming>,
 ) -> hyper::Response<Body> {
     let reply = |status: u16, content_type: &str, text: String| {
@@ -81,14 +96,31 @@ async fn answer(
     if request.method() != hyper::Method::GET && request.method() != hyper::Method::HEAD {
         return reply(405, "text/plain", "GET /metrics\n".into());
     }
-    match scrape(service).await {
-        Ok(text) => reply(
-            200,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            text,
-        ),
-        Err(error) => reply(500, "text/plain", format!("{error}\n")),
-    }
+    let mut cached = cache.lock().await;
+    let text = match cached.as_ref() {
+        Some((made, text)) if made.elapsed() < FRESH => Arc::clone(text),
+        _ => match scrape(service).await {
+            Ok(text) => {
+                let text = Arc::new(text);
+                *cached = Some((std::time::Instant::now(), Arc::clone(&text)));
+                text
+            }
+            Err(error) => {
+                tracing::warn!(%error, "metrics: a scrape failed");
+                return reply(
+                    500,
+                    "text/plain",
+                    "the scrape failed; see cairnd's log\n".into(),
+                );
+            }
+        },
+    };
+    drop(cached);
+    reply(
+        200,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        text.as_str().to_string(),
+    )
 }
 
 /// Everything one scrape reports, gathered before encoding (encoding cannot wait).
@@ -311,7 +343,7 @@ impl prometheus_client::collector::Collector for Snapshot {
         family(
             e,
             "cairn_app_restarts",
-            "Pool restarts since cairnd started.",
+            "Pool failures since cairnd started (exits and failed starts), each followed by a restart.",
             None,
             counter(|d| d.restarts),
         )?;

@@ -260,9 +260,17 @@ impl Control for ControlService {
         &self,
         request: Request<proto::DeployRequest>,
     ) -> Result<Response<proto::DeployReply>, Status> {
-        self.access.check(&request, "deploy apps", true)?;
+        let caller = self.access.check(&request, "deploy apps", true)?;
         let spec = AppSpec::from_manifest(&request.get_ref().manifest)
             .map_err(|e| status_of(&e.into()))?;
+        // Whoever deploys an app chooses its code: an app naming device secrets would hand
+        // them to its deployer. Only root and cairnd's own user may (the fleet's documents are
+        // signed by the operator, and the import folder is root's).
+        if !spec.device_secrets.is_empty() && !caller.owns_device {
+            return Err(Status::permission_denied(
+                "only root or cairnd's own user may deploy an app with device_secrets: its code would read the device's secrets, which members of the control group may not",
+            ));
+        }
         let digest = spec.component.clone();
         let (view, unchanged) = match self.reconciler.deploy(spec, Owner::Local).await {
             Ok(deployed) => deployed,
@@ -552,7 +560,12 @@ impl Control for ControlService {
         let (sender, receiver) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             loop {
-                let record = match live.recv().await {
+                // A follower that went away is noticed at once, not at the next event.
+                let received = tokio::select! {
+                    received = live.recv() => received,
+                    () = sender.closed() => return,
+                };
+                let record = match received {
                     Ok(record) => record,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                         crate::store::EventRecord {

@@ -26,13 +26,15 @@ struct Resources {
 impl Reconciler {
     /// Starts a pool for `spec` (binding its address unless this app already listens there),
     /// records it in the store (a new generation, or `existing` made current), tells it to
-    /// serve and stops the previous pool.
+    /// serve and stops the previous pool. `restore`: why cairnd itself made `existing` current
+    /// again (a crashloop), the event recorded instead of a rollback.
     pub(super) async fn activate(
         &self,
         lock: &AppLock,
         spec: AppSpec,
         owner: Owner,
         existing: Option<u64>,
+        restore: Option<&str>,
     ) -> Result<(AppView, bool), ReconcileError> {
         let name = spec.name.clone();
         let next_generation = match existing {
@@ -76,17 +78,21 @@ impl Reconciler {
             // generation, so leave it to the restart logic like any other pool death.
             tracing::warn!(app = %name, %error, "new pool went away before serving");
         }
-        let (kind, verb) = if existing.is_some() {
-            ("rollback", "rolled back to")
-        } else {
-            ("deploy", "deployed")
+        let (kind, text) = match (existing, restore) {
+            (Some(_), Some(why)) => ("restore", why.to_string()),
+            (Some(_), None) => (
+                "rollback",
+                format!(
+                    "rolled back to generation {generation} ({})",
+                    spec.component
+                ),
+            ),
+            (None, _) => (
+                "deploy",
+                format!("deployed generation {generation} ({})", spec.component),
+            ),
         };
-        self.logs.event(
-            name.as_str(),
-            generation,
-            kind,
-            &format!("{verb} generation {generation} ({})", spec.component),
-        );
+        self.logs.event(name.as_str(), generation, kind, &text);
         let (app_view, previous) = lock.with(|slot| {
             let previous = slot.running.take();
             let running = successor(

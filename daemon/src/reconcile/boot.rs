@@ -145,13 +145,17 @@ impl Reconciler {
     /// Marks an app that could not be started as failed, saying why.
     pub(super) fn mark_failed(&self, running: &mut Running, error: ReconcileError) {
         let reason = error.to_string();
-        tracing::error!(app = %running.spec.name, %reason, "app could not start");
-        self.logs.event(
-            running.spec.name.as_str(),
-            running.generation,
-            "start-failed",
-            &format!("could not start: {reason}"),
-        );
+        // The retry rounds fail the same way every few seconds: only a new reason is news.
+        let again = matches!(&running.state, State::Failed { reason: before } if *before == reason);
+        if !again {
+            tracing::error!(app = %running.spec.name, %reason, "app could not start");
+            self.logs.event(
+                running.spec.name.as_str(),
+                running.generation,
+                "start-failed",
+                &format!("could not start: {reason}"),
+            );
+        }
         running.state = State::Failed { reason };
     }
 

@@ -80,6 +80,9 @@ impl Reconciler {
             return;
         };
         let app = exit.app.clone();
+        let why = format!(
+            "crashloop: generation {generation} kept failing; restored generation {good}, which served well"
+        );
         let restored = async {
             let generations = self
                 .store
@@ -96,17 +99,18 @@ impl Reconciler {
                     app: exit.app.to_string(),
                     reason: unreadable.reason,
                 })?;
-            self.activate(&lock, spec, owner, Some(good)).await
+            self.activate(&lock, spec, owner, Some(good), Some(&why))
+                .await
         }
         .await;
-        match restored {
-            Ok(_) => self.logs.event(
+        if let Err(error) = restored {
+            tracing::error!(app = %exit.app, %error, "could not restore the last good generation");
+            self.logs.event(
                 exit.app.as_str(),
-                good,
-                "restore",
-                &format!("crashloop: generation {generation} kept failing; restored generation {good}, which served well"),
-            ),
-            Err(error) => tracing::error!(app = %exit.app, %error, "could not restore the last good generation"),
+                generation,
+                "restore-failed",
+                &format!("crashloop: could not restore generation {good}: {error}"),
+            );
         }
     }
 

@@ -180,7 +180,13 @@ impl Reconciler {
             .expect("a slot is made for a new app");
         let name = spec.name.clone();
         let deployed = self.deploy_locked(&lock, spec, owner).await;
-        if let Err(error) = &deployed {
+        // A fleet document meeting a local app is the fleet's conflict, reported and retried
+        // there: not a failed deploy of this app, and not in its log each retry.
+        if let Some(error) = deployed
+            .as_ref()
+            .err()
+            .filter(|e| !matches!(e, ReconcileError::OwnedElsewhere { .. }))
+        {
             self.logs.event(
                 name.as_str(),
                 0,
@@ -230,7 +236,7 @@ impl Reconciler {
         {
             return Err(ReconcileError::UnknownComponent(spec.component.clone()));
         }
-        self.activate(lock, spec, owner, None).await
+        self.activate(lock, spec, owner, None, None).await
     }
 
     /// Makes generation `to` (or the one before the current) current again.
@@ -298,7 +304,7 @@ impl Reconciler {
             })?;
         self.apps.claim_address(lock, &spec)?;
         let (view, _) = self
-            .activate(lock, spec, owner, Some(target.generation))
+            .activate(lock, spec, owner, Some(target.generation), None)
             .await?;
         Ok(view)
     }

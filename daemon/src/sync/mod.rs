@@ -200,8 +200,8 @@ impl Sync {
         .await;
     }
 
-    /// Changes the link's state; a change of `state` (connected, offline) is an event, a
-    /// failed retry while offline is not.
+    /// Changes the link's state; the link coming up or going down is an event, a failed
+    /// retry while offline is not.
     fn set_link(&self, change: impl FnOnce(&mut LinkState)) {
         let (before, after, error) = {
             let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
@@ -209,10 +209,13 @@ impl Sync {
             change(&mut link);
             (before, link.state, link.last_error.clone())
         };
-        if before != after {
-            let text = match after {
-                "connected" => "the link to the upstream is up".to_string(),
-                other => format!("the link to the upstream is {other}: {error}"),
+        // Only coming up and going down are events: retries while offline go through
+        // `connecting` and back, which is no news (and would fill the history in days).
+        if (before == "connected") != (after == "connected") {
+            let text = if after == "connected" {
+                "the link to the upstream is up".to_string()
+            } else {
+                format!("the link to the upstream is down: {error}")
             };
             self.logs.record("", 0, "link", &text);
         }
