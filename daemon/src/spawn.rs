@@ -247,7 +247,6 @@ impl Code {
 }
 
 fn code_memfd(code: &[u8]) -> std::io::Result<OwnedFd> {
-    use nix::fcntl::{FcntlArg, SealFlag};
     use nix::sys::memfd::{memfd_create, MFdFlags};
     let flags = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
     // Executable on purpose: where `vm.memfd_noexec` is 1 a memfd without MFD_EXEC could not be
@@ -257,28 +256,23 @@ fn code_memfd(code: &[u8]) -> std::io::Result<OwnedFd> {
         Err(nix::errno::Errno::EINVAL) => memfd_create(c"cairn-code", flags)?,
         other => other?,
     };
-    std::fs::File::from(fd.try_clone()?).write_all(code)?;
-    nix::fcntl::fcntl(
-        &fd,
-        FcntlArg::F_ADD_SEALS(
-            SealFlag::F_SEAL_WRITE
-                | SealFlag::F_SEAL_GROW
-                | SealFlag::F_SEAL_SHRINK
-                | SealFlag::F_SEAL_SEAL,
-        ),
-    )?;
-    Ok(fd)
+    fill_and_seal(fd, code)
 }
 
 /// A memfd holding `pem` (the certificate authorities of an app's HTTPS calls), sealed.
 fn roots_memfd(pem: &[u8]) -> std::io::Result<OwnedFd> {
-    use nix::fcntl::{FcntlArg, SealFlag};
     use nix::sys::memfd::{memfd_create, MFdFlags};
     let fd = memfd_create(
         c"cairn-roots",
         MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
     )?;
-    std::fs::File::from(fd.try_clone()?).write_all(pem)?;
+    fill_and_seal(fd, pem)
+}
+
+/// Writes `bytes` into the memfd `fd` and seals it: the pool given it can change nothing.
+fn fill_and_seal(fd: OwnedFd, bytes: &[u8]) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{FcntlArg, SealFlag};
+    std::fs::File::from(fd.try_clone()?).write_all(bytes)?;
     nix::fcntl::fcntl(
         &fd,
         FcntlArg::F_ADD_SEALS(
