@@ -6,7 +6,7 @@
 //! protocol, generated from `proto/cairn.proto`), `paths` (where the socket and state live by
 //! default), `time` (UTC times without a tz database), `levels` (log levels and how streams rank),
 //! `cron` (the five-field expressions of `[[schedule]] cron`), `outbound` (`[outbound]
-//! allowed_hosts` and the address rule).
+//! allowed_hosts` and the address rule), `text` (cutting text to a byte bound).
 
 pub mod cron;
 pub mod digest;
@@ -15,6 +15,7 @@ pub mod levels;
 pub mod outbound;
 pub mod paths;
 pub mod spec;
+pub mod text;
 pub mod time;
 
 pub mod proto {

@@ -103,14 +103,7 @@ impl LogHub {
         let mut lines = Vec::new();
         for line in text.trim_end_matches('\n').split('\n') {
             let mut line = line.trim_end_matches('\r').to_string();
-            if line.len() > MAX_LINE {
-                let mut cut = MAX_LINE;
-                while !line.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                line.truncate(cut);
-                line.push_str(" [cut]");
-            }
+            cairn_core::text::cut(&mut line, MAX_LINE, " [cut]");
             lines.push(NewLogLine {
                 app: app.to_string(),
                 generation,
@@ -150,14 +143,7 @@ impl LogHub {
     /// Records an event only (not in the app's log).
     pub fn record(&self, app: &str, generation: u64, kind: &'static str, text: &str) {
         let mut text = text.to_string();
-        if text.len() > MAX_EVENT_TEXT {
-            let mut cut = MAX_EVENT_TEXT;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            text.truncate(cut);
-            text.push('…');
-        }
+        cairn_core::text::cut(&mut text, MAX_EVENT_TEXT, "…");
         let event = NewEvent {
             app: app.to_string(),
             generation,

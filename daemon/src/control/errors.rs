@@ -72,14 +72,7 @@ const MAX_MESSAGE: usize = 4 << 10;
 
 /// `message`, cut at `MAX_MESSAGE` bytes (on a character boundary) and marked.
 fn bounded(mut message: String) -> String {
-    if message.len() > MAX_MESSAGE {
-        let mut cut = MAX_MESSAGE;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-        message.push_str("… [message cut]");
-    }
+    cairn_core::text::cut(&mut message, MAX_MESSAGE, "… [message cut]");
     message
 }
 

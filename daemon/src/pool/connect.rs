@@ -68,14 +68,7 @@ impl ConnectError {
     /// The error with its text cut to `MAX_TEXT` bytes, so a reply always fits one message.
     pub fn clipped(self) -> ConnectError {
         let clip = |mut text: String| {
-            if text.len() > MAX_TEXT {
-                let mut cut = MAX_TEXT;
-                while !text.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                text.truncate(cut);
-                text.push('…');
-            }
+            cairn_core::text::cut(&mut text, MAX_TEXT, "…");
             text
         };
         match self {

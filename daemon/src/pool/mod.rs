@@ -686,11 +686,9 @@ fn clip(text: &str) -> std::borrow::Cow<'_, str> {
     if text.len() <= MOST {
         return text.into();
     }
-    let mut end = MOST;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end]).into()
+    let mut clipped = text.to_string();
+    cairn_core::text::cut(&mut clipped, MOST, "…");
+    clipped.into()
 }
 
 /// The app's `log_rate`: a token bucket of output bytes, refilled at the rate and holding at

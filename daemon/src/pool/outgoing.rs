@@ -135,14 +135,7 @@ fn describe(request: &http::Request<WasiBody>) -> String {
         uri.host().unwrap_or(""),
         uri.path()
     );
-    if url.len() > 200 {
-        let mut cut = 200;
-        while !url.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        url.truncate(cut);
-        url.push('…');
-    }
+    cairn_core::text::cut(&mut url, 200, "…");
     url
 }
 
