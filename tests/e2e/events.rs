@@ -108,6 +108,17 @@ fn a_deploy_a_failed_gate_a_rollback_and_a_crashloop_are_found_in_order() {
         }
     }
     assert_eq!(wanted.next(), None, "out of order or missing: {seen:?}");
+    // The operator's one rollback, and the crashloop's restore recorded as a restore only.
+    assert_eq!(
+        seen.iter().filter(|k| k.starts_with("rollback@")).count(),
+        1,
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.iter().filter(|k| *k == "restore@1").count(),
+        1,
+        "{seen:?}"
+    );
     let failed = history
         .iter()
         .find(|e| e["kind"] == "deploy-failed")

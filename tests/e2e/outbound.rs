@@ -7,14 +7,18 @@
 use cairn_tests::{get, tls_files, Daemon, Upstream};
 use std::net::SocketAddr;
 
-fn fetch(app: SocketAddr, url: &str) -> (u16, String) {
-    let response = get(app, &format!("/fetch?{url}")).unwrap();
+/// The app's answer to a GET of `path`: its status and body.
+fn answer(app: SocketAddr, path: &str) -> (u16, String) {
+    let response = get(app, path).unwrap();
     (response.status, response.body)
 }
 
+fn fetch(app: SocketAddr, url: &str) -> (u16, String) {
+    answer(app, &format!("/fetch?{url}"))
+}
+
 fn fetch_many(app: SocketAddr, count: usize, url: &str) -> (u16, String) {
-    let response = get(app, &format!("/fan-out?{count}={url}")).unwrap();
-    (response.status, response.body)
+    answer(app, &format!("/fan-out?{count}={url}"))
 }
 
 // Over 100 lines: one app and its upstreams, each bound checked in turn.
@@ -132,11 +136,8 @@ fn an_app_reaches_only_its_listed_hosts_within_its_bounds() {
     let (status, body) = fetch_many(app, 16, &format!("http://127.0.0.1:{port}/hello"));
     assert_eq!((status, body.as_str()), (200, "16 answered\n"));
     // A call gives its slot back when it is done: many in a row in one instance all go.
-    let response = get(app, &format!("/fetch-seq?40=http://127.0.0.1:{port}/hello")).unwrap();
-    assert_eq!(
-        (response.status, response.body.as_str()),
-        (200, "40 answered\n")
-    );
+    let (status, body) = answer(app, &format!("/fetch-seq?40=http://127.0.0.1:{port}/hello"));
+    assert_eq!((status, body.as_str()), (200, "40 answered\n"));
 
     // Every refusal is counted and named in the app's log, without the query.
     assert_eq!(daemon.app_status("caller")["outbound_denied"], 5);
