@@ -224,7 +224,11 @@ pub struct AppSpec {
     /// The component, by digest. cairnctl uploads a file named in a manifest and puts its digest
     /// here; the daemon only ever deploys what its store holds.
     pub component: Digest,
-    pub http: HttpSpec,
+    /// `[http]`: where and how the app serves HTTP. Without it the app is a command
+    /// (a component exporting `wasi:cli/run`): it serves nothing and runs when `cairnctl run`
+    /// or one of its `[[schedule]]`s says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSpec>,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default, deserialize_with = "quiet::env")]
@@ -313,7 +317,12 @@ pub struct ScheduleSpec {
     pub every: Option<HumanDuration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cron: Option<String>,
+    /// The path requested of an HTTP app; a command app's schedules have none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub path: String,
+    /// The arguments a command app is run with (after its name); HTTP apps' schedules have none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
     #[serde(default = "default_schedule_method")]
     pub method: String,
     /// What a run missed while cairnd was not running becomes at the next start.
@@ -576,7 +585,26 @@ impl HttpSpec {
         }
     }
 
-    /// The range checks `AppSpec::validate` makes of the connection limits.
+    /// What `AppSpec::validate` checks of `[http]`.
+    fn validate(&self) -> Result<(), SpecError> {
+        self.validate_limits()?;
+        if let Some(health) = &self.health {
+            if !health.starts_with('/') {
+                return Err(invalid(format!(
+                    "[http] health = \"{health}\" must be a path starting with /, such as \"/health\""
+                )));
+            }
+        }
+        if self.listen.port() == 0 {
+            return Err(invalid(format!(
+                "[http] listen = \"{}\" has port 0: give a fixed port, such as 127.0.0.1:8080",
+                self.listen
+            )));
+        }
+        Ok(())
+    }
+
+    /// The range checks of the connection limits.
     fn validate_limits(&self) -> Result<(), SpecError> {
         let seconds = |key: &str, value: Option<HumanDuration>| match value {
             Some(d) if d.0 < Duration::from_millis(100) || d.0 > Duration::from_secs(3600) => {
@@ -683,7 +711,37 @@ impl Default for Limits {
     }
 }
 
+/// The most arguments a run of a command app takes (`cairnctl run`, `[[schedule]] args`)…
+pub const MAX_RUN_ARGS: usize = 256;
+/// …and the bytes they may hold together.
+pub const MAX_RUN_ARG_BYTES: usize = 64 << 10;
+
+/// Checks the arguments of one run of a command app.
+pub fn check_run_args(args: &[String]) -> Result<(), String> {
+    let bytes: usize = args.iter().map(|arg| arg.len() + 1).sum();
+    if args.len() > MAX_RUN_ARGS || bytes > MAX_RUN_ARG_BYTES {
+        return Err(format!(
+            "{} arguments of {bytes} bytes: at most {MAX_RUN_ARGS} arguments of {MAX_RUN_ARG_BYTES} bytes together are allowed",
+            args.len()
+        ));
+    }
+    if args.iter().any(|arg| arg.contains('\0')) {
+        return Err("an argument holds a NUL byte".to_string());
+    }
+    Ok(())
+}
+
 impl AppSpec {
+    /// Where the app listens; `None` for a command app.
+    pub fn listen(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(|http| http.listen)
+    }
+
+    /// A command app: no `[http]`, run by `cairnctl run` and its schedules.
+    pub fn is_command(&self) -> bool {
+        self.http.is_none()
+    }
+
     /// Parses a manifest as sent to the daemon: `component` must already be a digest.
     pub fn from_manifest(text: &str) -> Result<AppSpec, SpecError> {
         let spec: AppSpec = toml::from_str(text).map_err(|err| {
@@ -769,19 +827,14 @@ impl AppSpec {
                 )));
             }
         }
-        self.http.validate_limits()?;
-        if let Some(health) = &self.http.health {
-            if !health.starts_with('/') {
-                return Err(invalid(format!(
-                    "[http] health = \"{health}\" must be a path starting with /, such as \"/health\""
-                )));
+        match &self.http {
+            Some(http) => http.validate()?,
+            None if limits.idle.is_some() => {
+                return Err(invalid(
+                    "[limits] idle is for apps that serve HTTP; this app has no [http] table, so it is a command and no pool waits between its runs".to_string(),
+                ))
             }
-        }
-        if self.http.listen.port() == 0 {
-            return Err(invalid(format!(
-                "[http] listen = \"{}\" has port 0: give a fixed port, such as 127.0.0.1:8080",
-                self.http.listen
-            )));
+            None => {}
         }
         let env_bytes: usize = self.env.iter().map(|(k, v)| k.len() + v.len()).sum();
         if env_bytes > MAX_ENV_BYTES {
@@ -901,6 +954,20 @@ impl AppSpec {
             // percent-encoded.
             let usable =
                 |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%[]".contains(&b);
+            if self.is_command() {
+                if !schedule.path.is_empty() {
+                    return Err(named(
+                        "this app has no [http] table, so it is a command: a schedule runs it, with `args` if it needs any, and has no `path`".to_string(),
+                    ));
+                }
+                check_run_args(&schedule.args).map_err(|e| named(format!("args: {e}")))?;
+                continue;
+            }
+            if !schedule.args.is_empty() {
+                return Err(named(
+                    "`args` are for command apps; this app serves HTTP, so a schedule requests its `path`".to_string(),
+                ));
+            }
             if !schedule.path.starts_with('/')
                 || schedule.path.len() > 1024
                 || !schedule.path.bytes().all(usable)
@@ -1023,7 +1090,7 @@ mod tests {
     #[test]
     fn connection_limits_have_defaults_and_take_the_manifest() {
         let spec = AppSpec::from_manifest(&manifest("")).unwrap();
-        let limits = spec.http.connection_limits();
+        let limits = spec.http.as_ref().unwrap().connection_limits();
         assert_eq!(limits.header_timeout, DEFAULT_HEADER_TIMEOUT);
         assert_eq!(limits.max_body, DEFAULT_MAX_BODY);
         assert_eq!(limits.max_connections, DEFAULT_MAX_CONNECTIONS);
@@ -1034,7 +1101,7 @@ mod tests {
             "header_timeout = \"2s\"\nidle_timeout = \"1m\"\nsend_timeout = \"3s\"\nmax_header_size = \"4KiB\"\nmax_body = \"1MiB\"\nmax_connections = 7\n",
         ))
         .unwrap();
-        let limits = spec.http.connection_limits();
+        let limits = spec.http.as_ref().unwrap().connection_limits();
         assert_eq!(limits.header_timeout, Duration::from_secs(2));
         assert_eq!(limits.idle_timeout, Duration::from_secs(60));
         assert_eq!(limits.send_timeout, Duration::from_secs(3));
@@ -1265,8 +1332,8 @@ store = \"x\"
                 "port 0",
             ),
             (
-                format!("name = \"a\"\ncomponent = \"{DIGEST}\"\n"),
-                "missing field `http`",
+                format!("name = \"a\"\ncomponent = \"{DIGEST}\"\n[[schedule]]\nname = \"t\"\nevery = \"1m\"\npath = \"/\"\n"),
+                "it is a command: a schedule runs it",
             ),
             ("this is = not toml [".to_string(), "line 1"),
             (
@@ -1298,6 +1365,37 @@ store = \"x\"
                 "manifest:\n{text}\nerror: {err}\nexpected: {expected}"
             );
         }
+    }
+
+    #[test]
+    fn a_manifest_without_http_is_a_command_whose_schedules_take_arguments() {
+        let spec = AppSpec::from_manifest(&format!(
+            "name = \"job\"\ncomponent = \"{DIGEST}\"\n[[schedule]]\nname = \"hourly\"\ncron = \"0 * * * *\"\nargs = [\"upload\", \"--all\"]\n"
+        ))
+        .unwrap();
+        assert!(spec.is_command());
+        assert_eq!(spec.listen(), None);
+        assert_eq!(spec.schedules[0].args, ["upload", "--all"]);
+        // Stored without the parts it lacks, and read back the same.
+        let stored = spec.to_stored_json();
+        assert!(
+            !stored.contains("http") && !stored.contains("path"),
+            "{stored}"
+        );
+        assert_eq!(AppSpec::from_stored_json(&stored).unwrap(), spec);
+        // An HTTP app's schedule takes no arguments.
+        let err = AppSpec::from_manifest(&manifest(
+            "[[schedule]]\nname = \"t\"\nevery = \"1m\"\npath = \"/\"\nargs = [\"x\"]\n",
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("`args` are for command apps"),
+            "{err}"
+        );
+        assert!(check_run_args(&["a\0b".to_string()]).is_err());
+        assert!(check_run_args(&vec!["x".to_string(); MAX_RUN_ARGS + 1]).is_err());
+        assert!(check_run_args(&["x".repeat(MAX_RUN_ARG_BYTES)]).is_err());
+        assert!(check_run_args(&["fine".to_string()]).is_ok());
     }
 
     #[test]

@@ -19,7 +19,8 @@ pub struct DeployArgs {
     /// A component file to upload, or the digest (sha256:<hex>) of a pushed one.
     #[arg(long, value_name = "FILE|DIGEST")]
     component: Option<String>,
-    /// The address to serve HTTP on, such as 127.0.0.1:8080.
+    /// The address to serve HTTP on, such as 127.0.0.1:8080. Leave it out for a command
+    /// component (one that exports wasi:cli/run): the app then runs with `cairnctl run`.
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
     /// Linear memory per instance, such as 64MiB.
@@ -81,6 +82,11 @@ pub async fn deploy(
             "{} is already at generation {} with this manifest; nothing changed",
             app.name, app.generation
         );
+    } else if app.listen.is_empty() {
+        println!(
+            "{} generation {} is {}: run it with `cairnctl run {}`",
+            app.name, app.generation, app.status, app.name
+        );
     } else {
         println!(
             "{} generation {} is {} on http://{}",
@@ -106,7 +112,11 @@ pub async fn list(client: &mut ControlClient<Channel>, json_output: bool) -> Res
                 app.name.clone(),
                 app.generation.to_string(),
                 app.status.clone(),
-                app.listen.clone(),
+                if app.listen.is_empty() {
+                    "-".to_string()
+                } else {
+                    app.listen.clone()
+                },
                 short(&app.digest),
                 app.owner.clone(),
             ]);
@@ -251,16 +261,15 @@ fn base_manifest(args: &DeployArgs) -> Result<(toml::Table, PathBuf), Failure> {
         .component
         .clone()
         .ok_or_else(|| invalid("give --component FILE|sha256:HEX".into()))?;
-    let listen = args
-        .listen
-        .clone()
-        .ok_or_else(|| invalid("give --listen ADDR, such as 127.0.0.1:8080".into()))?;
     let mut table = toml::Table::new();
     table.insert("name".into(), name.into());
     table.insert("component".into(), component.into());
-    let mut http = toml::Table::new();
-    http.insert("listen".into(), listen.into());
-    table.insert("http".into(), http.into());
+    // Without an address the app is a command, which `cairnctl run` runs.
+    if let Some(listen) = args.listen.clone() {
+        let mut http = toml::Table::new();
+        http.insert("listen".into(), listen.into());
+        table.insert("http".into(), http.into());
+    }
     Ok((table, PathBuf::from(".")))
 }
 

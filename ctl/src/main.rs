@@ -8,6 +8,7 @@ mod fleet_cli;
 mod kv;
 mod logs;
 mod output;
+mod run;
 mod status;
 mod sync;
 
@@ -94,6 +95,21 @@ enum Command {
         #[arg(long, value_name = "N")]
         tail: Option<u64>,
     },
+    /// Run a command app once: one made of a component that exports wasi:cli/run, deployed
+    /// without --listen (or a manifest without [http]). It runs on the device as its
+    /// schedules do, in a pool of its own with the app's limits, user, [env], [config] and
+    /// key-value store. Its output is shown as it comes (its stdout on stdout, the rest on
+    /// stderr) and cairnctl exits with its exit code: 124 when it was stopped at its
+    /// [limits] timeout, 134 when it trapped, 128+N when its pool was killed by signal N;
+    /// 125 when the run could not start. Interrupting cairnctl does not stop the run; its
+    /// output stays in `cairnctl logs APP`.
+    Run {
+        /// The app.
+        app: String,
+        /// Arguments for the command, after `--` (its argv[0] is the app's name).
+        #[arg(last = true, value_name = "ARGS")]
+        args: Vec<String>,
+    },
     /// Make an earlier generation current again (by default, the one before the current).
     Rollback {
         app: String,
@@ -154,6 +170,8 @@ fn main() {
         .expect("a tokio runtime starts");
     let code = match runtime.block_on(run(cli)) {
         Ok(()) => exit::OK,
+        // A run's exit code, passed on without a word (the run said what it had to).
+        Err(failure) if failure.message.is_empty() => failure.code,
         Err(failure) => {
             // A failure can carry guest text (a load error, a failed health check).
             let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -227,6 +245,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             tail,
         } => logs::events(client, app, follow, since, tail, json_output).await,
         Command::Rollback { app, to } => apps::rollback(client, app, to, json_output).await,
+        Command::Run { app, args } => run::run(client, app, args, json_output).await,
         Command::Rm { app, keep_data } => apps::remove(client, app, keep_data, json_output).await,
         Command::Gc => components::collect(client, json_output).await,
         Command::Kv { app, command } => kv::run(client, app, command, json_output).await,

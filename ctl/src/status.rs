@@ -157,6 +157,17 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
         object.insert("config".into(), json!(detail.config));
         object.insert("secrets".into(), json!(detail.secrets));
         object.insert(
+            "runs".into(),
+            json!(detail
+                .runs
+                .iter()
+                .map(|r| json!({
+                    "started_ms": r.started_unix_ms, "duration_ms": r.duration_ms,
+                    "exit_code": r.exit_code, "outcome": r.outcome, "by": r.by,
+                }))
+                .collect::<Vec<_>>()),
+        );
+        object.insert(
             "schedules".into(),
             json!(detail
                 .schedules
@@ -168,6 +179,7 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
                         "due_ms": r.due_unix_ms, "started_ms": r.started_unix_ms,
                         "duration_ms": r.duration_ms, "status": r.status, "error": r.error,
                         "caught_up": r.caught_up,
+                        "exit_code": r.exited.then_some(r.exit_code),
                     })).collect::<Vec<_>>(),
                 }))
                 .collect::<Vec<_>>()),
@@ -202,7 +214,14 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
         row(["status", &app.status]),
         row(["generation", &app.generation.to_string()]),
         row(["owner", &app.owner]),
-        row(["listen", &format!("http://{}", app.listen)]),
+        row([
+            "listen",
+            &if app.listen.is_empty() {
+                "none: a command app, run by `cairnctl run` and its schedules".to_string()
+            } else {
+                format!("http://{}", app.listen)
+            },
+        ]),
         row(["component", &app.digest]),
         row(["allocator", &detail.allocator]),
         row([
@@ -272,9 +291,29 @@ fn print_app(detail: &proto::AppDetail, json_output: bool) {
     for key in &detail.secrets {
         rows.push(row([&format!("secret {key}"), "(never shown)"]));
     }
+    if let Some(last) = detail.runs.last() {
+        let failed = detail.runs.iter().filter(|r| r.exit_code != 0).count();
+        rows.push(row([
+            "runs",
+            &format!(
+                "{} kept ({failed} not exit 0); last {} by {}: {} after {} ms",
+                detail.runs.len(),
+                crate::output::utc_millis(last.started_unix_ms),
+                last.by,
+                last.outcome,
+                last.duration_ms
+            ),
+        ]));
+    }
     for schedule in &detail.schedules {
         let last = match schedule.recent.last() {
             None => "not run yet".to_string(),
+            Some(run) if run.exited => format!(
+                "last {} exited {} after {} ms",
+                crate::output::utc_millis(run.started_unix_ms),
+                run.exit_code,
+                run.duration_ms
+            ),
             Some(run) if run.status != 0 => format!(
                 "last {} answered {} in {} ms",
                 crate::output::utc_millis(run.started_unix_ms),

@@ -28,10 +28,23 @@ pub enum RuntimeError {
     #[error("the component is not valid: {0}")]
     Invalid(String),
     #[error(
-        "the component does not export wasi:http/incoming-handler@0.2.x, so it cannot serve HTTP \
-         (it exports: {exports}); build it for the wasi:http/proxy world"
+        "the component exports neither wasi:http/incoming-handler@0.2.x nor wasi:cli/run@0.2.x, \
+         so it can neither serve HTTP nor run as a command (it exports: {exports}); build it for \
+         the wasi:http/proxy world or as a wasi:cli command"
     )]
-    NotHttp { exports: String },
+    NoEntryPoint { exports: String },
+    #[error(
+        "the component does not export wasi:http/incoming-handler@0.2.x, so it cannot serve HTTP: \
+         it is a command (it exports wasi:cli/run). Leave out the [http] table to deploy it as a \
+         command app, which `cairnctl run` and its [[schedule]]s run"
+    )]
+    NotHttp,
+    #[error(
+        "the manifest has no [http] table, so the app is a command, but the component does not \
+         export wasi:cli/run@0.2.x: it serves HTTP. Add an [http] table (listen = \"127.0.0.1:8080\") \
+         to deploy it as an HTTP app"
+    )]
+    NotCommand,
     #[error("the component cannot be linked: {0}")]
     Link(String),
     #[error("the component could not be instantiated: {0}")]
@@ -132,8 +145,12 @@ impl Compiler {
         // it out, so it is exactly what wasmtime wrote.
         let component = unsafe { Component::deserialize(&engine, code) }
             .map_err(|e| RuntimeError::Invalid(format!("{e:#}")))?;
-        check_exports_http(&engine, &component)?;
-        Ok(CodeFacts::of(component.resources_required().as_ref()))
+        let (http, command) = entry_points(&engine, &component)?;
+        Ok(CodeFacts {
+            http,
+            command,
+            ..CodeFacts::of(component.resources_required().as_ref())
+        })
     }
 }
 
@@ -191,6 +208,18 @@ pub fn memory_reservation(limits: &Limits) -> u64 {
     limits.memory.0.div_ceil(PAGE) * PAGE
 }
 
+impl CodeFacts {
+    /// Whether an app of `spec` can run this code: an HTTP app needs the HTTP handler, a
+    /// command app `wasi:cli/run`.
+    pub fn fits(&self, spec: &crate::spec::AppSpec) -> Result<(), RuntimeError> {
+        match (spec.is_command(), self.http, self.command) {
+            (false, false, _) => Err(RuntimeError::NotHttp),
+            (true, _, false) => Err(RuntimeError::NotCommand),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// What sizing a pool needs to know about a component (see `Runtime::inspect`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CodeFacts {
@@ -198,6 +227,11 @@ pub struct CodeFacts {
     pub tables: u32,
     /// The largest initial table size, when wasmtime can tell it.
     pub max_initial_table_size: Option<u64>,
+    /// It exports `wasi:http/incoming-handler` (it can serve HTTP)…
+    pub http: bool,
+    /// …and `wasi:cli/run` (it can be run as a command). At least one of them. Neither has a
+    /// serde default: facts stored by a cairnd that did not record them are learnt again.
+    pub command: bool,
 }
 
 impl CodeFacts {
@@ -207,6 +241,8 @@ impl CodeFacts {
             memories: resources.map(|r| r.num_memories).unwrap_or(4).max(1),
             tables: resources.map(|r| r.num_tables).unwrap_or(8).max(1),
             max_initial_table_size: resources.and_then(|r| r.max_initial_table_size),
+            http: true,
+            command: false,
         }
     }
 }
@@ -247,26 +283,29 @@ fn pooling_config(limits: &Limits, facts: &CodeFacts) -> PoolingAllocationConfig
     pool
 }
 
-fn check_exports_http(engine: &Engine, component: &Component) -> Result<(), RuntimeError> {
+/// Which entry points the component exports: `wasi:http/incoming-handler` and `wasi:cli/run`
+/// (at 0.2.x); an error naming what it exports when it has neither.
+fn entry_points(engine: &Engine, component: &Component) -> Result<(bool, bool), RuntimeError> {
     let exports: Vec<String> = component
         .component_type()
         .exports(engine)
         .map(|(name, _)| name.to_string())
         .collect();
-    if exports
-        .iter()
-        .any(|name| name.starts_with("wasi:http/incoming-handler@0.2"))
-    {
-        Ok(())
-    } else {
-        Err(RuntimeError::NotHttp {
-            exports: if exports.is_empty() {
-                "nothing".to_string()
-            } else {
-                exports.join(", ")
-            },
-        })
+    let exported = |interface: &str| exports.iter().any(|name| name.starts_with(interface));
+    let (http, command) = (
+        exported("wasi:http/incoming-handler@0.2"),
+        exported("wasi:cli/run@0.2"),
+    );
+    if http || command {
+        return Ok((http, command));
     }
+    Err(RuntimeError::NoEntryPoint {
+        exports: if exports.is_empty() {
+            "nothing".to_string()
+        } else {
+            exports.join(", ")
+        },
+    })
 }
 
 #[cfg(test)]
@@ -279,6 +318,43 @@ mod tests {
         assert!(check_component(b"\0asm\x0d\0\x01\0").is_ok());
         let err = check_component(b"\0asm\x0d\0\x01\0\x00\x05ab").unwrap_err();
         assert!(matches!(err, RuntimeError::Invalid(_)), "{err}");
+    }
+
+    #[test]
+    fn an_app_runs_only_code_of_its_kind() {
+        let digest = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let http = crate::spec::AppSpec::from_manifest(&format!(
+            "name = \"a\"\ncomponent = \"{digest}\"\n[http]\nlisten = \"127.0.0.1:1\"\n"
+        ))
+        .unwrap();
+        let command = crate::spec::AppSpec::from_manifest(&format!(
+            "name = \"a\"\ncomponent = \"{digest}\"\n"
+        ))
+        .unwrap();
+        let facts = |http, command| CodeFacts {
+            memories: 1,
+            tables: 1,
+            max_initial_table_size: None,
+            http,
+            command,
+        };
+        assert!(facts(true, false).fits(&http).is_ok());
+        assert!(facts(true, true).fits(&http).is_ok());
+        assert!(facts(true, true).fits(&command).is_ok());
+        assert!(facts(false, true).fits(&command).is_ok());
+        assert!(matches!(
+            facts(false, true).fits(&http),
+            Err(RuntimeError::NotHttp)
+        ));
+        assert!(matches!(
+            facts(true, false).fits(&command),
+            Err(RuntimeError::NotCommand)
+        ));
+        // Facts stored by a cairnd that did not know the two kinds are learnt again.
+        assert!(serde_json::from_str::<CodeFacts>(
+            r#"{"memories":1,"tables":1,"max_initial_table_size":null}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -38,6 +38,8 @@ const RESPONSE_BOUND: usize = 1 << 20;
 pub enum Outcome {
     /// The app answered with this status.
     Answered(u16),
+    /// The command app's run ended with this exit code.
+    Exited(i32),
     /// No answer: why.
     Failed(String),
     /// Not run: the run before was still running.
@@ -120,7 +122,8 @@ struct Entry {
     spec: ScheduleSpec,
     when: When,
     generation: u64,
-    target: SocketAddr,
+    /// `None`: a command app, run rather than requested.
+    target: Option<SocketAddr>,
     timeout: Duration,
     /// `None`: a date that never comes (a cron of 30 February).
     next_due_ms: Option<i64>,
@@ -190,7 +193,13 @@ impl Scheduler {
                         (_, Some(cron)) => format!("cron \"{cron}\" (UTC)"),
                         _ => String::new(),
                     },
-                    request: format!("{} {}", entry.spec.method, entry.spec.path),
+                    request: match entry.target {
+                        Some(_) => format!("{} {}", entry.spec.method, entry.spec.path),
+                        None => std::iter::once("run")
+                            .chain(entry.spec.args.iter().map(String::as_str))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    },
                     next_ms: entry.next_due_ms.unwrap_or(0),
                     runs: record.runs,
                     skipped: record.skipped,
@@ -242,7 +251,7 @@ impl Scheduler {
             for (key, (app, spec)) in &wanted {
                 if let Some(entry) = entries.get_mut(key) {
                     entry.generation = app.generation;
-                    entry.target = target(app.listen);
+                    entry.target = app.listen.map(target);
                     entry.timeout = app.timeout;
                     entry.serving = app.serving;
                     if &entry.spec != *spec {
@@ -322,7 +331,7 @@ impl Scheduler {
                     spec: (*spec).clone(),
                     when,
                     generation: app.generation,
-                    target: target(app.listen),
+                    target: app.listen.map(target),
                     timeout: app.timeout,
                     next_due_ms,
                     last_due_ms: Some(last),
@@ -377,6 +386,8 @@ impl Scheduler {
                         timeout: entry.timeout + RUN_SLACK,
                         method: entry.spec.method.clone(),
                         path: entry.spec.path.clone(),
+                        args: entry.spec.args.clone(),
+                        reconciler: Arc::clone(&self.reconciler),
                         due,
                         caught_up,
                         record: Arc::clone(&entry.record),
@@ -496,6 +507,7 @@ fn target(listen: SocketAddr) -> SocketAddr {
 fn describe(run: &Run) -> String {
     match &run.outcome {
         Outcome::Answered(status) => format!("{status} in {} ms", run.duration_ms),
+        Outcome::Exited(code) => format!("exit {code} after {} ms", run.duration_ms),
         Outcome::Failed(why) => format!("failed after {} ms: {why}", run.duration_ms),
         Outcome::Skipped => "skipped: the run before was still running".into(),
     }
@@ -505,10 +517,12 @@ struct RunOrder {
     app: AppName,
     name: String,
     generation: u64,
-    target: SocketAddr,
+    target: Option<SocketAddr>,
     timeout: Duration,
     method: String,
     path: String,
+    args: Vec<String>,
+    reconciler: Arc<Reconciler>,
     due: i64,
     caught_up: bool,
     record: Arc<Mutex<Record>>,
@@ -529,10 +543,34 @@ async fn run_once(order: RunOrder) {
     let _running = Running(Arc::clone(&order.record));
     let started_ms = now_ms();
     let clock = std::time::Instant::now();
-    let outcome = match tokio::time::timeout(order.timeout, request(&order)).await {
-        Ok(Ok(status)) => Outcome::Answered(status),
-        Ok(Err(why)) => Outcome::Failed(why),
-        Err(_) => Outcome::Failed(format!("no answer within {} s", order.timeout.as_secs())),
+    let outcome = match order.target {
+        // A run has its own bound: the app's timeout, then its pool is killed.
+        None => match order
+            .reconciler
+            .run(
+                &order.app,
+                &order.args,
+                None,
+                &format!("schedule {}", order.name),
+            )
+            .await
+        {
+            Ok(end) if end.code == 0 => Outcome::Exited(0),
+            Ok(end) => {
+                order.logs.note(
+                    order.app.as_str(),
+                    end.generation,
+                    &format!("schedule {}: run {}", order.name, end.outcome),
+                );
+                Outcome::Exited(end.code)
+            }
+            Err(error) => Outcome::Failed(error.to_string()),
+        },
+        Some(target) => match tokio::time::timeout(order.timeout, request(&order, target)).await {
+            Ok(Ok(status)) => Outcome::Answered(status),
+            Ok(Err(why)) => Outcome::Failed(why),
+            Err(_) => Outcome::Failed(format!("no answer within {} s", order.timeout.as_secs())),
+        },
     };
     let run = Run {
         due_ms: order.due,
@@ -541,7 +579,10 @@ async fn run_once(order: RunOrder) {
         outcome,
         caught_up: order.caught_up,
     };
-    let failed = !matches!(run.outcome, Outcome::Answered(200..=399));
+    let failed = !matches!(
+        run.outcome,
+        Outcome::Answered(200..=399) | Outcome::Exited(0)
+    );
     if failed {
         order.logs.note(
             order.app.as_str(),
@@ -564,10 +605,10 @@ async fn run_once(order: RunOrder) {
 }
 
 /// One request to the app; its status.
-async fn request(order: &RunOrder) -> Result<u16, String> {
-    let stream = tokio::net::TcpStream::connect(order.target)
+async fn request(order: &RunOrder, target: SocketAddr) -> Result<u16, String> {
+    let stream = tokio::net::TcpStream::connect(target)
         .await
-        .map_err(|error| format!("cannot connect to {}: {error}", order.target))?;
+        .map_err(|error| format!("cannot connect to {target}: {error}"))?;
     let _ = stream.set_nodelay(true);
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
@@ -577,7 +618,7 @@ async fn request(order: &RunOrder) -> Result<u16, String> {
     let request = http::Request::builder()
         .method(order.method.as_str())
         .uri(order.path.as_str())
-        .header(http::header::HOST, order.target.to_string())
+        .header(http::header::HOST, target.to_string())
         .header(http::header::USER_AGENT, "cairn-schedule")
         .header("x-cairn-schedule", order.name.as_str())
         .body(Empty::<Bytes>::new())

@@ -114,7 +114,8 @@ pub struct Launch<'a> {
     pub generation: u64,
     pub code: &'a Code,
     pub start: Start,
-    pub listener: &'a std::net::TcpListener,
+    /// `None`: a command's run, which serves nothing.
+    pub listener: Option<&'a std::net::TcpListener>,
     pub counters: &'a Counters,
     /// The cgroup the pool is moved into before it is told what to run, and its limits.
     pub cgroup: Option<&'a AppCgroup>,
@@ -127,6 +128,19 @@ pub struct Launch<'a> {
     /// The app's key-value store and quota, served on the pool's host-services socket
     /// (`None`: the app has no `[keyvalue]` and every call is refused).
     pub kv: Option<crate::kv::Grant>,
+    /// Run the app's command with these arguments instead of serving (the pool exits after
+    /// `Pool::finished`); with `start` `Prepare`, it is confined before it is told.
+    pub run: Option<&'a [String]>,
+    /// Where a copy of the pool's output goes too, as it comes (a `cairnctl run` client).
+    pub tap: Option<Tap>,
+}
+
+/// A copy of a pool's output for someone watching it run: what does not fit the channel
+/// (a client slower than the pool) is counted, not waited for.
+#[derive(Clone)]
+pub struct Tap {
+    pub output: mpsc::Sender<protocol::LogChunk>,
+    pub dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A running pool process, loaded and waiting for `serve` (or serving).
@@ -137,6 +151,8 @@ pub struct Pool {
     exited: watch::Receiver<Option<ExitReason>>,
     /// Answers to `Probe`, routed here by the task that reads the pool's messages.
     probes: Mutex<mpsc::Receiver<(Option<u16>, String)>>,
+    /// How the run ended, once the pool says (`FromPool::Finished`).
+    finished: watch::Receiver<Option<(i32, String)>>,
     /// Set when the pool says it has stopped accepting (`FromPool::Draining`).
     draining: watch::Receiver<bool>,
 }
@@ -218,6 +234,22 @@ impl Pool {
     pub async fn stop(&self, grace: Duration) -> Option<ExitReason> {
         let asked = self.drain(grace).await;
         self.finish(grace, asked).await
+    }
+
+    /// Waits up to `deadline` for a run's pool to exit (it does once its run ended and its
+    /// output is sent), killing it past that; how the run ended (`None`: the pool said
+    /// nothing, it died or was killed) and how the process ended.
+    pub async fn run_end(&self, deadline: Duration) -> (Option<(i32, String)>, Option<ExitReason>) {
+        self.finish(deadline, true).await;
+        let exit = self.exited.borrow().clone();
+        // The exit can be seen before the task reading the pool's messages has read the
+        // last: it sets `finished`, or ends at the socket's end without (then the wait
+        // returns at once, the sender gone).
+        let mut finished = self.finished.clone();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), finished.wait_for(Option::is_some)).await;
+        let finished = self.finished.borrow().clone();
+        (finished, exit)
     }
 
     /// Whether the pool exited within `deadline`.
@@ -557,11 +589,28 @@ impl Spawner {
             spec,
             generation: launch.generation,
             facts: launch.code.facts,
-            probe: launch.start != Start::Resume { proven: true },
+            probe: launch.start != Start::Resume { proven: true } && launch.run.is_none(),
             serve: launch.start != Start::Prepare,
             confined: !overlap,
             user: launch.user,
             filter: crate::pool::seccomp::unavailable().is_none(),
+            run: launch.run.map(<[String]>::to_vec),
+        };
+        // A run serves nothing: /dev/null stands in the listener's place.
+        let no_listener = match launch.listener {
+            Some(_) => None,
+            None => match std::fs::File::open("/dev/null") {
+                Ok(file) => Some(file),
+                Err(error) => {
+                    kill();
+                    return Err(SpawnError::Io(error));
+                }
+            },
+        };
+        let listener_fd = match (launch.listener, &no_listener) {
+            (Some(listener), _) => listener.as_raw_fd(),
+            (None, Some(file)) => file.as_raw_fd(),
+            (None, None) => unreachable!("opened above"),
         };
         let (services, pool_services) = match std::os::unix::net::UnixStream::pair() {
             Ok(pair) => pair,
@@ -578,7 +627,7 @@ impl Spawner {
             }
         };
         let fds = [
-            launch.listener.as_raw_fd(),
+            listener_fd,
             launch.code.fd.as_raw_fd(),
             launch.counters.raw_fd(),
             pool_services.as_raw_fd(),
@@ -589,7 +638,7 @@ impl Spawner {
             kill();
             return Err(SpawnError::Io(error));
         }
-        drop((pool_services, pool_connector, roots));
+        drop((pool_services, pool_connector, roots, no_listener));
         // Served until the pool closes its end (it exits, or is killed).
         services.set_nonblocking(true)?;
         tokio::spawn(crate::kv::serve(
@@ -617,6 +666,7 @@ impl Spawner {
             app,
             generation: launch.generation,
             intake: Intake::new(&launch.spec.limits),
+            tap: launch.tap.clone(),
         };
         let allocator = match await_loaded(&mut reader, &exited).await {
             Ok(allocator) => allocator,
@@ -628,7 +678,7 @@ impl Spawner {
             }
         };
 
-        let (probes, draining) = route_messages(reader);
+        let (probes, draining, finished) = route_messages(reader);
         Ok(Pool {
             pid,
             allocator,
@@ -636,6 +686,7 @@ impl Spawner {
             exited,
             probes: Mutex::new(probes),
             draining,
+            finished,
         })
     }
 }
@@ -671,9 +722,11 @@ async fn await_loaded(
         Ok(Ok(Some(FromPool::Loaded { allocator }))) => Ok(allocator),
         Ok(Ok(Some(FromPool::Failed { error }))) => Err(SpawnError::Load(error)),
         Ok(Ok(Some(FromPool::Logs { .. }))) => unreachable!("log frames are forwarded by next"),
-        Ok(Ok(Some(unasked @ (FromPool::Probed { .. } | FromPool::Draining)))) => Err(
-            SpawnError::OutOfTurn(format!("the pool sent {unasked:?} before it had loaded")),
-        ),
+        Ok(Ok(Some(
+            unasked @ (FromPool::Probed { .. } | FromPool::Draining | FromPool::Finished { .. }),
+        ))) => Err(SpawnError::OutOfTurn(format!(
+            "the pool sent {unasked:?} before it had loaded"
+        ))),
         Ok(Ok(None)) | Ok(Err(_)) => {
             let mut exited = exited.clone();
             let reason =
@@ -690,11 +743,17 @@ async fn await_loaded(
 
 /// Reads a loaded pool's messages for as long as it runs: log lines to the log pipeline,
 /// health-check answers and the drain acknowledgement to the returned channels.
+#[allow(clippy::type_complexity)] // three receivers, each named where it is kept (`Pool`)
 fn route_messages(
     mut reader: PoolReader,
-) -> (mpsc::Receiver<(Option<u16>, String)>, watch::Receiver<bool>) {
+) -> (
+    mpsc::Receiver<(Option<u16>, String)>,
+    watch::Receiver<bool>,
+    watch::Receiver<Option<(i32, String)>>,
+) {
     let (probe_answers, probes) = mpsc::channel(1);
     let (draining_sender, draining) = watch::channel(false);
+    let (finished_sender, finished) = watch::channel(None);
     tokio::spawn(async move {
         loop {
             match reader.next().await {
@@ -704,12 +763,15 @@ fn route_messages(
                 Ok(Some(FromPool::Draining)) => {
                     let _ = draining_sender.send(true);
                 }
+                Ok(Some(FromPool::Finished { code, outcome })) => {
+                    let _ = finished_sender.send(Some((code, outcome)));
+                }
                 Ok(Some(other)) => tracing::warn!(?other, "unexpected message from a pool"),
                 Ok(None) | Err(_) => return,
             }
         }
     });
-    (probes, draining)
+    (probes, draining, finished)
 }
 
 /// A pool's messages as the supervisor reads them: log lines go to the log pipeline and a
@@ -720,6 +782,7 @@ struct PoolReader {
     app: AppName,
     generation: u64,
     intake: Intake,
+    tap: Option<Tap>,
 }
 
 impl PoolReader {
@@ -728,6 +791,14 @@ impl PoolReader {
             let bytes = match protocol::receive::<_, FromPool>(&mut self.reader).await {
                 Ok(Some(FromPool::Logs { lines })) => {
                     let bytes = lines.iter().map(|line| line.text.len()).sum();
+                    if let Some(tap) = &self.tap {
+                        for line in &lines {
+                            if tap.output.try_send(line.clone()).is_err() {
+                                tap.dropped
+                                    .fetch_add(line.text.len() as u64, Ordering::Relaxed);
+                            }
+                        }
+                    }
                     forward(&self.logs, &self.app, self.generation, lines);
                     bytes
                 }

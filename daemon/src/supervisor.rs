@@ -272,8 +272,12 @@ async fn status_line(reconciler: &Reconciler) -> String {
     let count = |statuses: &[&str]| apps.iter().filter(|a| statuses.contains(&a.status)).count();
     let serving = count(&["running", "idle"]);
     let starting = count(&["starting"]);
-    let failed = apps.len() - serving - starting;
+    let ready = count(&["ready"]);
+    let failed = apps.len() - serving - starting - ready;
     let mut line = format!("serving {serving} app(s)");
+    if ready > 0 {
+        line.push_str(&format!(", {ready} command app(s) ready to run"));
+    }
     if starting > 0 {
         line.push_str(&format!(", {starting} starting"));
     }

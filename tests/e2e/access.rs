@@ -79,6 +79,14 @@ fn readers_may_read_but_not_change_state() {
             result.stderr
         );
     }
+    // Running an app runs its code with its grants: refused to readers (125: the run did
+    // not happen, whatever the command's own codes are).
+    let run = daemon.ctl_as(Some(NOBODY), &["run", "guarded"]);
+    assert_eq!(run.code, 125, "{run:?}");
+    assert!(
+        run.stderr.contains(&format!("uid {NOBODY} may not")),
+        "{run:?}"
+    );
     let listen = format!("127.0.0.1:{}", cairn_tests::free_port());
     let digest = format!("sha256:{}", "0".repeat(64));
     let deploy = daemon.ctl_as(

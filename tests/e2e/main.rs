@@ -3,6 +3,7 @@
 
 mod access;
 mod bad_input;
+mod commands;
 mod events;
 mod fleet;
 mod host_apis;

@@ -22,6 +22,7 @@ pub fn status_of(error: &ReconcileError) -> Status {
         | ReconcileError::AddressUnavailable { .. }
         | ReconcileError::OwnedElsewhere { .. }
         | ReconcileError::Pool(_)
+        | ReconcileError::Run(_)
         | ReconcileError::Unhealthy { .. }
         | ReconcileError::Limits(_) => Status::failed_precondition(message),
         ReconcileError::Store(error) => store_status(error),

@@ -423,7 +423,7 @@ impl prometheus_client::collector::Collector for Snapshot {
         family(
             e,
             "cairn_app_state",
-            "1 for the app's state: running, idle, starting, restarting, crashloop or failed.",
+            "1 for the app's state: running, idle, starting, ready (a command app), restarting, crashloop or failed.",
             None,
             apps.iter()
                 .map(|d| {

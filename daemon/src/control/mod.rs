@@ -154,7 +154,8 @@ fn summary(view: &AppView) -> proto::AppSummary {
         name: view.name.clone(),
         generation: view.generation,
         status: view.status.to_string(),
-        listen: view.listen.to_string(),
+        // A command app listens nowhere.
+        listen: view.listen.map(|addr| addr.to_string()).unwrap_or_default(),
         digest: view.digest.to_string(),
         owner: view.owner.to_string(),
         error: view.error.clone(),
@@ -168,6 +169,7 @@ fn app_name(text: &str) -> Result<AppName, Status> {
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<proto::LogLine, Status>> + Send>>;
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
+type RunStream = Pin<Box<dyn Stream<Item = Result<proto::RunOutput, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Control for ControlService {
@@ -591,6 +593,77 @@ impl Control for ControlService {
         });
         let live_stream = tokio_stream::wrappers::ReceiverStream::new(receiver);
         Ok(Response::new(Box::pin(backlog.chain(live_stream))))
+    }
+
+    type RunStream = RunStream;
+
+    async fn run(
+        &self,
+        request: Request<proto::RunRequest>,
+    ) -> Result<Response<RunStream>, Status> {
+        // A run executes the app's code with its grants: as a deploy does.
+        self.access.check(&request, "run an app", true)?;
+        let proto::RunRequest { app, args } = request.into_inner();
+        let name = app_name(&app)?;
+        crate::spec::check_run_args(&args).map_err(Status::invalid_argument)?;
+        let (output, mut chunks) = tokio::sync::mpsc::channel(256);
+        let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let tap = crate::spawn::Tap {
+            output,
+            dropped: Arc::clone(&dropped),
+        };
+        let (sender, receiver) = tokio::sync::mpsc::channel(64);
+        let (reconciler, logs) = (Arc::clone(&self.reconciler), Arc::clone(&self.logs));
+        tokio::spawn(async move {
+            let run = reconciler.run(&name, &args, Some(tap), "cairnctl run");
+            tokio::pin!(run);
+            let mut ended = None;
+            // Until the run has ended and its pool's last output is read (the tap's senders
+            // are gone); a caller that went away is sent no more, and the run goes on.
+            loop {
+                tokio::select! {
+                    end = &mut run, if ended.is_none() => ended = Some(end),
+                    chunk = chunks.recv() => match chunk {
+                        Some(crate::pool::protocol::LogChunk { stream, text }) => {
+                            let _ = sender.send(Ok(proto::RunOutput {
+                                stream,
+                                text,
+                                ..Default::default()
+                            })).await;
+                        }
+                        None if ended.is_some() => break,
+                        None => ended = Some((&mut run).await),
+                    },
+                }
+            }
+            let last = match ended.expect("the loop ends once the run has") {
+                Ok(end) => {
+                    logs.note(
+                        name.as_str(),
+                        end.generation,
+                        &format!(
+                            "run (cairnctl run): {} after {} ms",
+                            end.outcome,
+                            end.duration.as_millis()
+                        ),
+                    );
+                    Ok(proto::RunOutput {
+                        finished: true,
+                        exit_code: end.code,
+                        outcome: end.outcome,
+                        dropped_bytes: dropped.load(std::sync::atomic::Ordering::Relaxed),
+                        generation: end.generation,
+                        duration_ms: end.duration.as_millis() as u64,
+                        ..Default::default()
+                    })
+                }
+                Err(error) => Err(status_of(&error)),
+            };
+            let _ = sender.send(last).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 
     type LogsStream = LogStream;

@@ -152,6 +152,18 @@ impl ControlService {
                 .into_iter()
                 .map(|view| schedule_info(view, env == Env::Values))
                 .collect(),
+            runs: self
+                .reconciler
+                .recent_runs(name)
+                .into_iter()
+                .map(|run| proto::CommandRun {
+                    started_unix_ms: run.started_unix_ms,
+                    duration_ms: run.duration_ms,
+                    exit_code: run.code,
+                    outcome: run.outcome,
+                    by: run.by,
+                })
+                .collect(),
             allocator: detail.allocator,
             requests: detail.requests,
             in_flight: detail.in_flight,
@@ -249,8 +261,13 @@ fn schedule_info(view: crate::schedule::ScheduleView, full: bool) -> proto::Sche
             .recent
             .into_iter()
             .map(|run| {
+                let exit_code = match run.outcome {
+                    Outcome::Exited(code) => Some(code),
+                    _ => None,
+                };
                 let (status, error) = match run.outcome {
                     Outcome::Answered(status) => (u32::from(status), String::new()),
+                    Outcome::Exited(_) => (0, String::new()),
                     Outcome::Failed(why) => (0, why),
                     Outcome::Skipped => (0, "skipped: the run before was still running".into()),
                 };
@@ -261,6 +278,8 @@ fn schedule_info(view: crate::schedule::ScheduleView, full: bool) -> proto::Sche
                     status,
                     error,
                     caught_up: run.caught_up,
+                    exited: exit_code.is_some(),
+                    exit_code: exit_code.unwrap_or(0),
                 }
             })
             .collect(),

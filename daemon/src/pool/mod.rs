@@ -324,6 +324,7 @@ async fn serve(
         probe,
         serve: serve_at_once,
         confined: confined_at_start,
+        run,
         ..
     } = start
     else {
@@ -338,6 +339,7 @@ async fn serve(
 
     let budget = LogBudget::new(spec.limits.log_rate().0);
     let reporter = reporter(log_sender, budget, Arc::clone(&counters));
+    let run_reporter = Arc::clone(&reporter);
     let env: Vec<(String, String)> = spec
         .env
         .iter()
@@ -365,6 +367,7 @@ async fn serve(
         }
     };
     let (name, limits) = (spec.name.clone(), spec.limits.clone());
+    let command = run.is_some();
     let handle = tokio::runtime::Handle::current();
     // On this thread (the runtime's `block_on`, not a worker): it built the prepared engine,
     // and a blocking-pool thread would have to be started first.
@@ -381,6 +384,7 @@ async fn serve(
             outbound,
             reporter,
             probe,
+            command,
             prepared,
             filter.as_ref(),
         )
@@ -403,10 +407,28 @@ async fn serve(
             allocator: loaded.allocator.clone(),
         })
         .await?;
+    if let Some(args) = run {
+        if !confined_at_start {
+            anyhow::bail!("asked to run a command before the pool was in its cgroup");
+        }
+        let end = run_command(&loaded, &args, &run_reporter).await;
+        outgoing
+            .send(FromPool::Finished {
+                code: end.code,
+                outcome: end.outcome,
+            })
+            .await?;
+        drop(outgoing);
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+        return Ok(0);
+    }
+    let Some(http) = &spec.http else {
+        anyhow::bail!("told to serve an app that has no [http] table");
+    };
     let serving = Arc::new(Serving::new(
         loaded,
         spec.limits.instances,
-        spec.http.connection_limits(),
+        http.connection_limits(),
         Arc::clone(&counters),
     ));
 
@@ -430,6 +452,42 @@ async fn serve(
     drop(outgoing);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
     Ok(exit_code)
+}
+
+/// How often a command's output is sent on while it runs.
+const RUN_OUTPUT_EVERY: Duration = Duration::from_millis(100);
+
+/// Runs the command once, sending its output on every `RUN_OUTPUT_EVERY` as it comes (through
+/// `reporter`, within the app's log rate, as a request's output).
+async fn run_command(
+    loaded: &runtime::LoadedApp,
+    args: &[String],
+    reporter: &runtime::Reporter,
+) -> runtime::RunEnd {
+    let (stdout, stderr) = (host::OutputCapture::new(), host::OutputCapture::new());
+    let run = loaded.run(args, &stdout, &stderr);
+    tokio::pin!(run);
+    let mut tick = tokio::time::interval(RUN_OUTPUT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            end = &mut run => return end,
+            _ = tick.tick() => {
+                let (out, err) = (stdout.take(), stderr.take());
+                if !out.is_empty() || !err.is_empty() {
+                    reporter(RequestReport {
+                        outcome: Outcome::Ok,
+                        stdout: out,
+                        stderr: err,
+                        logged: Default::default(),
+                        outbound: Default::default(),
+                        method: "run".to_string(),
+                        path: String::new(),
+                    });
+                }
+            }
+        }
+    }
 }
 
 /// What the app's guests may call out to (`None`: it has no `[outbound]`, every call is

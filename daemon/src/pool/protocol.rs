@@ -75,6 +75,10 @@ pub enum ToPool {
         /// Install the system-call filter (`pool::seccomp`) right after the switch, or exit:
         /// false only where the kernel takes no filters (then `cairnctl status` says so).
         filter: bool,
+        /// Run the app's command once with these arguments, say `Finished` and exit,
+        /// instead of serving (only with `confined`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run: Option<Vec<String>>,
     },
     /// The process is now in the app's cgroup (after a `Start` that said it was not).
     Confined,
@@ -99,6 +103,9 @@ pub enum FromPool {
     /// The answer to `Drain`: the pool no longer accepts (its copy of the listener is closed)
     /// and is finishing the requests in flight.
     Draining,
+    /// The run `Start` asked for ended: its exit code and how it ended (`exit 3`, `timeout`,
+    /// `trapped: …`). The pool exits after its output.
+    Finished { code: i32, outcome: String },
 }
 
 /// The exit code of a pool that ended because it had no traffic for its idle time.
@@ -363,6 +370,8 @@ mod tests {
             memories: 1,
             tables: 1,
             max_initial_table_size: None,
+            http: true,
+            command: false,
         };
         let hint = ToPool::Prepare {
             limits: Limits::default(),

@@ -30,6 +30,7 @@ use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{
     Engine, EngineWeak, PoolingAllocationConfig, Store, StoreLimitsBuilder, Trap, UpdateDeadline,
 };
+use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::WasiCtx;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -140,6 +141,7 @@ impl Runtime {
         outbound: Option<Arc<OutboundAccess>>,
         reporter: Reporter,
         probe: bool,
+        command: bool,
         prepared: Option<PreparedEngine>,
         filter: Option<&seccomp::Filter>,
     ) -> Result<LoadedApp, RuntimeError> {
@@ -152,6 +154,7 @@ impl Runtime {
             memory: memory_reservation(limits) as usize,
             timeout: limits.timeout.0,
             reporter,
+            command,
         };
         // Where the pooling allocator cannot be had (its engine or its first instance), the
         // app still runs, with on-demand allocation.
@@ -220,7 +223,12 @@ impl Runtime {
                 super::interfaces::PROVIDED
             ))
         })?;
-        let pre = ProxyPre::new(instance_pre).map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
+        let pre = if settings.command {
+            CommandPre::new(instance_pre).map(Entry::Command)
+        } else {
+            ProxyPre::new(instance_pre).map(Entry::Proxy)
+        }
+        .map_err(|e| RuntimeError::Link(format!("{e:#}")))?;
         let loaded = LoadedApp {
             engine: engine.clone(),
             pre,
@@ -235,6 +243,7 @@ impl Runtime {
                 memory: settings.memory,
                 timeout: settings.timeout,
                 reporter: Arc::clone(&settings.reporter),
+                command: settings.command,
             }),
         };
         if probe {
@@ -327,18 +336,42 @@ struct AppSettings {
     memory: usize,
     timeout: Duration,
     reporter: Reporter,
+    /// Run the code as a command (`wasi:cli/run`), not as an HTTP handler.
+    command: bool,
 }
 
 /// An app ready to serve: its engine, its linked pre-instance and its per-request settings.
 pub struct LoadedApp {
     engine: Engine,
-    pre: ProxyPre<Host>,
+    pre: Entry,
     /// `pooling`, or `on-demand (why)`.
     pub allocator: String,
     /// Each request's deadline; `None` while the proving instance is made (at load).
     timeout: Option<Duration>,
     settings: Arc<AppSettings>,
 }
+
+/// The code's linked entry point: the HTTP handler, or a command's `run`.
+#[derive(Clone)]
+enum Entry {
+    Proxy(ProxyPre<Host>),
+    Command(CommandPre<Host>),
+}
+
+/// How a command's run ended (`LoadedApp::run`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunEnd {
+    /// The exit code `cairnctl run` ends with: the guest's own, or 124 when it was stopped
+    /// at its timeout, 134 when it trapped.
+    pub code: i32,
+    /// `exit N`, `timeout`, `trap: why`.
+    pub outcome: String,
+}
+
+/// The exit code of a run stopped at its timeout (as `timeout(1)` says)…
+pub const RUN_TIMEOUT_CODE: i32 = 124;
+/// …and of one that trapped (128 + SIGABRT, as a native program that aborts).
+pub const RUN_TRAP_CODE: i32 = 134;
 
 /// Why a request got no response from the guest.
 #[derive(Debug)]
@@ -351,10 +384,16 @@ pub enum RequestFailure {
 }
 
 impl LoadedApp {
-    fn new_store(&self, stdout: &OutputCapture, stderr: &OutputCapture) -> Store<Host> {
+    fn new_store(
+        &self,
+        stdout: &OutputCapture,
+        stderr: &OutputCapture,
+        args: &[String],
+    ) -> Store<Host> {
         let mut wasi = WasiCtx::builder();
         wasi.envs(&self.settings.env)
             .arg(self.settings.name.as_str())
+            .args(args)
             .stdout(stdout.clone())
             .stderr(stderr.clone())
             .allow_tcp(false)
@@ -401,15 +440,80 @@ impl LoadedApp {
     /// Makes one instance and drops it: proves linking and pool sizing work before serving.
     fn probe(&self) -> Result<(), RuntimeError> {
         let capture = OutputCapture::new();
-        let mut store = self.new_store(&capture, &capture);
-        let pre = self.pre.clone();
+        let mut store = self.new_store(&capture, &capture, &[]);
         let handle = tokio::runtime::Handle::try_current()
             .map_err(|e| RuntimeError::Engine(e.to_string()))?;
         // `load` runs on a blocking thread (compiling is CPU work), so blocking here is fine.
-        handle
-            .block_on(pre.instantiate_async(&mut store))
-            .map(drop)
-            .map_err(|e| RuntimeError::Instantiate(format!("{e:#}")))
+        let made = match &self.pre {
+            Entry::Proxy(pre) => handle.block_on(pre.instantiate_async(&mut store)).map(drop),
+            Entry::Command(pre) => handle.block_on(pre.instantiate_async(&mut store)).map(drop),
+        };
+        made.map_err(|e| RuntimeError::Instantiate(format!("{e:#}")))
+    }
+
+    /// Runs the command once with `args` (after the app's name) on a fresh instance, its
+    /// output captured in `stdout` and `stderr` (which the caller empties as it goes), bounded
+    /// by the app's timeout. What it logged through `wasi:logging` and the outgoing calls it
+    /// was refused are reported as a request's are.
+    pub async fn run(
+        &self,
+        args: &[String],
+        stdout: &OutputCapture,
+        stderr: &OutputCapture,
+    ) -> RunEnd {
+        let Entry::Command(pre) = &self.pre else {
+            return RunEnd {
+                code: RUN_TRAP_CODE,
+                outcome: "the code was loaded to serve HTTP, not to run".to_string(),
+            };
+        };
+        let mut store = self.new_store(stdout, stderr, args);
+        let run = async {
+            let command = pre.instantiate_async(&mut store).await?;
+            command.wasi_cli_run().call_run(&mut store).await
+        };
+        let timeout = self.settings.timeout;
+        let end = match tokio::time::timeout(timeout + EPOCH_TICK * 2, run).await {
+            Ok(Ok(Ok(()))) => RunEnd {
+                code: 0,
+                outcome: "exit 0".to_string(),
+            },
+            Ok(Ok(Err(()))) => RunEnd {
+                code: 1,
+                outcome: "exit 1".to_string(),
+            },
+            Ok(Err(error)) => match error.downcast_ref::<wasmtime_wasi::I32Exit>() {
+                Some(exit) => RunEnd {
+                    code: exit.0,
+                    outcome: format!("exit {}", exit.0),
+                },
+                None if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) => RunEnd {
+                    code: RUN_TIMEOUT_CODE,
+                    outcome: format!("stopped at its timeout ({timeout:?})"),
+                },
+                None => RunEnd {
+                    code: RUN_TRAP_CODE,
+                    outcome: format!("trapped: {}", describe_failure(&error)),
+                },
+            },
+            Err(_elapsed) => RunEnd {
+                code: RUN_TIMEOUT_CODE,
+                outcome: format!("stopped at its timeout ({timeout:?})"),
+            },
+        };
+        let logged = std::mem::take(&mut store.data_mut().logged);
+        let outbound = store.data_mut().hooks.take();
+        drop(store);
+        (self.settings.reporter)(RequestReport {
+            outcome: Outcome::Ok,
+            stdout: stdout.take(),
+            stderr: stderr.take(),
+            logged,
+            outbound,
+            method: "run".to_string(),
+            path: String::new(),
+        });
+        end
     }
 
     /// Serves one request on a fresh instance. `permit` is the request's concurrency slot; it is
@@ -428,7 +532,13 @@ impl LoadedApp {
         let path = request.uri().path().to_string();
         let stdout = OutputCapture::new();
         let stderr = OutputCapture::new();
-        let mut store = self.new_store(&stdout, &stderr);
+        let Entry::Proxy(pre) = &self.pre else {
+            return Err(RequestFailure::Host(
+                "the app is a command; it serves no HTTP".to_string(),
+            ));
+        };
+        let pre = pre.clone();
+        let mut store = self.new_store(&stdout, &stderr, &[]);
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let incoming = store
             .data_mut()
@@ -443,7 +553,6 @@ impl LoadedApp {
             .http()
             .new_response_outparam(sender)
             .map_err(|e| RequestFailure::Host(format!("{e:#}")))?;
-        let pre = self.pre.clone();
         let settings = Arc::clone(&self.settings);
         let guest = async move {
             let run = async {
@@ -642,6 +751,8 @@ mod tests {
             memories: 1,
             tables: 1,
             max_initial_table_size: Some(100),
+            http: true,
+            command: false,
         };
         let prepared = runtime.prepare_engine(&limits, &facts).unwrap();
         let engine = prepared.engine.clone();

@@ -41,6 +41,11 @@ impl Reconciler {
             Some(generation) => generation,
             None => self.next_generation(&name).await?,
         };
+        if spec.is_command() {
+            return self
+                .activate_command(lock, spec, owner, existing, next_generation, restore)
+                .await;
+        }
         let Resources {
             listener,
             counters,
@@ -78,21 +83,7 @@ impl Reconciler {
             // generation, so leave it to the restart logic like any other pool death.
             tracing::warn!(app = %name, %error, "new pool went away before serving");
         }
-        let (kind, text) = match (existing, restore) {
-            (Some(_), Some(why)) => ("restore", why.to_string()),
-            (Some(_), None) => (
-                "rollback",
-                format!(
-                    "rolled back to generation {generation} ({})",
-                    spec.component
-                ),
-            ),
-            (None, _) => (
-                "deploy",
-                format!("deployed generation {generation} ({})", spec.component),
-            ),
-        };
-        self.logs.event(name.as_str(), generation, kind, &text);
+        self.record_event(&spec, generation, existing, restore);
         let (app_view, previous) = lock.with(|slot| {
             let previous = slot.running.take();
             let running = successor(
@@ -138,6 +129,143 @@ impl Reconciler {
         Ok((app_view, false))
     }
 
+    /// `activate` for a command app: its code is compiled (or found) and checked to be a
+    /// command, the generation recorded, and the app is ready to run. No pool starts; the
+    /// previous generation's pool, if it served HTTP, drains.
+    async fn activate_command(
+        &self,
+        lock: &AppLock,
+        spec: AppSpec,
+        owner: Owner,
+        existing: Option<u64>,
+        next_generation: u64,
+        restore: Option<&str>,
+    ) -> Result<(AppView, bool), ReconcileError> {
+        let name = spec.name.clone();
+        self.checked_code(&spec).await?;
+        let (counters, existing_cgroup) = lock
+            .running(|r| (Arc::clone(&r.counters), r.cgroup.clone()))
+            .unzip();
+        let counters = match counters {
+            Some(counters) => counters,
+            None => Arc::new(new_counters(&name)?),
+        };
+        let (cgroup, fresh_cgroup) = match existing_cgroup.flatten() {
+            Some(cgroup) => (Some(cgroup), false),
+            None => (self.app_cgroup(&spec)?, true),
+        };
+        let generation = match self.record(&spec, owner, existing, next_generation).await {
+            Ok(generation) => generation,
+            Err(error) => {
+                if let (true, Some(cgroup)) = (fresh_cgroup, &cgroup) {
+                    cgroup.remove();
+                }
+                return Err(error);
+            }
+        };
+        if let Some(cgroup) = &cgroup {
+            if let Err(error) = cgroup.apply(&pool_limits(&spec)) {
+                tracing::warn!(app = %name, %error, "the new generation's limits could not be written");
+            }
+        }
+        self.record_event(&spec, generation, existing, restore);
+        let (app_view, previous) = lock.with(|slot| {
+            let previous = slot.running.take();
+            let running = successor(
+                previous.as_ref(),
+                Running {
+                    owner,
+                    generation,
+                    spec,
+                    allocator: String::new(),
+                    state: State::Ready,
+                    listener: None,
+                    counters,
+                    started_unix: now_unix(),
+                    restarts: 0,
+                    oom_kills: 0,
+                    cold_starts: 0,
+                    cold_start_micros: 0,
+                    failures: Failures::default(),
+                    last_exit: String::new(),
+                    oom_kills_seen: oom_kills(cgroup.as_ref()),
+                    cgroup,
+                    last_good: None,
+                },
+            );
+            let app_view = view(&name, &running);
+            slot.running = Some(running);
+            (app_view, previous)
+        });
+        if let Some(Running {
+            state: State::Running { pool: old, .. },
+            ..
+        }) = previous
+        {
+            let drain = self.drain;
+            let asked = old.drain(drain).await;
+            tokio::spawn(async move { old.finish(drain, asked).await });
+        }
+        Ok((app_view, false))
+    }
+
+    /// Records the deploy, rollback or restore of `generation` as an event.
+    fn record_event(
+        &self,
+        spec: &AppSpec,
+        generation: u64,
+        existing: Option<u64>,
+        restore: Option<&str>,
+    ) {
+        let (kind, text) = match (existing, restore) {
+            (Some(_), Some(why)) => ("restore", why.to_string()),
+            (Some(_), None) => (
+                "rollback",
+                format!(
+                    "rolled back to generation {generation} ({})",
+                    spec.component
+                ),
+            ),
+            (None, _) => (
+                "deploy",
+                format!("deployed generation {generation} ({})", spec.component),
+            ),
+        };
+        self.logs.event(spec.name.as_str(), generation, kind, &text);
+    }
+
+    /// Writes the generation to the store: `existing` made current, or `spec` as a new one
+    /// (which must get number `next_generation`).
+    async fn record(
+        &self,
+        spec: &AppSpec,
+        owner: Owner,
+        existing: Option<u64>,
+        next_generation: u64,
+    ) -> Result<u64, ReconcileError> {
+        let stored_spec = spec.clone();
+        let name = spec.name.clone();
+        let recorded = match existing {
+            Some(generation) => self
+                .store
+                .call(move |store| store.set_current_generation(&name, generation))
+                .await
+                .map(|_| generation),
+            None => {
+                self.store
+                    .call(move |store| store.commit_generation(&stored_spec, owner))
+                    .await
+            }
+        };
+        match recorded {
+            Ok(generation) if generation == next_generation => Ok(generation),
+            Ok(other) => Err(ReconcileError::Internal(format!(
+                "generation {other} was written where {next_generation} was expected"
+            ))),
+            Err(error) => Err(error.into()),
+        }
+    }
+
     /// The number a new generation of `app` gets: one more than the last recorded.
     async fn next_generation(&self, app: &AppName) -> Result<u64, ReconcileError> {
         let app = app.clone();
@@ -164,14 +292,19 @@ impl Reconciler {
                 let reusable = r
                     .listener
                     .as_ref()
-                    .filter(|l| l.local_addr().ok() == Some(spec.http.listen))
+                    .filter(|l| l.local_addr().ok() == spec.listen())
                     .cloned();
                 (reusable, Some(Arc::clone(&r.counters)), r.cgroup.clone())
             })
             .unwrap_or((None, None, None));
         let listener = match reusable {
             Some(listener) => listener,
-            None => Arc::new(bind_patiently(spec.http.listen, Duration::ZERO).await?),
+            None => {
+                let listen = spec.listen().ok_or_else(|| {
+                    ReconcileError::Internal("a command app has no address to bind".into())
+                })?;
+                Arc::new(bind_patiently(listen, Duration::ZERO).await?)
+            }
         };
         let counters = match counters {
             Some(counters) => counters,
@@ -207,13 +340,15 @@ impl Reconciler {
             .launch(Attempt {
                 spec,
                 generation: next_generation,
-                listener,
+                listener: Some(listener),
                 counters,
                 cgroup,
                 start: Start::Prepare,
+                run: None,
+                tap: None,
             })
             .await?;
-        if let Some(path) = &spec.http.health {
+        if let Some(path) = spec.http.as_ref().and_then(|http| http.health.as_ref()) {
             let answer = pool
                 .probe(path, spec.limits.timeout.0 + Duration::from_secs(5))
                 .await;
@@ -230,31 +365,11 @@ impl Reconciler {
                 });
             }
         }
-        let stored_spec = spec.clone();
-        let name = spec.name.clone();
-        let recorded = match existing {
-            Some(generation) => self
-                .store
-                .call(move |store| store.set_current_generation(&name, generation))
-                .await
-                .map(|_| generation),
-            None => {
-                self.store
-                    .call(move |store| store.commit_generation(&stored_spec, owner))
-                    .await
-            }
-        };
-        match recorded {
-            Ok(generation) if generation == next_generation => Ok((pool, generation)),
-            Ok(other) => {
-                pool.stop(Duration::ZERO).await;
-                Err(ReconcileError::Internal(format!(
-                    "generation {other} was written where {next_generation} was expected"
-                )))
-            }
+        match self.record(spec, owner, existing, next_generation).await {
+            Ok(generation) => Ok((pool, generation)),
             Err(error) => {
                 pool.stop(Duration::ZERO).await;
-                Err(error.into())
+                Err(error)
             }
         }
     }
@@ -270,7 +385,7 @@ fn successor(previous: Option<&Running>, next: Running) -> Running {
     // otherwise keep the one it remembered.
     let served = matches!(
         previous.state,
-        State::Running { .. } | State::Idle { .. } | State::Starting { .. }
+        State::Running { .. } | State::Idle { .. } | State::Starting { .. } | State::Ready
     ) && !previous.failures.crashloop;
     Running {
         restarts: previous.restarts,

@@ -41,6 +41,8 @@ pub(super) enum State {
     Starting {
         _waker: Waker,
     },
+    /// A command app (no `[http]`): nothing runs between its runs (`Reconciler::run`).
+    Ready,
     /// The app could not be started at all.
     Failed {
         reason: String,
@@ -211,14 +213,18 @@ impl Table {
     pub fn remove(&self, lock: &AppLock) -> Option<Running> {
         let mut state = lock.slot.state();
         let running = state.running.take();
-        state.claim = running.as_ref().map(|r| r.spec.http.listen);
+        state.claim = running.as_ref().and_then(|r| r.spec.listen());
         running
     }
 
     /// Checks that no other app listens (or is about to) on an address overlapping `spec`'s,
     /// and claims it for the change `lock` holds.
     pub fn claim_address(&self, lock: &AppLock, spec: &AppSpec) -> Result<(), ReconcileError> {
-        let wanted = spec.http.listen;
+        let Some(wanted) = spec.listen() else {
+            // A command listens nowhere; whatever this app claimed is free again.
+            lock.slot.state().claim = None;
+            return Ok(());
+        };
         let slots = self.slots();
         for (name, slot) in slots.iter() {
             if *name == spec.name {
@@ -228,7 +234,7 @@ impl Table {
             let theirs = state
                 .running
                 .as_ref()
-                .map(|running| running.spec.http.listen)
+                .and_then(|running| running.spec.listen())
                 .into_iter()
                 .chain(state.claim);
             for theirs in theirs {

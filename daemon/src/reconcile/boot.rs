@@ -83,6 +83,7 @@ impl Reconciler {
         )
         .for_each_concurrent(BIND_CONCURRENCY, |(name, running)| async move {
             match self.prepare_restored(running).await {
+                Ok(()) if running.spec.is_command() => running.state = State::Ready,
                 Ok(()) => {
                     running.state = State::Starting {
                         _waker: wake_on_connection(
@@ -119,8 +120,10 @@ impl Reconciler {
 
     /// A restored app's listener (bound now) and cgroup (made now).
     async fn prepare_restored(&self, running: &mut Running) -> Result<(), ReconcileError> {
-        let listener = bind_patiently(running.spec.http.listen, Duration::from_secs(3)).await?;
-        running.listener = Some(Arc::new(listener));
+        if let Some(listen) = running.spec.listen() {
+            let listener = bind_patiently(listen, Duration::from_secs(3)).await?;
+            running.listener = Some(Arc::new(listener));
+        }
         running.cgroup = self.app_cgroup(&running.spec)?;
         Ok(())
     }
@@ -191,7 +194,7 @@ impl Reconciler {
         let result = async {
             let Some((listen, listener, has_cgroup, spec)) = lock.running(|r| {
                 (
-                    r.spec.http.listen,
+                    r.spec.listen(),
                     r.listener.clone(),
                     r.cgroup.is_some(),
                     r.spec.clone(),
@@ -199,7 +202,7 @@ impl Reconciler {
             }) else {
                 return Ok(());
             };
-            if listener.is_none() {
+            if let (None, Some(listen)) = (listener, listen) {
                 let listener = Arc::new(bind_patiently(listen, Duration::ZERO).await?);
                 lock.running(|r| r.listener = Some(listener));
             }
@@ -209,6 +212,10 @@ impl Reconciler {
                     r.oom_kills_seen = cgroup.as_ref().map(|c| c.usage().oom_kills).unwrap_or(0);
                     r.cgroup = cgroup;
                 });
+            }
+            if spec.is_command() {
+                lock.running(|r| r.state = State::Ready);
+                return Ok(());
             }
             self.launch_current(lock, false).await.map(drop)
         }

@@ -78,14 +78,18 @@ impl CodeCache {
 }
 
 /// One pool start's arguments (kept together for the retry with recompiled code).
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub(super) struct Attempt<'a> {
     pub spec: &'a AppSpec,
     pub generation: u64,
-    pub listener: &'a std::net::TcpListener,
+    /// `None` for a command's run.
+    pub listener: Option<&'a std::net::TcpListener>,
     pub counters: &'a Counters,
     pub cgroup: Option<&'a AppCgroup>,
     pub start: Start,
+    /// A command's run: its arguments, and who watches its output.
+    pub run: Option<&'a [String]>,
+    pub tap: Option<spawn::Tap>,
 }
 
 impl Reconciler {
@@ -93,7 +97,7 @@ impl Reconciler {
     /// a pool with it. Cached code a pool cannot load is recompiled once.
     pub(super) async fn launch(&self, attempt: Attempt<'_>) -> Result<Pool, ReconcileError> {
         let spec = attempt.spec;
-        let (code, cached) = self.code(spec, false).await?;
+        let (code, cached) = self.checked_code(spec).await?;
         match self.launch_with(&attempt, &code).await {
             Err(ReconcileError::Load { message, .. }) if cached => {
                 tracing::warn!(app = %spec.name, %message, "precompiled code was not usable; recompiling");
@@ -138,8 +142,14 @@ impl Reconciler {
                 counters: attempt.counters,
                 cgroup: attempt.cgroup,
                 logs: Arc::clone(&self.logs),
-                exits: self.exits.clone(),
+                // A run's exit is its caller's to wait for, not a pool death to restart.
+                exits: match attempt.run {
+                    Some(_) => tokio::sync::mpsc::channel(1).0,
+                    None => self.exits.clone(),
+                },
                 kv,
+                run: attempt.run,
+                tap: attempt.tap.clone(),
             })
             .await
             .map_err(|error| match error {
@@ -177,6 +187,21 @@ impl Reconciler {
             .unwrap_or_else(|p| p.into_inner())
             .insert(app.clone(), ids);
         Ok(ids)
+    }
+
+    /// `code`, once it is known to be of the app's kind (HTTP or command).
+    pub(super) async fn checked_code(
+        &self,
+        spec: &AppSpec,
+    ) -> Result<(Arc<Code>, bool), ReconcileError> {
+        let (code, cached) = self.code(spec, false).await?;
+        code.facts
+            .fits(spec)
+            .map_err(|source| ReconcileError::Component {
+                digest: spec.component.clone(),
+                source,
+            })?;
+        Ok((code, cached))
     }
 
     /// The app's native code, ready for pools, and whether it was compiled before (in memory
@@ -334,6 +359,8 @@ mod tests {
             memories: 1,
             tables: 1,
             max_initial_table_size: None,
+            http: true,
+            command: false,
         };
         let code = |size: usize| Arc::new(Code::new(&vec![7u8; size], facts).unwrap());
         let key = |name: &str| (Digest::of(name.as_bytes()), "engine".to_string());

@@ -231,10 +231,12 @@ impl Reconciler {
             .launch(Attempt {
                 spec: &spec,
                 generation,
-                listener: &listener,
+                listener: Some(&listener),
                 counters: &counters,
                 cgroup: cgroup.as_ref(),
                 start: Start::Resume { proven },
+                run: None,
+                tap: None,
             })
             .await?;
         let pid = pool.pid;

@@ -26,6 +26,7 @@ mod code;
 mod crashloop;
 mod exits;
 mod listen;
+mod run;
 mod views;
 
 pub use views::{AppSchedules, AppView};
@@ -85,6 +86,9 @@ pub enum ReconcileError {
     OwnedElsewhere { app: String, owner: &'static str },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A command app's run could not start (the app serves HTTP, has failed, too many runs).
+    #[error("{0}")]
+    Run(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -111,6 +115,8 @@ pub struct Reconciler {
     pool_ids: std::sync::Mutex<std::collections::HashMap<AppName, Option<(u32, u32)>>>,
     /// Apps' key-value data: a pool is given its app's store at start, `remove` deletes it.
     kv: Arc<crate::kv::Stores>,
+    /// Command apps' runs under way.
+    runs: run::Runs,
 }
 
 impl Reconciler {
@@ -145,6 +151,7 @@ impl Reconciler {
             restarts,
             retrying: AtomicBool::new(false),
             kv,
+            runs: run::Runs::default(),
         });
         reconciler.spawner.refill(Duration::ZERO);
         let weak = Arc::downgrade(&reconciler);
@@ -220,7 +227,10 @@ impl Reconciler {
             let unchanged = running.spec == spec
                 && matches!(
                     running.state,
-                    State::Running { .. } | State::Starting { .. } | State::Idle { .. }
+                    State::Running { .. }
+                        | State::Starting { .. }
+                        | State::Idle { .. }
+                        | State::Ready
                 );
             Ok(unchanged.then(|| views::view(&spec.name, running)))
         });
@@ -399,6 +409,8 @@ impl Reconciler {
             },
         );
         if let Some(running) = self.apps.remove(&lock) {
+            self.runs.kill(&lock.name);
+            self.runs.forget(&lock.name);
             if let State::Running { pool, .. } = running.state {
                 pool.stop(self.drain).await;
             }
@@ -433,6 +445,7 @@ impl Reconciler {
     /// Stops every app, draining requests in flight (side by side; each after a change under
     /// way to it has ended).
     pub async fn shutdown(&self) {
+        self.runs.kill_all();
         let stops = self.apps.names().into_iter().map(|name| async move {
             let lock = self.apps.lock(&name, false).await?;
             let running = self.apps.remove(&lock)?;

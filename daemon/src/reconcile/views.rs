@@ -17,7 +17,8 @@ pub struct AppView {
     pub owner: &'static str,
     pub generation: u64,
     pub status: &'static str,
-    pub listen: SocketAddr,
+    /// `None`: a command app.
+    pub listen: Option<SocketAddr>,
     pub digest: Digest,
     pub error: String,
 }
@@ -61,6 +62,7 @@ pub(super) fn view(name: &AppName, running: &Running) -> AppView {
         State::Restarting { reason } => ("restarting", reason.clone()),
         State::Idle { .. } => ("idle", String::new()),
         State::Starting { .. } => ("starting", String::new()),
+        State::Ready => ("ready", String::new()),
         State::Failed { reason } | State::Unreadable { reason } => ("failed", reason.clone()),
     };
     AppView {
@@ -68,7 +70,7 @@ pub(super) fn view(name: &AppName, running: &Running) -> AppView {
         owner: running.owner.as_str(),
         generation: running.generation,
         status,
-        listen: running.spec.http.listen,
+        listen: running.spec.listen(),
         digest: running.spec.component.clone(),
         error,
     }
@@ -78,8 +80,9 @@ pub(super) fn view(name: &AppName, running: &Running) -> AppView {
 pub struct AppSchedules {
     pub app: AppName,
     pub generation: u64,
-    /// Where the app listens (the scheduler reaches an unspecified address on loopback).
-    pub listen: std::net::SocketAddr,
+    /// Where the app listens (the scheduler reaches an unspecified address on loopback);
+    /// `None`: a command app, which each run starts.
+    pub listen: Option<std::net::SocketAddr>,
     pub timeout: std::time::Duration,
     pub schedules: Vec<crate::spec::ScheduleSpec>,
     /// Not failed nor unreadable: its runs fire (a failed app's schedules wait).
@@ -102,7 +105,7 @@ impl Reconciler {
                 (!running.spec.schedules.is_empty()).then(|| AppSchedules {
                     app: name.clone(),
                     generation: running.generation,
-                    listen: running.spec.http.listen,
+                    listen: running.spec.listen(),
                     timeout: running.spec.limits.timeout.0,
                     schedules: running.spec.schedules.clone(),
                     serving,

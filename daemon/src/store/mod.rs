@@ -398,7 +398,7 @@ mod tests {
             unreadable.reason
         );
         assert_eq!(
-            unreadable.stand_in.http.listen,
+            unreadable.stand_in.listen().unwrap(),
             "127.0.0.1:8080".parse().unwrap()
         );
         assert_eq!(unreadable.stand_in.component, digest);
