@@ -62,6 +62,8 @@ pub struct ScheduleView {
     pub name: String,
     pub when: String,
     pub request: String,
+    /// A command app's schedule, whose `request` is `run` and its arguments.
+    pub command: bool,
     pub next_ms: i64,
     pub runs: u64,
     pub skipped: u64,
@@ -200,6 +202,7 @@ impl Scheduler {
                             .collect::<Vec<_>>()
                             .join(" "),
                     },
+                    command: entry.target.is_none(),
                     next_ms: entry.next_due_ms.unwrap_or(0),
                     runs: record.runs,
                     skipped: record.skipped,

@@ -112,6 +112,28 @@ fn readers_may_read_but_not_change_state() {
             .len(),
         1
     );
+    // A command app's scheduled arguments may carry a token, as a path's query may: readers
+    // see that it runs, not with what.
+    let job = daemon.dir.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "name = \"job\"\ncomponent = \"{}\"\n[[schedule]]\nname = \"sync\"\nevery = \"1h\"\nargs = [\"--token\", \"s3cret-arg\"]\n",
+            cairn_tests::component("cli-only").display()
+        ),
+    )
+    .unwrap();
+    daemon.ctl_ok(&["deploy", "-f", job.to_str().unwrap()]);
+    wait_for("the schedule", Duration::from_secs(10), || {
+        daemon.app_status("job")["schedules"][0]["request"] == "run --token s3cret-arg"
+    })
+    .unwrap();
+    for args in [&["-o", "json", "status", "job"][..], &["status", "job"][..]] {
+        let seen = daemon.ctl_as(Some(NOBODY), args);
+        assert_eq!(seen.code, 0, "{seen:?}");
+        assert!(seen.stdout.contains("sync"), "{seen:?}");
+        assert!(!seen.stdout.contains("s3cret-arg"), "{}", seen.stdout);
+    }
 }
 
 #[test]

@@ -200,6 +200,53 @@ fn output_streams_while_the_command_runs() {
 }
 
 #[test]
+fn a_caller_that_stops_reading_holds_up_neither_the_run_nor_the_next() {
+    let daemon = Daemon::start();
+    deploy_command(&daemon, "flood", "[limits]\ntimeout = \"30s\"\n");
+    // cairnctl's stdout is a pipe nobody reads: once it is full, cairnctl stops taking the
+    // stream, and cairnd must neither wait for it nor hold more than its bound.
+    let stalled = std::process::Command::new(&cairn_tests::binaries().1)
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["run", "flood", "--", "flood", "5"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the stalled run to end", Duration::from_secs(30), || {
+        daemon.app_status("flood")["runs"]
+            .as_array()
+            .is_some_and(|runs| !runs.is_empty())
+    })
+    .unwrap();
+    let runs = daemon.app_status("flood")["runs"].clone();
+    assert_eq!(runs[0]["exit_code"], 0, "{runs}");
+    // Its slot is free: another run goes through at once.
+    let next = daemon.ctl(&["run", "flood", "--", "hello"]);
+    assert_eq!(next.code, 0, "{next:?}");
+    // Read now, the stalled caller gets what was kept for it, is told what it missed, and
+    // ends with the run's code.
+    let stalled = stalled.wait_with_output().unwrap();
+    assert_eq!(stalled.status.code(), Some(0));
+    let said = String::from_utf8_lossy(&stalled.stderr);
+    let missed: u64 = said
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of missed output: {said}"));
+    // What was missed is counted, and what was shown is no more than the rest (the pool may
+    // also have cut output it could not send on in time, with a note).
+    let written = 5 * 100 * 6 * 1024 + "flooded\n".len() as u64;
+    assert!(missed > 0, "{said}");
+    assert!(
+        stalled.stdout.len() as u64 + missed <= written + 4096,
+        "{said}"
+    );
+    let log = daemon.ctl_ok(&["logs", "flood"]);
+    assert!(log.contains("flooded"), "the log has all of it");
+}
+
+#[test]
 fn a_command_schedule_runs_it_and_removal_kills_a_run_under_way() {
     let mut daemon = Daemon::start();
     deploy_command(

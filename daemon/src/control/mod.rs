@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -170,6 +170,10 @@ fn app_name(text: &str) -> Result<AppName, Status> {
 type LogStream = Pin<Box<dyn Stream<Item = Result<proto::LogLine, Status>> + Send>>;
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::Event, Status>> + Send>>;
 type RunStream = Pin<Box<dyn Stream<Item = Result<proto::RunOutput, Status>> + Send>>;
+
+/// The most of a run's output held for its caller, not yet taken by the transport; past it,
+/// output is counted and not sent (the app's log has it all).
+const RUN_STREAM_BYTES: usize = 1 << 20;
 
 #[tonic::async_trait]
 impl Control for ControlService {
@@ -612,24 +616,39 @@ impl Control for ControlService {
             output,
             dropped: Arc::clone(&dropped),
         };
-        let (sender, receiver) = tokio::sync::mpsc::channel(64);
+        let (sender, receiver) = tokio::sync::mpsc::channel(256);
+        // Output bytes sent towards the caller and not yet taken by the transport.
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let taken = Arc::clone(&queued);
         let (reconciler, logs) = (Arc::clone(&self.reconciler), Arc::clone(&self.logs));
         tokio::spawn(async move {
             let run = reconciler.run(&name, &args, Some(tap), "cairnctl run");
             tokio::pin!(run);
             let mut ended = None;
             // Until the run has ended and its pool's last output is read (the tap's senders
-            // are gone); a caller that went away is sent no more, and the run goes on.
+            // are gone). Output is never waited for: what a caller that reads slowly (or went
+            // away) has no room for is counted, so the run and its slot never wait on it.
             loop {
                 tokio::select! {
                     end = &mut run, if ended.is_none() => ended = Some(end),
                     chunk = chunks.recv() => match chunk {
                         Some(crate::pool::protocol::LogChunk { stream, text }) => {
-                            let _ = sender.send(Ok(proto::RunOutput {
+                            use std::sync::atomic::Ordering::Relaxed;
+                            let bytes = text.len();
+                            let output = proto::RunOutput {
                                 stream,
                                 text,
                                 ..Default::default()
-                            })).await;
+                            };
+                            // Counted before it is sent, so the transport's take never
+                            // comes first.
+                            let before = queued.fetch_add(bytes, Relaxed);
+                            if before + bytes > RUN_STREAM_BYTES
+                                || sender.try_send(Ok(output)).is_err()
+                            {
+                                queued.fetch_sub(bytes, Relaxed);
+                                dropped.fetch_add(bytes as u64, Relaxed);
+                            }
                         }
                         None if ended.is_some() => break,
                         None => ended = Some((&mut run).await),
@@ -659,11 +678,16 @@ impl Control for ControlService {
                 }
                 Err(error) => Err(status_of(&error)),
             };
-            let _ = sender.send(last).await;
+            // A caller that never reads is given a minute for the last message.
+            let _ = tokio::time::timeout(Duration::from_secs(60), sender.send(last)).await;
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
-        )))
+        let stream = tokio_stream::wrappers::ReceiverStream::new(receiver).map(move |output| {
+            if let Ok(output) = &output {
+                taken.fetch_sub(output.text.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+            output
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     type LogsStream = LogStream;

@@ -242,7 +242,8 @@ fn limit_rows(limits: &Limits, cgroup: &str) -> Vec<proto::Limit> {
     rows
 }
 
-/// `full`: the caller may change state, and sees a request's query (often a token) too.
+/// `full`: the caller may change state, and sees a request's query or a run's arguments (either
+/// may carry a token) too.
 fn schedule_info(view: crate::schedule::ScheduleView, full: bool) -> proto::ScheduleInfo {
     use crate::schedule::Outcome;
     proto::ScheduleInfo {
@@ -250,6 +251,8 @@ fn schedule_info(view: crate::schedule::ScheduleView, full: bool) -> proto::Sche
         when: view.when,
         request: if full {
             view.request
+        } else if view.command {
+            "run (its arguments are shown to those who may change state)".to_string()
         } else {
             crate::schedule::without_query(&view.request).to_string()
         },

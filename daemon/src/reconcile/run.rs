@@ -37,8 +37,9 @@ pub struct RunResult {
 /// Runs kept per app for `status` (in memory, since cairnd started).
 pub const RECENT_RUNS: usize = 20;
 
-/// One run under way: its number, and its pool's pid once started.
-type RunUnderWay = (u64, Option<u32>);
+/// One run under way: its number, its pool's pid once started, and whether its app was
+/// removed meanwhile (its pool is then killed as soon as it has one).
+type RunUnderWay = (u64, Option<u32>, bool);
 
 /// A run that ended, as `status` shows it.
 #[derive(Debug, Clone)]
@@ -74,7 +75,7 @@ impl Runs {
             return None;
         }
         let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        under_way.push((id, None));
+        under_way.push((id, None, false));
         Some(RunSlot {
             runs: self,
             app: app.clone(),
@@ -82,19 +83,15 @@ impl Runs {
         })
     }
 
-    /// Kills the pools of the app's runs under way (it is being removed, or cairnd stops).
+    /// Kills the pools of the app's runs under way (it is being removed, or cairnd stops),
+    /// and those still starting as soon as they have one.
     pub(super) fn kill(&self, app: &AppName) {
-        let runs = self.under_way.lock().unwrap_or_else(|p| p.into_inner());
-        for pid in runs
-            .get(app)
-            .into_iter()
-            .flatten()
-            .filter_map(|(_, pid)| *pid)
-        {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        let mut runs = self.under_way.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, pid, killed) in runs.get_mut(app).into_iter().flatten() {
+            *killed = true;
+            if let Some(pid) = pid {
+                kill(*pid);
+            }
         }
     }
 
@@ -129,7 +126,15 @@ impl Runs {
     }
 }
 
+fn kill(pid: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
 impl RunSlot<'_> {
+    /// The run's pool has started (it is killed at once if its app was removed meanwhile).
     fn started(&self, pid: u32) {
         let mut runs = self
             .runs
@@ -138,9 +143,12 @@ impl RunSlot<'_> {
             .unwrap_or_else(|p| p.into_inner());
         if let Some(run) = runs
             .get_mut(&self.app)
-            .and_then(|r| r.iter_mut().find(|(id, _)| *id == self.id))
+            .and_then(|r| r.iter_mut().find(|(id, ..)| *id == self.id))
         {
             run.1 = Some(pid);
+            if run.2 {
+                kill(pid);
+            }
         }
     }
 }
@@ -153,7 +161,7 @@ impl Drop for RunSlot<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if let Some(under_way) = runs.get_mut(&self.app) {
-            under_way.retain(|(id, _)| *id != self.id);
+            under_way.retain(|(id, ..)| *id != self.id);
             if under_way.is_empty() {
                 runs.remove(&self.app);
             }

@@ -7,6 +7,8 @@
 //! - `exit N`           exits with code N
 //! - `lines N MS`       prints N numbered lines, MS milliseconds apart
 //! - `sleep MS`         sleeps, then prints `slept`
+//! - `flood S`          prints 6 KiB every 10 ms for S seconds (600 KiB/s, within the
+//!                      default log rate), then `flooded`
 //! - `spin`             runs on without end (its timeout stops it)
 //! - `trap`             panics (a trap)
 //! - `config KEY`       prints the `wasi:config` value of KEY
@@ -53,6 +55,15 @@ fn main() {
         "sleep" => {
             std::thread::sleep(Duration::from_millis(number(2)));
             println!("slept");
+        }
+        "flood" => {
+            let chunk = format!("{}\n", "f".repeat(6 * 1024 - 1));
+            for _ in 0..number(2) * 100 {
+                print!("{chunk}");
+                std::io::stdout().flush().unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            println!("flooded");
         }
         "spin" => {
             let mut n = 0u64;
