@@ -94,7 +94,9 @@ pub enum FleetCommand {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
         replicas: u8,
     },
-    /// Show the devices' last reports: apps, generations, errors, when last seen.
+    /// Show the devices' last reports: apps, generations, figures (requests, 5xx, restarts,
+    /// OOM kills, the store, reports waiting), errors, when last seen. With --device, each
+    /// app's figures too. A device reports on every change and every `report_every` (5m).
     Status {
         #[command(flatten)]
         upstream: Upstream,
@@ -644,10 +646,85 @@ async fn status(upstream: &Upstream, device: Option<&str>, json_output: bool) ->
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs() as i64;
-    let mut rows = vec![row(["DEVICE", "LAST SEEN (UTC)", "APPS", "ERRORS"])];
+    let mut rows = vec![row([
+        "DEVICE",
+        "LAST SEEN (UTC)",
+        "APPS",
+        "FIGURES",
+        "ERRORS",
+    ])];
     rows.extend(reports.iter().map(|report| device_row(report, now)));
     print_table(&rows);
+    // One device: its apps' figures too.
+    if let (Some(_), Some(report)) = (device, reports.first()) {
+        println!();
+        let mut rows = vec![row([
+            "APP", "REQUESTS", "4XX", "5XX", "REJECTED", "TIMEOUTS", "TRAPS", "RESTARTS", "OOM",
+            "MEMORY", "CPU",
+        ])];
+        for app in report["apps"].as_array().into_iter().flatten() {
+            let figures = &app["figures"];
+            let number = |key: &str| figures[key].as_u64().map_or("-".into(), |n| n.to_string());
+            let class = |i: usize| {
+                figures["responses"][i]
+                    .as_u64()
+                    .map_or("-".into(), |n| n.to_string())
+            };
+            rows.push(vec![
+                app["name"].as_str().unwrap_or("?").to_string(),
+                number("requests"),
+                class(3),
+                class(4),
+                number("rejected"),
+                number("timeouts"),
+                number("traps"),
+                number("restarts"),
+                number("oom_kills"),
+                figures["memory_bytes"]
+                    .as_u64()
+                    .map_or("-".into(), |b| cairn_core::spec::ByteSize(b).to_string()),
+                figures["cpu_seconds"]
+                    .as_f64()
+                    .map_or("-".into(), |s| format!("{s:.1}s")),
+            ]);
+        }
+        print_table(&rows);
+    }
     Ok(())
+}
+
+/// A device's own figures in a few words: requests and server errors over its apps, restarts,
+/// the store against its budget, reports waiting.
+fn device_figures(report: &serde_json::Value) -> String {
+    let apps = report["apps"].as_array().cloned().unwrap_or_default();
+    let sum = |key: &str| -> u64 { apps.iter().filter_map(|a| a["figures"][key].as_u64()).sum() };
+    let errors: u64 = apps
+        .iter()
+        .filter_map(|a| a["figures"]["responses"][4].as_u64())
+        .sum();
+    let figures = &report["figures"];
+    if figures.is_null() {
+        return "-".to_string();
+    }
+    let store = match (
+        figures["store_bytes"].as_u64(),
+        figures["store_budget"].as_u64(),
+    ) {
+        (Some(bytes), Some(budget)) => format!(
+            "store {}/{}",
+            cairn_core::spec::ByteSize(bytes),
+            cairn_core::spec::ByteSize(budget)
+        ),
+        (Some(bytes), None) => format!("store {}", cairn_core::spec::ByteSize(bytes)),
+        _ => "store ?".to_string(),
+    };
+    format!(
+        "{} requests, {errors} 5xx, {} restarts, {} OOM; {store}; {} reports waiting",
+        sum("requests"),
+        sum("restarts"),
+        sum("oom_kills"),
+        figures["outbox_reports"].as_u64().unwrap_or(0)
+    )
 }
 
 /// One device's report as a row of `fleet status`.
@@ -687,6 +764,7 @@ fn device_row(report: &serde_json::Value, now: i64) -> Vec<String> {
         report["device"].as_str().unwrap_or("?").to_string(),
         seen,
         apps.join(", "),
+        device_figures(report),
         errors.join("; "),
     ]
 }

@@ -151,6 +151,11 @@ pub struct UpstreamConfig {
     /// …and nothing older than this.
     #[serde(default = "default_outbox_age")]
     pub outbox_max_age: HumanDuration,
+    /// While connected, a status report (with the device's and each app's figures) goes up
+    /// this often, besides those a change sends. None is queued for it while offline: the
+    /// report sent when the link returns carries the figures then.
+    #[serde(default = "default_report_every")]
+    pub report_every: HumanDuration,
     /// Replicas of the report stream when this device has to make it (`cairnctl fleet init
     /// --replicas` makes everything upstream): 3 on a JetStream cluster.
     #[serde(default = "default_replicas")]
@@ -203,6 +208,14 @@ fn default_max_artifact() -> ByteSize {
 fn default_outbox_bytes() -> ByteSize {
     ByteSize(64 << 20)
 }
+
+fn default_report_every() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5 * 60))
+}
+
+/// The bounds of `upstream.report_every`.
+pub const REPORT_EVERY_RANGE: (Duration, Duration) =
+    (Duration::from_secs(10), Duration::from_secs(24 * 3600));
 
 fn default_outbox_age() -> HumanDuration {
     HumanDuration(Duration::from_secs(7 * 24 * 3600))
@@ -298,6 +311,13 @@ impl Config {
             }
             for group in &upstream.groups {
                 cairn_core::fleet::check_name("group in upstream.groups", group)?;
+            }
+            let (low, high) = REPORT_EVERY_RANGE;
+            if upstream.report_every.0 < low || upstream.report_every.0 > high {
+                return Err(format!(
+                    "upstream.report_every = \"{}\" is out of range: use between 10s and 24h",
+                    upstream.report_every
+                ));
             }
             if !(1..=5).contains(&upstream.replicas) {
                 return Err(format!(
@@ -513,6 +533,7 @@ mod tests {
             upstream.outbox_max_age.0,
             Duration::from_secs(7 * 24 * 3600)
         );
+        assert_eq!(upstream.report_every.0, Duration::from_secs(300));
         assert_eq!(config.import_dir, Some(PathBuf::from("/boot/efi/cairn")));
     }
 }

@@ -17,6 +17,7 @@ mod trust;
 
 use crate::config::UpstreamConfig;
 use crate::reconcile::Reconciler;
+use crate::spec::AppName;
 use crate::store::{now_unix, OutboxBounds, OutboxKind, Store};
 use async_nats::jetstream;
 use cairn_core::fleet;
@@ -98,6 +99,9 @@ pub struct Sync {
     retries: Mutex<retry::Retries>,
     /// Applied documents whose expiry was reported: (key, version).
     expired: Mutex<std::collections::BTreeSet<(String, u64)>>,
+    /// When the last status report was queued (the periodic one waits `report_every` after).
+    last_status: Mutex<Option<Instant>>,
+    started: Instant,
 }
 
 impl Sync {
@@ -144,6 +148,8 @@ impl Sync {
             attempts,
             retries: Mutex::default(),
             expired: Mutex::default(),
+            last_status: Mutex::default(),
+            started: Instant::now(),
         });
         if sync.config.is_some() {
             tokio::spawn(Arc::clone(&sync).run());
@@ -271,6 +277,9 @@ impl Sync {
         if self.config.is_none() {
             return;
         }
+        if kind == OutboxKind::Status {
+            *self.last_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
         let bytes = serde_json::to_vec(&payload).expect("reports serialise");
         let bounds = self.bounds();
         if let Err(error) = self
@@ -282,23 +291,87 @@ impl Sync {
         }
     }
 
-    /// A snapshot of this device for the upstream: apps, versions, recent errors.
+    /// Whether the periodic status report is due (`report_every` since the last one).
+    fn status_due(&self) -> bool {
+        let every = self
+            .config
+            .as_ref()
+            .map_or(Duration::from_secs(300), |c| c.report_every.0);
+        self.last_status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none_or(|at| at.elapsed() >= every)
+    }
+
+    /// A snapshot of this device for the upstream: apps with their figures (the metrics
+    /// endpoint's, since cairnd started), versions, recent errors, the device's own figures.
     async fn status_report(&self) -> serde_json::Value {
         let apps = self.reconciler.list().await;
+        let mut app_reports = Vec::with_capacity(apps.len());
+        for app in &apps {
+            let name: AppName = match app.name.parse() {
+                Ok(name) => name,
+                Err(_) => continue,
+            };
+            let figures = match self.reconciler.detail(&name).await {
+                Ok(detail) => serde_json::json!({
+                    "requests": detail.requests,
+                    "in_flight": detail.in_flight,
+                    "responses": detail.responses,
+                    "rejected": detail.rejected,
+                    "timeouts": detail.timeouts,
+                    "traps": detail.traps,
+                    "restarts": detail.restarts,
+                    "oom_kills": detail.oom_kills,
+                    "cold_starts": detail.cold_starts,
+                    "cold_start_seconds": detail.cold_start_seconds,
+                    "latency_seconds_sum": detail.latency.0,
+                    "log_lines_dropped": detail.log_lines_dropped,
+                    "outbound_denied": detail.outbound_denied,
+                    "memory_bytes": detail.usage.memory_bytes,
+                    "cpu_seconds": detail.usage.cpu_nanos as f64 / 1e9,
+                    "kv_bytes": self.reconciler.kv_usage(&name),
+                }),
+                // Removed since it was listed.
+                Err(_) => serde_json::Value::Null,
+            };
+            app_reports.push(serde_json::json!({
+                "name": app.name, "generation": app.generation, "status": app.status,
+                "owner": app.owner, "digest": app.digest.to_string(), "error": app.error,
+                "figures": figures,
+            }));
+        }
         let store = Arc::clone(&self.store);
-        let (applied, rejections) = store
-            .call(|store| Ok((store.applied()?, store.rejections(10)?)))
+        let (applied, rejections, usage, outbox, components) = store
+            .call(|store| {
+                Ok((
+                    store.applied()?,
+                    store.rejections(10)?,
+                    store.usage()?,
+                    store.outbox_stats()?,
+                    store.components()?.len(),
+                ))
+            })
             .await
+            .map(|(a, r, u, o, c)| (a, r, Some(u), Some(o), c))
             .unwrap_or_default();
         let now = now_unix();
         serde_json::json!({
             "device": self.device,
             "installation": self.installation,
             "unix": now,
-            "apps": apps.iter().map(|a| serde_json::json!({
-                "name": a.name, "generation": a.generation, "status": a.status,
-                "owner": a.owner, "digest": a.digest.to_string(), "error": a.error,
-            })).collect::<Vec<_>>(),
+            "apps": app_reports,
+            "figures": {
+                "uptime_seconds": self.started.elapsed().as_secs(),
+                "apps": apps.len(),
+                "components": components,
+                "store_bytes": usage.as_ref().map(|u| u.file_bytes),
+                "store_budget": usage.as_ref().and_then(|u| u.budget),
+                "store_disk_free": usage.as_ref().map(|u| u.disk_free),
+                "outbox_reports": outbox.map(|o| o.waiting),
+                "outbox_dropped": outbox.map(|o| o.dropped),
+                "log_lines_dropped": self.reconciler.pool_log_lines_dropped().await,
+            },
             "applied": applied.iter().map(|a| serde_json::json!({
                 "key": a.key, "version": a.version, "expires_unix": a.expires_unix,
                 "expired": a.expires_unix > 0 && a.expires_unix <= now, "complete": a.complete,
@@ -451,6 +524,12 @@ impl Sync {
                     }
                     self.retry_due(Some(&context)).await?;
                     self.check_expiry().await;
+                    if self.status_due() {
+                        self.report(OutboxKind::Status, self.status_report().await).await;
+                        if stream_ready {
+                            self.flush(&context).await?;
+                        }
+                    }
                     self.set_link(|link| link.last_success_unix = now_unix());
                     if bucket.is_none() {
                         // Nothing published yet: stay connected, keep reporting, look again.

@@ -21,7 +21,12 @@ fn a_device_converges_stays_up_offline_and_catches_up_to_the_latest() {
     else {
         return;
     };
-    let daemon = Daemon::start_with(Some(&lattice.device_config("edge-1")), &[]);
+    // Figures go up every 10 s besides the reports a change sends.
+    let config = format!(
+        "{}report_every = \"10s\"\n",
+        lattice.device_config("edge-1")
+    );
+    let daemon = Daemon::start_with(Some(&config), &[]);
     let listen = format!("127.0.0.1:{}", free_port());
     let addr = listen.parse().unwrap();
     lattice.publish("edge-1", "fleet-web", &listen, "v1");
@@ -62,6 +67,34 @@ fn a_device_converges_stays_up_offline_and_catches_up_to_the_latest() {
         },
     )
     .unwrap();
+    // With the app's figures: requests served since are in a later report, which no change
+    // sent (the periodic one).
+    for _ in 0..7 {
+        assert_eq!(get(addr, "/").unwrap().status, 200);
+    }
+    let mut report = serde_json::Value::Null;
+    wait_for("the figures upstream", Duration::from_secs(30), || {
+        let result = fleet(&["-o", "json", "status", "--nats", &url, "--device", "edge-1"]);
+        report = result.json()[0].clone();
+        report["apps"][0]["figures"]["requests"]
+            .as_u64()
+            .is_some_and(|n| n >= 8)
+    })
+    .unwrap();
+    let figures = &report["apps"][0]["figures"];
+    assert!(figures["responses"][1].as_u64().unwrap() >= 8, "{report}");
+    assert_eq!(figures["traps"], 0, "{report}");
+    assert!(
+        report["figures"]["store_bytes"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert_eq!(report["figures"]["apps"], 1, "{report}");
+    let table = fleet(&["status", "--nats", &url, "--device", "edge-1"]);
+    assert!(
+        table.stdout.contains("requests, 0 5xx") && table.stdout.contains("REQUESTS"),
+        "{}",
+        table.stdout
+    );
 
     // Cut the link: the device keeps serving and still takes local deploys.
     lattice.nats.stop();
