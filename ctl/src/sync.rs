@@ -48,7 +48,7 @@ fn print_sync(status: &proto::SyncStatusReply, json_output: bool) {
             "device_source": status.device_source, "installation": status.installation,
             "delegation": {"serial": status.delegation_serial, "expires": status.delegation_expires_unix},
             "last_success": status.last_success_unix, "last_error": status.last_error,
-            "backlog": status.backlog, "dropped": status.dropped,
+            "backlog": status.backlog, "backlog_bytes": status.backlog_bytes, "dropped": status.dropped,
             "applied": status.applied.iter().map(|a| json!({
                 "key": a.key, "version": a.version, "applied": a.applied_unix,
                 "expires": a.expires_unix, "expired": expired(a, now), "complete": a.complete,
@@ -98,8 +98,10 @@ fn print_sync(status: &proto::SyncStatusReply, json_output: bool) {
         row([
             "backlog",
             &format!(
-                "{} report(s) waiting, {} dropped",
-                status.backlog, status.dropped
+                "{} report(s) waiting ({}), {} dropped",
+                status.backlog,
+                cairn_core::spec::ByteSize(status.backlog_bytes),
+                status.dropped
             ),
         ]),
     ];

@@ -33,7 +33,11 @@ fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
             }
             _ => continue,
         };
-        let state = sample.labels.get("state").or(sample.labels.get("class"));
+        let state = sample
+            .labels
+            .get("state")
+            .or(sample.labels.get("class"))
+            .or(sample.labels.get("reason"));
         let key = match (sample.labels.get("app"), state) {
             (Some(app), Some(state)) => format!("{}{{{app},{state}}}", sample.metric),
             (Some(app), None) => format!("{}{{{app}}}", sample.metric),
@@ -74,6 +78,7 @@ fn the_counters_move_with_traffic_a_trap_a_timeout_an_oom_kill_and_a_restart() {
     assert_eq!(before["cairn_apps"], 1.0);
     assert_eq!(before["cairn_upstream_state{disabled}"], 1.0);
     assert!(before["cairn_store_bytes"] > 0.0, "{before:?}");
+    assert_eq!(before["cairn_outbox_bytes"], 0.0, "{before:?}");
 
     for _ in 0..5 {
         assert_eq!(get(web, "/").unwrap().status, 200);
@@ -83,7 +88,7 @@ fn the_counters_move_with_traffic_a_trap_a_timeout_an_oom_kill_and_a_restart() {
     let after = scrape_when(metrics, "cairn_app_requests_total{web}", 7.0);
     assert_eq!(after["cairn_app_traps_total{web}"], 1.0);
     assert_eq!(after["cairn_app_timeouts_total{web}"], 1.0);
-    assert_eq!(after["cairn_app_restarts_total{web}"], 0.0);
+    assert_eq!(after["cairn_app_restarts_total{web,signal}"], 0.0);
     // By status class: five 200s, two 500s (the trap, the timeout).
     assert_eq!(
         after["cairn_app_responses_total{web,2xx}"], 5.0,
@@ -107,7 +112,7 @@ fn the_counters_move_with_traffic_a_trap_a_timeout_an_oom_kill_and_a_restart() {
     )
     .unwrap();
     wait_for("the restart to be counted", Duration::from_secs(30), || {
-        scrape(metrics).get("cairn_app_restarts_total{web}") == Some(&1.0)
+        scrape(metrics).get("cairn_app_restarts_total{web,signal}") == Some(&1.0)
     })
     .unwrap();
 
@@ -152,7 +157,8 @@ fn the_counters_move_with_traffic_a_trap_a_timeout_an_oom_kill_and_a_restart() {
         daemon.app_status("hungry")
     );
     let last = scrape_when(metrics, "cairn_apps", 3.0);
-    assert!(last["cairn_app_restarts_total{hungry}"] >= 1.0);
+    assert!(last["cairn_app_restarts_total{hungry,oom}"] >= 1.0);
+    assert_eq!(last["cairn_app_restarts_total{hungry,exit}"], 0.0);
 }
 
 #[test]

@@ -343,9 +343,25 @@ impl prometheus_client::collector::Collector for Snapshot {
         family(
             e,
             "cairn_app_restarts",
-            "Pool failures since cairnd started (exits and failed starts), each followed by a restart.",
+            "Pool failures since cairnd started, each followed by a restart, by reason: the OOM killer (oom), another signal, an exit, a failed start.",
             None,
-            counter(|d| d.restarts),
+            apps.iter()
+                .flat_map(|d| {
+                    crate::reconcile::RESTART_REASONS
+                        .into_iter()
+                        .zip(
+                            d.restarts_by_reason
+                                .iter()
+                                .copied()
+                                .chain(std::iter::repeat(0)),
+                        )
+                        .map(move |(reason, count)| {
+                            let mut labels = app(d);
+                            labels.push(("reason", reason.to_string()));
+                            (labels, ConstCounter::new(count))
+                        })
+                })
+                .collect::<Vec<_>>(),
         )?;
         family(
             e,
@@ -533,6 +549,13 @@ impl prometheus_client::collector::Collector for Snapshot {
             "Reports waiting for the upstream.",
             None,
             one(sync.backlog as i64),
+        )?;
+        family(
+            e,
+            "cairn_outbox",
+            "The bytes of the reports waiting for the upstream (what upstream.outbox_max_bytes bounds).",
+            Some(&Unit::Bytes),
+            one(sync.backlog_bytes as i64),
         )?;
         family(
             e,

@@ -125,6 +125,7 @@ impl ControlService {
             last_success_unix: link.last_success_unix,
             last_error: link.last_error,
             backlog: outbox.waiting,
+            backlog_bytes: outbox.bytes,
             dropped: outbox.dropped,
             applied: applied
                 .into_iter()

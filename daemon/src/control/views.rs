@@ -177,6 +177,7 @@ impl ControlService {
             started_unix: detail.started_unix,
             pid: detail.pid,
             restarts: detail.restarts,
+            restarts_by_reason: detail.restarts_by_reason.to_vec(),
             oom_kills: detail.oom_kills,
             cold_starts: detail.cold_starts,
             cold_start_seconds: detail.cold_start_seconds,

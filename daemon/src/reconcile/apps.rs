@@ -65,7 +65,7 @@ pub(super) struct Running {
     pub counters: Arc<Counters>,
     pub allocator: String,
     pub started_unix: i64,
-    pub restarts: u64,
+    pub restarts: Restarts,
     /// Pools of the app the kernel's OOM killer ended, since cairnd started.
     pub oom_kills: u64,
     /// Pools started for a connection to an app that had none (idle, or restored at boot),
@@ -79,6 +79,34 @@ pub(super) struct Running {
     pub oom_kills_seen: u64,
     /// The last generation that served well, restored on a crashloop.
     pub last_good: Option<u64>,
+}
+
+/// Pool failures since cairnd started, each followed by a restart, by reason.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Restarts {
+    /// In the order of `RESTART_REASONS`.
+    pub by_reason: [u64; 4],
+}
+
+/// Why a pool had to be restarted: the OOM killer ended it, another signal did, it exited, or
+/// it could not be started.
+pub const RESTART_REASONS: [&str; 4] = ["oom", "signal", "exit", "start"];
+
+impl Restarts {
+    pub fn total(&self) -> u64 {
+        self.by_reason.iter().sum()
+    }
+
+    /// Counts one failure: `kind` as `record_failure` is given it, `reason` how the pool ended.
+    pub fn count(&mut self, kind: &str, reason: &str) {
+        let index = match kind {
+            "oom" => 0,
+            "start-failed" => 3,
+            _ if reason.starts_with("signal") => 1,
+            _ => 2,
+        };
+        self.by_reason[index] += 1;
+    }
 }
 
 /// One app's entry in the table.

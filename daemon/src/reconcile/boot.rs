@@ -62,7 +62,7 @@ impl Reconciler {
                 counters,
                 allocator: String::new(),
                 started_unix: now_unix(),
-                restarts: 0,
+                restarts: Default::default(),
                 oom_kills: 0,
                 cold_starts: 0,
                 cold_start_micros: 0,

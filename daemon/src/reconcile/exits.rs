@@ -131,7 +131,7 @@ impl Reconciler {
             running.generation,
             running.last_good,
         );
-        running.restarts += 1;
+        running.restarts.count(kind, &reason);
         running.last_exit = reason.clone();
         let delay = decision.delay;
         let note = if running.failures.crashloop {

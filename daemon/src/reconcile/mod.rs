@@ -29,6 +29,7 @@ mod listen;
 mod run;
 mod views;
 
+pub use apps::RESTART_REASONS;
 pub use views::{AppSchedules, AppView};
 
 use crate::counters::Counters;

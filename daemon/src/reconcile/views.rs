@@ -41,6 +41,8 @@ pub struct AppDetailView {
     pub started_unix: i64,
     pub pid: u32,
     pub restarts: u64,
+    /// By reason, in the order of `RESTART_REASONS`.
+    pub restarts_by_reason: [u64; 4],
     pub oom_kills: u64,
     pub cold_starts: u64,
     pub cold_start_seconds: f64,
@@ -138,7 +140,8 @@ impl Reconciler {
                         State::Running { pool, .. } => pool.pid,
                         _ => 0,
                     },
-                    restarts: running.restarts,
+                    restarts: running.restarts.total(),
+                    restarts_by_reason: running.restarts.by_reason,
                     oom_kills: running.oom_kills,
                     cold_starts: running.cold_starts,
                     cold_start_seconds: running.cold_start_micros as f64 / 1e6,

@@ -684,7 +684,12 @@ mod tests {
 
     #[test]
     fn the_outbox_drops_logs_first_and_status_last() {
-        let stats = |waiting, dropped| outbox::OutboxStats { waiting, dropped };
+        // Every row here is 100 bytes.
+        let stats = |waiting, dropped| outbox::OutboxStats {
+            waiting,
+            bytes: waiting * 100,
+            dropped,
+        };
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("cairn.db")).unwrap();
         let bounds = OutboxBounds {

@@ -42,6 +42,8 @@ pub struct OutboxRow {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutboxStats {
     pub waiting: u64,
+    /// The bytes of the reports waiting (what `outbox_max_bytes` bounds).
+    pub bytes: u64,
     pub dropped: u64,
 }
 
@@ -105,8 +107,12 @@ impl Store {
 
     pub fn outbox_stats(&self) -> Result<OutboxStats, StoreError> {
         let connection = self.lock();
-        let waiting: i64 = connection
-            .query_row("SELECT count(*) FROM outbox", [], |row| row.get(0))
+        let (waiting, bytes): (i64, i64) = connection
+            .query_row(
+                "SELECT count(*), COALESCE(sum(bytes), 0) FROM outbox",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
             .map_err(|e| self.error(e))?;
         let dropped: i64 = connection
             .query_row(
@@ -117,6 +123,7 @@ impl Store {
             .map_err(|e| self.error(e))?;
         Ok(OutboxStats {
             waiting: waiting as u64,
+            bytes: bytes as u64,
             dropped: dropped as u64,
         })
     }

@@ -369,6 +369,7 @@ impl Sync {
                 "store_budget": usage.as_ref().and_then(|u| u.budget),
                 "store_disk_free": usage.as_ref().map(|u| u.disk_free),
                 "outbox_reports": outbox.map(|o| o.waiting),
+                "outbox_bytes": outbox.map(|o| o.bytes),
                 "outbox_dropped": outbox.map(|o| o.dropped),
                 "log_lines_dropped": self.reconciler.pool_log_lines_dropped().await,
             },
