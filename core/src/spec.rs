@@ -731,7 +731,36 @@ pub fn check_run_args(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// A command app's runs under way at once, at most: each is a pool process of its own.
+pub const MAX_RUNS: u32 = 4;
+
 impl AppSpec {
+    /// The memory the app's cgroup may use: `[limits] memory_total`, or by default what its
+    /// pool needs (an HTTP app: `memory` per instance plus the pool's own), for a command app
+    /// what `MAX_RUNS` pools of one instance each need.
+    pub fn pool_memory(&self) -> ByteSize {
+        match (self.is_command(), self.limits.memory_total) {
+            (_, Some(total)) => total,
+            (false, None) => self.limits.pool_memory(),
+            (true, None) => ByteSize(
+                self.limits
+                    .memory
+                    .0
+                    .saturating_add(POOL_BASELINE.0)
+                    .saturating_mul(MAX_RUNS as u64),
+            ),
+        }
+    }
+
+    /// The processes and threads of the app's cgroup: `[limits] pids`, or by default a pool's
+    /// (`MAX_RUNS` of them for a command app).
+    pub fn pool_pids(&self) -> u32 {
+        match (self.is_command(), self.limits.pids) {
+            (true, None) => self.limits.pool_pids() * MAX_RUNS,
+            _ => self.limits.pool_pids(),
+        }
+    }
+
     /// Where the app listens; `None` for a command app.
     pub fn listen(&self) -> Option<SocketAddr> {
         self.http.as_ref().map(|http| http.listen)
@@ -833,6 +862,11 @@ impl AppSpec {
                 return Err(invalid(
                     "[limits] idle is for apps that serve HTTP; this app has no [http] table, so it is a command and no pool waits between its runs".to_string(),
                 ))
+            }
+            None if limits.instances != DEFAULT_INSTANCES => {
+                return Err(invalid(format!(
+                    "[limits] instances is for apps that serve HTTP; this app has no [http] table, so it is a command: each run is one instance, at most {MAX_RUNS} runs at once"
+                )))
             }
             None => {}
         }
@@ -961,6 +995,11 @@ impl AppSpec {
                     ));
                 }
                 check_run_args(&schedule.args).map_err(|e| named(format!("args: {e}")))?;
+                if schedule.method != "POST" {
+                    return Err(named(
+                        "`method` is for HTTP apps; this app has no [http] table, so it is a command that a schedule runs".to_string(),
+                    ));
+                }
                 continue;
             }
             if !schedule.args.is_empty() {

@@ -152,11 +152,15 @@ pub async fn rollback(
         print_json(&app_json(&app));
     } else {
         println!(
-            "{} is back at generation {} ({}) on http://{}",
+            "{} is back at generation {} ({}){}",
             app.name,
             app.generation,
             short(&app.digest),
-            app.listen
+            if app.listen.is_empty() {
+                " (a command app)".to_string()
+            } else {
+                format!(" on http://{}", app.listen)
+            }
         );
     }
     Ok(())
@@ -308,6 +312,11 @@ fn refine(table: &mut toml::Table, args: &DeployArgs) -> Result<(), Failure> {
         table.insert("limits".into(), limits.into());
     }
     if let Some(health) = &args.health {
+        if !table.contains_key("http") {
+            return Err(invalid(
+                "--health is for apps that serve HTTP: give --listen ADDR too (an app without an address is a command, which has no health check)".into(),
+            ));
+        }
         let mut http = section(table, "http");
         http.insert("health".into(), health.clone().into());
         table.insert("http".into(), http.into());

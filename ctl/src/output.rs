@@ -95,7 +95,10 @@ pub fn print_table(rows: &[Vec<String>]) {
 }
 
 pub fn print_json(value: &serde_json::Value) {
-    println!(
+    use std::io::Write;
+    // A reader that went away (`| head`) ends the output quietly, as the tables do.
+    let _ = writeln!(
+        std::io::stdout().lock(),
         "{}",
         serde_json::to_string_pretty(value).expect("JSON values serialise")
     );

@@ -11,8 +11,10 @@ use serde_json::json;
 use std::io::{IsTerminal, Write};
 use tonic::transport::Channel;
 
-/// The exit code when the run did not happen (or cairnctl lost the daemon during it).
+/// The exit code when the run did not happen…
 pub const NOT_RUN: i32 = 125;
+/// …and when cairnctl lost cairnd after the run had started: how it ended is unknown here.
+pub const LOST: i32 = 255;
 
 pub async fn run(
     client: &mut ControlClient<Channel>,
@@ -31,10 +33,30 @@ pub async fn run(
         .into_inner();
     let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
     let (out_terminal, err_terminal) = (stdout.is_terminal(), stderr.is_terminal());
-    while let Some(message) = stream.message().await.map_err(not_run)? {
+    let mut started = false;
+    loop {
+        let message = match stream.message().await {
+            Ok(Some(message)) => message,
+            Ok(None) => break,
+            Err(status) if started => {
+                return Err(Failure {
+                    code: LOST,
+                    message: format!(
+                        "lost cairnd during the run ({}); how it ended is unknown here: `cairnctl status` and `cairnctl logs` of the app say",
+                        status.message()
+                    ),
+                })
+            }
+            Err(status) => return Err(not_run(status)),
+        };
+        started = true;
+        if message.started {
+            continue;
+        }
         if message.finished {
             if json_output {
-                println!(
+                let _ = writeln!(
+                    stdout.lock(),
                     "{}",
                     json!({"exit_code": message.exit_code, "outcome": message.outcome,
                            "generation": message.generation, "duration_ms": message.duration_ms,
@@ -79,8 +101,8 @@ pub async fn run(
         };
     }
     Err(Failure {
-        code: NOT_RUN,
-        message: "the daemon ended the run's stream without saying how it ended".into(),
+        code: if started { LOST } else { NOT_RUN },
+        message: "cairnd ended the run's stream without saying how it ended".into(),
     })
 }
 

@@ -41,8 +41,8 @@ pub enum RuntimeError {
     NotHttp,
     #[error(
         "the manifest has no [http] table, so the app is a command, but the component does not \
-         export wasi:cli/run@0.2.x: it serves HTTP. Add an [http] table (listen = \"127.0.0.1:8080\") \
-         to deploy it as an HTTP app"
+         export wasi:cli/run@0.2.x: it serves HTTP. Add an [http] table (listen = \"127.0.0.1:8080\"), \
+         or give `cairnctl deploy` --listen ADDR, to deploy it as an HTTP app"
     )]
     NotCommand,
     #[error("the component cannot be linked: {0}")]

@@ -38,8 +38,8 @@ const RESPONSE_BOUND: usize = 1 << 20;
 pub enum Outcome {
     /// The app answered with this status.
     Answered(u16),
-    /// The command app's run ended with this exit code.
-    Exited(i32),
+    /// The command app's run ended with this exit code, and how (`exit 1`, `trapped: …`).
+    Exited(i32, String),
     /// No answer: why.
     Failed(String),
     /// Not run: the run before was still running.
@@ -510,7 +510,7 @@ fn target(listen: SocketAddr) -> SocketAddr {
 fn describe(run: &Run) -> String {
     match &run.outcome {
         Outcome::Answered(status) => format!("{status} in {} ms", run.duration_ms),
-        Outcome::Exited(code) => format!("exit {code} after {} ms", run.duration_ms),
+        Outcome::Exited(_, how) => format!("{how} after {} ms", run.duration_ms),
         Outcome::Failed(why) => format!("failed after {} ms: {why}", run.duration_ms),
         Outcome::Skipped => "skipped: the run before was still running".into(),
     }
@@ -558,15 +558,9 @@ async fn run_once(order: RunOrder) {
             )
             .await
         {
-            Ok(end) if end.code == 0 => Outcome::Exited(0),
-            Ok(end) => {
-                order.logs.note(
-                    order.app.as_str(),
-                    end.generation,
-                    &format!("schedule {}: run {}", order.name, end.outcome),
-                );
-                Outcome::Exited(end.code)
-            }
+            // Killed with its app: nothing is left to record it for.
+            Ok(end) if end.removed => return,
+            Ok(end) => Outcome::Exited(end.code, end.outcome),
             Err(error) => Outcome::Failed(error.to_string()),
         },
         Some(target) => match tokio::time::timeout(order.timeout, request(&order, target)).await {
@@ -584,19 +578,17 @@ async fn run_once(order: RunOrder) {
     };
     let failed = !matches!(
         run.outcome,
-        Outcome::Answered(200..=399) | Outcome::Exited(0)
+        Outcome::Answered(200..=399) | Outcome::Exited(0, _)
     );
     if failed {
+        let what = match order.target {
+            Some(_) => format!("{} {}", order.method, without_query(&order.path)),
+            None => "run".to_string(),
+        };
         order.logs.note(
             order.app.as_str(),
             order.generation,
-            &format!(
-                "schedule {}: {} {}: {}",
-                order.name,
-                order.method,
-                without_query(&order.path),
-                describe(&run)
-            ),
+            &format!("schedule {}: {what}: {}", order.name, describe(&run)),
         );
     }
     let mut record = order.record.lock().unwrap_or_else(|p| p.into_inner());

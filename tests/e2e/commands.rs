@@ -159,6 +159,17 @@ fn the_kind_of_component_must_match_the_manifest() {
             "[limits]\nidle = \"10s\"\n",
             "[limits] idle is for apps that serve HTTP",
         ),
+        (
+            "[limits]\ninstances = 8\n",
+            "[limits] instances is for apps that serve HTTP",
+        ),
+        (
+            "[[schedule]]\nname = \"t\"\nevery = \"1m\"\nmethod = \"GET\"\n",
+            "`method` is for HTTP apps",
+        ),
+        // Proved at deploy, as an HTTP app's generation is: a memory limit below what the
+        // component needs fails now, not at every run.
+        ("[limits]\nmemory = \"1MiB\"\n", "exceeds"),
     ] {
         std::fs::write(
             &manifest,
@@ -295,4 +306,52 @@ fn a_command_schedule_runs_it_and_removal_kills_a_run_under_way() {
     let status = cairn_tests::wait_child(&mut child, Duration::from_secs(20)).unwrap();
     assert_eq!(status.code(), Some(137), "killed by SIGKILL");
     assert!(daemon.child_named("cairn:sleeper").is_none());
+    // Nothing of the killed run is left to the app's next namesake.
+    deploy_command(&daemon, "sleeper", "");
+    assert_eq!(daemon.app_status("sleeper")["runs"], serde_json::json!([]));
+    let log = daemon.ctl_ok(&["logs", "sleeper"]);
+    assert!(!log.contains("killed"), "{log}");
+}
+
+/// Processes anywhere on the machine named `comm` (a run's pool outlives a killed cairnd,
+/// reparented away from it, if anything does).
+fn processes_named(comm: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|name| name.trim() == comm)
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_ends_with_cairnd_and_its_caller_is_told_the_end_is_unknown() {
+    let mut daemon = Daemon::start();
+    deploy_command(&daemon, "orphan-check", "[limits]\ntimeout = \"60s\"\n");
+    let caller = std::process::Command::new(&cairn_tests::binaries().1)
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["run", "orphan-check", "--", "spin"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the run's pool", Duration::from_secs(20), || {
+        !processes_named("cairn:orphan-ch").is_empty()
+    })
+    .unwrap();
+    daemon.kill9();
+    // The pool does not spin on unsupervised for the rest of its minute.
+    wait_for(
+        "the pool to end with cairnd",
+        Duration::from_secs(10),
+        || processes_named("cairn:orphan-ch").is_empty(),
+    )
+    .unwrap();
+    let caller = caller.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&caller.stderr);
+    assert_eq!(caller.status.code(), Some(255), "{said}");
+    assert!(said.contains("how it ended is unknown"), "{said}");
 }

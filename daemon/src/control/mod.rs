@@ -633,6 +633,14 @@ impl Control for ControlService {
                 tokio::select! {
                     end = &mut run, if ended.is_none() => ended = Some(end),
                     chunk = chunks.recv() => match chunk {
+                        Some(crate::pool::protocol::LogChunk { stream, .. })
+                            if stream == crate::reconcile::STARTED =>
+                        {
+                            let _ = sender.try_send(Ok(proto::RunOutput {
+                                started: true,
+                                ..Default::default()
+                            }));
+                        }
                         Some(crate::pool::protocol::LogChunk { stream, text }) => {
                             use std::sync::atomic::Ordering::Relaxed;
                             let bytes = text.len();
@@ -658,15 +666,17 @@ impl Control for ControlService {
             }
             let last = match ended.expect("the loop ends once the run has") {
                 Ok(end) => {
-                    logs.note(
-                        name.as_str(),
-                        end.generation,
-                        &format!(
-                            "run (cairnctl run): {} after {} ms",
-                            end.outcome,
-                            end.duration.as_millis()
-                        ),
-                    );
+                    if !end.removed {
+                        logs.note(
+                            name.as_str(),
+                            end.generation,
+                            &format!(
+                                "run (cairnctl run): {} after {} ms",
+                                end.outcome,
+                                end.duration.as_millis()
+                            ),
+                        );
+                    }
                     Ok(proto::RunOutput {
                         finished: true,
                         exit_code: end.code,

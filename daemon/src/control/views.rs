@@ -3,7 +3,7 @@
 
 use super::errors::{status_of, store_status};
 use super::{summary, ControlService};
-use crate::spec::{AppName, Limits};
+use crate::spec::{AppName, AppSpec};
 use cairn_core::proto;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -106,7 +106,7 @@ impl ControlService {
             .call(move |store| store.generations(&generations_of))
             .await
             .map_err(|e| store_status(&e))?;
-        let limit_rows = limit_rows(&detail.spec.limits, &detail.cgroup);
+        let limit_rows = limit_rows(&detail.spec, &detail.cgroup);
         let (users, app) = (Arc::clone(&self.pool_users), name.clone());
         let pool_user = self
             .store
@@ -196,7 +196,21 @@ impl ControlService {
 
 /// Each limit of an app, its value and what enforces it (`cgroup`: where the app's cgroup
 /// is, or why limits are not enforced).
-fn limit_rows(limits: &Limits, cgroup: &str) -> Vec<proto::Limit> {
+fn limit_rows(spec: &AppSpec, cgroup: &str) -> Vec<proto::Limit> {
+    let limits = &spec.limits;
+    let (instances, instances_mean, timeout_per) = if spec.is_command() {
+        (
+            crate::spec::MAX_RUNS,
+            "runs at once, one instance each; more are refused",
+            "per run",
+        )
+    } else {
+        (
+            limits.instances,
+            "concurrent requests; more are answered 503",
+            "per request",
+        )
+    };
     let mut rows = vec![
         proto::Limit {
             name: "memory".into(),
@@ -205,13 +219,13 @@ fn limit_rows(limits: &Limits, cgroup: &str) -> Vec<proto::Limit> {
         },
         proto::Limit {
             name: "instances".into(),
-            value: limits.instances.to_string(),
-            enforcement: "concurrent requests; more are answered 503".into(),
+            value: instances.to_string(),
+            enforcement: instances_mean.into(),
         },
         proto::Limit {
             name: "timeout".into(),
             value: limits.timeout.to_string(),
-            enforcement: "per request, by epoch interruption".into(),
+            enforcement: format!("{timeout_per}, by epoch interruption"),
         },
     ];
     let enforced = !cgroup.starts_with("not enforced");
@@ -224,7 +238,7 @@ fn limit_rows(limits: &Limits, cgroup: &str) -> Vec<proto::Limit> {
     };
     rows.push(proto::Limit {
         name: "memory_total".into(),
-        value: limits.pool_memory().to_string(),
+        value: spec.pool_memory().to_string(),
         enforcement: by_cgroup("memory limit"),
     });
     rows.push(proto::Limit {
@@ -237,7 +251,7 @@ fn limit_rows(limits: &Limits, cgroup: &str) -> Vec<proto::Limit> {
     });
     rows.push(proto::Limit {
         name: "pids".into(),
-        value: limits.pool_pids().to_string(),
+        value: spec.pool_pids().to_string(),
         enforcement: by_cgroup("pids limit"),
     });
     rows
@@ -266,12 +280,13 @@ fn schedule_info(view: crate::schedule::ScheduleView, full: bool) -> proto::Sche
             .into_iter()
             .map(|run| {
                 let exit_code = match run.outcome {
-                    Outcome::Exited(code) => Some(code),
+                    Outcome::Exited(code, _) => Some(code),
                     _ => None,
                 };
                 let (status, error) = match run.outcome {
                     Outcome::Answered(status) => (u32::from(status), String::new()),
-                    Outcome::Exited(_) => (0, String::new()),
+                    Outcome::Exited(0, _) => (0, String::new()),
+                    Outcome::Exited(_, how) => (0, how),
                     Outcome::Failed(why) => (0, why),
                     Outcome::Skipped => (0, "skipped: the run before was still running".into()),
                 };

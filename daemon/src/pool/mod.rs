@@ -367,7 +367,7 @@ async fn serve(
         }
     };
     let (name, limits) = (spec.name.clone(), spec.limits.clone());
-    let command = run.is_some();
+    let command = spec.is_command();
     let handle = tokio::runtime::Handle::current();
     // On this thread (the runtime's `block_on`, not a worker): it built the prepared engine,
     // and a blocking-pool thread would have to be started first.
@@ -411,7 +411,12 @@ async fn serve(
         if !confined_at_start {
             anyhow::bail!("asked to run a command before the pool was in its cgroup");
         }
-        let end = run_command(&loaded, &args, &run_reporter).await;
+        let end = tokio::select! {
+            end = run_command(&loaded, &args, &run_reporter) => end,
+            // The supervisor is gone: nobody is left to hear how the run ends, or to bound
+            // it, so it ends now (as a serving pool stops).
+            _ = supervisor_gone(&mut reader) => return Ok(0),
+        };
         outgoing
             .send(FromPool::Finished {
                 code: end.code,
@@ -423,7 +428,13 @@ async fn serve(
         return Ok(0);
     }
     let Some(http) = &spec.http else {
-        anyhow::bail!("told to serve an app that has no [http] table");
+        // A command's deploy: the proving instance was made at load; nothing is served.
+        if let Some(ToPool::Drain { .. }) = protocol::receive(&mut reader).await.ok().flatten() {
+            let _ = outgoing.send(FromPool::Draining).await;
+        }
+        drop(outgoing);
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
+        return Ok(0);
     };
     let serving = Arc::new(Serving::new(
         loaded,
@@ -452,6 +463,17 @@ async fn serve(
     drop(outgoing);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer_task).await;
     Ok(exit_code)
+}
+
+/// Returns once the supervisor has closed the control socket (or it broke); messages before
+/// that are ignored.
+async fn supervisor_gone(reader: &mut tokio::net::unix::OwnedReadHalf) {
+    loop {
+        match protocol::receive::<_, ToPool>(reader).await {
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return,
+        }
+    }
 }
 
 /// How often a command's output is sent on while it runs.

@@ -305,7 +305,7 @@ fn deserialize_file(engine: &Engine, file: &std::fs::File) -> Result<Component, 
 /// without names is noise to an operator), else the error chain.
 fn describe_failure(error: &wasmtime::Error) -> String {
     match error.downcast_ref::<Trap>() {
-        Some(trap) => format!("wasm trap: {trap}"),
+        Some(trap) => trap.to_string(),
         None => format!("{error:#}")
             .lines()
             .next()

@@ -142,7 +142,6 @@ impl Reconciler {
         restore: Option<&str>,
     ) -> Result<(AppView, bool), ReconcileError> {
         let name = spec.name.clone();
-        self.checked_code(&spec).await?;
         let (counters, existing_cgroup) = lock
             .running(|r| (Arc::clone(&r.counters), r.cgroup.clone()))
             .unzip();
@@ -154,7 +153,29 @@ impl Reconciler {
             Some(cgroup) => (Some(cgroup), false),
             None => (self.app_cgroup(&spec)?, true),
         };
-        let generation = match self.record(&spec, owner, existing, next_generation).await {
+        // Proved as an HTTP app's generation is: a pool that links the code and makes one
+        // instance under the app's limits (a memory limit below what it needs fails here,
+        // not at every run), then ends.
+        let proved = self
+            .launch(Attempt {
+                spec: &spec,
+                generation: next_generation,
+                listener: None,
+                counters: &counters,
+                cgroup: cgroup.as_ref(),
+                start: Start::Prepare,
+                run: None,
+                tap: None,
+            })
+            .await;
+        let recorded = match proved {
+            Ok(pool) => {
+                pool.stop(Duration::ZERO).await;
+                self.record(&spec, owner, existing, next_generation).await
+            }
+            Err(error) => Err(error),
+        };
+        let generation = match recorded {
             Ok(generation) => generation,
             Err(error) => {
                 if let (true, Some(cgroup)) = (fresh_cgroup, &cgroup) {

@@ -142,10 +142,11 @@ impl Reconciler {
                 counters: attempt.counters,
                 cgroup: attempt.cgroup,
                 logs: Arc::clone(&self.logs),
-                // A run's exit is its caller's to wait for, not a pool death to restart.
-                exits: match attempt.run {
-                    Some(_) => tokio::sync::mpsc::channel(1).0,
-                    None => self.exits.clone(),
+                // A command's pool (a run, a deploy's proof) ends by design: its caller waits
+                // for it; it is no pool death to restart.
+                exits: match attempt.listener {
+                    None => tokio::sync::mpsc::channel(1).0,
+                    Some(_) => self.exits.clone(),
                 },
                 kv,
                 run: attempt.run,
@@ -295,9 +296,9 @@ fn app_cgroup(cgroups: &Cgroups, spec: &AppSpec) -> Result<Option<AppCgroup>, Re
 
 pub(super) fn pool_limits(spec: &AppSpec) -> PoolLimits {
     PoolLimits {
-        memory: Some(spec.limits.pool_memory().0),
+        memory: Some(spec.pool_memory().0),
         cpu: spec.limits.cpu,
-        pids: Some(spec.limits.pool_pids() as u64),
+        pids: Some(spec.pool_pids() as u64),
     }
 }
 

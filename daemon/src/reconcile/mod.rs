@@ -30,6 +30,7 @@ mod run;
 mod views;
 
 pub use apps::RESTART_REASONS;
+pub use run::STARTED;
 pub use views::{AppSchedules, AppView};
 
 use crate::counters::Counters;
@@ -410,7 +411,7 @@ impl Reconciler {
             },
         );
         if let Some(running) = self.apps.remove(&lock) {
-            self.runs.kill(&lock.name);
+            self.runs.kill(&lock.name, run::KILLED_REMOVED);
             self.runs.forget(&lock.name);
             if let State::Running { pool, .. } = running.state {
                 pool.stop(self.drain).await;

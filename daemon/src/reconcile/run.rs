@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 /// Runs of one app under way at once, at most: each is a pool process with the app's
 /// memory, so more wait for none and are refused.
-pub const MAX_RUNS_PER_APP: usize = 4;
+pub const MAX_RUNS_PER_APP: usize = crate::spec::MAX_RUNS as usize;
 /// What a run's pool is given, past the app's timeout, to send its output and exit.
 const RUN_SLACK: Duration = Duration::from_secs(10);
 /// The exit code of a run whose pool ended without saying how the run went (killed by a
@@ -32,14 +32,25 @@ pub struct RunResult {
     pub outcome: String,
     pub generation: u64,
     pub duration: Duration,
+    /// The app was removed during the run (which was killed): nothing of it is recorded.
+    pub removed: bool,
 }
+
+/// The stream name of the mark a run's tap gets once its pool has started (the run is under
+/// way: a caller that loses cairnd after it cannot say the run did not happen).
+pub const STARTED: &str = "started";
 
 /// Runs kept per app for `status` (in memory, since cairnd started).
 pub const RECENT_RUNS: usize = 20;
 
-/// One run under way: its number, its pool's pid once started, and whether its app was
-/// removed meanwhile (its pool is then killed as soon as it has one).
-type RunUnderWay = (u64, Option<u32>, bool);
+/// One run under way: its number, its pool's pid once started, and why cairnd killed it, if it
+/// did (its pool is killed as soon as it has one).
+type RunUnderWay = (u64, Option<u32>, Option<&'static str>);
+
+/// Why cairnd kills runs: their app is being removed…
+pub(super) const KILLED_REMOVED: &str = "the app was removed";
+/// …or cairnd is stopping.
+pub(super) const KILLED_STOPPING: &str = "cairnd stopped";
 
 /// A run that ended, as `status` shows it.
 #[derive(Debug, Clone)]
@@ -75,7 +86,7 @@ impl Runs {
             return None;
         }
         let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        under_way.push((id, None, false));
+        under_way.push((id, None, None));
         Some(RunSlot {
             runs: self,
             app: app.clone(),
@@ -83,12 +94,12 @@ impl Runs {
         })
     }
 
-    /// Kills the pools of the app's runs under way (it is being removed, or cairnd stops),
-    /// and those still starting as soon as they have one.
-    pub(super) fn kill(&self, app: &AppName) {
+    /// Kills the pools of the app's runs under way (`why`: it is being removed, or cairnd
+    /// stops), and those still starting as soon as they have one.
+    pub(super) fn kill(&self, app: &AppName, why: &'static str) {
         let mut runs = self.under_way.lock().unwrap_or_else(|p| p.into_inner());
         for (_, pid, killed) in runs.get_mut(app).into_iter().flatten() {
-            *killed = true;
+            *killed = Some(why);
             if let Some(pid) = pid {
                 kill(*pid);
             }
@@ -121,7 +132,7 @@ impl Runs {
             .cloned()
             .collect();
         for app in apps {
-            self.kill(&app);
+            self.kill(&app, KILLED_STOPPING);
         }
     }
 }
@@ -146,10 +157,22 @@ impl RunSlot<'_> {
             .and_then(|r| r.iter_mut().find(|(id, ..)| *id == self.id))
         {
             run.1 = Some(pid);
-            if run.2 {
+            if run.2.is_some() {
                 kill(pid);
             }
         }
+    }
+
+    /// Why cairnd killed the run, if it did.
+    fn killed(&self) -> Option<&'static str> {
+        let runs = self
+            .runs
+            .under_way
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        runs.get(&self.app)
+            .and_then(|r| r.iter().find(|(id, ..)| *id == self.id))
+            .and_then(|run| run.2)
     }
 }
 
@@ -226,9 +249,15 @@ impl Reconciler {
         let started_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let pool = self
+        let oom_kills = || cgroup.as_ref().map_or(0, |c| c.usage().oom_kills);
+        let oom_before = oom_kills();
+        let marker = tap.clone();
+        // One instance per run: the pool is sized for that, whatever `instances` says.
+        let mut one = spec.clone();
+        one.limits.instances = 1;
+        let launched = self
             .launch(Attempt {
-                spec: &spec,
+                spec: &one,
                 generation,
                 listener: None,
                 counters: &counters,
@@ -237,24 +266,59 @@ impl Reconciler {
                 run: Some(args),
                 tap,
             })
-            .await?;
+            .await;
+        let pool = match (launched, slot.killed()) {
+            (Ok(pool), _) => pool,
+            (Err(_), Some(why)) => return Err(ReconcileError::Run(format!("app `{name}`: {why}"))),
+            (Err(error), None) => return Err(error),
+        };
         slot.started(pool.pid);
-        let (finished, exit) = pool.run_end(spec.limits.timeout.0 + RUN_SLACK).await;
+        if let Some(tap) = marker {
+            let _ = tap.output.try_send(crate::pool::protocol::LogChunk {
+                stream: STARTED.to_string(),
+                text: String::new(),
+            });
+        }
+        let deadline = spec.limits.timeout.0 + RUN_SLACK;
+        let (finished, exit) = pool.run_end(deadline).await;
+        let killed = slot.killed();
         drop(slot);
-        let (code, outcome) = match (finished, exit) {
-            (Some(finished), _) => finished,
-            (None, Some(ExitReason::Signal(signal))) => (
-                128 + signal,
-                format!("its pool was killed (signal {signal}); at the app's memory limit, the kernel's OOM killer does this"),
+        let (code, outcome) = match (finished, killed, exit) {
+            (Some(finished), _, _) => finished,
+            (None, Some(why), _) => (RUN_KILLED_CODE, format!("killed: {why}")),
+            (None, None, Some(ExitReason::Signal(9))) if started.elapsed() >= deadline => (
+                RUN_KILLED_CODE,
+                format!(
+                    "killed: it did not end within its timeout ({}) and {RUN_SLACK:?} more",
+                    spec.limits.timeout
+                ),
             ),
-            (None, exit) => (
+            (None, None, Some(ExitReason::Signal(9))) if oom_kills() > oom_before => (
+                RUN_KILLED_CODE,
+                "killed by the kernel's OOM killer at the app's memory limit ([limits] memory_total)".to_string(),
+            ),
+            (None, None, Some(ExitReason::Signal(signal))) => {
+                (128 + signal, format!("killed by signal {signal}"))
+            }
+            (None, None, exit) => (
                 RUN_KILLED_CODE,
                 format!(
                     "its pool ended without finishing the run ({})",
-                    exit.map_or("still running; killed".to_string(), |e| e.to_string())
+                    exit.map_or("unknown".to_string(), |e| e.to_string())
                 ),
             ),
         };
+        // A removed app's runs are not its next namesake's.
+        let removed = killed == Some(KILLED_REMOVED);
+        if removed {
+            return Ok(RunResult {
+                code,
+                outcome,
+                generation,
+                duration: started.elapsed(),
+                removed,
+            });
+        }
         let duration = started.elapsed();
         self.runs.record(
             name,
@@ -271,6 +335,7 @@ impl Reconciler {
             outcome,
             generation,
             duration,
+            removed,
         })
     }
 }
