@@ -234,7 +234,9 @@ build-arm64-test:
 
 # Benchmarks in release mode, printed as tables and written to BENCHMARKS.md: fleet sync
 # (outbox flush, time to converge), serving (cairn vs `wasmtime serve` vs native hyper) and
-# key-value (a read and a write per request against none, and writes per commit).
+# key-value (a read and a write per request against none, and writes per commit), and flash
+# wear (bytes written per hour by 10 apps idle and serving a logged request a second each;
+# about 11 minutes, `--quick` about 2).
 # Installs wrk (apt) and wasmtime-cli at wasmtime_version (cargo install, into the tools dir) when
 # missing. `just bench --quick` does one round of each figure.
 # The hostile suite (about 3 minutes; `--quick` about 1): one app attacked (busy loops, a
@@ -274,3 +276,4 @@ bench *flags: components
     cargo bench -p cairn-tests --bench keyvalue -- {{flags}}
     cargo bench -p cairn-tests --bench fleet -- {{flags}}
     cargo bench -p cairn-tests --bench poorlink -- {{flags}}
+    cargo bench -p cairn-tests --bench flashwear -- {{flags}}

@@ -1,6 +1,9 @@
 //! The log pipeline: guest stdout/stderr and cairn's own notes about an app go through a
 //! channel bounded in bytes to one writer task that batches them into the store, then to live
-//! followers (`cairnctl logs -f`). The request path never waits on it: when the channel is full
+//! followers (`cairnctl logs -f`). The writer gathers what comes within `FLUSH_EVERY` of a
+//! batch's first line into one transaction, so an app that logs a line per request costs the
+//! flash one commit a second, not one per line; a reader (`flush`) has what is gathered written
+//! at once, so `cairnctl logs` always shows every line emitted before it asked. The request path never waits on it: when the channel is full
 //! a line is dropped and counted, and the count is shown in `cairnctl status`. Each app keeps
 //! its newest lines up to a count and a byte budget (`Keep`).
 
@@ -16,11 +19,16 @@ const CHANNEL_BATCHES: usize = 1024;
 pub const CHANNEL_BYTES: usize = 16 << 20;
 /// Lines written to the store in one transaction, at most (a little more when one emit is big).
 const BATCH_LINES: usize = 4096;
+/// How long the writer gathers lines after a batch's first before it writes them: the most a
+/// power cut can take of what was emitted (BENCHMARKS.md, "Flash wear", has what it saves).
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Longest line kept; longer ones are cut (a line is a record, not a file transfer).
 const MAX_LINE: usize = 16 << 10;
 
 pub struct LogHub {
     sender: mpsc::Sender<Vec<NewLogLine>>,
+    /// Readers waiting for what is gathered to be written (`flush`).
+    flushes: mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
     live: broadcast::Sender<LogRecord>,
     dropped: AtomicU64,
     /// Bytes of line text in the channel now.
@@ -69,11 +77,13 @@ impl LogHub {
         outbox: Option<(String, OutboxBounds)>,
     ) -> Arc<LogHub> {
         let (sender, receiver) = mpsc::channel(CHANNEL_BATCHES);
+        let (flushes, flush_requests) = mpsc::channel(64);
         let (live, _) = broadcast::channel(1024);
         let (events, event_queue) = mpsc::channel(EVENT_QUEUE);
         let (live_events, _) = broadcast::channel(256);
         let hub = Arc::new(LogHub {
             sender,
+            flushes,
             live: live.clone(),
             dropped: AtomicU64::new(0),
             queued: AtomicUsize::new(0),
@@ -84,7 +94,7 @@ impl LogHub {
         tokio::spawn(write_events(Arc::clone(&store), event_queue, live_events));
         tokio::spawn(write_loop(
             store,
-            receiver,
+            (receiver, flush_requests),
             live,
             keep,
             outbox,
@@ -124,6 +134,14 @@ impl LogHub {
     /// A note from cairn itself about an app (deploys, traps, timeouts).
     pub fn note(&self, app: &str, generation: u64, text: &str) {
         self.emit(app, generation, "cairn", text.as_bytes());
+    }
+
+    /// Waits (up to 5 s) until every line emitted before the call is in the store.
+    pub async fn flush(&self) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        if self.flushes.send(done).await.is_ok() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), written).await;
+        }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<LogRecord> {
@@ -214,7 +232,10 @@ fn now_millis() -> i64 {
 
 async fn write_loop(
     store: Arc<Store>,
-    mut receiver: mpsc::Receiver<Vec<NewLogLine>>,
+    (mut receiver, mut flush_requests): (
+        mpsc::Receiver<Vec<NewLogLine>>,
+        mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
+    ),
     live: broadcast::Sender<LogRecord>,
     keep: Keep,
     outbox: Option<(String, OutboxBounds)>,
@@ -224,7 +245,41 @@ async fn write_loop(
     let mut written_since_prune: HashMap<String, (u64, u64)> = HashMap::new();
     // Bytes written by all apps since the last prune of the total.
     let mut written_total: u64 = 0;
-    while let Some(mut batch) = receiver.recv().await {
+    // Readers to answer once the batch under way is written.
+    let mut waiting: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
+    loop {
+        let mut batch = tokio::select! {
+            lines = receiver.recv() => match lines {
+                Some(lines) => lines,
+                None => break,
+            },
+            Some(reader) = flush_requests.recv() => {
+                // Nothing gathered: everything emitted so far is written (or on its way
+                // in the channel, which the reader then waits for).
+                match receiver.try_recv() {
+                    Ok(lines) => {
+                        waiting.push(reader);
+                        lines
+                    }
+                    Err(_) => {
+                        let _ = reader.send(());
+                        continue;
+                    }
+                }
+            }
+        };
+        let until = tokio::time::Instant::now() + FLUSH_EVERY;
+        while batch.len() < BATCH_LINES && waiting.is_empty() {
+            tokio::select! {
+                lines = receiver.recv() => match lines {
+                    Some(lines) => batch.extend(lines),
+                    None => break,
+                },
+                Some(reader) = flush_requests.recv() => waiting.push(reader),
+                () = tokio::time::sleep_until(until) => break,
+            }
+        }
+        // What was emitted before a reader asked may still be in the channel.
         while batch.len() < BATCH_LINES {
             match receiver.try_recv() {
                 Ok(lines) => batch.extend(lines),
@@ -280,6 +335,9 @@ async fn write_loop(
                 hub.dropped.fetch_add(count, Ordering::Relaxed);
                 tracing::warn!(%error, lines = count, "log lines could not be stored and were dropped");
             }
+        }
+        for reader in waiting.drain(..) {
+            let _ = reader.send(());
         }
         let due: Vec<String> = written_since_prune
             .iter()

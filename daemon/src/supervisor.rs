@@ -189,6 +189,8 @@ pub async fn run(
     stop_control.cancel();
     scheduler.shutdown().await;
     reconciler.shutdown().await;
+    // The pools' last lines and cairn's notes of the stop, gathered and not yet written.
+    logs.flush().await;
     cgroups.remove_parent();
     let _ = tokio::time::timeout(Duration::from_secs(5), control_server).await;
     let _ = std::fs::remove_file(&socket);

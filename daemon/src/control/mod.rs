@@ -731,8 +731,10 @@ impl Control for ControlService {
             .detail(&name)
             .await
             .map_err(|e| status_of(&e))?;
-        // Subscribe before reading the tail so no line falls between the two.
+        // Subscribe before reading the tail so no line falls between the two; have what the
+        // writer gathers written first, so the tail has every line emitted before this call.
         let mut live = self.logs.subscribe();
+        self.logs.flush().await;
         let tail_of = app.clone();
         let recorded = self
             .store
