@@ -330,18 +330,20 @@ fn processes_named(comm: &str) -> Vec<u32> {
 fn a_run_ends_with_cairnd_and_its_caller_is_told_the_end_is_unknown() {
     let mut daemon = Daemon::start();
     deploy_command(&daemon, "orphan-check", "[limits]\ntimeout = \"60s\"\n");
-    let caller = std::process::Command::new(&cairn_tests::binaries().1)
+    // A line every 100 ms for 100 s: once the first has come, the run is under way.
+    let mut caller = std::process::Command::new(&cairn_tests::binaries().1)
         .arg("--socket")
         .arg(&daemon.socket)
-        .args(["run", "orphan-check", "--", "spin"])
+        .args(["run", "orphan-check", "--", "lines", "1000", "100"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for("the run's pool", Duration::from_secs(20), || {
-        !processes_named("cairn:orphan-ch").is_empty()
-    })
-    .unwrap();
+    let mut stdout = std::io::BufReader::new(caller.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert_eq!(first, "line 1\n");
+    assert!(!processes_named("cairn:orphan-ch").is_empty());
     daemon.kill9();
     // The pool does not spin on unsupervised for the rest of its minute.
     wait_for(

@@ -507,6 +507,9 @@ impl Control for ControlService {
         request: Request<proto::CollectRequest>,
     ) -> Result<Response<proto::CollectReply>, Status> {
         self.access.check(&request, "collect unused data", true)?;
+        // Lines gathered for the store go in first, so what is collected and the size said
+        // afterwards are the store's as of this call.
+        self.logs.flush().await;
         let (collected, usage) = self
             .store
             .call(|store| Ok((store.collect()?, store.usage()?)))
