@@ -95,6 +95,29 @@ fn main() {
     let busy_collection = collection(&daemon);
     println!("then one collection: {busy_collection} bytes");
 
+    // The same apps idle on a device connected to an upstream, which sends a status report
+    // (with its figures) every report_every: here 10 s, so a short period sees several.
+    let lattice = cairn_tests::Lattice::start("flashwear").expect("nats-server runs");
+    let config = format!(
+        "{}report_every = \"10s\"\n",
+        lattice.device_config("wear-1")
+    );
+    let device = Daemon::start_with(Some(&config), &[]);
+    for i in 0..APPS {
+        device.deploy_hello(&format!("app{i}"), &[]);
+    }
+    std::thread::sleep(Duration::from_secs(20));
+    collection(&device);
+    let (connected_bytes, _) = measure(&device, period, |end| {
+        std::thread::sleep(end.saturating_duration_since(Instant::now()))
+    });
+    let per_report = connected_bytes as f64 / (period.as_secs_f64() / 10.0);
+    println!(
+        "idle, connected: {connected_bytes} bytes in {period:?}, {per_report:.0} bytes per status report"
+    );
+    drop(device);
+    drop(lattice);
+
     let command = format!(
         "cargo bench -p cairn-tests --bench flashwear{}` (part of `just bench`",
         if quick { " -- --quick" } else { "" }
@@ -109,12 +132,14 @@ fn main() {
              cairnd does hourly) measured on its own\n\n\
              | figure | bytes per hour |\n|---|---|\n\
              | {APPS} apps idle | {} (and {idle_collection} bytes for the hourly collection) |\n\
-             | {APPS} apps, one request a second each, one logged line per request | {} ({:.0} bytes per request; and {} for the hourly collection) |\n",
+             | {APPS} apps, one request a second each, one logged line per request | {} ({:.0} bytes per request; and {} for the hourly collection) |\n\
+             | {APPS} apps idle, connected to an upstream, a status report every 5 minutes (the default `report_every`) | {} ({per_report:.0} bytes per report, measured at one every 10 s) |\n",
             machine(),
             mib(idle_hour),
             mib(busy_hour),
             busy_bytes as f64 / requests.max(1) as f64,
             mib(busy_collection as f64),
+            mib(per_report * 12.0),
         ),
     );
 }

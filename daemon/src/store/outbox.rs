@@ -13,7 +13,7 @@ pub enum OutboxKind {
 }
 
 impl OutboxKind {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             OutboxKind::Log => "log",
             OutboxKind::Event => "event",

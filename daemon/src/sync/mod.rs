@@ -526,9 +526,12 @@ impl Sync {
                     self.retry_due(Some(&context)).await?;
                     self.check_expiry().await;
                     if self.status_due() {
-                        self.report(OutboxKind::Status, self.status_report().await).await;
-                        if stream_ready {
-                            self.flush(&context).await?;
+                        let report = self.status_report().await;
+                        if !(stream_ready && self.publish_at_once(&context, &report).await) {
+                            self.report(OutboxKind::Status, report).await;
+                            if stream_ready {
+                                self.flush(&context).await?;
+                            }
                         }
                     }
                     self.set_link(|link| link.last_success_unix = now_unix());
@@ -652,6 +655,54 @@ impl Sync {
     /// Publishes waiting reports, oldest first; a row goes only after the stream acked it.
     /// Its message id (`installation-row`: the store file's random id, so no two devices and
     /// no re-flash share one) makes a re-send after a crash a duplicate the stream drops.
+    /// Publishes a periodic status report straight to the stream, without writing it to the
+    /// outbox (and so to the flash) first, when nothing older waits there; whether the stream
+    /// acknowledged it. Otherwise the caller queues it as any report. A report stored upstream
+    /// whose ack was lost is queued again under another id: a status report is a snapshot, so
+    /// a second copy changes nothing.
+    async fn publish_at_once(
+        &self,
+        context: &jetstream::Context,
+        report: &serde_json::Value,
+    ) -> bool {
+        let waiting = self
+            .store
+            .call(|store| store.outbox_stats())
+            .await
+            .map_or(1, |stats| stats.waiting);
+        if waiting > 0 {
+            return false;
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        let id = format!(
+            "{}-status-{}",
+            self.installation,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+        );
+        headers.insert("Nats-Msg-Id", id.as_str());
+        let payload = serde_json::to_vec(report).expect("reports serialise");
+        let subject = fleet::report_subject(&self.device, OutboxKind::Status.as_str());
+        let published = async {
+            context
+                .publish_with_headers(subject, headers, payload.into())
+                .await
+                .ok()?
+                .await
+                .ok()
+        };
+        let acked = tokio::time::timeout(Duration::from_secs(10), published)
+            .await
+            .ok()
+            .flatten()
+            .is_some();
+        if acked {
+            *self.last_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        }
+        acked
+    }
+
     async fn flush(&self, context: &jetstream::Context) -> Result<(), SyncError> {
         loop {
             let rows = self
