@@ -5,13 +5,12 @@
 
 use super::apps::{AppLock, Running, State};
 use super::code::{pool_limits, Attempt};
-use super::crashloop::Failures;
 use super::listen::bind_patiently;
 use super::views::{view, AppView};
 use super::{new_counters, oom_kills, ReconcileError, Reconciler};
 use crate::spawn::{Pool, Start};
 use crate::spec::{AppName, AppSpec};
-use crate::store::{now_unix, Owner};
+use crate::store::Owner;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,49 +83,24 @@ impl Reconciler {
             tracing::warn!(app = %name, %error, "new pool went away before serving");
         }
         self.record_event(&spec, generation, existing, restore);
-        let (app_view, previous) = lock.with(|slot| {
-            let previous = slot.running.take();
-            let running = successor(
-                previous.as_ref(),
-                Running {
-                    owner,
-                    generation,
-                    spec,
-                    allocator: pool.allocator.clone(),
-                    state: State::Running {
-                        pool,
-                        since: Instant::now(),
-                    },
-                    listener: Some(listener),
-                    counters,
-                    started_unix: now_unix(),
-                    restarts: Default::default(),
-                    oom_kills: 0,
-                    cold_starts: 0,
-                    cold_start_micros: 0,
-                    failures: Failures::default(),
-                    last_exit: String::new(),
-                    oom_kills_seen: oom_kills(cgroup.as_ref()),
-                    cgroup,
-                    last_good: None,
+        let oom_kills_seen = oom_kills(cgroup.as_ref());
+        let next = Running {
+            allocator: pool.allocator.clone(),
+            listener: Some(listener),
+            oom_kills_seen,
+            cgroup,
+            ..Running::new(
+                owner,
+                generation,
+                spec,
+                State::Running {
+                    pool,
+                    since: Instant::now(),
                 },
-            );
-            let app_view = view(&name, &running);
-            slot.running = Some(running);
-            (app_view, previous)
-        });
-        if let Some(Running {
-            state: State::Running { pool: old, .. },
-            ..
-        }) = previous
-        {
-            // The deploy returns once the old pool has stopped accepting: from then on every
-            // new connection reaches the new generation. Its requests in flight finish behind.
-            let drain = self.drain;
-            let asked = old.drain(drain).await;
-            tokio::spawn(async move { old.finish(drain, asked).await });
-        }
-        Ok((app_view, false))
+                counters,
+            )
+        };
+        Ok((self.make_current(lock, &name, next).await, false))
     }
 
     /// `activate` for a command app: its code is compiled (or found) and checked to be a
@@ -190,31 +164,24 @@ impl Reconciler {
             }
         }
         self.record_event(&spec, generation, existing, restore);
+        let oom_kills_seen = oom_kills(cgroup.as_ref());
+        let next = Running {
+            oom_kills_seen,
+            cgroup,
+            ..Running::new(owner, generation, spec, State::Ready, counters)
+        };
+        Ok((self.make_current(lock, &name, next).await, false))
+    }
+
+    /// Makes `next` the app's current state (keeping what `successor` carries over) and
+    /// returns its view; the previous generation's pool, if it served, drains. The caller
+    /// returns once that pool has stopped accepting: from then on every new connection
+    /// reaches the new generation, and its requests in flight finish behind.
+    async fn make_current(&self, lock: &AppLock, name: &AppName, next: Running) -> AppView {
         let (app_view, previous) = lock.with(|slot| {
             let previous = slot.running.take();
-            let running = successor(
-                previous.as_ref(),
-                Running {
-                    owner,
-                    generation,
-                    spec,
-                    allocator: String::new(),
-                    state: State::Ready,
-                    listener: None,
-                    counters,
-                    started_unix: now_unix(),
-                    restarts: Default::default(),
-                    oom_kills: 0,
-                    cold_starts: 0,
-                    cold_start_micros: 0,
-                    failures: Failures::default(),
-                    last_exit: String::new(),
-                    oom_kills_seen: oom_kills(cgroup.as_ref()),
-                    cgroup,
-                    last_good: None,
-                },
-            );
-            let app_view = view(&name, &running);
+            let running = successor(previous.as_ref(), next);
+            let app_view = view(name, &running);
             slot.running = Some(running);
             (app_view, previous)
         });
@@ -227,7 +194,7 @@ impl Reconciler {
             let asked = old.drain(drain).await;
             tokio::spawn(async move { old.finish(drain, asked).await });
         }
-        Ok((app_view, false))
+        app_view
     }
 
     /// Records the deploy, rollback or restore of `generation` as an event.

@@ -81,6 +81,38 @@ pub(super) struct Running {
     pub last_good: Option<u64>,
 }
 
+impl Running {
+    /// An app at `generation` in `state`, with nothing counted yet, no listener and no cgroup
+    /// (callers set what they have).
+    pub fn new(
+        owner: Owner,
+        generation: u64,
+        spec: AppSpec,
+        state: State,
+        counters: Arc<Counters>,
+    ) -> Running {
+        Running {
+            owner,
+            generation,
+            spec,
+            state,
+            listener: None,
+            counters,
+            allocator: String::new(),
+            started_unix: crate::store::now_unix(),
+            restarts: Restarts::default(),
+            oom_kills: 0,
+            cold_starts: 0,
+            cold_start_micros: 0,
+            failures: super::crashloop::Failures::default(),
+            last_exit: String::new(),
+            cgroup: None,
+            oom_kills_seen: 0,
+            last_good: None,
+        }
+    }
+}
+
 /// Pool failures since cairnd started, each followed by a restart, by reason.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Restarts {

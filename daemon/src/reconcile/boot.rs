@@ -5,11 +5,9 @@
 //! from the supervisor's loop.
 
 use super::apps::{AppLock, Running, State};
-use super::crashloop::Failures;
 use super::listen::{bind_patiently, wake_on_connection};
 use super::{new_counters, ReconcileError, Reconciler};
 use crate::spec::AppName;
-use crate::store::now_unix;
 use futures_util::StreamExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -53,25 +51,7 @@ impl Reconciler {
                     )
                 }
             };
-            let running = Running {
-                owner: record.owner,
-                generation: record.generation,
-                spec,
-                state,
-                listener: None,
-                counters,
-                allocator: String::new(),
-                started_unix: now_unix(),
-                restarts: Default::default(),
-                oom_kills: 0,
-                cold_starts: 0,
-                cold_start_micros: 0,
-                failures: Failures::default(),
-                last_exit: String::new(),
-                cgroup: None,
-                oom_kills_seen: 0,
-                last_good: None,
-            };
+            let running = Running::new(record.owner, record.generation, spec, state, counters);
             restored.push((record.name, running));
         }
         // Addresses are bound side by side: a pool of the previous daemon may still be closing
